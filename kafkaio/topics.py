@@ -1,0 +1,56 @@
+"""Topic creation and the topic settings producers must respect."""
+
+from __future__ import annotations
+
+import logging
+
+from kafka.admin import ConfigResource, ConfigResourceType
+from kafka.errors import TopicAlreadyExistsError
+
+from kafkaio.clients import admin_client
+from kafkaio.settings import KafkaSettings
+from schemas.experiment import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+# Kafka's broker default for message.max.bytes; used when a topic's setting cannot be read.
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+
+
+def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list[str]:
+    """Create the experiment's topics that do not exist yet; returns the ones created."""
+    admin = admin_client(settings)
+    try:
+        existing = set(admin.list_topics())
+        wanted: dict[str, dict] = {}
+        for v in experiment.variants:
+            wanted[experiment.request_topic(v.name)] = {"num_partitions": experiment.partitions}
+        wanted[experiment.response_topic] = {"num_partitions": experiment.partitions}
+        wanted[experiment.deadletter_topic] = {"num_partitions": 1}
+        missing = {t: {**o, "replication_factor": experiment.replication_factor} for t, o in wanted.items() if t not in existing}
+        if missing:
+            try:
+                admin.create_topics(missing, wait_for_metadata=True)
+            except TopicAlreadyExistsError:
+                pass  # another process won the race; the topic is there either way
+            log.info("created topics %s", ", ".join(sorted(missing)))
+        return sorted(missing)
+    finally:
+        admin.close()
+
+
+def topic_max_message_bytes(settings: KafkaSettings, topic: str) -> int:
+    """The largest record the topic accepts (its max.message.bytes, or the broker default)."""
+    admin = admin_client(settings)
+    try:
+        res = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, configs=None)], config_filter="all"
+        )
+    finally:
+        admin.close()
+    try:
+        entry = res["topic"][topic]["max.message.bytes"]
+        value = entry["value"] if isinstance(entry, dict) else entry
+        return int(value)
+    except (KeyError, TypeError, ValueError):
+        return DEFAULT_MAX_MESSAGE_BYTES

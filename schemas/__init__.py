@@ -1,0 +1,35 @@
+"""The message contracts of abqueue: the one source of truth shared by producers and workers."""
+
+from schemas.codec import SchemaError, decode_request, decode_response, encode
+from schemas.deadletter import DeadLetter
+from schemas.experiment import (
+    ConfigError,
+    ExperimentConfig,
+    VariantConfig,
+    demo_experiment,
+    load_experiment,
+)
+from schemas.request import ChatMessage, InferenceRequest
+from schemas.response import ErrorInfo, InferenceResponse, Timings, Usage
+
+SCHEMA_VERSION = 1
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ChatMessage",
+    "ConfigError",
+    "DeadLetter",
+    "ErrorInfo",
+    "ExperimentConfig",
+    "InferenceRequest",
+    "InferenceResponse",
+    "SchemaError",
+    "Timings",
+    "Usage",
+    "VariantConfig",
+    "decode_request",
+    "decode_response",
+    "demo_experiment",
+    "encode",
+    "load_experiment",
+]

@@ -1,0 +1,57 @@
+"""Wire encoding: every contract travels as orjson-encoded JSON."""
+
+from __future__ import annotations
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from schemas.request import InferenceRequest
+from schemas.response import InferenceResponse
+
+
+class SchemaError(ValueError):
+    """A record that is not a valid message. `reason` is a DeadLetter reason code."""
+
+    def __init__(self, reason: str, detail: str, request_id: str | None = None):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.request_id = request_id
+
+
+def encode(message: BaseModel) -> bytes:
+    return orjson.dumps(message.model_dump(mode="json", exclude_none=True))
+
+
+def _one_line(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:5]:
+        loc = ".".join(str(p) for p in e["loc"]) or "(record)"
+        parts.append(f"{loc}: {e['msg']}")
+    more = len(err.errors()) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+_PARAM_FIELDS = {"max_tokens", "temperature", "top_p", "stop", "seed", "n"}
+
+
+def decode_request(data: bytes) -> InferenceRequest:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise SchemaError("not_json", f"record is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise SchemaError("invalid_schema", f"record is JSON {type(obj).__name__}, expected an object")
+    rid = obj.get("id") if isinstance(obj.get("id"), str) else None
+    try:
+        return InferenceRequest.model_validate(obj)
+    except ValidationError as e:
+        # Sampling parameters out of range get their own reason: the sender's contract is fine,
+        # its values are not, and that is what an operator looking at the dead-letter topic wants to know.
+        fields = {str(err["loc"][0]) for err in e.errors() if err["loc"]}
+        reason = "invalid_params" if fields and fields <= _PARAM_FIELDS else "invalid_schema"
+        raise SchemaError(reason, _one_line(e), rid) from None
+
+
+def decode_response(data: bytes) -> InferenceResponse:
+    return InferenceResponse.model_validate_json(data)

@@ -1,0 +1,125 @@
+"""ExperimentConfig: the variants of an experiment, their weights and engines, and the topic naming rule."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Names become parts of Kafka topic and group names ("abq.<experiment>.<variant>.requests"), so they
+# keep to characters Kafka accepts and never contain the "." that separates the parts.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+TOPIC_PREFIX = "abq"
+
+
+class ConfigError(ValueError):
+    """An experiment config that cannot be used; the message is one line naming the problem."""
+
+
+class VariantConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    weight: float = Field(ge=0, le=100, description="percent of routing keys; two decimals at most")
+    engine: Literal["echo", "vllm"] = "echo"
+    model: str = Field(default="echo", description="model name or local path the engine loads")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM as is")
+    max_prompt_chars: int = Field(default=100_000, ge=1, description="longer prompts are dead-lettered")
+    max_tokens_limit: int = Field(default=4096, ge=1, description="larger max_tokens are dead-lettered")
+
+    @field_validator("weight")
+    @classmethod
+    def _two_decimals(cls, w: float) -> float:
+        # The assignment has 10,000 buckets: a weight is a whole number of hundredths of a percent.
+        if not math.isclose(w * 100, round(w * 100), abs_tol=1e-6):
+            raise ValueError("weight has more than two decimals")
+        return w
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    variants: list[VariantConfig] = Field(min_length=1)
+    control: str | None = Field(default=None, description="the baseline variant; the first one if unset")
+    partitions: int = Field(default=6, ge=1, le=1000, description="partitions of each variant's topic")
+    replication_factor: int = Field(default=1, ge=1, le=10)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExperimentConfig":
+        names = [v.name for v in self.variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate variant names: {', '.join(dupes)}")
+        total = sum(v.weight for v in self.variants)
+        if not math.isclose(total, 100.0, abs_tol=1e-6):
+            raise ValueError(f"variant weights sum to {total:g}, they must sum to 100")
+        if self.control is not None and self.control not in names:
+            raise ValueError(f"control variant {self.control!r} is not one of the variants {names}")
+        return self
+
+    @property
+    def control_variant(self) -> str:
+        return self.control or self.variants[0].name
+
+    def variant(self, name: str) -> VariantConfig:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        known = ", ".join(v.name for v in self.variants)
+        raise ConfigError(f"experiment {self.name!r} has no variant {name!r} (variants: {known})")
+
+    # The one naming rule for topics and groups; producers, workers and manifests all go through it.
+    def request_topic(self, variant: str) -> str:
+        return f"{TOPIC_PREFIX}.{self.name}.{variant}.requests"
+
+    @property
+    def response_topic(self) -> str:
+        return f"{TOPIC_PREFIX}.{self.name}.responses"
+
+    @property
+    def deadletter_topic(self) -> str:
+        return f"{TOPIC_PREFIX}.{self.name}.deadletter"
+
+    def consumer_group(self, variant: str) -> str:
+        return f"{TOPIC_PREFIX}.{self.name}.{variant}.workers"
+
+    def all_topics(self) -> list[str]:
+        return [self.request_topic(v.name) for v in self.variants] + [
+            self.response_topic,
+            self.deadletter_topic,
+        ]
+
+
+def demo_experiment() -> ExperimentConfig:
+    """The built-in `demo` experiment, so the quickstart needs no file."""
+    return ExperimentConfig(
+        name="demo",
+        variants=[
+            VariantConfig(name="a", weight=90, engine="echo", model="echo"),
+            VariantConfig(name="b", weight=10, engine="echo", model="echo"),
+        ],
+        partitions=4,
+    )
+
+
+def load_experiment(path: str | Path | None) -> ExperimentConfig:
+    """Read an experiment from YAML; None gives the built-in demo. Errors are one-line ConfigErrors."""
+    if path is None:
+        return demo_experiment()
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"experiment config {p} does not exist; pass an existing YAML file with --config") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"experiment config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
+        raise ConfigError(f"experiment config {p}: {loc}: {first['msg']}") from None

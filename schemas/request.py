@@ -1,0 +1,65 @@
+"""InferenceRequest: what a service asks of a model variant."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Bounds that protect the engine: a request outside them is dead-lettered by the worker rather than
+# handed to vLLM, where a bad value can fail a whole batch.
+MAX_N = 16
+MAX_STOP_SEQUENCES = 8
+MAX_TOKENS_LIMIT = 1_000_000
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class InferenceRequest(BaseModel):
+    """One inference request. Exactly one of `prompt` or `messages` is set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    id: str = Field(default_factory=new_request_id, min_length=1, max_length=256)
+    experiment: str = Field(min_length=1, max_length=100)
+    routing_key: str = Field(min_length=1, max_length=512, description="user or session key; sticky")
+    variant: str | None = Field(default=None, description="set by the producer from the assignment")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    deadline: float | None = Field(default=None, description="absolute Unix time in seconds")
+    reply_to: str | None = Field(default=None, max_length=249, description="extra topic for the response")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: float = Field(default_factory=time.time, description="Unix time in seconds")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "InferenceRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of 'prompt' or 'messages' must be set")
+        if self.messages is not None and not self.messages:
+            raise ValueError("'messages' must not be empty")
+        if any(not s for s in self.stop):
+            raise ValueError("'stop' sequences must not be empty strings")
+        return self
+
+    def prompt_chars(self) -> int:
+        if self.prompt is not None:
+            return len(self.prompt)
+        return sum(len(m.content) for m in self.messages or ())

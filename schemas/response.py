@@ -1,0 +1,66 @@
+"""InferenceResponse: what a worker publishes for every request it consumed."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+# Error codes a caller can act on; `message` carries the detail.
+ErrorCode = Literal["expired", "engine_error", "invalid_request", "internal"]
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: ErrorCode
+    message: str
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+
+
+class Timings(BaseModel):
+    """Unix times in seconds along the request's path. `first_token` only where the engine knows it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enqueued: float = Field(description="the request's Kafka record timestamp")
+    dequeued: float = Field(description="when the worker polled the record")
+    started: float | None = Field(default=None, description="when the engine started the batch")
+    first_token: float | None = None
+    finished: float
+
+
+class InferenceResponse(BaseModel):
+    """The outcome of one request: outputs, or an error instead of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    request_id: str
+    experiment: str
+    variant: str
+    model: str
+    outputs: list[str] = Field(default_factory=list, description="one text per requested sample (n)")
+    finish_reason: FinishReason | None = None
+    usage: Usage = Field(default_factory=Usage)
+    timings: Timings
+    worker_id: str
+    error: ErrorInfo | None = None
+
+    @model_validator(mode="after")
+    def _outputs_or_error(self) -> "InferenceResponse":
+        if self.error is not None and self.outputs:
+            raise ValueError("a failed response carries no outputs")
+        return self
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
