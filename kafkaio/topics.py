@@ -39,18 +39,19 @@ def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list
         admin.close()
 
 
-def topic_max_message_bytes(settings: KafkaSettings, topic: str) -> int:
-    """The largest record the topic accepts (its max.message.bytes, or the broker default)."""
+def topic_max_message_bytes(settings: KafkaSettings, topics: list[str]) -> dict[str, int]:
+    """The largest record each topic accepts (its max.message.bytes, else the broker default)."""
     admin = admin_client(settings)
     try:
         res = admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topic, configs=None)], config_filter="all"
+            [ConfigResource(ConfigResourceType.TOPIC, t, configs=None) for t in topics], config_filter="all"
         )
     finally:
         admin.close()
-    try:
-        entry = res["topic"][topic]["max.message.bytes"]
-        value = entry["value"] if isinstance(entry, dict) else entry
-        return int(value)
-    except (KeyError, TypeError, ValueError):
-        return DEFAULT_MAX_MESSAGE_BYTES
+    out = {}
+    for t in topics:
+        try:
+            out[t] = int(res["topic"][t]["max.message.bytes"]["value"])
+        except (KeyError, TypeError, ValueError):
+            out[t] = DEFAULT_MAX_MESSAGE_BYTES
+    return out

@@ -1,0 +1,53 @@
+"""Entry point of `abq`. Every user-facing error ends as one line naming the problem and the fix."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pydantic import ValidationError
+
+from abqueue_cli import batch_cmd, demo_cmd, kafka_cmd, schemas_cmd, submit_cmd, worker_cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="abq", description="Queue-based LLM inference for A/B-tested model rollouts, on Kafka and vLLM.")
+    p.add_argument("--log-level", default=os.environ.get("ABQ_LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING (env ABQ_LOG_LEVEL)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (demo_cmd, worker_cmd, submit_cmd, batch_cmd, kafka_cmd, schemas_cmd):
+        module.register(sub)
+    return p
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, ValidationError):
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"]) or e.title
+        return f"{e.title}: {loc}: {first['msg'].removeprefix('Value error, ')}"
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python's INFO is connection chatter
+    from kafkaio.clients import KafkaUnavailable
+    from localkafka import BrokerError
+    from producers import ReplyTimeout, RequestTooLarge
+    from producers.batch import BatchInputError
+    from schemas import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, KafkaUnavailable, BrokerError, RequestTooLarge, ReplyTimeout, BatchInputError,
+            ValidationError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"abq: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

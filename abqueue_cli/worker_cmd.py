@@ -1,0 +1,49 @@
+"""`abq worker`: serve one variant of an experiment."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from abqueue_cli import options
+
+
+def register(sub) -> None:
+    p = sub.add_parser("worker", help="consume a variant's requests, run them through an engine, publish responses",
+                       description="Batch-consumes the variant's topic in its consumer group; commits only after responses are acknowledged.")
+    options.add_experiment_flags(p, need_variant=True)
+    p.add_argument("--engine", choices=["echo", "vllm"], default=None, help="override the variant's engine")
+    p.add_argument("--model", default=None, help="override the variant's model (a local directory for vllm)")
+    p.add_argument("--max-batch", type=int, default=32, help="records per batch at most (default 32)")
+    p.add_argument("--max-wait-ms", type=int, default=50, help="wait this long after the first record for more (default 50)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz on this port")
+    p.add_argument("--worker-id", default=None, help="id in responses and logs (default host-pid)")
+    p.add_argument("--engine-attempts", type=int, default=3, help="tries for transient engine errors (default 3)")
+    p.add_argument("--max-poll-interval-ms", type=int, default=300_000, help="longest batch before the group evicts the worker")
+    options.add_kafka_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from workers.engine import make_engine
+    from workers.health import serve
+    from workers.middleware import default_middleware
+    from workers.worker import Worker
+
+    if args.max_batch < 1 or args.max_wait_ms < 0:
+        raise ValueError("--max-batch must be >= 1 and --max-wait-ms >= 0")
+    settings = options.kafka_settings(args)
+    exp = options.experiment(args)
+    variant = exp.variant(args.variant)
+    logging.getLogger(__name__).info("connecting: %s", settings.describe())
+    engine = make_engine(variant, args.engine, args.model)
+    worker = Worker(settings, exp, variant.name, engine, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                    middleware=default_middleware(engine_attempts=args.engine_attempts), worker_id=args.worker_id,
+                    max_poll_interval_ms=args.max_poll_interval_ms)
+    server = serve(worker, args.metrics_port) if args.metrics_port is not None else None
+    try:
+        worker.run()
+    finally:
+        if server:
+            server.shutdown()
+    return 0

@@ -1,0 +1,41 @@
+"""Sticky, weighted variant assignment.
+
+A routing key hashes into one of 10,000 buckets (stable across processes, hosts and Python
+versions). Variants own consecutive bucket ranges in config order, sized by weight (1 bucket =
+0.01%). So the same key always lands on the same variant while weights stay, and moving weight
+between two neighbouring variants (control and candidate, with two variants always) only moves keys
+from the one losing weight into the one gaining it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from schemas.experiment import ExperimentConfig
+
+BUCKETS = 10_000
+
+
+def bucket_of(experiment: str, routing_key: str) -> int:
+    # The experiment name salts the hash so one user is not in the same slice of every experiment.
+    digest = hashlib.sha256(f"{experiment}\x00{routing_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % BUCKETS
+
+
+def bucket_ranges(config: ExperimentConfig) -> list[tuple[str, int, int]]:
+    """(variant, first bucket, end bucket exclusive) per variant with weight > 0."""
+    ranges, start = [], 0
+    for v in config.variants:
+        end = start + round(v.weight * BUCKETS / 100)
+        if end > start:
+            ranges.append((v.name, start, end))
+        start = end
+    return ranges
+
+
+def assign_variant(config: ExperimentConfig, routing_key: str) -> str:
+    b = bucket_of(config.name, routing_key)
+    for name, start, end in bucket_ranges(config):
+        if start <= b < end:
+            return name
+    raise AssertionError("weights sum to 100, so every bucket has a variant")  # pragma: no cover

@@ -1,0 +1,111 @@
+"""The OpenAI Batch line formats: input `{custom_id, method, url, body}` and output
+`{id, custom_id, response: {status_code, request_id, body}, error}`, so existing tools read our results."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from schemas import InferenceResponse
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+
+
+class UnsupportedLine(ValueError):
+    pass
+
+
+def is_openai_line(obj: dict) -> bool:
+    return "custom_id" in obj and "body" in obj
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: only text parts make sense for a text model
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise UnsupportedLine(f"content part of type {part.get('type') if isinstance(part, dict) else type(part).__name__} is not supported; send text parts only")
+            texts.append(part.get("text", ""))
+        return "".join(texts)
+    raise UnsupportedLine("message content must be a string or a list of text parts")
+
+
+def to_request_fields(obj: dict) -> dict[str, Any]:
+    """Our request fields (without experiment/variant) from one OpenAI batch input line."""
+    method, url, body = obj.get("method", "POST"), obj.get("url"), obj.get("body")
+    if method != "POST":
+        raise UnsupportedLine(f"method {method!r} is not supported; batch lines use POST")
+    if not isinstance(body, dict):
+        raise UnsupportedLine("'body' must be an object")
+    fields: dict[str, Any] = {"id": str(obj["custom_id"])}
+    if url == CHAT_URL:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list):
+            raise UnsupportedLine("chat body needs a 'messages' list")
+        fields["messages"] = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in msgs]
+    elif url == COMPLETIONS_URL:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise UnsupportedLine("completions body needs 'prompt' as one string")
+        fields["prompt"] = prompt
+    else:
+        raise UnsupportedLine(f"url {url!r} is not supported; use {CHAT_URL} or {COMPLETIONS_URL}")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        fields["max_tokens"] = max_tokens
+    for name in ("temperature", "top_p", "seed", "n"):
+        if body.get(name) is not None:
+            fields[name] = body[name]
+    stop = body.get("stop")
+    if stop is not None:
+        fields["stop"] = [stop] if isinstance(stop, str) else stop
+    fields["routing_key"] = str(body.get("user") or obj["custom_id"])
+    fields["metadata"] = {"openai_url": url, **({"requested_model": body["model"]} if "model" in body else {})}
+    return fields
+
+
+_STATUS = {"expired": 408, "invalid_request": 400, "engine_error": 500, "internal": 500}
+
+
+def output_line(custom_id: str, resp: InferenceResponse, url: str) -> dict[str, Any]:
+    """One OpenAI batch output line for a response (a failed one carries an error body)."""
+    line_id = f"batch_req_{uuid.uuid4().hex}"
+    if resp.error is not None:
+        return {
+            "id": line_id, "custom_id": custom_id,
+            "response": {
+                "status_code": _STATUS.get(resp.error.code, 500), "request_id": resp.request_id,
+                "body": {"error": {"message": resp.error.message, "type": resp.error.code, "code": resp.error.code}},
+            },
+            "error": None,
+        }
+    chat = url == CHAT_URL
+    choices = []
+    for i, text in enumerate(resp.outputs):
+        choice: dict[str, Any] = {"index": i, "finish_reason": resp.finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choices.append(choice)
+    body = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{resp.request_id}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(resp.timings.finished or time.time()),
+        "model": resp.model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": resp.usage.prompt_tokens,
+            "completion_tokens": resp.usage.completion_tokens,
+            "total_tokens": resp.usage.prompt_tokens + resp.usage.completion_tokens,
+        },
+    }
+    return {"id": line_id, "custom_id": custom_id, "response": {"status_code": 200, "request_id": resp.request_id, "body": body}, "error": None}
+
+
+def input_error_line(custom_id: str, code: str, message: str) -> dict[str, Any]:
+    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": None, "error": {"code": code, "message": message}}

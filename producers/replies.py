@@ -1,0 +1,69 @@
+"""ResponseListener: reads a responses topic from a known position and hands out responses by id."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from kafka import TopicPartition
+from pydantic import ValidationError
+
+from kafkaio import KafkaSettings, consumer
+from producers import tracing
+from schemas import InferenceResponse, decode_response
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reply:
+    response: InferenceResponse
+    traceparent: str | None
+    partition: int
+    offset: int
+
+
+class ResponseListener:
+    """Assigns every partition of the topic (no consumer group: each caller reads for itself).
+
+    Create it before publishing: its start position is taken at construction (the topic's end, or
+    `start_offsets`), so no response that comes after can be missed.
+    """
+
+    def __init__(self, settings: KafkaSettings, topic: str, start_offsets: dict[int, int] | None = None):
+        self.topic = topic
+        self._consumer = consumer(settings, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=50)
+        partitions = self._consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise RuntimeError(f"topic {topic} does not exist; start a worker or run `abq topics create` first")
+        self._tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        self._consumer.assign(self._tps)
+        self._consumer.seek_to_end(*self._tps)
+        for tp in self._tps:
+            if start_offsets and tp.partition in start_offsets:
+                self._consumer.seek(tp, start_offsets[tp.partition])
+            self._consumer.position(tp)  # resolve now, so the start is before any later publish
+
+    def positions(self) -> dict[int, int]:
+        return {tp.partition: self._consumer.position(tp) for tp in self._tps}
+
+    def end_offsets(self) -> dict[int, int]:
+        return {tp.partition: off for tp, off in self._consumer.end_offsets(self._tps).items()}
+
+    def poll(self, timeout_ms: int = 200) -> Iterator[Reply]:
+        for records in self._consumer.poll(timeout_ms=timeout_ms).values():
+            for r in records:
+                try:
+                    resp = decode_response(r.value)
+                except (ValidationError, ValueError) as e:
+                    log.warning("skipping undecodable record at %s/%d@%d: %s", r.topic, r.partition, r.offset, e)
+                    continue
+                yield Reply(resp, tracing.header_value(r.headers), r.partition, r.offset)
+
+    def caught_up(self, ends: dict[int, int]) -> bool:
+        pos = self.positions()
+        return all(pos[p] >= off for p, off in ends.items())
+
+    def close(self) -> None:
+        self._consumer.close()

@@ -1,0 +1,54 @@
+"""Message: one consumed record on its way through a batch, and what became of it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from kafka.consumer.fetcher import ConsumerRecord
+
+from producers import tracing
+from schemas import DeadLetter, ErrorInfo, InferenceRequest, InferenceResponse, Timings, Usage
+
+
+@dataclass
+class Message:
+    record: ConsumerRecord
+    dequeued_at: float = field(default_factory=time.time)
+    request: InferenceRequest | None = None
+    response: InferenceResponse | None = None
+    dead_letter: DeadLetter | None = None
+
+    @property
+    def done(self) -> bool:
+        """Decided before the engine ran: dead-lettered, or answered (e.g. expired)."""
+        return self.response is not None or self.dead_letter is not None
+
+    @property
+    def enqueued_at(self) -> float:
+        return self.record.timestamp / 1000
+
+    @property
+    def traceparent(self) -> str | None:
+        return tracing.header_value(self.record.headers)
+
+    def reject(self, reason: str, detail: str, worker_id: str) -> None:
+        r = self.record
+        self.dead_letter = DeadLetter(
+            reason=reason, detail=detail, source_topic=r.topic, source_partition=r.partition,
+            source_offset=r.offset, original_key_b64=DeadLetter.b64(r.key),
+            original_value_b64=DeadLetter.b64(r.value or b""),
+            request_id=self.request.id if self.request else None, worker_id=worker_id,
+        )
+
+    def answer(self, *, variant: str, model: str, worker_id: str, outputs: list[str] | None = None,
+               finish_reason: str | None = None, usage: Usage | None = None, started: float | None = None,
+               first_token: float | None = None, error: ErrorInfo | None = None) -> None:
+        req = self.request
+        self.response = InferenceResponse(
+            request_id=req.id, experiment=req.experiment, variant=variant, model=model,
+            outputs=outputs or [], finish_reason=finish_reason, usage=usage or Usage(),
+            timings=Timings(enqueued=self.enqueued_at, dequeued=self.dequeued_at, started=started,
+                            first_token=first_token, finished=time.time()),
+            worker_id=worker_id, error=error,
+        )

@@ -1,0 +1,44 @@
+"""Retries: transient engine failures are retried with backoff; a failing batch is split to find
+the request that fails it, so one poisonous request costs an error response, not a whole batch."""
+
+from __future__ import annotations
+
+import logging
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from workers.engine import Completion, TransientEngineError
+from workers.middleware import Middleware
+
+log = logging.getLogger(__name__)
+
+
+class Retries(Middleware):
+    def __init__(self, attempts: int = 3, backoff_s: float = 0.5, max_backoff_s: float = 10.0):
+        self.attempts = attempts
+        self.wait = wait_exponential(multiplier=backoff_s, max=max_backoff_s)
+
+    def wrap_engine(self, worker, call):
+        def with_retries(requests):
+            retrying = Retrying(
+                retry=retry_if_exception_type(TransientEngineError), stop=stop_after_attempt(self.attempts),
+                wait=self.wait, reraise=True,
+                before_sleep=lambda rs: log.warning("engine: %s; retry %d", rs.outcome.exception(), rs.attempt_number),
+            )
+            return retrying(call, requests)
+
+        def isolate(requests):
+            try:
+                results = with_retries(requests)
+                if len(results) != len(requests):
+                    raise RuntimeError(f"engine returned {len(results)} results for {len(requests)} requests")
+                return results
+            except Exception as e:  # the worker must survive whatever the engine raises
+                if len(requests) == 1:
+                    log.error("engine failed request %s: %s", requests[0].id, e)
+                    return [Completion.failed(str(e) or type(e).__name__)]
+                mid = len(requests) // 2
+                log.warning("engine failed a batch of %d (%s); splitting it", len(requests), e)
+                return isolate(requests[:mid]) + isolate(requests[mid:])
+
+        return isolate
