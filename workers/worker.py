@@ -30,7 +30,8 @@ IDLE_POLL_MS = 1000
 class Worker:
     def __init__(self, settings: KafkaSettings, experiment: ExperimentConfig, variant: str, engine: Engine,
                  max_batch: int = 32, max_wait_ms: int = 50, middleware: list[Middleware] | None = None,
-                 worker_id: str | None = None, max_poll_interval_ms: int = 300_000, create_topics: bool = True):
+                 worker_id: str | None = None, max_poll_interval_ms: int = 300_000, session_timeout_ms: int = 10_000,
+                 create_topics: bool = True):
         self.experiment = experiment
         self.variant = experiment.variant(variant)
         self.engine = engine
@@ -50,6 +51,9 @@ class Worker:
             settings, self.topic, group_id=experiment.consumer_group(self.variant.name),
             client_id=f"{settings.client_id}-{self.worker_id}", max_poll_records=max_batch,
             max_poll_interval_ms=max_poll_interval_ms,
+            # A worker killed without leaving the group holds its partitions this long: short, so a
+            # replacement picks them up quickly (kafka-python's 45 s default is made for brokers' apps).
+            session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=max(1000, session_timeout_ms // 4),
         )
         self.sink = ResponseSink(settings, experiment.response_topic, experiment.deadletter_topic)
         call = self.engine.generate
@@ -123,6 +127,7 @@ class Worker:
         for mw in self.middleware:
             mw.before_batch(self, batch)
         todo = [m for m in batch if not m.done]
+        log.debug("engine: batch of %d (%d decided before the engine)", len(todo), len(batch) - len(todo))
         if todo:
             started = time.time()
             completions = self._engine_call([m.request for m in todo])

@@ -1,0 +1,102 @@
+"""Requests in, responses out, nothing lost: two variants, real broker, in-process workers."""
+
+import math
+import time
+
+import pytest
+
+from kafkaio import ensure_topics
+from producers import AbqClient, RequestTooLarge, assign_variant
+from producers import tracing
+from schemas import InferenceRequest
+
+from conftest import new_experiment
+from kafka_helpers import committed, end_offsets
+
+
+def test_n_requests_over_two_variants_get_exactly_n_responses_from_the_assigned_variant(settings, experiment, thread_worker):
+    n, users = 400, 150
+    with thread_worker(experiment, "a", max_batch=16), thread_worker(experiment, "b", max_batch=16), \
+            AbqClient(settings, experiment) as client:
+        sent = {}
+        for i in range(n):
+            req, _ = client.publisher.publish(InferenceRequest(experiment=experiment.name, routing_key=f"user-{i % users}",
+                                                               prompt=f"question {i} from user {i % users}", max_tokens=8))
+            sent[req.id] = req
+        client.publisher.flush()
+        got = client.wait(set(sent), timeout=60)
+        # Anything more on the topic would be a duplicate; give it a moment to show up.
+        extra = [r for r in client.listener.poll(timeout_ms=1000)]
+    assert len(got) == n and not extra
+    by_user = {}
+    for rid, reply in got.items():
+        resp, req = reply.response, sent[rid]
+        assert resp.ok and resp.variant == req.variant == assign_variant(experiment, req.routing_key)
+        assert resp.worker_id and resp.model == f"echo-{req.variant}"
+        assert resp.outputs == [req.prompt] and resp.usage.prompt_tokens == len(req.prompt.split())
+        assert resp.timings.enqueued <= resp.timings.dequeued <= resp.timings.finished
+        by_user.setdefault(req.routing_key, set()).add(resp.variant)
+    assert all(len(v) == 1 for v in by_user.values()), "a routing key landed on two variants"
+    # Split over users (the unit of assignment) within 4 sigma of the weights.
+    b_users = sum(1 for v in by_user.values() if v == {"b"})
+    assert abs(b_users - users * 0.1) < 4 * math.sqrt(users * 0.1 * 0.9)
+    # Offsets are committed up to the end of each partition once the responses are out.
+    time.sleep(0.5)
+    for v in ("a", "b"):
+        topic = experiment.request_topic(v)
+        assert committed(settings, experiment.consumer_group(v), topic) == {p: o for p, o in end_offsets(settings, topic).items() if o > 0}
+
+
+def test_traceparent_travels_from_producer_to_response(settings, experiment, thread_worker):
+    parent = tracing.new_traceparent()
+    with thread_worker(experiment, "a"), thread_worker(experiment, "b"), AbqClient(settings, experiment) as client:
+        reply = client.submit(InferenceRequest(experiment=experiment.name, routing_key="u1", prompt="trace me"),
+                              timeout=30, traceparent=parent)
+    assert tracing.trace_id(reply.traceparent) == tracing.trace_id(parent)
+    assert reply.traceparent != parent  # the worker's hop has its own span id
+
+
+def test_reply_to_topic_gets_the_response_too(settings, experiment, thread_worker):
+    from kafkaio import admin_client
+    reply_topic = f"{experiment.name}.replies"
+    admin = admin_client(settings)
+    admin.create_topics({reply_topic: {"num_partitions": 1, "replication_factor": 1}}, wait_for_metadata=True)
+    admin.close()
+    with thread_worker(experiment, "a"), thread_worker(experiment, "b"), \
+            AbqClient(settings, experiment, reply_topic=reply_topic) as client:
+        reply = client.submit(InferenceRequest(experiment=experiment.name, routing_key="u2", prompt="to me",
+                                               reply_to=reply_topic), timeout=30)
+    assert reply.response.ok and reply.response.outputs == ["to me"]
+
+
+def test_oversized_request_is_refused_at_the_producer_with_a_clear_error(settings, experiment):
+    with AbqClient(settings, experiment) as client:
+        with pytest.raises(RequestTooLarge, match=r"accepts at most 1048588 \(max.message.bytes\); shorten the prompt"):
+            client.publisher.publish(InferenceRequest(experiment=experiment.name, routing_key="u", prompt="x" * 1_100_000))
+
+
+def test_expired_requests_get_an_expired_error_response(settings, experiment, thread_worker):
+    with AbqClient(settings, experiment) as client:
+        req, fut = client.publisher.publish(InferenceRequest(experiment=experiment.name, routing_key="late",
+                                                             prompt="too late", deadline=time.time() + 0.2))
+        fut.get(10)
+        time.sleep(0.5)  # the deadline passes while no worker runs
+        with thread_worker(experiment, "a"), thread_worker(experiment, "b"):
+            reply = client.wait({req.id}, timeout=30)[req.id]
+    assert reply.response.error.code == "expired" and reply.response.outputs == []
+
+
+def test_transient_engine_failures_are_retried_and_bad_requests_get_error_responses(settings, thread_worker):
+    exp = new_experiment(variants=(("a", 100),), transient_failures=1, error_rate=0.3)
+    ensure_topics(settings, exp)
+    with thread_worker(exp, "a", max_batch=8), AbqClient(settings, exp) as client:
+        ids = set()
+        for i in range(40):
+            req, _ = client.publisher.publish(InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=f"p {i}"))
+            ids.add(req.id)
+        client.publisher.flush()
+        got = client.wait(ids, timeout=60)
+    assert len(got) == 40
+    errors = [r.response for r in got.values() if not r.response.ok]
+    assert 0 < len(errors) < 40  # error_rate picks requests by id, so some fail and the rest are served
+    assert all(e.error.code == "engine_error" and "rehearsed failure" in e.error.message for e in errors)
