@@ -1,0 +1,106 @@
+"""`abq batch`: OpenAI Batch and own lines, results as they arrive, errors apart, resume without loss."""
+
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+
+import orjson
+import pytest
+
+from kafkaio import ensure_topics
+from producers.batch import BatchInputError, read_items
+
+from conftest import REPO, abq_cmd, new_experiment, write_config
+
+
+def _openai_lines(n, start=0):
+    for i in range(start, start + n):
+        if i % 2:
+            yield {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": "any", "messages": [{"role": "user", "content": f"chat {i}"}], "max_tokens": 8}}
+        else:
+            yield {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions",
+                   "body": {"model": "any", "prompt": f"complete {i}", "max_tokens": 8, "user": f"user-{i % 7}"}}
+
+
+def _write(path, lines):
+    path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+
+
+def _run_batch(kafka_bootstrap, cfg, inp, out, *extra, wait=True):
+    env = {**os.environ, "ABQ_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    proc = subprocess.Popen(abq_cmd("batch", "--config", str(cfg), str(inp), "--out", str(out), *extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    if wait:
+        stdout, stderr = proc.communicate(timeout=180)
+        return proc.returncode, stdout.decode(), stderr.decode()
+    return proc
+
+
+def _lines(path):
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
+def test_interrupted_batch_resumes_and_the_output_has_each_id_exactly_once(settings, kafka_bootstrap, thread_worker, tmp_path):
+    exp = new_experiment(variants=(("a", 100),), latency_ms=150)
+    ensure_topics(settings, exp)
+    cfg = write_config(exp, tmp_path)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    bad = {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}
+    _write(inp, [*_openai_lines(60), bad])
+    with thread_worker(exp, "a", max_batch=4, max_wait_ms=10):
+        proc = _run_batch(kafka_bootstrap, cfg, inp, out, "--no-progress", wait=False)
+        deadline = time.monotonic() + 60
+        while len(_lines(out)) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # the hardest interruption: no chance to clean up
+        proc.wait()
+        first = len(_lines(out))
+        assert 8 <= first < 60
+        code, stdout, stderr = _run_batch(kafka_bootstrap, cfg, inp, out)
+    assert code == 0, stderr
+    assert "61 lines" in stdout and "0 missing" in stdout
+    lines = _lines(out)
+    counts = Counter(line["custom_id"] for line in lines)
+    assert set(counts) == {f"req-{i}" for i in range(60)} and max(counts.values()) == 1
+    chat = next(line for line in lines if line["custom_id"] == "req-1")
+    assert chat["error"] is None and chat["response"]["status_code"] == 200
+    body = chat["response"]["body"]
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {"role": "assistant", "content": "chat 1"}
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    comp = next(line for line in lines if line["custom_id"] == "req-0")["response"]["body"]
+    assert comp["object"] == "text_completion" and comp["choices"][0]["text"] == "complete 0"
+    errors = _lines(tmp_path / "out.errors.jsonl")
+    assert [e["custom_id"] for e in errors] == ["bad-url"] and "not supported" in errors[0]["error"]["message"]
+    # A third run finds nothing to do and writes nothing twice.
+    code, stdout, _ = _run_batch(kafka_bootstrap, cfg, inp, out, "--no-progress")
+    assert code == 0 and "61 already done" in stdout and len(_lines(out)) == 60
+
+
+def test_results_that_arrived_survive_a_timeout_and_a_rerun_collects_the_rest(settings, kafka_bootstrap, thread_worker, tmp_path):
+    exp = new_experiment(variants=(("a", 100),))
+    ensure_topics(settings, exp)
+    cfg = write_config(exp, tmp_path)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(inp, [{"id": f"own-{i}", "routing_key": f"u{i}", "prompt": f"own line {i}", "max_tokens": 4} for i in range(30)])
+    # No worker yet: the first run times out with nothing, keeps its place on the responses topic.
+    code, _, stderr = _run_batch(kafka_bootstrap, cfg, inp, out, "--timeout", "2", "--no-progress")
+    assert code == 1 and "rerun the same command" in stderr and "\n" not in stderr.strip()
+    assert (tmp_path / "out.jsonl.state.json").exists()
+    with thread_worker(exp, "a"):
+        time.sleep(3)  # the worker answers the first run's requests while no batch command runs
+        code, stdout, stderr = _run_batch(kafka_bootstrap, cfg, inp, out, "--no-progress")
+    assert code == 0, stderr
+    assert "30 submitted" not in stdout  # the answered ones were collected, not submitted again
+    ids = Counter(line["request_id"] for line in _lines(out))
+    assert set(ids) == {f"own-{i}" for i in range(30)} and max(ids.values()) == 1
+    assert not (tmp_path / "out.jsonl.state.json").exists()
+
+
+def test_duplicate_ids_are_refused_up_front_with_their_line_numbers(tmp_path):
+    inp = tmp_path / "dup.jsonl"
+    _write(inp, [{"id": "x", "prompt": "1"}, {"id": "y", "prompt": "2"}, {"id": "x", "prompt": "3"}])
+    with pytest.raises(BatchInputError, match=r"duplicate ids: 'x' on lines 1, 3"):
+        read_items(inp, new_experiment())
