@@ -60,6 +60,14 @@ def fetch_jars(cache_dir: Path, log=print) -> Path:
     return target
 
 
+def new_cluster_id() -> str:
+    # Kafka's own Uuid.randomUuid() never starts with "-", which its command line would read as a flag.
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 def _port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
@@ -160,7 +168,7 @@ class LocalBroker:
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.data_dir.mkdir(parents=True)
         cfg = self._write_config()
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_cluster_id()
         fmt = subprocess.run(
             self._java(jars, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg)),
             capture_output=True, text=True,

@@ -1,0 +1,12 @@
+# The two commands of the README. Each builds (once, cached by requirement hash) the Python
+# environment it needs under ~/.cache/abqueue and runs in it; see scripts/env.sh.
+.PHONY: demo test bench
+
+demo:
+	@venv=$$(scripts/env.sh) && $$venv/bin/abq demo
+
+test:
+	@venv=$$(scripts/env.sh vllm) && ABQ_REQUIRE_VLLM=1 $$venv/bin/python -m pytest -q
+
+bench:
+	@venv=$$(scripts/env.sh) && $$venv/bin/python bench/overhead.py

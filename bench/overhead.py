@@ -1,0 +1,187 @@
+"""What the queueing layer costs: one echo worker (no model), so every millisecond measured is
+producer -> Kafka -> worker -> Kafka -> consumer.
+
+Reports, in one run on one broker:
+  - added latency at low load: one request at a time, submit to response (p50/p95/p99);
+  - throughput of one worker draining a backlog (requests/s);
+  - the same backlog piped through Kafka with no worker logic (a consumer that echoes raw records),
+    the ceiling for this client library on this machine, and the worker's ratio to it.
+
+Run:  python bench/overhead.py [--requests 3000] [--sequential 200] [--max-batch 64] [--json out.json]
+Uses ABQ_BOOTSTRAP_SERVERS / KAFKA_BOOTSTRAP_SERVERS if set, else starts a local broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import multiprocessing
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kafka import TopicPartition  # noqa: E402
+
+from kafkaio import KafkaSettings, admin_client, consumer, ensure_topics, producer  # noqa: E402
+from localkafka import LocalBroker  # noqa: E402
+from localkafka.broker import free_port  # noqa: E402
+from producers import AbqClient  # noqa: E402
+from schemas import ExperimentConfig, InferenceRequest  # noqa: E402
+
+
+def pct(values, q):
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def bootstrap():
+    addr = os.environ.get("ABQ_BOOTSTRAP_SERVERS") or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if addr:
+        return addr, None
+    broker = LocalBroker(port=free_port(), data_dir=Path("/tmp") / f"abq-bench-{uuid.uuid4().hex[:6]}")
+    return broker.start(log=lambda m: print(m, file=sys.stderr)), broker
+
+
+def start_worker(exp, settings, max_batch, tmpdir: Path):
+    cfg = tmpdir / f"{exp.name}.yaml"
+    cfg.write_text(yaml.safe_dump(exp.model_dump(mode="json")))
+    env = {**os.environ, "ABQ_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "ABQ_LOG_LEVEL": "WARNING"}
+    return subprocess.Popen([sys.executable, "-m", "abqueue_cli.main", "worker", "--config", str(cfg), "--variant", "a",
+                             "--max-batch", str(max_batch), "--max-wait-ms", "5"], env=env)
+
+
+def request(exp, i):
+    return InferenceRequest(experiment=exp.name, routing_key=f"user-{i}", prompt=f"benchmark request number {i} " * 4, max_tokens=16)
+
+
+def raw_pipe(settings, n, payload: bytes, partitions: int) -> float:
+    """Records through Kafka and back with a consumer that republishes them: no decode, no engine."""
+    name = f"abq.raw{uuid.uuid4().hex[:8]}"
+    admin = admin_client(settings)
+    admin.create_topics({f"{name}.in": {"num_partitions": partitions, "replication_factor": 1},
+                         f"{name}.out": {"num_partitions": partitions, "replication_factor": 1}}, wait_for_metadata=True)
+    admin.close()
+    out_c = consumer(settings, group_id=None)
+    out_tps = [TopicPartition(f"{name}.out", p) for p in range(partitions)]
+    out_c.assign(out_tps)
+    out_c.seek_to_end(*out_tps)
+    for tp in out_tps:
+        out_c.position(tp)
+    stop = multiprocessing.get_context("fork").Event()
+
+    def relay():
+        c = consumer(settings, f"{name}.in", group_id=f"{name}.relay", max_poll_records=64)
+        p = producer(settings, linger_ms=0)
+        while not stop.is_set():
+            batch = c.poll(timeout_ms=100)
+            recs = [r for rs in batch.values() for r in rs]
+            for r in recs:
+                p.send(f"{name}.out", key=r.key, value=r.value)
+            if recs:
+                p.flush()
+                c.commit()
+        c.close()
+        p.close()
+
+    # The relay runs in its own process, as the worker does, so the two compete for the CPU alike.
+    t = multiprocessing.get_context("fork").Process(target=relay, daemon=True)
+    p = producer(settings)
+    t.start()
+    time.sleep(3)  # group join
+    start = time.perf_counter()
+    for i in range(n):
+        p.send(f"{name}.in", key=str(i).encode(), value=payload)
+    p.flush()
+    got = 0
+    while got < n:
+        got += sum(len(rs) for rs in out_c.poll(timeout_ms=200).values())
+    elapsed = time.perf_counter() - start
+    stop.set()
+    t.join()
+    p.close()
+    out_c.close()
+    return n / elapsed
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=3000, help="backlog size for the throughput run")
+    ap.add_argument("--sequential", type=int, default=200, help="one-at-a-time requests for latency")
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args()
+
+    addr, broker = bootstrap()
+    settings = KafkaSettings(bootstrap_servers=addr)
+    exp = ExperimentConfig(name=f"bench{uuid.uuid4().hex[:8]}", partitions=args.partitions,
+                           variants=[{"name": "a", "weight": 100, "engine": "echo"}])
+    ensure_topics(settings, exp)
+    tmpdir = Path("/tmp")
+    worker = start_worker(exp, settings, args.max_batch, tmpdir)
+    try:
+        with AbqClient(settings, exp) as client:
+            # Warm up: the worker joins its group and the first fetches settle.
+            client.submit(request(exp, -1), timeout=60)
+            rtts, legs = [], {"to_worker": [], "in_worker": [], "back_to_caller": []}
+            for i in range(args.sequential):
+                t0 = time.perf_counter()
+                reply = client.submit(request(exp, i), timeout=30)
+                rtts.append(time.perf_counter() - t0)
+                tm, now = reply.response.timings, time.time()
+                legs["to_worker"].append(tm.dequeued - tm.enqueued)
+                legs["in_worker"].append(tm.finished - tm.dequeued)
+                legs["back_to_caller"].append(now - tm.finished)
+
+            sent = {}
+            t0 = time.perf_counter()
+            for i in range(args.requests):
+                req, _ = client.publisher.publish(request(exp, 100_000 + i))
+                sent[req.id] = time.perf_counter()
+            client.publisher.flush()
+            done = {}
+            client.wait(set(sent), timeout=600, on_reply=lambda r: done.__setitem__(r.response.request_id, time.perf_counter()))
+            elapsed = time.perf_counter() - t0
+            assert len(done) == len(sent), f"only {len(done)} of {len(sent)} responses"
+        worker_rps = len(done) / elapsed
+        payload = orjson.dumps(request(exp, 0).model_dump(mode="json"))
+        raw_rps = raw_pipe(settings, args.requests, payload, args.partitions)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        if broker:
+            broker.stop()
+
+    figures = {
+        "sequential_requests": args.sequential,
+        "added_latency_ms_p50": 1000 * statistics.median(rtts),
+        "added_latency_ms_p95": 1000 * pct(rtts, 95),
+        "added_latency_ms_p99": 1000 * pct(rtts, 99),
+        **{f"leg_{k}_ms_p50": 1000 * statistics.median(v) for k, v in legs.items()},
+        "backlog_requests": args.requests,
+        "worker_requests_per_s": worker_rps,
+        "raw_kafka_pipe_records_per_s": raw_rps,
+        "worker_to_raw_ratio": worker_rps / raw_rps,
+        "max_batch": args.max_batch,
+        "partitions": args.partitions,
+    }
+    print(f"\n{'measure':<40}{'value':>12}")
+    for k, v in figures.items():
+        print(f"{k:<40}{v:>12.3f}" if isinstance(v, float) else f"{k:<40}{v:>12}")
+    print(f"\nrerun: python bench/overhead.py --requests {args.requests} --sequential {args.sequential} "
+          f"--max-batch {args.max_batch} --partitions {args.partitions}")
+    if args.json:
+        args.json.write_text(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

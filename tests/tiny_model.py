@@ -1,0 +1,52 @@
+"""A tiny, randomly initialised Llama that vLLM's CPU build can run: no weights are downloaded.
+
+The config and a byte-level BPE tokenizer (with a chat template) are written to a directory; vLLM
+loads it with load_format="dummy", so outputs are gibberish but token counts, finish reasons,
+sampling parameters and the chat template are all real.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# vLLM's CPU attention needs head_dim >= 32 (64 here: 128 hidden / 2 heads).
+ENGINE_ARGS = {"load_format": "dummy", "dtype": "float32", "max_model_len": 256, "enforce_eager": True,
+               "max_num_seqs": 32, "seed": 0}
+
+
+def make_tiny_model(directory: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["the quick brown fox jumps over the lazy dog", "queues keep gpus busy", "hello world"] * 50
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+    config.save_pretrained(directory)
+    # Some transformers versions drop the template from tokenizer_config; keep a copy beside it.
+    (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    json.loads((directory / "config.json").read_text())
+    return directory
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(make_tiny_model(Path(sys.argv[1])))
