@@ -32,7 +32,7 @@ def kafka_bootstrap(tmp_path_factory):
         yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
         return
     if _docker_answers():
-        from testcontainers.kafka import KafkaContainer
+        from testcontainers.community.kafka import KafkaContainer
 
         with KafkaContainer().with_kraft() as kc:
             yield kc.get_bootstrap_server()
