@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python's INFO is connection chatter
+    from kafka.errors import KafkaError
+
     from kafkaio.clients import KafkaUnavailable
     from localkafka import BrokerError
     from producers import ReplyTimeout, RequestTooLarge
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, KafkaUnavailable, BrokerError, RequestTooLarge, ReplyTimeout, BatchInputError,
-            ValidationError, ValueError, FileNotFoundError, RuntimeError) as e:
+            ValidationError, ValueError, FileNotFoundError, RuntimeError, KafkaError) as e:
         print(f"abq: error: {_one_line(e)}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,7 @@ from kafkaio import KafkaSettings
 from producers import openai_batch
 from producers.client import AbqClient
 from producers.progress import Progress
+from producers.publisher import RequestTooLarge
 from producers.replies import Reply
 from schemas import ExperimentConfig, InferenceRequest
 
@@ -151,10 +152,13 @@ class BatchJob:
             f.write(orjson.dumps(obj) + b"\n")
             f.flush()  # a result that arrived is on disk before we move on: nothing to lose on a crash
 
-        for it in invalid:
+        def write_invalid(it: Item) -> None:
             line = (openai_batch.input_error_line(it.key, "invalid_request", it.error) if openai_fmt
                     else {"key": it.key, "line": it.line, "error": {"code": "invalid_request", "message": it.error}})
             write(err, line)
+
+        for it in invalid:
+            write_invalid(it)
 
         by_id = {it.request.id: it for it in todo}
         ok = failed = 0
@@ -203,7 +207,13 @@ class BatchJob:
                     if delay > 0:
                         time.sleep(delay)
                     next_at = max(next_at + interval, time.monotonic() - 1.0)
-                client.publisher.publish(it.request)
+                try:
+                    client.publisher.publish(it.request)
+                except RequestTooLarge as e:
+                    pending.discard(it.request.id)
+                    it.error = f"line {it.line}: {e}"
+                    invalid.append(it)
+                    write_invalid(it)
                 if n % 64 == 0:  # collect replies while sending, so results stream out during long submits
                     for reply in client.listener.poll(timeout_ms=0):
                         if reply.response.request_id in pending:

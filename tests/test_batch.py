@@ -104,3 +104,20 @@ def test_duplicate_ids_are_refused_up_front_with_their_line_numbers(tmp_path):
     _write(inp, [{"id": "x", "prompt": "1"}, {"id": "y", "prompt": "2"}, {"id": "x", "prompt": "3"}])
     with pytest.raises(BatchInputError, match=r"duplicate ids: 'x' on lines 1, 3"):
         read_items(inp, new_experiment())
+
+
+def test_a_line_too_large_for_the_topic_goes_to_the_errors_file_and_the_rest_runs(settings, kafka_bootstrap, thread_worker, tmp_path):
+    exp = new_experiment(variants=(("a", 100),))
+    ensure_topics(settings, exp)
+    cfg = write_config(exp, tmp_path)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"id": f"l{i}", "prompt": f"line {i}"} for i in range(5)]
+    lines.insert(2, {"id": "huge", "prompt": "x" * 1_100_000})
+    _write(inp, lines)
+    with thread_worker(exp, "a"):
+        code, stdout, stderr = _run_batch(kafka_bootstrap, cfg, inp, out, "--no-progress")
+    assert code == 0, stderr
+    assert "5 ok" in stdout and "1 invalid" in stdout
+    assert {line["request_id"] for line in _lines(out)} == {f"l{i}" for i in range(5)}
+    [err] = _lines(tmp_path / "out.errors.jsonl")
+    assert err["key"] == "huge" and "max.message.bytes" in err["error"]["message"]

@@ -26,7 +26,7 @@ class ResponseSink:
         self.attempts = attempts
         self.ack_timeout_s = ack_timeout_s
         # Dead letters carry the original record plus context, so allow a bit more than one record.
-        self._producer = producer(settings, max_request_size=4 * 1024 * 1024, linger_ms=0)
+        self._producer = producer(settings, max_request_size=4 * 1024 * 1024)
 
     def _records(self, batch):
         for m in batch:

@@ -106,22 +106,22 @@ class Worker:
     # -- one batch -------------------------------------------------------------------------------
     def fetch(self) -> list[Message]:
         """Up to max_batch records; waits at most max_wait_ms after the first one for more."""
-        records = []
-        first = self.consumer.poll(timeout_ms=IDLE_POLL_MS, max_records=self.max_batch)
-        for recs in first.values():
-            records.extend(recs)
-        if not records:
-            return []
+        batch: list[Message] = []
+
+        def take(polled) -> None:
+            now = time.time()  # when the worker got the record; waiting for the batch to fill is its own cost
+            batch.extend(Message(r, dequeued_at=now) for recs in polled.values() for r in recs)
+
+        take(self.consumer.poll(timeout_ms=IDLE_POLL_MS, max_records=self.max_batch))
+        if not batch:
+            return batch
         deadline = time.monotonic() + self.max_wait_ms / 1000
-        while len(records) < self.max_batch and not self.stopping:
+        while len(batch) < self.max_batch and not self.stopping:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 break
-            more = self.consumer.poll(timeout_ms=left_ms, max_records=self.max_batch - len(records))
-            for recs in more.values():
-                records.extend(recs)
-        now = time.time()
-        return [Message(r, dequeued_at=now) for r in records]
+            take(self.consumer.poll(timeout_ms=left_ms, max_records=self.max_batch - len(batch)))
+        return batch
 
     def process(self, batch: list[Message]) -> None:
         for mw in self.middleware:
