@@ -14,48 +14,20 @@ Uses ABQ_BOOTSTRAP_SERVERS / KAFKA_BOOTSTRAP_SERVERS if set, else starts a local
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import subprocess
-import sys
 import multiprocessing
+import statistics
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import orjson
-import yaml
+from common import bootstrap, percentile, start_worker
+from kafka import TopicPartition
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from kafka import TopicPartition  # noqa: E402
-
-from kafkaio import KafkaSettings, admin_client, consumer, ensure_topics, producer  # noqa: E402
-from localkafka import LocalBroker  # noqa: E402
-from localkafka.broker import free_port  # noqa: E402
-from producers import AbqClient  # noqa: E402
-from schemas import ExperimentConfig, InferenceRequest  # noqa: E402
-
-
-def pct(values, q):
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
-
-
-def bootstrap():
-    addr = os.environ.get("ABQ_BOOTSTRAP_SERVERS") or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if addr:
-        return addr, None
-    broker = LocalBroker(port=free_port(), data_dir=Path("/tmp") / f"abq-bench-{uuid.uuid4().hex[:6]}")
-    return broker.start(log=lambda m: print(m, file=sys.stderr)), broker
-
-
-def start_worker(exp, settings, max_batch, tmpdir: Path):
-    cfg = tmpdir / f"{exp.name}.yaml"
-    cfg.write_text(yaml.safe_dump(exp.model_dump(mode="json")))
-    env = {**os.environ, "ABQ_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "ABQ_LOG_LEVEL": "WARNING"}
-    return subprocess.Popen([sys.executable, "-m", "abqueue_cli.main", "worker", "--config", str(cfg), "--variant", "a",
-                             "--max-batch", str(max_batch), "--max-wait-ms", "5"], env=env)
+from kafkaio import KafkaSettings, admin_client, consumer, ensure_topics, producer
+from producers import AbqClient
+from schemas import ExperimentConfig, InferenceRequest
 
 
 def request(exp, i):
@@ -125,8 +97,7 @@ def main() -> int:
     exp = ExperimentConfig(name=f"bench{uuid.uuid4().hex[:8]}", partitions=args.partitions,
                            variants=[{"name": "a", "weight": 100, "engine": "echo"}])
     ensure_topics(settings, exp)
-    tmpdir = Path("/tmp")
-    worker = start_worker(exp, settings, args.max_batch, tmpdir)
+    worker = start_worker(exp, addr, "a", "--max-batch", str(args.max_batch), "--max-wait-ms", "5")
     try:
         with AbqClient(settings, exp) as client:
             # Warm up: the worker joins its group and the first fetches settle.
@@ -163,8 +134,8 @@ def main() -> int:
     figures = {
         "sequential_requests": args.sequential,
         "added_latency_ms_p50": 1000 * statistics.median(rtts),
-        "added_latency_ms_p95": 1000 * pct(rtts, 95),
-        "added_latency_ms_p99": 1000 * pct(rtts, 99),
+        "added_latency_ms_p95": 1000 * percentile(rtts, 95),
+        "added_latency_ms_p99": 1000 * percentile(rtts, 99),
         **{f"leg_{k}_ms_p50": 1000 * statistics.median(v) for k, v in legs.items()},
         "backlog_requests": args.requests,
         "worker_requests_per_s": worker_rps,

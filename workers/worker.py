@@ -25,6 +25,7 @@ from workers.sink import PublishFailed, ResponseSink
 log = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 1000
+FETCH_MAX_WAIT_MS = 100
 
 
 class Worker:
@@ -54,6 +55,9 @@ class Worker:
             # A worker killed without leaving the group holds its partitions this long: short, so a
             # replacement picks them up quickly (kafka-python's 45 s default is made for brokers' apps).
             session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=max(1000, session_timeout_ms // 4),
+            # kafka-python sometimes has a fetch parked at the broker for partitions other than the
+            # one a new record lands on; a short park bounds that wait (500 ms by default).
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         self.sink = ResponseSink(settings, experiment.response_topic, experiment.deadletter_topic)
         call = self.engine.generate
