@@ -36,7 +36,7 @@ class ResponseListener:
         self._consumer = consumer(settings, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=50)
         partitions = self._consumer.partitions_for_topic(topic)
         if not partitions:
-            raise RuntimeError(f"topic {topic} does not exist; start a worker or run `abq topics create` first")
+            raise RuntimeError(f"topic {topic} does not exist; create it, or start a worker of the experiment, which creates its topics")
         self._tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         self._consumer.assign(self._tps)
         self._consumer.seek_to_end(*self._tps)

@@ -29,6 +29,7 @@ def test_garbage_wrong_schema_and_oversized_records_are_dead_lettered_and_valid_
         encode(valid(101).model_copy(update={"variant": "b"})): "wrong_variant",
         encode(valid(102).model_copy(update={"experiment": "other"})): "wrong_experiment",
         encode(valid(103).model_copy(update={"prompt": "x" * 101})): "oversized_prompt",
+        encode(valid(104).model_copy(update={"variant": None})): "wrong_variant",
     }
     p = producer(settings)
     good_ids = []

@@ -75,6 +75,8 @@ class VllmEngine:
                     stop=r.stop or None, seed=r.seed,
                 )
             )
+        # Whatever check() prepared and did not reach this call (expired, dead-lettered) goes too.
+        self._token_ids.clear()
         try:
             outs = self.llm.generate(prompts, params, use_tqdm=False)
         except Exception as e:

@@ -20,6 +20,8 @@ class Validation(Middleware):
             req = m.request
             if req.experiment != exp.name:
                 m.reject("wrong_experiment", f"request is for experiment {req.experiment!r}, this topic serves {exp.name!r}", worker.worker_id)
+            elif req.variant is None:
+                m.reject("wrong_variant", "request has no variant; publish it through an abqueue producer, which assigns one", worker.worker_id)
             elif req.variant != variant.name:
                 m.reject("wrong_variant", f"request is for variant {req.variant!r}, this topic serves {variant.name!r}", worker.worker_id)
             elif req.max_tokens > variant.max_tokens_limit:
