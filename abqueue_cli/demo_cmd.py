@@ -21,8 +21,7 @@ def register(sub) -> None:
     options.add_experiment_flags(p)
     p.add_argument("--requests", type=int, default=300, help="requests to send (default 300)")
     p.add_argument("--users", type=int, default=200, help="distinct routing keys (default 200)")
-    p.add_argument("--engine", choices=["echo", "vllm"], default=None, help="engine for every variant (default: the config's, echo for demo)")
-    p.add_argument("--model", default=None, help="model directory for --engine vllm")
+    options.add_engine_flags(p, "every variant")
     p.add_argument("--port", type=int, default=9092, help="local broker port (default 9092)")
     p.add_argument("--keep-kafka", action="store_true", help="leave the broker running afterwards")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all responses")
@@ -63,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from schemas import InferenceRequest
 
     exp = options.experiment(args)
+    options.engine_args(args)  # a malformed --engine-arg fails here, not in every worker
     broker = None
     if args.bootstrap_servers is None and "ABQ_BOOTSTRAP_SERVERS" not in os.environ:
         broker = LocalBroker(port=args.port)
@@ -82,10 +82,7 @@ def run(args: argparse.Namespace) -> int:
                    "--worker-id", f"demo-{v.name}"]
             if args.config:
                 cmd += ["--config", args.config]
-            if args.engine:
-                cmd += ["--engine", args.engine]
-            if args.model:
-                cmd += ["--model", args.model]
+            cmd += options.engine_flags(args)
             procs.append(subprocess.Popen(cmd, env=env))
             ports.append(port)
         print(f"demo: started {len(procs)} workers ({', '.join(v.name for v in exp.variants)}); waiting until ready...", file=sys.stderr)

@@ -18,11 +18,25 @@ def register(sub) -> None:
         sp.add_argument("--port", type=int, default=9092, help="client port on 127.0.0.1 (default 9092)")
         sp.add_argument("--data-dir", default=None, help="broker state dir (default: under the cache dir, per port)")
         sp.add_argument("--cache-dir", default=None, help="where jars are cached (env ABQ_CACHE_DIR; default ~/.cache/abqueue)")
+        if name == "up":
+            sp.add_argument("--sasl-port", type=int, default=None,
+                            help="also open a SASL_PLAINTEXT listener here (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)")
+            sp.add_argument("--sasl-user", action="append", default=[], metavar="NAME:PASSWORD",
+                            help="a user of the SASL listener, repeatable")
         sp.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    broker = LocalBroker(port=args.port, data_dir=args.data_dir, cache_dir=args.cache_dir)
+    users = {}
+    for item in getattr(args, "sasl_user", []):
+        name, sep, password = item.partition(":")
+        if not sep or not name or not password:
+            raise ValueError(f"--sasl-user {name or item!r} is not NAME:PASSWORD")
+        users[name] = password
+    if users and not getattr(args, "sasl_port", None):
+        raise ValueError("--sasl-user needs --sasl-port, the port of the SASL listener")
+    broker = LocalBroker(port=args.port, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                         sasl_port=getattr(args, "sasl_port", None), sasl_users=users)
     if args.kafka_cmd == "up":
         was = broker.running()
         bootstrap = broker.start(log=lambda m: print(m, file=sys.stderr))

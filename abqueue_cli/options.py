@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
 from kafkaio import KafkaSettings
 from schemas import ConfigError, ExperimentConfig, load_experiment
 
@@ -44,3 +46,32 @@ def experiment(args: argparse.Namespace) -> ExperimentConfig:
         where = f"config {args.config}" if args.config else "the built-in demo config"
         raise ConfigError(f"--experiment {args.experiment} does not match {where} (experiment {exp.name!r}); pass --config FILE for {args.experiment}")
     return exp
+
+
+def add_engine_flags(p: argparse.ArgumentParser, scope: str) -> None:
+    p.add_argument("--engine", choices=["echo", "vllm"], default=None, help=f"engine for {scope} (default: the config's)")
+    p.add_argument("--model", default=None, help=f"model for {scope} (a local directory for vllm)")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine setting, repeatable; for vllm any vllm.LLM argument, e.g. max_model_len=4096")
+
+
+def engine_args(args: argparse.Namespace) -> dict:
+    out = {}
+    for item in args.engine_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--engine-arg {item!r} is not KEY=VALUE; e.g. --engine-arg max_model_len=4096")
+        out[key] = yaml.safe_load(value)  # 4096 -> int, true -> bool, text stays text
+    return out
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    """The engine flags again, for a command that starts workers."""
+    flags = []
+    if args.engine:
+        flags += ["--engine", args.engine]
+    if args.model:
+        flags += ["--model", args.model]
+    for item in args.engine_arg:
+        flags += ["--engine-arg", item]
+    return flags

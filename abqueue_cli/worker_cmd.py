@@ -12,8 +12,7 @@ def register(sub) -> None:
     p = sub.add_parser("worker", help="consume a variant's requests, run them through an engine, publish responses",
                        description="Batch-consumes the variant's topic in its consumer group; commits only after responses are acknowledged.")
     options.add_experiment_flags(p, need_variant=True)
-    p.add_argument("--engine", choices=["echo", "vllm"], default=None, help="override the variant's engine")
-    p.add_argument("--model", default=None, help="override the variant's model (a local directory for vllm)")
+    options.add_engine_flags(p, "this variant")
     p.add_argument("--max-batch", type=int, default=32, help="records per batch at most (default 32)")
     p.add_argument("--max-wait-ms", type=int, default=50, help="wait this long after the first record for more (default 50)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz on this port")
@@ -36,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     exp = options.experiment(args)
     variant = exp.variant(args.variant)
     logging.getLogger(__name__).info("connecting: %s", settings.describe())
-    engine = make_engine(variant, args.engine, args.model)
+    engine = make_engine(variant, args.engine, args.model, options.engine_args(args))
     worker = Worker(settings, exp, variant.name, engine, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                     middleware=default_middleware(engine_attempts=args.engine_attempts), worker_id=args.worker_id,
                     max_poll_interval_ms=args.max_poll_interval_ms)

@@ -22,6 +22,20 @@ def _unreachable(settings: KafkaSettings) -> KafkaUnavailable:
     )
 
 
+def _handshake_failed(settings: KafkaSettings) -> KafkaUnavailable:
+    # The port is open (check_reachable passed) yet kafka-python could not bootstrap: in practice a
+    # listener that wants another protocol, or credentials the broker refused.
+    return KafkaUnavailable(
+        f"a broker listens at {settings.bootstrap_servers} but refused or did not understand this client "
+        f"(protocol {settings.security_protocol}, SASL {settings.sasl_mechanism or 'none'}); check "
+        "ABQ_SECURITY_PROTOCOL, ABQ_SASL_MECHANISM, ABQ_SASL_USERNAME/PASSWORD and the TLS files"
+    )
+
+
+# How long a client may take to bootstrap once the port answers; kafka-python waits 30 s.
+BOOTSTRAP_TIMEOUT_MS = 10_000
+
+
 def check_reachable(settings: KafkaSettings, timeout: float = 5.0) -> None:
     """Fail in seconds, not after kafka-python's 30 s bootstrap timeout, when no broker listens."""
     for server in settings.client_config()["bootstrap_servers"]:
@@ -34,30 +48,25 @@ def check_reachable(settings: KafkaSettings, timeout: float = 5.0) -> None:
     raise _unreachable(settings)
 
 
+def _build(cls, settings: KafkaSettings, defaults: dict[str, Any], overrides: dict[str, Any], *topics: str):
+    check_reachable(settings)
+    cfg = {"bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS, **defaults, **settings.client_config(), **overrides}
+    try:
+        return cls(*topics, **cfg)
+    except (KafkaError, OSError):
+        raise _handshake_failed(settings) from None
+
+
 def producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
     # acks=all + idempotence: a retried send never duplicates or reorders within a partition.
-    check_reachable(settings)
     # linger 0: request-reply latency matters more than batching at low load, and under load the
     # client batches anyway while earlier requests are in flight.
-    cfg = {"acks": "all", "enable_idempotence": True, "linger_ms": 0, **settings.client_config(), **overrides}
-    try:
-        return KafkaProducer(**cfg)
-    except (KafkaError, OSError):
-        raise _unreachable(settings) from None
+    return _build(KafkaProducer, settings, {"acks": "all", "enable_idempotence": True, "linger_ms": 0}, overrides)
 
 
 def consumer(settings: KafkaSettings, *topics: str, **overrides: Any) -> KafkaConsumer:
-    check_reachable(settings)
-    cfg = {"enable_auto_commit": False, "auto_offset_reset": "earliest", **settings.client_config(), **overrides}
-    try:
-        return KafkaConsumer(*topics, **cfg)
-    except (KafkaError, OSError):
-        raise _unreachable(settings) from None
+    return _build(KafkaConsumer, settings, {"enable_auto_commit": False, "auto_offset_reset": "earliest"}, overrides, *topics)
 
 
 def admin_client(settings: KafkaSettings, **overrides: Any) -> KafkaAdminClient:
-    check_reachable(settings)
-    try:
-        return KafkaAdminClient(**settings.client_config(), **overrides)
-    except (KafkaError, OSError):
-        raise _unreachable(settings) from None
+    return _build(KafkaAdminClient, settings, {}, overrides)

@@ -88,6 +88,10 @@ class LocalBroker:
     data_dir: Path | None = None
     cache_dir: Path | None = None
     heap: str = "512m"
+    # A second listener, SASL_PLAINTEXT with PLAIN and SCRAM-SHA-256/512, for trying and testing
+    # authenticated clients; `sasl_users` maps user names to passwords for every mechanism.
+    sasl_port: int | None = None
+    sasl_users: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir or default_cache_dir())
@@ -121,14 +125,13 @@ class LocalBroker:
         cport = free_port()
         self.controller_port = cport
         logs = self.data_dir / "logs"
+        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"]
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{cport}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{cport}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(logs),
             "num.partitions": "1",
@@ -143,6 +146,17 @@ class LocalBroker:
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "false",
         }
+        if self.sasl_port:
+            listeners.append(f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}")
+            users = " ".join(f'user_{u}="{pw}"' for u, pw in (self.sasl_users or {}).items())
+            props["sasl.enabled.mechanisms"] = "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512"
+            props["listener.name.sasl_plaintext.plain.sasl.jaas.config"] = (
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};")
+            for mech in ("scram-sha-256", "scram-sha-512"):
+                props[f"listener.name.sasl_plaintext.{mech}.sasl.jaas.config"] = (
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;")
+        props["listeners"] = ",".join([*listeners, f"CONTROLLER://127.0.0.1:{cport}"])
+        props["advertised.listeners"] = ",".join(listeners)
         cfg = self.data_dir / "server.properties"
         cfg.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         return cfg
@@ -158,10 +172,11 @@ class LocalBroker:
     def start(self, timeout: float = 90.0, log=print) -> str:
         if self.running():
             return self.bootstrap
-        if _port_open("127.0.0.1", self.port):
-            raise BrokerError(
-                f"port {self.port} is taken by another process; pick a free one with --port or stop that process"
-            )
+        for port in (self.port, self.sasl_port):
+            if port and _port_open("127.0.0.1", port):
+                raise BrokerError(
+                    f"port {port} is taken by another process; pick a free one with --port/--sasl-port or stop that process"
+                )
         jars = fetch_jars(self.cache_dir, log=log)
         # Every start formats afresh: a dev broker's controller port changes per start, and KRaft
         # storage from another quorum configuration would refuse to start.
@@ -169,8 +184,12 @@ class LocalBroker:
         self.data_dir.mkdir(parents=True)
         cfg = self._write_config()
         cluster_id = new_cluster_id()
+        scram = []
+        for user, pw in (self.sasl_users or {}).items() if self.sasl_port else ():
+            for mech in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                scram += ["--add-scram", f"{mech}=[name={user},password={pw}]"]
         fmt = subprocess.run(
-            self._java(jars, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg)),
+            self._java(jars, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg), *scram),
             capture_output=True, text=True,
         )
         if fmt.returncode != 0:

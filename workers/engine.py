@@ -50,15 +50,18 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def make_engine(variant: VariantConfig, kind: str | None = None, model: str | None = None) -> Engine:
-    """The engine a variant's config (or the --engine/--model flags) names."""
+def make_engine(variant: VariantConfig, kind: str | None = None, model: str | None = None,
+                extra_args: dict | None = None) -> Engine:
+    """The engine a variant's config names, with --engine/--model/--engine-arg overrides applied."""
     kind = kind or variant.engine
+    # The config's engine_args belong to the config's engine; another engine starts from none.
+    args = {**(variant.engine_args if kind == variant.engine else {}), **(extra_args or {})}
     if kind == "echo":
         from workers.echo_engine import EchoEngine
 
-        return EchoEngine(model=model or variant.model, **variant.engine_args)
+        return EchoEngine(model=model or variant.model, **args)
     if kind == "vllm":
         from workers.vllm_engine import VllmEngine
 
-        return VllmEngine(model=model or variant.model, engine_args=variant.engine_args)
+        return VllmEngine(model=model or variant.model, engine_args=args)
     raise ConfigError(f"unknown engine {kind!r}; use 'echo' or 'vllm'")
