@@ -23,6 +23,8 @@ def register(sub) -> None:
                             help="also open a SASL_PLAINTEXT listener here (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)")
             sp.add_argument("--sasl-user", action="append", default=[], metavar="NAME:PASSWORD",
                             help="a user of the SASL listener, repeatable")
+            sp.add_argument("--ssl-port", type=int, default=None,
+                            help="also open an SSL listener here that requires client certificates (made with openssl)")
         sp.set_defaults(func=run)
 
 
@@ -36,12 +38,18 @@ def run(args: argparse.Namespace) -> int:
     if users and not getattr(args, "sasl_port", None):
         raise ValueError("--sasl-user needs --sasl-port, the port of the SASL listener")
     broker = LocalBroker(port=args.port, data_dir=args.data_dir, cache_dir=args.cache_dir,
-                         sasl_port=getattr(args, "sasl_port", None), sasl_users=users)
+                         sasl_port=getattr(args, "sasl_port", None), sasl_users=users, ssl_port=getattr(args, "ssl_port", None))
     if args.kafka_cmd == "up":
         was = broker.running()
         bootstrap = broker.start(log=lambda m: print(m, file=sys.stderr))
         print(bootstrap)
         print(f"{'already running' if was else 'started'}; log {broker.log_file}; stop with `abq kafka down --port {args.port}`", file=sys.stderr)
+        if broker.sasl_port:
+            print(f"SASL_PLAINTEXT listener on 127.0.0.1:{broker.sasl_port} (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)", file=sys.stderr)
+        if broker.tls_files:
+            t = broker.tls_files
+            print(f"SSL listener on 127.0.0.1:{broker.ssl_port}; connect with ABQ_SECURITY_PROTOCOL=SSL "
+                  f"ABQ_SSL_CAFILE={t.ca} ABQ_SSL_CERTFILE={t.client_cert} ABQ_SSL_KEYFILE={t.client_key}", file=sys.stderr)
         return 0
     if args.kafka_cmd == "down":
         stopped = broker.stop()

@@ -92,11 +92,15 @@ class LocalBroker:
     # authenticated clients; `sasl_users` maps user names to passwords for every mechanism.
     sasl_port: int | None = None
     sasl_users: dict[str, str] | None = None
+    # A third, SSL listener that requires client certificates (mTLS), with certificates made at
+    # start in DATA_DIR/tls (see tls_files after start).
+    ssl_port: int | None = None
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir or default_cache_dir())
         self.data_dir = Path(self.data_dir or self.cache_dir / f"kafka-{self.port}")
         self.controller_port: int | None = None
+        self.tls_files = None
 
     @property
     def bootstrap(self) -> str:
@@ -131,7 +135,7 @@ class LocalBroker:
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{cport}",
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(logs),
             "num.partitions": "1",
@@ -155,6 +159,18 @@ class LocalBroker:
             for mech in ("scram-sha-256", "scram-sha-512"):
                 props[f"listener.name.sasl_plaintext.{mech}.sasl.jaas.config"] = (
                     "org.apache.kafka.common.security.scram.ScramLoginModule required;")
+        if self.ssl_port:
+            from localkafka.tls import make_tls_files
+
+            self.tls_files = make_tls_files(self.data_dir / "tls")
+            listeners.append(f"SSL://127.0.0.1:{self.ssl_port}")
+            props.update({
+                "listener.name.ssl.ssl.keystore.type": "PEM",
+                "listener.name.ssl.ssl.keystore.location": str(self.tls_files.broker_keystore),
+                "listener.name.ssl.ssl.truststore.type": "PEM",
+                "listener.name.ssl.ssl.truststore.location": str(self.tls_files.ca),
+                "listener.name.ssl.ssl.client.auth": "required",
+            })
         props["listeners"] = ",".join([*listeners, f"CONTROLLER://127.0.0.1:{cport}"])
         props["advertised.listeners"] = ",".join(listeners)
         cfg = self.data_dir / "server.properties"
@@ -172,10 +188,10 @@ class LocalBroker:
     def start(self, timeout: float = 90.0, log=print) -> str:
         if self.running():
             return self.bootstrap
-        for port in (self.port, self.sasl_port):
+        for port in (self.port, self.sasl_port, self.ssl_port):
             if port and _port_open("127.0.0.1", port):
                 raise BrokerError(
-                    f"port {port} is taken by another process; pick a free one with --port/--sasl-port or stop that process"
+                    f"port {port} is taken by another process; pick a free one with --port/--sasl-port/--ssl-port or stop that process"
                 )
         jars = fetch_jars(self.cache_dir, log=log)
         # Every start formats afresh: a dev broker's controller port changes per start, and KRaft
