@@ -65,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     options.engine_args(args)  # a malformed --engine-arg fails here, not in every worker
     broker = None
     if args.bootstrap_servers is None and "ABQ_BOOTSTRAP_SERVERS" not in os.environ:
+        # Like the tests, the demo runs on a cluster named by KAFKA_BOOTSTRAP_SERVERS when one is.
+        args.bootstrap_servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if args.bootstrap_servers is None and "ABQ_BOOTSTRAP_SERVERS" not in os.environ:
         broker = LocalBroker(port=args.port)
         started_here = not broker.running()
         print(f"demo: starting local Kafka on 127.0.0.1:{args.port}...", file=sys.stderr)

@@ -108,3 +108,14 @@ def test_kafka_up_status_down(tmp_path):
     assert down.returncode == 0 and "stopped" in down.stdout
     status = abq("kafka", "status", "--port", port, "--data-dir", data)
     assert status.returncode == 3 and "not running" in status.stdout
+
+
+def test_demo_runs_end_to_end_and_prints_per_variant_results(kafka_bootstrap):
+    # On the session's broker (the demo honours KAFKA_BOOTSTRAP_SERVERS); `make demo` starts its own.
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    r = abq("demo", "--requests", "120", "--users", "80", env=env, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "experiment demo: 120/120 responses" in r.stdout
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.startswith(("a ", "b "))}
+    assert set(rows) == {"a", "b"} and int(rows["a"][2]) + int(rows["b"][2]) == 120
+    assert int(rows["a"][2]) > int(rows["b"][2])  # 90/10 over 80 users

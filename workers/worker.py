@@ -53,17 +53,14 @@ class Worker:
             client_id=f"{settings.client_id}-{self.worker_id}", max_poll_records=max_batch,
             max_poll_interval_ms=max_poll_interval_ms,
             # A worker killed without leaving the group holds its partitions this long: short, so a
-            # replacement picks them up quickly (kafka-python's 45 s default is made for brokers' apps).
+            # replacement picks them up quickly (kafka-python's default is 45 s).
             session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=max(1000, session_timeout_ms // 4),
             # kafka-python sometimes has a fetch parked at the broker for partitions other than the
             # one a new record lands on; a short park bounds that wait (500 ms by default).
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         self.sink = ResponseSink(settings, experiment.response_topic, experiment.deadletter_topic)
-        call = self.engine.generate
-        for mw in reversed(self.middleware):
-            call = mw.wrap_engine(self, call)
-        self._engine_call = call
+        self._engine_call = self.engine.generate
 
     # -- lifecycle -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -87,6 +84,10 @@ class Worker:
     def run(self) -> None:
         for mw in self.middleware:
             mw.on_start(self)
+        call = self.engine.generate
+        for mw in reversed(self.middleware):  # the first middleware ends up outermost
+            call = mw.wrap_engine(self, call)
+        self._engine_call = call
         self._started = True
         log.info("worker %s serving %s (group %s, engine %s)", self.worker_id, self.topic,
                  self.experiment.consumer_group(self.variant.name), self.engine.model)
