@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         if not started_here:
             broker = None  # someone else's broker: leave it running
     settings = options.kafka_settings(args)
-    env = {**os.environ, "ABQ_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
+    # Workers' routine INFO lines would bury the summary; ABQ_LOG_LEVEL still wins where set.
+    env = {"ABQ_LOG_LEVEL": "WARNING", **os.environ, "ABQ_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
     procs, ports = [], []
     try:
         client = AbqClient(settings, exp)  # creates the topics and marks where responses start
