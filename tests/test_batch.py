@@ -132,7 +132,8 @@ def test_rate_flag_spaces_submissions(settings, kafka_bootstrap, thread_worker, 
     with thread_worker(exp, "a"):
         code, _, stderr = _run_batch(kafka_bootstrap, cfg, inp, out, "--rate", "10", "--no-progress")
     assert code == 0, stderr
-    # Record timestamps are taken at send: 11 sends at 10/s span at least a second (less a little
-    # slack for the clock's resolution); the limiter must never send faster than asked.
+    # Record timestamps are taken at send, so 11 sends at 10/s span a second. The first send stamps
+    # its record only after fetching the topic's metadata, which can bring it near the second: count
+    # nine intervals, not ten, less the millisecond resolution.
     sent = sorted(line["timings"]["enqueued"] for line in _lines(out))
-    assert len(sent) == 11 and sent[-1] - sent[0] >= 0.95
+    assert len(sent) == 11 and sent[-1] - sent[0] >= 0.9 - 0.002
