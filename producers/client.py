@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from kafkaio import KafkaSettings, ensure_topics
+from kafkaio import KafkaSettings
 from producers.publisher import RequestPublisher
 from producers.replies import Reply, ResponseListener
 from schemas import ExperimentConfig, InferenceRequest
@@ -19,11 +19,10 @@ class AbqClient:
 
     def __init__(self, settings: KafkaSettings, experiment: ExperimentConfig, reply_topic: str | None = None,
                  start_offsets: dict[int, int] | None = None, create_topics: bool = True):
-        if create_topics:
-            ensure_topics(settings, experiment)
         self.experiment = experiment
+        # The publisher first: it creates the experiment's topics, the responses topic among them.
+        self.publisher = RequestPublisher(settings, experiment, create_topics)
         self.listener = ResponseListener(settings, reply_topic or experiment.response_topic, start_offsets)
-        self.publisher = RequestPublisher(settings, experiment)
 
     def submit(self, request: InferenceRequest, timeout: float = 60.0, traceparent: str | None = None) -> Reply:
         """Publish one request and block until its response arrives (or ReplyTimeout)."""

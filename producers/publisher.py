@@ -6,7 +6,7 @@ import logging
 
 from kafka.producer.future import FutureRecordMetadata
 
-from kafkaio import KafkaSettings, producer, topic_max_message_bytes
+from kafkaio import KafkaSettings, ensure_topics, producer, topic_max_message_bytes
 from producers import tracing
 from producers.assignment import assign_variant
 from schemas import ConfigError, ExperimentConfig, InferenceRequest, encode
@@ -25,8 +25,10 @@ class RequestTooLarge(ValueError):
 class RequestPublisher:
     """Publishes requests of one experiment. Thread-safe (kafka-python's producer is)."""
 
-    def __init__(self, settings: KafkaSettings, experiment: ExperimentConfig):
+    def __init__(self, settings: KafkaSettings, experiment: ExperimentConfig, create_topics: bool = True):
         self.experiment = experiment
+        if create_topics:
+            ensure_topics(settings, experiment)
         topics = [experiment.request_topic(v.name) for v in experiment.variants]
         self._max_bytes = topic_max_message_bytes(settings, topics)
         # The producer must accept what the largest topic accepts, or it refuses first with a vaguer error.
