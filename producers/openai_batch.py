@@ -68,7 +68,7 @@ def to_request_fields(obj: dict) -> dict[str, Any]:
     return fields
 
 
-_STATUS = {"expired": 408, "invalid_request": 400, "engine_error": 500, "internal": 500}
+_STATUS = {"expired": 408, "invalid_request": 400, "too_large": 413, "engine_error": 500, "internal": 500}
 
 
 def output_line(custom_id: str, resp: InferenceResponse, url: str) -> dict[str, Any]:

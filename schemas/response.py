@@ -8,8 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
-# Error codes a caller can act on; `message` carries the detail.
-ErrorCode = Literal["expired", "engine_error", "invalid_request", "internal"]
+# Error codes a caller can act on; `message` carries the detail. `too_large`: the response would not
+# fit the responses topic's max.message.bytes (lower n or max_tokens).
+ErrorCode = Literal["expired", "engine_error", "invalid_request", "too_large", "internal"]
 
 
 class ErrorInfo(BaseModel):

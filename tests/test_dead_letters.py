@@ -59,3 +59,34 @@ def test_garbage_wrong_schema_and_oversized_records_are_dead_lettered_and_valid_
         assert dl.detail and "\n" not in dl.detail and dl.original_key_b64 == "YmFk"  # b"bad"
     offsets = sorted(dl.source_offset for dl in letters)
     assert offsets == [2 * i + 1 for i in range(len(bad))]
+
+
+def test_records_kafka_would_refuse_are_made_to_fit_instead_of_blocking_the_partition(settings, thread_worker):
+    """A response or dead letter over its topic's max.message.bytes would be refused on every retry and
+    stall the partition; the worker shrinks it and keeps serving."""
+    exp = ExperimentConfig(name=f"big{__import__('uuid').uuid4().hex[:8]}", partitions=1, variants=[
+        {"name": "a", "weight": 100, "max_tokens_limit": 100_000, "max_prompt_chars": 200_000}])
+    ensure_topics(settings, exp)
+    words = "ab " * 45_000  # 135 KB of prompt; 16 echoed samples make a 2 MB response
+    huge_response = InferenceRequest(experiment=exp.name, routing_key="u1", variant="a", prompt=words, n=16, max_tokens=50_000)
+    lost_reply_to = InferenceRequest(experiment=exp.name, routing_key="u2", variant="a", prompt="still answered",
+                                     reply_to=f"{exp.name}.no-such-topic")
+    after = InferenceRequest(experiment=exp.name, routing_key="u3", variant="a", prompt="served after")
+    garbage = b"\xff" * 1_000_000  # accepted by the request topic, too big once base64'd into a dead letter
+    p = producer(settings, max_request_size=2_000_000)
+    for value in (encode(huge_response), garbage, encode(lost_reply_to), encode(after)):
+        p.send(exp.request_topic("a"), key=b"k", value=value)
+    p.flush()
+    p.close()
+    with AbqClient(settings, exp) as client:
+        client.listener._consumer.seek_to_beginning()
+        with thread_worker(exp, "a", max_batch=1):
+            got = client.wait({huge_response.id, lost_reply_to.id, after.id}, timeout=60)
+    assert len(got) == 3
+    too_large = got[huge_response.id].response
+    assert too_large.error.code == "too_large" and "lower n or max_tokens" in too_large.error.message
+    assert got[lost_reply_to.id].response.outputs == ["still answered"]
+    assert got[after.id].response.ok
+    [letter] = dead_letters(settings, exp.deadletter_topic, expect=1)
+    assert letter.reason == "not_json" and letter.original_value_truncated
+    assert 500_000 < len(letter.original_value()) < 1_000_000 and garbage.startswith(letter.original_value())

@@ -1,17 +1,27 @@
-"""ResponseSink: publishes a batch's responses and dead letters and waits until Kafka has them all."""
+"""ResponseSink: publishes a batch's responses and dead letters and waits until Kafka has them all.
+
+A record Kafka would refuse for good must not come back forever (the batch would be rewound and
+retried without end), so what cannot fit its topic is made to fit first: a response too large
+becomes a `too_large` error response, a dead letter keeps only the first bytes of the original
+value, and a `reply_to` topic that does not exist is skipped (the responses topic still gets it).
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 
 from kafka.errors import KafkaError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from kafkaio import KafkaSettings, producer
+from kafkaio import KafkaSettings, admin_client, producer, topic_max_message_bytes
 from producers import tracing
-from schemas import encode
+from producers.publisher import RECORD_OVERHEAD
+from schemas import DeadLetter, ErrorInfo, encode
 
 log = logging.getLogger(__name__)
+
+TOPIC_LIST_TTL_S = 30.0
 
 
 class PublishFailed(RuntimeError):
@@ -21,28 +31,69 @@ class PublishFailed(RuntimeError):
 class ResponseSink:
     def __init__(self, settings: KafkaSettings, response_topic: str, deadletter_topic: str,
                  attempts: int = 5, ack_timeout_s: float = 30.0):
+        self.settings = settings
         self.response_topic = response_topic
         self.deadletter_topic = deadletter_topic
         self.attempts = attempts
         self.ack_timeout_s = ack_timeout_s
-        # Dead letters carry the original record plus context, so allow a bit more than one record.
-        self._producer = producer(settings, max_request_size=4 * 1024 * 1024)
+        self._limits = topic_max_message_bytes(settings, [response_topic, deadletter_topic])
+        self._producer = producer(settings, max_request_size=max(self._limits.values()) + RECORD_OVERHEAD)
+        self._topics: set[str] = set()
+        self._topics_at = float("-inf")
+
+    def _topic_exists(self, topic: str) -> bool:
+        if topic not in self._topics and time.monotonic() - self._topics_at > TOPIC_LIST_TTL_S:
+            admin = admin_client(self.settings)
+            try:
+                self._topics = set(admin.list_topics())
+            finally:
+                admin.close()
+            self._topics_at = time.monotonic()
+        return topic in self._topics
+
+    def _fit_response(self, m, headers) -> bytes:
+        value = encode(m.response)
+        size = len(value) + sum(len(k) + len(v) for k, v in headers) + RECORD_OVERHEAD
+        limit = self._limits[self.response_topic]
+        if size > limit:
+            log.warning("response to %s is %d bytes, over %s's limit of %d; sending an error instead",
+                        m.request.id, size, self.response_topic, limit)
+            m.response = m.response.model_copy(update={"outputs": [], "finish_reason": "error", "error": ErrorInfo(
+                code="too_large", message=f"the response of {size} bytes exceeds topic {self.response_topic}'s "
+                                          f"max.message.bytes of {limit}; lower n or max_tokens")})
+            value = encode(m.response)
+        return value
+
+    def _fit_dead_letter(self, m) -> bytes:
+        value = encode(m.dead_letter)
+        limit = self._limits[self.deadletter_topic] - RECORD_OVERHEAD - len(m.record.key or b"")
+        if len(value) > limit:
+            original = m.dead_letter.original_value()
+            # base64 makes 3 bytes into 4: keep what fits of the original, beside the rest of the letter.
+            keep = max(0, (limit - (len(value) - len(m.dead_letter.original_value_b64))) * 3 // 4 - 3)
+            m.dead_letter = m.dead_letter.model_copy(update={
+                "original_value_b64": DeadLetter.b64(original[:keep]), "original_value_truncated": True})
+            value = encode(m.dead_letter)
+        return value
 
     def _records(self, batch):
         for m in batch:
             if m.dead_letter is not None:
-                key = m.record.key
-                yield self.deadletter_topic, key, encode(m.dead_letter), []
+                yield self.deadletter_topic, m.record.key, self._fit_dead_letter(m), []
                 continue
             req = m.request
             headers = [("abq-request-id", req.id.encode())]
             child = tracing.child_of(m.traceparent)
             if child:
                 headers.append((tracing.HEADER, child.encode("ascii")))
-            value = encode(m.response)
+            value = self._fit_response(m, headers)
             yield self.response_topic, req.routing_key.encode(), value, headers
             if req.reply_to and req.reply_to != self.response_topic:
-                yield req.reply_to, req.routing_key.encode(), value, headers
+                if self._topic_exists(req.reply_to):
+                    yield req.reply_to, req.routing_key.encode(), value, headers
+                else:
+                    log.warning("reply_to topic %s of request %s does not exist; the response went to %s only",
+                                req.reply_to, req.id, self.response_topic)
 
     def publish(self, batch) -> None:
         """Returns once every record is acknowledged (acks=all); raises PublishFailed otherwise."""
