@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -99,7 +98,6 @@ class LocalBroker:
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir or default_cache_dir())
         self.data_dir = Path(self.data_dir or self.cache_dir / f"kafka-{self.port}")
-        self.controller_port: int | None = None
         self.tls_files = None
 
     @property
@@ -127,7 +125,6 @@ class LocalBroker:
 
     def _write_config(self) -> Path:
         cport = free_port()
-        self.controller_port = cport
         logs = self.data_dir / "logs"
         listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"]
         props = {
@@ -177,10 +174,10 @@ class LocalBroker:
         cfg.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         return cfg
 
-    def _java(self, jars: Path, main: str, *args: str, **popen) -> list[str]:
+    def _java(self, jars: Path, main: str, *args: str) -> list[str]:
         log4j = resources.files("localkafka").joinpath("log4j2.properties")
         return [
-            "java", f"-Xms128m", f"-Xmx{self.heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            "java", "-Xms128m", f"-Xmx{self.heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={log4j}", f"-Dabq.kafka.logfile={self.log_file}",
             "-cp", f"{jars / 'libs'}/*", main, *args,
         ]
@@ -273,7 +270,3 @@ def _reap(pid: int) -> bool:
     except ChildProcessError:
         return False
 
-
-if __name__ == "__main__":  # pragma: no cover - manual smoke test
-    b = LocalBroker(port=int(sys.argv[1]) if len(sys.argv) > 1 else 9092)
-    print(b.start())

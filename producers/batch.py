@@ -9,7 +9,6 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import orjson
 from pydantic import ValidationError
@@ -246,6 +245,3 @@ def summary_line(s: BatchSummary, out: Path) -> str:
              f"{s.failed} failed", f"{s.invalid} invalid", f"{s.missing} missing", f"{s.elapsed_s:.1f}s"]
     return f"batch: {', '.join(parts)} -> {out}"
 
-
-def as_dict(s: BatchSummary) -> dict[str, Any]:
-    return s.__dict__.copy()

@@ -12,10 +12,7 @@ from schemas.experiment import (
 from schemas.request import ChatMessage, InferenceRequest
 from schemas.response import ErrorInfo, InferenceResponse, Timings, Usage
 
-SCHEMA_VERSION = 1
-
 __all__ = [
-    "SCHEMA_VERSION",
     "ChatMessage",
     "ConfigError",
     "DeadLetter",

@@ -87,12 +87,6 @@ class ExperimentConfig(BaseModel):
     def consumer_group(self, variant: str) -> str:
         return f"{TOPIC_PREFIX}.{self.name}.{variant}.workers"
 
-    def all_topics(self) -> list[str]:
-        return [self.request_topic(v.name) for v in self.variants] + [
-            self.response_topic,
-            self.deadletter_topic,
-        ]
-
 
 def demo_experiment() -> ExperimentConfig:
     """The built-in `demo` experiment, so the quickstart needs no file."""

@@ -136,7 +136,7 @@ class Worker:
         if todo:
             started = time.time()
             completions = self._engine_call([m.request for m in todo])
-            for m, c in zip(todo, completions):
+            for m, c in zip(todo, completions, strict=True):  # Retries checks the count
                 m.answer(
                     variant=self.variant.name, model=self.engine.model, worker_id=self.worker_id,
                     outputs=c.outputs, finish_reason=c.finish_reason, error=c.error, started=started,
