@@ -176,10 +176,15 @@ class BatchJob:
 
         pending = set(by_id)
         progress = Progress(len(todo), "batch") if self.show_progress else None
+        sent = 0
 
-        def tick(sent: int) -> None:
-            if progress:
-                progress.update(ok + failed, f"sent {sent} ok {ok} failed {failed}")
+        def take(reply: Reply) -> None:
+            """Write a reply we wait for; the first one per id wins, later duplicates are dropped."""
+            if reply.response.request_id in pending:
+                pending.discard(reply.response.request_id)
+                on_reply(reply)
+                if progress:
+                    progress.update(ok + failed, f"sent {sent} ok {ok} failed {failed}")
 
         client = AbqClient(self.settings, self.experiment, self.reply_topic, start_offsets=self._load_state())
         try:
@@ -192,15 +197,13 @@ class BatchJob:
                 ends = client.listener.end_offsets()
                 while pending and not client.listener.caught_up(ends):
                     for reply in client.listener.poll(timeout_ms=200):
-                        if reply.response.request_id in pending:
-                            pending.discard(reply.response.request_id)
-                            on_reply(reply)
+                        take(reply)
                 if skipped or len(by_id) != len(pending):
                     log.info("resuming: %d results already written, %d collected since", skipped, len(by_id) - len(pending))
             to_send = [by_id[i] for i in by_id if i in pending]
             interval = 1.0 / self.rate if self.rate else 0.0
             next_at = time.monotonic()
-            for n, it in enumerate(to_send, start=1):
+            for it in to_send:
                 if interval:
                     delay = next_at - time.monotonic()
                     if delay > 0:
@@ -208,26 +211,17 @@ class BatchJob:
                     next_at = max(next_at + interval, time.monotonic() - 1.0)
                 try:
                     client.publisher.publish(it.request)
+                    sent += 1
                 except RequestTooLarge as e:
                     pending.discard(it.request.id)
                     it.error = f"line {it.line}: {e}"
                     invalid.append(it)
                     write_invalid(it)
-                if n % 64 == 0:  # collect replies while sending, so results stream out during long submits
+                if sent % 64 == 0:  # collect replies while sending, so results stream out during long submits
                     for reply in client.listener.poll(timeout_ms=0):
-                        if reply.response.request_id in pending:
-                            pending.discard(reply.response.request_id)
-                            on_reply(reply)
-                    tick(n)
+                        take(reply)
             client.publisher.flush()
-            sent = len(to_send)
-
-            def collect(reply: Reply) -> None:
-                pending.discard(reply.response.request_id)
-                on_reply(reply)
-                tick(sent)
-
-            client.wait(set(pending), self.timeout_s, on_reply=collect)
+            client.wait(set(pending), self.timeout_s, on_reply=take)
         finally:
             client.close()
             out.close()
@@ -236,7 +230,7 @@ class BatchJob:
             progress.finish(ok + failed, f"ok {ok} failed {failed} missing {len(pending)}")
         if not pending:
             self.state_path.unlink(missing_ok=True)
-        return BatchSummary(total=len(items), skipped=skipped, submitted=len(to_send), ok=ok, failed=failed,
+        return BatchSummary(total=len(items), skipped=skipped, submitted=sent, ok=ok, failed=failed,
                             invalid=len(invalid), missing=len(pending), elapsed_s=time.monotonic() - t0)
 
 

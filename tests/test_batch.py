@@ -117,7 +117,7 @@ def test_a_line_too_large_for_the_topic_goes_to_the_errors_file_and_the_rest_run
     with thread_worker(exp, "a"):
         code, stdout, stderr = _run_batch(kafka_bootstrap, cfg, inp, out, "--no-progress")
     assert code == 0, stderr
-    assert "5 ok" in stdout and "1 invalid" in stdout
+    assert "5 submitted" in stdout and "5 ok" in stdout and "1 invalid" in stdout
     assert {line["request_id"] for line in _lines(out)} == {f"l{i}" for i in range(5)}
     [err] = _lines(tmp_path / "out.errors.jsonl")
     assert err["key"] == "huge" and "max.message.bytes" in err["error"]["message"]
