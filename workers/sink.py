@@ -12,12 +12,12 @@ import logging
 import time
 
 from kafka.errors import KafkaError
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from kafkaio import KafkaSettings, admin_client, producer, topic_max_message_bytes
 from producers import tracing
 from producers.publisher import RECORD_OVERHEAD
 from schemas import DeadLetter, ErrorInfo, encode
+from workers.backoff import retrying
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,7 @@ class ResponseSink:
                 raise PublishFailed(f"{len(failed)} of {len(futures)} records not acknowledged: {failed[0][1]}")
 
         try:
-            Retrying(
-                retry=retry_if_exception_type(PublishFailed), stop=stop_after_attempt(self.attempts),
-                wait=wait_exponential(multiplier=0.2, max=5), reraise=True,
-                before_sleep=lambda rs: log.warning("publish: %s; retry %d", rs.outcome.exception(), rs.attempt_number),
-            )(send_all)
+            retrying("publish", PublishFailed, self.attempts)(send_all)
         except PublishFailed:
             raise
         except KafkaError as e:

@@ -13,10 +13,10 @@ from kafka import TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, RetriableError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from kafkaio import KafkaSettings, consumer, ensure_topics
 from schemas import ExperimentConfig, Usage
+from workers.backoff import retrying
 from workers.engine import Engine
 from workers.message import Message
 from workers.middleware import Middleware, default_middleware
@@ -165,11 +165,7 @@ class Worker:
     def commit(self, batch: list[Message]) -> None:
         offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self._offsets(batch).items()}
         try:
-            Retrying(
-                retry=retry_if_exception_type(RetriableError), stop=stop_after_attempt(5),
-                wait=wait_exponential(multiplier=0.2, max=5), reraise=True,
-                before_sleep=lambda rs: log.warning("commit: %s; retry %d", rs.outcome.exception(), rs.attempt_number),
-            )(self.consumer.commit, offsets)
+            retrying("commit", RetriableError, attempts=5)(self.consumer.commit, offsets)
         except CommitFailedError as e:
             # The group rebalanced under us: another member owns these partitions now and will
             # consume from the last commit. Responses already published are the duplicate window.

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
-
+from workers.backoff import retrying
 from workers.engine import Completion, TransientEngineError
 from workers.middleware import Middleware
 
@@ -16,16 +15,11 @@ log = logging.getLogger(__name__)
 class Retries(Middleware):
     def __init__(self, attempts: int = 3, backoff_s: float = 0.5, max_backoff_s: float = 10.0):
         self.attempts = attempts
-        self.wait = wait_exponential(multiplier=backoff_s, max=max_backoff_s)
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
 
     def wrap_engine(self, worker, call):
         def with_retries(requests):
-            retrying = Retrying(
-                retry=retry_if_exception_type(TransientEngineError), stop=stop_after_attempt(self.attempts),
-                wait=self.wait, reraise=True,
-                before_sleep=lambda rs: log.warning("engine: %s; retry %d", rs.outcome.exception(), rs.attempt_number),
-            )
-            return retrying(call, requests)
+            return retrying("engine", TransientEngineError, self.attempts, self.backoff_s, self.max_backoff_s)(call, requests)
 
         def isolate(requests):
             try:
