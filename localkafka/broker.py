@@ -16,6 +16,9 @@ from importlib import resources
 from pathlib import Path
 
 
+DATA_DIR_MARKER = ".abqueue-local-kafka"
+
+
 class BrokerError(RuntimeError):
     """A local broker problem, one line naming the problem and the fix."""
 
@@ -192,9 +195,16 @@ class LocalBroker:
                 )
         jars = fetch_jars(self.cache_dir, log=log)
         # Every start formats afresh: a dev broker's controller port changes per start, and KRaft
-        # storage from another quorum configuration would refuse to start.
+        # storage from another quorum configuration would refuse to start. Only a directory this
+        # class made (it holds the marker) is ever wiped: --data-dir may point anywhere.
+        marker = self.data_dir / DATA_DIR_MARKER
+        if self.data_dir.exists() and any(self.data_dir.iterdir()) and not marker.exists():
+            raise BrokerError(
+                f"data dir {self.data_dir} is not empty and was not made by abqueue; pass an empty or new --data-dir"
+            )
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.data_dir.mkdir(parents=True)
+        marker.write_text("made by abqueue's local broker; wiped at every start\n")
         cfg = self._write_config()
         cluster_id = new_cluster_id()
         scram = []

@@ -119,3 +119,12 @@ def test_demo_runs_end_to_end_and_prints_per_variant_results(kafka_bootstrap):
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.startswith(("a ", "b "))}
     assert set(rows) == {"a", "b"} and int(rows["a"][2]) + int(rows["b"][2]) == 120
     assert int(rows["a"][2]) > int(rows["b"][2])  # 90/10 over 80 users
+
+
+def test_kafka_up_never_wipes_a_directory_it_did_not_make(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    r = abq("kafka", "up", "--port", str(free_port()), "--data-dir", str(precious))
+    assert r.returncode == 2 and "is not empty and was not made by abqueue" in r.stderr
+    assert (precious / "thesis.tex").read_text() == "years of work"
