@@ -116,12 +116,18 @@ class LocalBroker:
         return self.data_dir / "broker.log"
 
     def pid(self) -> int | None:
+        """The broker's pid, if it runs. A stale pid file whose number now belongs to another
+        process is not ours: the command line must be Kafka's, so `down` never signals a stranger."""
         try:
             pid = int(self.pid_file.read_text().strip())
             os.kill(pid, 0)
-            return pid
         except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
             return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return pid  # no /proc (macOS): trust the pid file
+        return pid if b"kafka.Kafka" in cmdline else None
 
     def running(self) -> bool:
         return self.pid() is not None and _port_open("127.0.0.1", self.port)
