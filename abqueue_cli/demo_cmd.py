@@ -48,7 +48,8 @@ def _wait_ready(ports: list[int], procs: list[subprocess.Popen], timeout: float)
         raise RuntimeError(f"workers not ready within {timeout:.0f}s; see their output above")
 
 
-def _pct(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile; NaN for no values. The benchmarks use it too."""
     if not values:
         return float("nan")
     s = sorted(values)
@@ -67,13 +68,13 @@ def run(args: argparse.Namespace) -> int:
     if args.bootstrap_servers is None and "ABQ_BOOTSTRAP_SERVERS" not in os.environ:
         # Like the tests, the demo runs on a cluster named by KAFKA_BOOTSTRAP_SERVERS when one is.
         args.bootstrap_servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if args.bootstrap_servers is None and "ABQ_BOOTSTRAP_SERVERS" not in os.environ:
-        broker = LocalBroker(port=args.port)
-        started_here = not broker.running()
-        print(f"demo: starting local Kafka on 127.0.0.1:{args.port}...", file=sys.stderr)
-        args.bootstrap_servers = broker.start(log=lambda m: print(f"demo: {m}", file=sys.stderr))
-        if not started_here:
-            broker = None  # someone else's broker: leave it running
+        if args.bootstrap_servers is None:
+            broker = LocalBroker(port=args.port)
+            started_here = not broker.running()
+            print(f"demo: starting local Kafka on 127.0.0.1:{args.port}...", file=sys.stderr)
+            args.bootstrap_servers = broker.start(log=lambda m: print(f"demo: {m}", file=sys.stderr))
+            if not started_here:
+                broker = None  # someone else's broker: leave it running
     settings = options.kafka_settings(args)
     # Workers' routine INFO lines would bury the summary; ABQ_LOG_LEVEL still wins where set.
     env = {"ABQ_LOG_LEVEL": "WARNING", **os.environ, "ABQ_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         lat = latencies[v.name]
         share = 100.0 * len(lat) / max(1, len(got))
         print(f"{v.name:<10}{v.weight:>7g}%{len(lat):>8}{share:>7.1f}%{errors[v.name]:>8}"
-              f"{_pct(lat, 50) * 1000:>10.1f}{_pct(lat, 95) * 1000:>10.1f}{_pct(lat, 99) * 1000:>10.1f}")
+              f"{percentile(lat, 50) * 1000:>10.1f}{percentile(lat, 95) * 1000:>10.1f}{percentile(lat, 99) * 1000:>10.1f}")
     missing = len(sent_at) - len(got)
     if missing:
         print(f"abq: {missing} requests got no response within {args.timeout:g}s", file=sys.stderr)

@@ -23,9 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(e: BaseException) -> str:
     if isinstance(e, ValidationError):
-        first = e.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"]) or e.title
-        return f"{e.title}: {loc}: {first['msg'].removeprefix('Value error, ')}"
+        from schemas.codec import describe
+
+        return f"{e.title}: {describe(e, whole=e.title)}"
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 

@@ -12,13 +12,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from abqueue_cli.demo_cmd import percentile  # noqa: E402,F401 (the benchmarks' percentile)
 from localkafka import LocalBroker  # noqa: E402
 from localkafka.broker import free_port  # noqa: E402
-
-
-def percentile(values, q):
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
 def bootstrap():

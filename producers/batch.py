@@ -20,6 +20,7 @@ from producers.progress import Progress
 from producers.publisher import RequestTooLarge
 from producers.replies import Reply
 from schemas import ExperimentConfig, InferenceRequest
+from schemas.codec import describe
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,7 @@ def read_items(path: Path, experiment: ExperimentConfig) -> tuple[list[Item], bo
             except openai_batch.UnsupportedLine as e:
                 items.append(Item(n, str(obj.get("custom_id")), url=obj.get("url"), error=f"line {n}: {e}"))
             except ValidationError as e:
-                first = e.errors()[0]
-                loc = ".".join(str(x) for x in first["loc"]) or "(line)"
-                items.append(Item(n, key, url=url, error=f"line {n}: {loc}: {first['msg']}"))
+                items.append(Item(n, key, url=url, error=f"line {n}: {describe(e, whole='(line)')}"))
     seen: dict[str, list[int]] = {}
     for it in items:
         seen.setdefault(it.key, []).append(it.line)

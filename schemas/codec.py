@@ -23,12 +23,13 @@ def encode(message: BaseModel) -> bytes:
     return orjson.dumps(message.model_dump(mode="json", exclude_none=True))
 
 
-def _one_line(err: ValidationError) -> str:
+def describe(err: ValidationError, limit: int = 1, whole: str = "(record)") -> str:
+    """One line of a validation error: `field.path: message` for the first `limit` problems."""
     parts = []
-    for e in err.errors()[:5]:
-        loc = ".".join(str(p) for p in e["loc"]) or "(record)"
-        parts.append(f"{loc}: {e['msg']}")
-    more = len(err.errors()) - 5
+    for e in err.errors()[:limit]:
+        loc = ".".join(str(p) for p in e["loc"]) or whole
+        parts.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
+    more = len(err.errors()) - limit
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
@@ -50,7 +51,7 @@ def decode_request(data: bytes) -> InferenceRequest:
         # its values are not, and that is what an operator looking at the dead-letter topic wants to know.
         fields = {str(err["loc"][0]) for err in e.errors() if err["loc"]}
         reason = "invalid_params" if fields and fields <= _PARAM_FIELDS else "invalid_schema"
-        raise SchemaError(reason, _one_line(e), rid) from None
+        raise SchemaError(reason, describe(e, limit=5), rid) from None
 
 
 def decode_response(data: bytes) -> InferenceResponse:

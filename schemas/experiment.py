@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from schemas.codec import describe
+
 # Names become parts of Kafka topic and group names ("abq.<experiment>.<variant>.requests"), so they
 # keep to characters Kafka accepts and never contain the "." that separates the parts.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -114,6 +116,4 @@ def load_experiment(path: str | Path | None) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
-        raise ConfigError(f"experiment config {p}: {loc}: {first['msg']}") from None
+        raise ConfigError(f"experiment config {p}: {describe(e, whole='(top level)')}") from None

@@ -155,15 +155,18 @@ class Worker:
         for mw in self.middleware:
             mw.after_batch(self, batch)
 
-    def _offsets(self, batch: list[Message]) -> dict[TopicPartition, int]:
-        ends: dict[TopicPartition, int] = {}
+    @staticmethod
+    def _offset_ranges(batch: list[Message]) -> dict[TopicPartition, tuple[int, int]]:
+        """Per partition, the batch's first and last offset."""
+        ranges: dict[TopicPartition, tuple[int, int]] = {}
         for m in batch:
-            tp = TopicPartition(m.record.topic, m.record.partition)
-            ends[tp] = max(ends.get(tp, -1), m.record.offset + 1)
-        return ends
+            tp, off = TopicPartition(m.record.topic, m.record.partition), m.record.offset
+            first, last = ranges.get(tp, (off, off))
+            ranges[tp] = (min(first, off), max(last, off))
+        return ranges
 
     def commit(self, batch: list[Message]) -> None:
-        offsets = {tp: OffsetAndMetadata(off, "", -1) for tp, off in self._offsets(batch).items()}
+        offsets = {tp: OffsetAndMetadata(last + 1, "", -1) for tp, (_, last) in self._offset_ranges(batch).items()}
         try:
             retrying("commit", RetriableError, attempts=5)(self.consumer.commit, offsets)
         except CommitFailedError as e:
@@ -174,11 +177,7 @@ class Worker:
             log.error("commit failed (%s); the batch will be consumed again after a restart or rebalance", e)
 
     def _rewind(self, batch: list[Message]) -> None:
-        starts: dict[TopicPartition, int] = {}
-        for m in batch:
-            tp = TopicPartition(m.record.topic, m.record.partition)
-            starts[tp] = min(starts.get(tp, m.record.offset), m.record.offset)
-        for tp, off in starts.items():
+        for tp, (first, _) in self._offset_ranges(batch).items():
             if tp in self.consumer.assignment():
-                self.consumer.seek(tp, off)
+                self.consumer.seek(tp, first)
         time.sleep(1.0)
