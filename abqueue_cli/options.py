@@ -48,15 +48,35 @@ def experiment(args: argparse.Namespace) -> ExperimentConfig:
     return exp
 
 
+# Typed vLLM settings, as flags; the same names as the config's `vllm:` section and vLLM's own.
+_VLLM_FLAGS = [
+    ("dtype", str, "auto, float16, bfloat16 or float32"),
+    ("max_model_len", int, "context length in tokens"),
+    ("gpu_memory_utilization", float, "share of GPU memory vLLM may use (0-1)"),
+    ("max_num_seqs", int, "sequences in the running batch at most"),
+    ("max_num_batched_tokens", int, "tokens per engine step at most"),
+    ("quantization", str, "awq, gptq, fp8, ..."),
+    ("tensor_parallel_size", int, "GPUs per worker"),
+]
+
+
 def add_engine_flags(p: argparse.ArgumentParser, scope: str) -> None:
-    p.add_argument("--engine", choices=["echo", "vllm"], default=None, help=f"engine for {scope} (default: the config's)")
+    p.add_argument("--engine", choices=["echo", "vllm", "vllm-batch"], default=None,
+                   help=f"engine for {scope} (default: the config's); vllm batches continuously, vllm-batch statically")
     p.add_argument("--model", default=None, help=f"model for {scope} (a local directory for vllm)")
+    g = p.add_argument_group("vLLM settings (override the config's `vllm:` section)")
+    for name, type_, help_ in _VLLM_FLAGS:
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=type_, default=None, help=help_)
+    g.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action=argparse.BooleanOptionalAction,
+                   default=None, help="reuse KV cache across requests sharing a prefix")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="engine setting, repeatable; for vllm any vllm.LLM argument, e.g. max_model_len=4096")
+                   help="further engine setting, repeatable; for vllm any engine argument, e.g. kv_cache_memory_bytes=1e9")
 
 
 def engine_args(args: argparse.Namespace) -> dict:
-    out = {}
+    out = {name: getattr(args, name) for name, _, _ in _VLLM_FLAGS if getattr(args, name, None) is not None}
+    if getattr(args, "enable_prefix_caching", None) is not None:
+        out["enable_prefix_caching"] = args.enable_prefix_caching
     for item in args.engine_arg:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -72,6 +92,11 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--engine", args.engine]
     if args.model:
         flags += ["--model", args.model]
+    for name, _, _ in _VLLM_FLAGS:
+        if getattr(args, name, None) is not None:
+            flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    if getattr(args, "enable_prefix_caching", None) is not None:
+        flags.append("--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching")
     for item in args.engine_arg:
         flags += ["--engine-arg", item]
     return flags

@@ -24,7 +24,8 @@ def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list
         existing = set(admin.list_topics())
         wanted: dict[str, dict] = {}
         for v in experiment.variants:
-            wanted[experiment.request_topic(v.name)] = {"num_partitions": experiment.partitions}
+            for topic in experiment.request_topics(v.name).values():
+                wanted[topic] = {"num_partitions": experiment.partitions}
         wanted[experiment.response_topic] = {"num_partitions": experiment.partitions}
         wanted[experiment.deadletter_topic] = {"num_partitions": 1}
         missing = {t: {**o, "replication_factor": experiment.replication_factor} for t, o in wanted.items() if t not in existing}

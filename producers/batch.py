@@ -84,6 +84,7 @@ def read_items(path: Path, experiment: ExperimentConfig) -> tuple[list[Item], bo
                     fields = {**obj, "id": key}
                     fields.setdefault("routing_key", key)
                 fields.setdefault("experiment", experiment.name)
+                fields.setdefault("priority", "batch")  # bulk work yields to interactive traffic
                 items.append(Item(n, key, InferenceRequest.model_validate(fields), url))
             except openai_batch.UnsupportedLine as e:
                 items.append(Item(n, str(obj.get("custom_id")), url=obj.get("url"), error=f"line {n}: {e}"))

@@ -29,7 +29,7 @@ class RequestPublisher:
         self.experiment = experiment
         if create_topics:
             ensure_topics(settings, experiment)
-        topics = [experiment.request_topic(v.name) for v in experiment.variants]
+        topics = [t for v in experiment.variants for t in experiment.request_topics(v.name).values()]
         self._max_bytes = topic_max_message_bytes(settings, topics)
         # The producer must accept what the largest topic accepts, or it refuses first with a vaguer error.
         self._producer = producer(settings, max_request_size=max(self._max_bytes.values()) + RECORD_OVERHEAD)
@@ -49,7 +49,7 @@ class RequestPublisher:
     def publish(self, request: InferenceRequest, traceparent: str | None = None) -> tuple[InferenceRequest, FutureRecordMetadata]:
         """Send without waiting; returns the assigned request and the send's future."""
         request = self.assign(request)
-        topic = self.experiment.request_topic(request.variant)
+        topic = self.experiment.request_topic(request.variant, request.priority)
         value = encode(request)
         key = request.routing_key.encode()
         tp = traceparent if traceparent and tracing.is_valid(traceparent) else tracing.new_traceparent()

@@ -9,10 +9,11 @@ from schemas.experiment import (
     demo_experiment,
     load_experiment,
 )
-from schemas.request import ChatMessage, InferenceRequest
+from schemas.request import PRIORITIES, ChatMessage, InferenceRequest
 from schemas.response import ErrorInfo, InferenceResponse, Timings, Usage
 
 __all__ = [
+    "PRIORITIES",
     "ChatMessage",
     "ConfigError",
     "DeadLetter",

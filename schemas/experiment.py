@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.codec import describe
+from schemas.request import PRIORITIES
 
 # Names become parts of Kafka topic and group names ("abq.<experiment>.<variant>.requests"), so they
 # keep to characters Kafka accepts and never contain the "." that separates the parts.
@@ -21,14 +22,37 @@ class ConfigError(ValueError):
     """An experiment config that cannot be used; the message is one line naming the problem."""
 
 
+class VllmSettings(BaseModel):
+    """The vLLM engine settings operators tune most, typed; anything else goes in engine_args."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: str | None = Field(default=None, description="auto, float16, bfloat16, float32")
+    max_model_len: int | None = Field(default=None, ge=16)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    enable_prefix_caching: bool | None = None
+    quantization: str | None = Field(default=None, description="e.g. awq, gptq, fp8")
+    tensor_parallel_size: int | None = Field(default=None, ge=1, description="GPUs per worker")
+
+    def args(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+ENGINES = ("echo", "vllm", "vllm-batch")
+
+
 class VariantConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN)
     weight: float = Field(ge=0, le=100, description="percent of routing keys; two decimals at most")
-    engine: Literal["echo", "vllm"] = "echo"
+    engine: Literal["echo", "vllm", "vllm-batch"] = Field(
+        default="echo", description="vllm: continuous batching (AsyncLLM); vllm-batch: static batches (LLM.generate)")
     model: str = Field(default="echo", description="model name or local path the engine loads")
-    engine_args: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM as is")
+    vllm: VllmSettings = Field(default_factory=VllmSettings, description="typed vLLM settings")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="further engine arguments, passed as is")
     max_prompt_chars: int = Field(default=100_000, ge=1, description="longer prompts are dead-lettered")
     max_tokens_limit: int = Field(default=4096, ge=1, description="larger max_tokens are dead-lettered")
 
@@ -75,8 +99,14 @@ class ExperimentConfig(BaseModel):
         raise ConfigError(f"experiment {self.name!r} has no variant {name!r} (variants: {known})")
 
     # The one naming rule for topics and groups; producers, workers and manifests all go through it.
-    def request_topic(self, variant: str) -> str:
-        return f"{TOPIC_PREFIX}.{self.name}.{variant}.requests"
+    def request_topic(self, variant: str, priority: str = "normal") -> str:
+        # "normal" keeps the plain name, so a deployment that never uses priorities sees one topic.
+        suffix = "" if priority == "normal" else f".{priority}"
+        return f"{TOPIC_PREFIX}.{self.name}.{variant}.requests{suffix}"
+
+    def request_topics(self, variant: str) -> dict[str, str]:
+        """Priority level -> topic, highest level first."""
+        return {p: self.request_topic(variant, p) for p in PRIORITIES}
 
     @property
     def response_topic(self) -> str:

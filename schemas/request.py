@@ -14,6 +14,10 @@ MAX_N = 16
 MAX_STOP_SEQUENCES = 8
 MAX_TOKENS_LIMIT = 1_000_000
 
+# Priority levels, highest first. Each has its own topic per variant; bulk jobs use the lowest.
+PRIORITIES = ("high", "normal", "batch")
+Priority = Literal["high", "normal", "batch"]
+
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
@@ -46,6 +50,7 @@ class InferenceRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_N)
     deadline: float | None = Field(default=None, description="absolute Unix time in seconds")
     reply_to: str | None = Field(default=None, max_length=249, description="extra topic for the response")
+    priority: Priority = Field(default="normal", description="high, normal or batch; higher levels are served first")
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time, description="Unix time in seconds")
 

@@ -37,6 +37,8 @@ class Timings(BaseModel):
     started: float | None = Field(default=None, description="when the engine started the batch")
     first_token: float | None = None
     finished: float
+    ttft_s: float | None = Field(default=None, description="time to first token: engine start to first token")
+    tpot_s: float | None = Field(default=None, description="time per output token after the first, per sample")
 
 
 class InferenceResponse(BaseModel):

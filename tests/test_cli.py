@@ -89,7 +89,8 @@ def test_worker_serves_metrics_and_probes(settings, experiment, thread_worker):
     assert ready == 200 and alive == 200
     assert ok20 in metrics
     assert f'abq_tokens_total{{experiment="{experiment.name}",kind="prompt",model="echo-a",variant="a"}} 60.0' in metrics
-    for name in ("abq_batch_size_bucket", "abq_queue_wait_seconds_bucket", "abq_engine_seconds_bucket", "abq_end_to_end_seconds_bucket"):
+    for name in ("abq_queue_wait_seconds_bucket", "abq_engine_seconds_bucket", "abq_end_to_end_seconds_bucket",
+                     "abq_time_to_first_token_seconds_bucket", "abq_prompt_tokens_bucket", "abq_startup_seconds", "abq_inflight_requests"):
         assert name in metrics
 
 

@@ -67,7 +67,7 @@ def test_sigterm_mid_batch_publishes_and_commits_the_batch_then_exits_0(settings
         proc = spawn_worker(exp, "a", "--max-batch", "50", "--max-wait-ms", "300")
         _wait_log(proc, "serving")
         ids = _publish(client, exp, 20)
-        _wait_log(proc, "engine: batch of")  # the engine is busy with the batch now
+        _wait_log(proc, "admitted 20 requests")  # the engine is busy with them now
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, proc.log_path.read_text()[-2000:]
         got = client.wait(set(ids), timeout=10)
@@ -75,4 +75,4 @@ def test_sigterm_mid_batch_publishes_and_commits_the_batch_then_exits_0(settings
     topic = exp.request_topic("a")
     assert committed(settings, exp.consumer_group("a"), topic) == end_offsets(settings, topic)
     log = proc.log_path.read_text()
-    assert "received SIGTERM" in log and "stopped after 1 batches" in log
+    assert "received SIGTERM" in log and "stopped after" in log

@@ -1,8 +1,10 @@
-"""The engine interface: a batch of requests in, one Completion per request out."""
+"""The engine interface. A static-batching engine runs a batch and returns one Completion per request;
+a continuous-batching engine takes requests one by one and calls back as each finishes."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Protocol
 
 from schemas import ConfigError, ErrorInfo, InferenceRequest, VariantConfig
@@ -40,12 +42,19 @@ class Rejection:
 
 class Engine(Protocol):
     model: str
+    batching: str  # "continuous": submit() is used; "static": generate() is
 
     def check(self, request: InferenceRequest) -> Rejection | None:
-        """Cheap per-request admission check, run before the batch."""
+        """Cheap per-request admission check, run just before the request goes to the engine."""
+
+    def warm_up(self) -> None:
+        """Answer one request, so the worker turns ready only with an engine that works."""
 
     def generate(self, requests: list[InferenceRequest]) -> list[Completion]:
-        """Run the batch; return one Completion per request, in order."""
+        """Static batching: run the batch; return one Completion per request, in order."""
+
+    def submit(self, request: InferenceRequest, done: Callable[..., None]) -> None:
+        """Continuous batching: start the request; later call done(completion) or done(None, error)."""
 
     def close(self) -> None: ...
 
@@ -54,14 +63,18 @@ def make_engine(variant: VariantConfig, kind: str | None = None, model: str | No
                 extra_args: dict | None = None) -> Engine:
     """The engine a variant's config names, with --engine/--model/--engine-arg overrides applied."""
     kind = kind or variant.engine
-    # The config's engine_args belong to the config's engine; another engine starts from none.
-    args = {**(variant.engine_args if kind == variant.engine else {}), **(extra_args or {})}
+    same = kind == variant.engine
+    # The config's engine settings belong to the config's engine; another engine starts from none.
+    args = {**(variant.engine_args if same else {}), **(extra_args or {})}
     if kind == "echo":
         from workers.echo_engine import EchoEngine
 
         return EchoEngine(model=model or variant.model, **args)
-    if kind == "vllm":
+    if kind in ("vllm", "vllm-batch"):
+        from workers.vllm_async_engine import AsyncVllmEngine
         from workers.vllm_engine import VllmEngine
 
-        return VllmEngine(model=model or variant.model, engine_args=args)
-    raise ConfigError(f"unknown engine {kind!r}; use 'echo' or 'vllm'")
+        args = {**(variant.vllm.args() if variant.engine.startswith("vllm") else {}), **args}
+        cls = AsyncVllmEngine if kind == "vllm" else VllmEngine
+        return cls(model=model or variant.model, engine_args=args)
+    raise ConfigError(f"unknown engine {kind!r}; use 'echo', 'vllm' or 'vllm-batch'")

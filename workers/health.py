@@ -8,10 +8,26 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
-def serve(worker, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+class Probes(ThreadingHTTPServer):
+    """Serves from process start; until `worker` is set (the engine is still loading) the process is
+    alive but not ready, so Kubernetes neither restarts it nor sends it traffic."""
+
+    worker = None
+
+
+def serve(worker, port: int, host: str = "0.0.0.0") -> Probes:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
-            if self.path.startswith("/metrics"):
+            worker = server.worker
+            if worker is None:
+                body, ctype, code = b"starting: loading the engine\n", "text/plain", 200
+                if self.path.startswith("/metrics"):
+                    body, ctype = b"", CONTENT_TYPE_LATEST
+                elif self.path.startswith("/readyz"):
+                    code = 503
+                elif not self.path.startswith("/healthz"):
+                    body, code = b"not found; try /metrics, /healthz or /readyz\n", 404
+            elif self.path.startswith("/metrics"):
                 body, ctype, code = generate_latest(worker.registry), CONTENT_TYPE_LATEST, 200
             elif self.path.startswith("/healthz"):
                 ok, why = worker.alive()
@@ -30,7 +46,8 @@ def serve(worker, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
         def log_message(self, *args):  # probes every few seconds would drown the worker's log
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server = Probes((host, port), Handler)
+    server.worker = worker
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="abq-http", daemon=True).start()
     return server

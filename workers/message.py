@@ -9,6 +9,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from producers import tracing
 from schemas import DeadLetter, ErrorInfo, InferenceRequest, InferenceResponse, Timings, Usage
+from workers.engine import Completion
 
 
 @dataclass
@@ -18,6 +19,8 @@ class Message:
     request: InferenceRequest | None = None
     response: InferenceResponse | None = None
     dead_letter: DeadLetter | None = None
+    started: float | None = None  # when the engine took it
+    completion: Completion | None = None  # what the engine made of it
 
     @property
     def done(self) -> bool:
@@ -42,13 +45,27 @@ class Message:
         )
 
     def answer(self, *, variant: str, model: str, worker_id: str, outputs: list[str] | None = None,
-               finish_reason: str | None = None, usage: Usage | None = None, started: float | None = None,
-               first_token: float | None = None, error: ErrorInfo | None = None) -> None:
+               finish_reason: str | None = None, usage: Usage | None = None, first_token: float | None = None,
+               error: ErrorInfo | None = None) -> None:
         req = self.request
+        finished = time.time()
+        usage = usage or Usage()
+        ttft = tpot = None
+        if first_token is not None and self.started is not None:
+            ttft = max(0.0, first_token - self.started)
+            per_sample = usage.completion_tokens / max(1, req.n)
+            if per_sample > 1:
+                tpot = max(0.0, finished - first_token) / (per_sample - 1)
         self.response = InferenceResponse(
             request_id=req.id, experiment=req.experiment, variant=variant, model=model,
-            outputs=outputs or [], finish_reason=finish_reason, usage=usage or Usage(),
-            timings=Timings(enqueued=self.enqueued_at, dequeued=self.dequeued_at, started=started,
-                            first_token=first_token, finished=time.time()),
+            outputs=outputs or [], finish_reason=finish_reason, usage=usage,
+            timings=Timings(enqueued=self.enqueued_at, dequeued=self.dequeued_at, started=self.started,
+                            first_token=first_token, finished=finished, ttft_s=ttft, tpot_s=tpot),
             worker_id=worker_id, error=error,
         )
+
+    def answer_completion(self, *, variant: str, model: str, worker_id: str) -> None:
+        c = self.completion
+        self.answer(variant=variant, model=model, worker_id=worker_id, outputs=c.outputs,
+                    finish_reason=c.finish_reason, error=c.error, first_token=c.first_token_at,
+                    usage=Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, ProducerFencedError
 
 from kafkaio import KafkaSettings, admin_client, producer, topic_max_message_bytes
 from producers import tracing
@@ -28,16 +28,21 @@ class PublishFailed(RuntimeError):
     pass
 
 
+class TransactionFailed(RuntimeError):
+    """The transaction was aborted: none of its responses or offsets count; consume them again."""
+
+
 class ResponseSink:
     def __init__(self, settings: KafkaSettings, response_topic: str, deadletter_topic: str,
-                 attempts: int = 5, ack_timeout_s: float = 30.0):
+                 attempts: int = 5, ack_timeout_s: float = 30.0, **producer_overrides):
         self.settings = settings
         self.response_topic = response_topic
         self.deadletter_topic = deadletter_topic
         self.attempts = attempts
         self.ack_timeout_s = ack_timeout_s
         self._limits = topic_max_message_bytes(settings, [response_topic, deadletter_topic])
-        self._producer = producer(settings, max_request_size=max(self._limits.values()) + RECORD_OVERHEAD)
+        self._producer = producer(settings, max_request_size=max(self._limits.values()) + RECORD_OVERHEAD,
+                                  **producer_overrides)
         self._topics: set[str] = set()
         self._topics_at = float("-inf")
 
@@ -122,3 +127,35 @@ class ResponseSink:
 
     def close(self, timeout: float = 10.0) -> None:
         self._producer.close(timeout=timeout)
+
+
+class TransactionalSink(ResponseSink):
+    """Exactly-once: a batch's responses and its consumed offsets commit in one Kafka transaction,
+    so a reader with isolation.level=read_committed sees each response once, whatever crashes."""
+
+    def __init__(self, settings: KafkaSettings, response_topic: str, deadletter_topic: str, transactional_id: str,
+                 transaction_timeout_ms: int = 60_000):
+        super().__init__(settings, response_topic, deadletter_topic, transactional_id=transactional_id,
+                         transaction_timeout_ms=transaction_timeout_ms)
+        self._producer.init_transactions()
+
+    def publish(self, batch) -> None:
+        raise TypeError("a transactional sink publishes with offsets; use publish_with_offsets")
+
+    def publish_with_offsets(self, batch, offsets, group_metadata) -> None:
+        p = self._producer
+        try:
+            p.begin_transaction()
+            futures = [p.send(t, key=k, value=v, headers=h) for t, k, v, h in self._records(batch)]
+            p.send_offsets_to_transaction(offsets, group_metadata)
+            p.commit_transaction()
+            for f in futures:
+                f.get(timeout=0)
+        except ProducerFencedError:
+            raise  # another instance took over this worker's transactional id: this one must stop
+        except KafkaError as e:
+            try:
+                p.abort_transaction()
+            except KafkaError:
+                pass
+            raise TransactionFailed(f"{type(e).__name__}: {e}") from e

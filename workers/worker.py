@@ -1,5 +1,11 @@
-"""The worker loop: poll a batch, let middleware decide what must not run, run the rest through the
-engine, publish every outcome, and commit offsets only once Kafka has acknowledged them all."""
+"""The worker loop: poll what there is room for, let middleware decide what must not run, hand the
+rest to the engine, publish each outcome as the engine finishes it, and commit per partition only up
+to the lowest offset whose response is safe in Kafka.
+
+The loop never waits on the engine; the runner (continuous or static batching) works in the
+background and the loop collects what it finished. Backpressure is by pausing partitions: at most
+`max_inflight` requests are with the engine and each priority level buffers at most as many more.
+"""
 
 from __future__ import annotations
 
@@ -9,58 +15,102 @@ import socket
 import threading
 import time
 
-from kafka import TopicPartition
+from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, RetriableError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 
 from kafkaio import KafkaSettings, consumer, ensure_topics
-from schemas import ExperimentConfig, Usage
+from workers.admission import Admission
 from workers.backoff import retrying
 from workers.engine import Engine
 from workers.message import Message
 from workers.middleware import Middleware, default_middleware
-from workers.sink import PublishFailed, ResponseSink
+from workers.offsets import OffsetTracker
+from workers.runners import BatchRunner, StreamRunner
+from workers.sink import PublishFailed, ResponseSink, TransactionFailed, TransactionalSink
 
 log = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 1000
+BUSY_WAIT_S = 0.005  # how long the loop waits for the engine before polling Kafka again
 FETCH_MAX_WAIT_MS = 100
+DELIVERY_MODES = ("at-least-once", "exactly-once")
+
+
+def _tp(m: Message) -> TopicPartition:
+    return TopicPartition(m.record.topic, m.record.partition)
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, worker: "Worker"):
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked):
+        self.worker._on_revoked(set(revoked))
+
+    def on_partitions_assigned(self, assigned):
+        log.info("assigned %d partitions", len(assigned))
 
 
 class Worker:
-    def __init__(self, settings: KafkaSettings, experiment: ExperimentConfig, variant: str, engine: Engine,
-                 max_batch: int = 32, max_wait_ms: int = 50, middleware: list[Middleware] | None = None,
-                 worker_id: str | None = None, max_poll_interval_ms: int = 300_000, session_timeout_ms: int = 10_000,
-                 create_topics: bool = True):
+    def __init__(self, settings: KafkaSettings, experiment, variant: str, engine: Engine,
+                 max_batch: int = 32, max_wait_ms: int = 50, max_inflight: int | None = None,
+                 delivery: str = "at-least-once", low_priority_share: float = 0.1,
+                 middleware: list[Middleware] | None = None, worker_id: str | None = None,
+                 max_poll_interval_ms: int = 300_000, session_timeout_ms: int = 10_000,
+                 create_topics: bool = True, revoke_wait_s: float = 10.0, drain_timeout_s: float = 120.0,
+                 engine_attempts: int = 3):
+        if delivery not in DELIVERY_MODES:
+            raise ValueError(f"delivery {delivery!r} is not one of {', '.join(DELIVERY_MODES)}")
         self.experiment = experiment
         self.variant = experiment.variant(variant)
         self.engine = engine
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
+        # Static batching keeps the next batch filling while one runs; continuous fills the engine.
+        self.max_inflight = max_inflight or (2 * max_batch if engine.batching == "static" else 64)
+        self.delivery = delivery
+        self.engine_attempts = engine_attempts
+        self.revoke_wait_s, self.drain_timeout_s = revoke_wait_s, drain_timeout_s
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.middleware = middleware if middleware is not None else default_middleware()
         self.registry = CollectorRegistry()
         self._stop = threading.Event()
         self._heartbeat = time.monotonic()
         self._started = False
+        self.startup_seconds: float | None = None
         self.batches = 0
         if create_topics:
             ensure_topics(settings, experiment)
-        self.topic = experiment.request_topic(self.variant.name)
+        self.topics = experiment.request_topics(self.variant.name)
+        self.topic = self.topics["normal"]
+        self.group = experiment.consumer_group(self.variant.name)
         self.consumer = consumer(
-            settings, self.topic, group_id=experiment.consumer_group(self.variant.name),
-            client_id=f"{settings.client_id}-{self.worker_id}", max_poll_records=max_batch,
-            max_poll_interval_ms=max_poll_interval_ms,
+            settings, group_id=self.group, client_id=f"{settings.client_id}-{self.worker_id}",
+            max_poll_records=max_batch, max_poll_interval_ms=max_poll_interval_ms,
             # A worker killed without leaving the group holds its partitions this long: short, so a
             # replacement picks them up quickly (kafka-python's default is 45 s).
             session_timeout_ms=session_timeout_ms, heartbeat_interval_ms=max(1000, session_timeout_ms // 4),
             # kafka-python sometimes has a fetch parked at the broker for partitions other than the
             # one a new record lands on; a short park bounds that wait (500 ms by default).
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            # Requests published inside another pipeline's transaction count only once committed.
+            isolation_level="read_committed",
         )
-        self.sink = ResponseSink(settings, experiment.response_topic, experiment.deadletter_topic)
-        self._engine_call = self.engine.generate
+        self.consumer.subscribe(list(self.topics.values()), listener=_Rebalance(self))
+        if delivery == "exactly-once":
+            self.sink: ResponseSink = TransactionalSink(
+                settings, experiment.response_topic, experiment.deadletter_topic,
+                transactional_id=f"{self.group}.{self.worker_id}")
+        else:
+            self.sink = ResponseSink(settings, experiment.response_topic, experiment.deadletter_topic)
+        self.tracker = OffsetTracker()
+        self.admission = Admission(self.topics, capacity=self.max_inflight, low_share=low_priority_share)
+        self.runner = None
+        self._decided: list[Message] = []  # answered or dead-lettered without the engine
+        self._unpublished: list[Message] = []
+        self._retry_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -79,105 +129,185 @@ class Worker:
     def ready(self) -> tuple[bool, str]:
         if self.stopping:
             return False, "draining\n"
-        return (self._started, "ready\n" if self._started else "starting\n")
+        return (self._started, "ready\n" if self._started else "starting: engine loading or warming up\n")
+
+    @property
+    def inflight(self) -> int:
+        return self.runner.inflight if self.runner else 0
+
+    def _make_runner(self):
+        if self.engine.batching == "continuous":
+            return StreamRunner(self.engine, attempts=self.engine_attempts)
+        call = self.engine.generate
+        for mw in reversed(self.middleware):  # the first middleware ends up outermost
+            call = mw.wrap_engine(self, call)
+        return BatchRunner(call, self.max_batch, self.max_wait_ms)
 
     def run(self) -> None:
         for mw in self.middleware:
             mw.on_start(self)
-        call = self.engine.generate
-        for mw in reversed(self.middleware):  # the first middleware ends up outermost
-            call = mw.wrap_engine(self, call)
-        self._engine_call = call
+        self.runner = self._make_runner()
+        # No traffic meets a cold engine: readiness waits for one answered request.
+        warm_up = getattr(self.engine, "warm_up", None)
+        if callable(warm_up):
+            warm_up()
+        self.startup_seconds = time.time() - process_start_time()
         self._started = True
-        log.info("worker %s serving %s (group %s, engine %s)", self.worker_id, self.topic,
-                 self.experiment.consumer_group(self.variant.name), self.engine.model)
+        log.info("worker %s serving %s (group %s, engine %s, %s batching, %s, max %d in flight); ready after %.1fs",
+                 self.worker_id, ", ".join(self.topics.values()), self.group, self.engine.model,
+                 self.engine.batching, self.delivery, self.max_inflight, self.startup_seconds)
         try:
-            while not self.stopping:
+            drain_until = None
+            while True:
                 self._heartbeat = time.monotonic()
-                batch = self.fetch()
-                if batch:
-                    self.process(batch)
+                if self.stopping:
+                    drain_until = drain_until or time.monotonic() + self.drain_timeout_s
+                    if not self.inflight or time.monotonic() > drain_until:
+                        self._deliver(self.runner.take(0))
+                        break
+                    self._deliver(self.runner.take(0.05))
+                    continue
+                self._admit()
+                busy = self.inflight or len(self.admission)
+                self._deliver(self.runner.take(BUSY_WAIT_S if busy else 0))
         finally:
             for mw in self.middleware:
                 mw.on_stop(self)
             self.close()
 
     def close(self) -> None:
+        if self.runner:
+            self.runner.close()
         self.sink.close()
         self.consumer.close(autocommit=False)  # leaves the group now, so a rebalance starts at once
         self.engine.close()
-        log.info("worker %s stopped after %d batches", self.worker_id, self.batches)
+        log.info("worker %s stopped after %d deliveries", self.worker_id, self.batches)
 
-    # -- one batch -------------------------------------------------------------------------------
-    def fetch(self) -> list[Message]:
-        """Up to max_batch records; waits at most max_wait_ms after the first one for more."""
-        batch: list[Message] = []
-
-        def take(polled) -> None:
-            now = time.time()  # when the worker got the record; waiting for the batch to fill is its own cost
-            batch.extend(Message(r, dequeued_at=now) for recs in polled.values() for r in recs)
-
-        take(self.consumer.poll(timeout_ms=IDLE_POLL_MS, max_records=self.max_batch))
-        if not batch:
-            return batch
-        deadline = time.monotonic() + self.max_wait_ms / 1000
-        while len(batch) < self.max_batch and not self.stopping:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                break
-            take(self.consumer.poll(timeout_ms=left_ms, max_records=self.max_batch - len(batch)))
-        return batch
-
-    def process(self, batch: list[Message]) -> None:
-        for mw in self.middleware:
-            mw.before_batch(self, batch)
-        todo = [m for m in batch if not m.done]
-        log.debug("engine: batch of %d (%d decided before the engine)", len(todo), len(batch) - len(todo))
-        if todo:
-            started = time.time()
-            completions = self._engine_call([m.request for m in todo])
-            for m, c in zip(todo, completions, strict=True):  # Retries checks the count
-                m.answer(
-                    variant=self.variant.name, model=self.engine.model, worker_id=self.worker_id,
-                    outputs=c.outputs, finish_reason=c.finish_reason, error=c.error, started=started,
-                    first_token=c.first_token_at,
-                    usage=Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens),
-                )
-        try:
-            self.sink.publish(batch)
-        except PublishFailed as e:
-            # Nothing of this batch is committed: rewind so the records are consumed again.
-            log.error("could not publish a batch of %d (%s); it will be consumed again", len(batch), e)
-            self._rewind(batch)
+    # -- in: poll and admit ----------------------------------------------------------------------
+    def _admit(self) -> None:
+        self.admission.apply_pauses(self.consumer)
+        idle = not (self.inflight or len(self.admission) or self._decided or self._unpublished)
+        polled = self.consumer.poll(timeout_ms=IDLE_POLL_MS if idle else 0, max_records=self.max_batch)
+        now = time.time()  # when the worker got the record
+        fresh = [Message(r, dequeued_at=now) for recs in polled.values() for r in recs]
+        for m in fresh:
+            self.tracker.add(_tp(m), m.record.offset)
+        self.admission.add(fresh)
+        room = self.max_inflight - self.inflight
+        if room <= 0 or not len(self.admission):
             return
-        self.commit(batch)
+        chosen = self.admission.pick(room)
+        for mw in self.middleware:
+            mw.before_batch(self, chosen)
+        self._decided += [m for m in chosen if m.done]
+        todo = [m for m in chosen if not m.done]
+        log.debug("admitted %d requests (%d decided without the engine)", len(chosen), len(chosen) - len(todo))
+        if todo:
+            self.runner.submit(todo)
+
+    # -- out: publish and commit -----------------------------------------------------------------
+    def _deliver(self, finished: list[Message]) -> None:
+        for m in finished:
+            m.answer_completion(variant=self.variant.name, model=self.engine.model, worker_id=self.worker_id)
+        ready = self._unpublished + self._decided + finished
+        self._unpublished, self._decided = [], []
+        # A revoked partition's records belong to their new owner, which will answer them itself.
+        ready = [m for m in ready if self.tracker.owns(_tp(m), m.record.offset)]
+        if not ready:
+            return
+        if time.monotonic() < self._retry_at:
+            self._unpublished = ready
+            return
+        if self.delivery == "exactly-once":
+            self._deliver_transaction(ready)
+        else:
+            self._deliver_then_commit(ready)
+
+    def _deliver_then_commit(self, ready: list[Message]) -> None:
+        try:
+            self.sink.publish(ready)
+        except PublishFailed as e:
+            # Nothing is committed past these records; keep them and publish again shortly.
+            log.error("could not publish %d responses (%s); retrying in 1s", len(ready), e)
+            self._unpublished, self._retry_at = ready, time.monotonic() + 1.0
+            return
+        for m in ready:
+            self.tracker.answer(_tp(m), m.record.offset)
+        _, offsets = self.tracker.release()
+        self.commit(offsets)
+        self._after(ready)
+
+    def _deliver_transaction(self, ready: list[Message]) -> None:
+        for m in ready:
+            self.tracker.answer(_tp(m), m.record.offset, m)
+        # Only responses below the commit point go out: each transaction's offsets cover exactly them.
+        released, offsets = self.tracker.release()
+        if not offsets:
+            return
+        try:
+            self.sink.publish_with_offsets(released, self._offsets(offsets), self.consumer.group_metadata())
+        except TransactionFailed as e:
+            log.error("transaction aborted (%s); its records will be consumed again", e)
+            self._rewind(set(offsets))
+            return
+        self.tracker.mark_committed(offsets)
+        self._after(released)
+
+    def _after(self, delivered: list[Message]) -> None:
         self.batches += 1
         for mw in self.middleware:
-            mw.after_batch(self, batch)
+            mw.after_batch(self, delivered)
 
     @staticmethod
-    def _offset_ranges(batch: list[Message]) -> dict[TopicPartition, tuple[int, int]]:
-        """Per partition, the batch's first and last offset."""
-        ranges: dict[TopicPartition, tuple[int, int]] = {}
-        for m in batch:
-            tp, off = TopicPartition(m.record.topic, m.record.partition), m.record.offset
-            first, last = ranges.get(tp, (off, off))
-            ranges[tp] = (min(first, off), max(last, off))
-        return ranges
+    def _offsets(points: dict[TopicPartition, int]) -> dict[TopicPartition, OffsetAndMetadata]:
+        return {tp: OffsetAndMetadata(off, "", -1) for tp, off in points.items()}
 
-    def commit(self, batch: list[Message]) -> None:
-        offsets = {tp: OffsetAndMetadata(last + 1, "", -1) for tp, (_, last) in self._offset_ranges(batch).items()}
+    def commit(self, points: dict[TopicPartition, int]) -> None:
+        if not points:
+            return
         try:
-            retrying("commit", RetriableError, attempts=5)(self.consumer.commit, offsets)
+            retrying("commit", RetriableError, attempts=5)(self.consumer.commit, self._offsets(points))
+            self.tracker.mark_committed(points)
         except CommitFailedError as e:
             # The group rebalanced under us: another member owns these partitions now and will
             # consume from the last commit. Responses already published are the duplicate window.
-            log.warning("commit refused after a rebalance (%s); the new owner will redo this batch", e)
+            log.warning("commit refused after a rebalance (%s); the new owner will redo these records", e)
         except KafkaError as e:
-            log.error("commit failed (%s); the batch will be consumed again after a restart or rebalance", e)
+            log.error("commit failed (%s); the next commit covers these records", e)
 
-    def _rewind(self, batch: list[Message]) -> None:
-        for tp, (first, _) in self._offset_ranges(batch).items():
+    def _rewind(self, partitions: set[TopicPartition]) -> None:
+        """Start these partitions again from their last commit: buffered and in-flight work is dropped."""
+        self.admission.drop(partitions)
+        for tp, point in self.tracker.restart_points(partitions).items():
             if tp in self.consumer.assignment():
-                self.consumer.seek(tp, first)
-        time.sleep(1.0)
+                self.consumer.seek(tp, point)
+        self.tracker.forget(partitions)
+        self._retry_at = time.monotonic() + 1.0
+
+    # -- rebalances ------------------------------------------------------------------------------
+    def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Finish what the engine has of these partitions (briefly), commit, and let them go."""
+        dropped = len(self.admission.drop(revoked))  # never started: they stay below the commit point
+        deadline = time.monotonic() + self.revoke_wait_s
+        while self.runner and self.tracker.unanswered(revoked) > dropped and time.monotonic() < deadline:
+            self._deliver(self.runner.take(0.05))
+        self._retry_at = 0.0
+        self._deliver([])
+        log.info("partitions revoked: %d; %d requests left to their next owner", len(revoked),
+                 self.tracker.unanswered(revoked))
+        self.tracker.forget(revoked)
+
+
+def process_start_time() -> float:
+    """Unix time this process started (Linux), so start-up time includes imports and model loading."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED_AT
+
+
+_IMPORTED_AT = time.time()

@@ -18,13 +18,16 @@ class Middleware:
     def on_start(self, worker: "Worker") -> None: ...
 
     def before_batch(self, worker: "Worker", batch: list["Message"]) -> None:
-        """Decide messages that must not reach the engine (dead-letter, expire)."""
+        """Decide messages that must not reach the engine (dead-letter, expire); runs on the
+        messages admitted together, just before they go to the engine."""
 
     def wrap_engine(self, worker: "Worker", call: EngineCall) -> EngineCall:
+        """Wrap the blocking batch call of a static-batching engine."""
         return call
 
     def after_batch(self, worker: "Worker", batch: list["Message"]) -> None:
-        """Runs once the batch's responses are safe and its offsets committed."""
+        """Runs on messages whose responses are safe in Kafka (and whose offsets are committed,
+        or held below an unanswered one)."""
 
     def on_stop(self, worker: "Worker") -> None: ...
 
@@ -32,6 +35,7 @@ class Middleware:
 def default_middleware(**kw) -> list[Middleware]:
     from workers.middleware.deadline import Deadline
     from workers.middleware.draining import Draining
+    from workers.middleware.engine_check import EngineCheck
     from workers.middleware.metrics import Metrics
     from workers.middleware.retries import Retries
     from workers.middleware.validation import Validation
@@ -41,5 +45,6 @@ def default_middleware(**kw) -> list[Middleware]:
         Metrics(),
         Validation(),
         Deadline(),
+        EngineCheck(),
         Retries(attempts=kw.get("engine_attempts", 3)),
     ]

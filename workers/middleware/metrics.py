@@ -1,4 +1,4 @@
-"""Metrics: Prometheus counters and histograms per experiment and variant (names in the README)."""
+"""Metrics: Prometheus counters, histograms and gauges per experiment and variant (names in the README)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from schemas import PRIORITIES
 from workers.middleware import Middleware
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
+TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -16,30 +19,50 @@ class Metrics(Middleware):
     def on_start(self, worker) -> None:
         reg: CollectorRegistry = worker.registry
         labels = ("experiment", "variant")
+        per_model = (*labels, "model")
         self.requests = Counter("abq_requests", "Requests handled, by outcome (ok, error, expired, dead_letter)", (*labels, "outcome"), registry=reg)
         self.dead_letters = Counter("abq_dead_letters", "Records sent to the dead-letter topic, by reason", (*labels, "reason"), registry=reg)
-        self.batch_size = Histogram("abq_batch_size", "Records per polled batch", labels, buckets=BATCH_BUCKETS, registry=reg)
+        self.batch_size = Histogram("abq_batch_size", "Requests per engine call (static batching)", labels, buckets=BATCH_BUCKETS, registry=reg)
         self.queue_wait = Histogram("abq_queue_wait_seconds", "Record timestamp to dequeue", labels, buckets=LATENCY_BUCKETS, registry=reg)
-        self.engine_time = Histogram("abq_engine_seconds", "Engine time per batch", (*labels, "model"), buckets=LATENCY_BUCKETS, registry=reg)
+        self.engine_time = Histogram("abq_engine_seconds", "Engine start to finish, per request", per_model, buckets=LATENCY_BUCKETS, registry=reg)
         self.e2e = Histogram("abq_end_to_end_seconds", "Record timestamp to response safe in Kafka", labels, buckets=LATENCY_BUCKETS, registry=reg)
-        self.tokens = Counter("abq_tokens", "Tokens processed, by kind (prompt, completion)", (*labels, "model", "kind"), registry=reg)
-        self.last_batch = Gauge("abq_last_batch_timestamp_seconds", "When the last batch was committed", labels, registry=reg)
+        self.ttft = Histogram("abq_time_to_first_token_seconds", "Engine start to first token", per_model, buckets=LATENCY_BUCKETS, registry=reg)
+        self.tpot = Histogram("abq_time_per_output_token_seconds", "Time per output token after the first", per_model, buckets=TOKEN_TIME_BUCKETS, registry=reg)
+        self.prompt_tokens = Histogram("abq_prompt_tokens", "Prompt tokens per request", per_model, buckets=TOKEN_BUCKETS, registry=reg)
+        self.completion_tokens = Histogram("abq_completion_tokens", "Completion tokens per request (all samples)", per_model, buckets=TOKEN_BUCKETS, registry=reg)
+        self.tokens = Counter("abq_tokens", "Tokens processed, by kind (prompt, completion)", (*per_model, "kind"), registry=reg)
+        self.last_batch = Gauge("abq_last_batch_timestamp_seconds", "When responses were last committed", labels, registry=reg)
         self._labels = (worker.experiment.name, worker.variant.name)
+        exp, var = self._labels
+        model = worker.engine.model
+
+        def gauge(name, doc, read, extra=(), values=()):
+            g = Gauge(name, doc, (*labels, *extra), registry=reg)
+            g.labels(exp, var, *values).set_function(read)
+            return g
+
+        gauge("abq_startup_seconds", "Process start to ready (engine loaded and warmed up)", lambda: worker.startup_seconds or 0)
+        gauge("abq_inflight_requests", "Requests with the engine now", lambda: worker.inflight)
+        buffered = Gauge("abq_buffered_requests", "Polled requests waiting for the engine, by priority", (*labels, "priority"), registry=reg)
+        for level in PRIORITIES:
+            buffered.labels(exp, var, level).set_function(lambda level=level: worker.admission.waiting(level))
+        stats = getattr(worker.engine, "stats", None)
+        if callable(stats):
+            for key, name, doc in (("running", "abq_engine_running_requests", "Requests the engine is running"),
+                                   ("waiting", "abq_engine_waiting_requests", "Requests queued inside the engine"),
+                                   ("kv_cache_usage", "abq_kv_cache_usage_ratio", "Share of the engine's KV cache in use (vLLM)")):
+                gauge(name, doc, lambda key=key: stats().get(key, 0), ("model",), (model,))
 
     def wrap_engine(self, worker, call):
-        def timed(requests):
-            start = time.perf_counter()
-            try:
-                return call(requests)
-            finally:
-                self.engine_time.labels(*self._labels, worker.engine.model).observe(time.perf_counter() - start)
+        def counted(requests):
+            self.batch_size.labels(*self._labels).observe(len(requests))
+            return call(requests)
 
-        return timed
+        return counted
 
     def after_batch(self, worker, batch) -> None:
         now = time.time()
         exp, var = self._labels
-        self.batch_size.labels(exp, var).observe(len(batch))
         for m in batch:
             self.queue_wait.labels(exp, var).observe(max(0.0, m.dequeued_at - m.enqueued_at))
             if m.dead_letter is not None:
@@ -50,6 +73,16 @@ class Metrics(Middleware):
             outcome = "ok" if resp.error is None else ("expired" if resp.error.code == "expired" else "error")
             self.requests.labels(exp, var, outcome).inc()
             self.e2e.labels(exp, var).observe(max(0.0, now - m.enqueued_at))
-            self.tokens.labels(exp, var, resp.model, "prompt").inc(resp.usage.prompt_tokens)
-            self.tokens.labels(exp, var, resp.model, "completion").inc(resp.usage.completion_tokens)
+            if m.started is None:
+                continue  # answered without the engine (expired)
+            t, u, model = resp.timings, resp.usage, resp.model
+            self.engine_time.labels(exp, var, model).observe(max(0.0, t.finished - m.started))
+            if t.ttft_s is not None:
+                self.ttft.labels(exp, var, model).observe(t.ttft_s)
+            if t.tpot_s is not None:
+                self.tpot.labels(exp, var, model).observe(t.tpot_s)
+            self.prompt_tokens.labels(exp, var, model).observe(u.prompt_tokens)
+            self.completion_tokens.labels(exp, var, model).observe(u.completion_tokens)
+            self.tokens.labels(exp, var, model, "prompt").inc(u.prompt_tokens)
+            self.tokens.labels(exp, var, model, "completion").inc(u.completion_tokens)
         self.last_batch.labels(exp, var).set(now)

@@ -28,11 +28,3 @@ class Validation(Middleware):
                 m.reject("invalid_params", f"max_tokens {req.max_tokens} exceeds the variant's limit of {variant.max_tokens_limit}", worker.worker_id)
             elif req.prompt_chars() > variant.max_prompt_chars:
                 m.reject("oversized_prompt", f"prompt of {req.prompt_chars()} characters exceeds the variant's limit of {variant.max_prompt_chars}", worker.worker_id)
-            else:
-                try:
-                    rejection = worker.engine.check(req)
-                except Exception as e:  # a tokenizer choking on one input must not stop the worker
-                    m.reject("unsupported", f"the engine could not prepare this request: {type(e).__name__}: {e}"[:1000], worker.worker_id)
-                    continue
-                if rejection is not None:
-                    m.reject(rejection.reason, rejection.detail, worker.worker_id)
