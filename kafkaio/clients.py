@@ -70,3 +70,16 @@ def consumer(settings: KafkaSettings, *topics: str, **overrides: Any) -> KafkaCo
 
 def admin_client(settings: KafkaSettings, **overrides: Any) -> KafkaAdminClient:
     return _build(KafkaAdminClient, settings, {}, overrides)
+
+
+def release_parked_records(consumer: KafkaConsumer) -> None:
+    """Work around kafka-python 3.0.12 stalling a resumed partition; call before every poll.
+
+    Records fetched for a partition that is then paused are parked, and put back when it resumes, but
+    only while the fetcher's in-line slot is None; a used-up slot holds an empty PartitionRecords
+    instead, so they stay parked, and a partition with parked records is never fetched again.
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    slot = getattr(fetcher, "_next_partition_records", None)
+    if slot is not None and not slot:
+        fetcher._next_partition_records = None

@@ -20,7 +20,7 @@ from kafka.errors import CommitFailedError, KafkaError, RetriableError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 
-from kafkaio import KafkaSettings, consumer, ensure_topics
+from kafkaio import KafkaSettings, consumer, ensure_topics, release_parked_records
 from workers.admission import Admission
 from workers.backoff import retrying
 from workers.engine import Engine
@@ -186,6 +186,7 @@ class Worker:
     # -- in: poll and admit ----------------------------------------------------------------------
     def _admit(self) -> None:
         self.admission.apply_pauses(self.consumer)
+        release_parked_records(self.consumer)
         idle = not (self.inflight or len(self.admission) or self._decided or self._unpublished)
         polled = self.consumer.poll(timeout_ms=IDLE_POLL_MS if idle else 0, max_records=self.max_batch)
         now = time.time()  # when the worker got the record
