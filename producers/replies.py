@@ -33,7 +33,10 @@ class ResponseListener:
 
     def __init__(self, settings: KafkaSettings, topic: str, start_offsets: dict[int, int] | None = None):
         self.topic = topic
-        self._consumer = consumer(settings, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=50)
+        # read_committed: an exactly-once worker's responses count once their transaction commits;
+        # responses of at-least-once workers are not transactional and read as soon as they land.
+        self._consumer = consumer(settings, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=50,
+                                  isolation_level="read_committed")
         partitions = self._consumer.partitions_for_topic(topic)
         if not partitions:
             raise RuntimeError(f"topic {topic} does not exist; create it, or start a worker of the experiment, which creates its topics")

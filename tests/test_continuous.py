@@ -1,0 +1,147 @@
+"""Continuous batching, backpressure, priorities and exactly-once delivery, against the real broker."""
+
+import threading
+import time
+from collections import Counter
+
+from kafka import TopicPartition
+
+from kafkaio import ensure_topics
+from producers import AbqClient
+from schemas import InferenceRequest
+from workers.offsets import OffsetTracker
+
+from conftest import new_experiment
+from kafka_helpers import committed, end_offsets, responses
+from test_worker_process import _wait_log
+
+
+def _publish(client, exp, n, prefix="r", words=lambda i: 1, **fields):
+    ids = []
+    for i in range(n):
+        prompt = " ".join([f"{prefix}{i}"] * words(i))
+        req, _ = client.publisher.publish(InferenceRequest(experiment=exp.name, routing_key=f"{prefix}{i}", prompt=prompt, **fields))
+        ids.append(req.id)
+    client.publisher.flush()
+    return ids
+
+
+def test_offset_tracker_commits_only_up_to_the_lowest_unanswered_offset():
+    tp = TopicPartition("t", 0)
+    t = OffsetTracker()
+    for off in (5, 6, 7, 9):  # 8 is a gap (a transaction marker, say): never seen, never waited for
+        t.add(tp, off)
+    assert t.release() == ([], {})  # nothing answered: the commit point stays at the first offset
+    t.answer(tp, 7, "m7")
+    t.answer(tp, 9, "m9")
+    assert t.release() == ([], {})  # 5 is still unanswered
+    t.answer(tp, 5, "m5")
+    assert t.release() == (["m5"], {tp: 6})
+    t.mark_committed({tp: 6})
+    assert not t.answer(tp, 5, "again")  # answered twice: the second is not ours to deliver
+    t.answer(tp, 6, "m6")
+    assert t.release() == (["m6", "m7", "m9"], {tp: 10})
+    t.mark_committed({tp: 10})
+    t.forget([tp])
+    assert not t.owns(tp, 10) and t.release() == ([], {})
+
+
+def test_requests_finishing_out_of_order_are_all_answered_and_commits_never_pass_an_unanswered_one(settings, spawn_worker):
+    # Longer prompts take longer (ms_per_token), so a later short request finishes before an earlier long one.
+    exp = new_experiment(variants=(("a", 100),), partitions=2, ms_per_token=40)
+    ensure_topics(settings, exp)
+    with AbqClient(settings, exp) as client:
+        ids = _publish(client, exp, 300, words=lambda i: 1 + (i * 7) % 25)
+        first = spawn_worker(exp, "a", "--max-inflight", "32")
+        partial, order = {}, []
+        deadline = time.monotonic() + 60
+        while len(partial) < 120 and time.monotonic() < deadline:
+            for reply in client.listener.poll(timeout_ms=100):
+                partial[reply.response.request_id] = reply
+                order.append(ids.index(reply.response.request_id))
+        first.kill()  # mid-stream, with requests of both partitions in flight
+        first.wait()
+        spawn_worker(exp, "a", "--max-inflight", "32")
+        got = client.wait(set(ids) - set(partial), timeout=90)
+    assert set(partial) | set(got) == set(ids), "a request was lost"
+    assert order != sorted(order), "requests should have finished out of order"
+    topic = exp.request_topic("a")
+    deadline = time.monotonic() + 10
+    while committed(settings, exp.consumer_group("a"), topic) != end_offsets(settings, topic) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert committed(settings, exp.consumer_group("a"), topic) == end_offsets(settings, topic)
+
+
+def test_backpressure_bounds_what_the_worker_holds_when_the_topic_holds_10x_max_inflight(settings, thread_worker):
+    exp = new_experiment(variants=(("a", 100),), partitions=2, latency_ms=20)
+    ensure_topics(settings, exp)
+    max_inflight, max_batch = 8, 8
+    with AbqClient(settings, exp) as client:
+        ids = _publish(client, exp, 10 * max_inflight * 3)
+        held, done = [], threading.Event()
+        with thread_worker(exp, "a", max_inflight=max_inflight, max_batch=max_batch) as worker:
+            def sample():
+                while not done.is_set():
+                    held.append((worker.inflight, len(worker.admission), len(worker.tracker)))
+                    time.sleep(0.005)
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            got = client.wait(set(ids), timeout=60)
+            done.set()
+            sampler.join()
+    assert set(got) == set(ids)
+    # At most max_inflight with the engine; a level's buffer stops fetching at max_inflight and
+    # one poll can overshoot it by max_batch; everything tracked is one of those or just answered.
+    assert max(h[0] for h in held) <= max_inflight
+    assert max(h[1] for h in held) <= max_inflight + max_batch
+    assert max(h[2] for h in held) <= 2 * max_inflight + 2 * max_batch
+    print(f"\nheld at most: {max(h[0] for h in held)} in flight, {max(h[1] for h in held)} buffered, "
+          f"{max(h[2] for h in held)} tracked, for {len(ids)} requests in the topic")
+
+
+def test_high_priority_requests_submitted_after_a_batch_backlog_are_answered_first(settings, thread_worker):
+    exp = new_experiment(variants=(("a", 100),), partitions=2, latency_ms=30)
+    ensure_topics(settings, exp)
+    with AbqClient(settings, exp) as client:
+        backlog = _publish(client, exp, 200, prefix="bulk", priority="batch")
+        urgent = _publish(client, exp, 5, prefix="urgent", priority="high")
+        order = []
+        with thread_worker(exp, "a", max_inflight=4):
+            client.wait(set(backlog) | set(urgent), timeout=60, on_reply=lambda r: order.append(r.response.request_id))
+    assert set(order) == set(backlog) | set(urgent)
+    last_urgent = max(order.index(u) for u in urgent)
+    # Before the high ones are fetched, a poll's worth of batch requests may already be admitted;
+    # after that, batch requests get one engine slot in ten while high ones wait.
+    assert last_urgent < 40, f"the last high-priority request came {last_urgent + 1}th of {len(order)}"
+    # And the lowest level was never starved: the backlog was served throughout.
+    assert sum(1 for rid in order[:last_urgent] if rid in set(backlog)) >= 1
+
+
+def test_exactly_once_kill_9_mid_stream_then_restart_read_committed_sees_each_response_once(settings, spawn_worker):
+    exp = new_experiment(variants=(("a", 100),), partitions=2, latency_ms=20, ms_per_token=5)
+    ensure_topics(settings, exp)
+    flags = ("--delivery", "exactly-once", "--max-inflight", "16")
+    with AbqClient(settings, exp) as client:
+        ids = _publish(client, exp, 300, words=lambda i: 1 + i % 9)
+        first = spawn_worker(exp, "a", *flags)
+        _wait_log(first, "serving")
+        seen = 0
+        deadline = time.monotonic() + 60
+        while seen < 100 and time.monotonic() < deadline:  # the client reads uncommitted: progress only
+            seen += len(list(client.listener.poll(timeout_ms=100)))
+        first.kill()
+        first.wait()
+        second = spawn_worker(exp, "a", *flags)
+        topic = exp.request_topic("a")
+        deadline = time.monotonic() + 90
+        while committed(settings, exp.consumer_group("a"), topic) != end_offsets(settings, topic) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert second.poll() is None
+    visible = responses(settings, exp.response_topic, expect=300, isolation_level="read_committed")
+    counts = Counter(r.request_id for r in visible)
+    assert set(counts) == set(ids), f"{len(set(ids) - set(counts))} requests have no committed response"
+    assert max(counts.values()) == 1, f"{sum(c - 1 for c in counts.values())} duplicates under read_committed"
+    everything = responses(settings, exp.response_topic, expect=300)
+    print(f"\nexactly-once: {len(visible)} committed responses for 300 requests; "
+          f"{len(everything) - len(visible)} more records from the aborted transaction are invisible to read_committed")
