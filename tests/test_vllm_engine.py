@@ -3,10 +3,13 @@
 import importlib.util
 import os
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
 from kafkaio import ensure_topics
+from localkafka.broker import free_port
 from producers import AbqClient
 from schemas import ExperimentConfig, InferenceRequest
 
@@ -26,25 +29,50 @@ def tiny_model(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def test_vllm_worker_serves_prompts_chat_and_n_samples_and_dead_letters_oversized(settings, spawn_worker, tiny_model, monkeypatch):
+def _get(port, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return None, ""
+
+
+@pytest.mark.parametrize("engine", ["vllm", "vllm-batch"])
+def test_vllm_worker_serves_prompts_chat_and_n_samples_and_dead_letters_bad_requests(settings, spawn_worker, tiny_model, monkeypatch, engine):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    typed = {k: ENGINE_ARGS[k] for k in ("dtype", "max_model_len", "max_num_seqs")}
     exp = ExperimentConfig(name=f"v{os.urandom(4).hex()}", partitions=1, variants=[
-        {"name": "tiny", "weight": 100, "engine": "vllm", "model": str(tiny_model), "engine_args": ENGINE_ARGS},
+        {"name": "tiny", "weight": 100, "engine": engine, "model": str(tiny_model), "vllm": typed,
+         "engine_args": {k: v for k, v in ENGINE_ARGS.items() if k not in typed}},
     ])
     ensure_topics(settings, exp)
-    proc = spawn_worker(exp, "tiny", "--max-batch", "8")
+    port = free_port()
+    proc = spawn_worker(exp, "tiny", "--max-batch", "8", "--metrics-port", str(port))
+    # Not ready while the engine loads and warms up; alive all along.
+    states = set()
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        ready, _ = _get(port, "/readyz")
+        states.add(ready)
+        if ready == 200:
+            break
+        time.sleep(0.5)
+    assert 503 in states and ready == 200, proc.log_path.read_text()[-3000:]
     reqs = [
         InferenceRequest(experiment=exp.name, routing_key="u1", prompt="the quick brown fox", max_tokens=12, temperature=0, seed=1),
         InferenceRequest(experiment=exp.name, routing_key="u2", messages=[{"role": "system", "content": "be brief"},
                          {"role": "user", "content": "hello world"}], max_tokens=6, n=3, temperature=0.9, seed=7),
         InferenceRequest(experiment=exp.name, routing_key="u3", prompt="queues keep gpus busy", max_tokens=200, stop=["\n"]),
         InferenceRequest(experiment=exp.name, routing_key="u4", prompt="hello " * 100, max_tokens=200),  # > 256 tokens
+        InferenceRequest(experiment=exp.name, routing_key="u5", prompt="hi", n=2, temperature=0),  # greedy with n > 1
     ]
     with AbqClient(settings, exp) as client:
         for r in reqs:
             client.publisher.publish(r)
         client.publisher.flush()
-        got = client.wait({r.id for r in reqs[:3]}, timeout=400)
+        got = client.wait({r.id for r in reqs[:3]}, timeout=300)
     assert len(got) == 3, proc.log_path.read_text()[-3000:]
     greedy, chat, long = (got[r.id].response for r in reqs[:3])
     assert greedy.ok and greedy.model == str(tiny_model) and greedy.variant == "tiny"
@@ -54,8 +82,17 @@ def test_vllm_worker_serves_prompts_chat_and_n_samples_and_dead_letters_oversize
     assert len(chat.outputs) == 3 and chat.usage.completion_tokens <= 18
     assert chat.usage.prompt_tokens > len("be brief hello world".split())
     assert long.ok and long.usage.completion_tokens <= 200
-    letters = dead_letters(settings, exp.deadletter_topic, expect=1, timeout=30)
-    assert [dl.reason for dl in letters] == ["oversized_prompt"] and "context of 256 tokens" in letters[0].detail
-    assert letters[0].request_id == reqs[3].id
+    # Token timings per request: time to first token, and per output token where there were several.
+    assert greedy.timings.ttft_s is not None and greedy.timings.ttft_s >= 0
+    assert greedy.usage.completion_tokens < 2 or greedy.timings.tpot_s is not None
+    letters = {dl.request_id: dl for dl in dead_letters(settings, exp.deadletter_topic, expect=2, timeout=30)}
+    assert letters[reqs[3].id].reason == "oversized_prompt" and "context of 256 tokens" in letters[reqs[3].id].detail
+    assert letters[reqs[4].id].reason == "invalid_params" and "greedy" in letters[reqs[4].id].detail
+    _, metrics = _get(port, "/metrics")
+    for name in ("abq_time_to_first_token_seconds_count", "abq_prompt_tokens_count", "abq_completion_tokens_count",
+                 "abq_startup_seconds", "abq_engine_running_requests" if engine == "vllm" else "abq_batch_size_count"):
+        assert f"{name}{{" in metrics, name
+    if engine == "vllm":
+        assert "abq_kv_cache_usage_ratio{" in metrics
     time.sleep(0.1)
     assert proc.poll() is None  # the worker is still serving

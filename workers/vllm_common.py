@@ -71,9 +71,12 @@ class PromptPrep:
     def check(self, request: InferenceRequest) -> Rejection | None:
         try:
             ids = self._render(request)
-            sampling_params(request)  # vLLM's own checks, so a bad value never reaches the engine
-        except (EngineError, ValueError, TypeError) as e:
-            return Rejection("invalid_params" if not isinstance(e, EngineError) else "unsupported", str(e)[:1000])
+        except EngineError as e:
+            return Rejection("unsupported", str(e)[:1000])
+        try:
+            sampling_params(request)  # vLLM's own checks, so a bad combination never reaches the engine
+        except Exception as e:  # vLLM's validation error types vary by version
+            return Rejection("invalid_params", f"vLLM refuses these sampling parameters: {e}"[:1000])
         if len(ids) + request.max_tokens > self.max_model_len:
             return Rejection(
                 "oversized_prompt",

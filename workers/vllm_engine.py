@@ -14,7 +14,8 @@ class VllmEngine(PromptPrep):
         vllm = import_vllm()
         from vllm.engine.arg_utils import EngineArgs
 
-        args = engine_kwargs(model, engine_args, EngineArgs)
+        # With stats on, vLLM records each request's first-token time (TTFT in the response).
+        args = {"disable_log_stats": False, **engine_kwargs(model, engine_args, EngineArgs)}
         try:
             self.llm = vllm.LLM(**args)
         except Exception as e:  # vLLM raises many types for a model that will not load or fit
