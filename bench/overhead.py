@@ -1,13 +1,14 @@
 """What the queueing layer costs: one echo worker (no model), so every millisecond measured is
 producer -> Kafka -> worker -> Kafka -> consumer.
 
-Reports, in one run on one broker:
+Reports, in one run on one broker, for at-least-once and for exactly-once delivery:
   - added latency at low load: one request at a time, submit to response (p50/p95/p99);
   - throughput of one worker draining a backlog (requests/s);
-  - the same backlog piped through Kafka with no worker logic (a consumer that echoes raw records),
-    the ceiling for this client library on this machine, and the worker's ratio to it.
+  - the same backlog, and the same one-at-a-time round trips, piped through Kafka with no worker logic
+    (a consumer that republishes raw records): the floor and ceiling for this client library on this
+    machine, so the worker's own share is measured against them in the same run.
 
-Run:  python bench/overhead.py [--requests 3000] [--sequential 200] [--max-batch 64] [--json out.json]
+Run:  python bench/overhead.py [--requests 3000] [--sequential 200] [--max-inflight 256] [--json out.json]
 Uses ABQ_BOOTSTRAP_SERVERS / KAFKA_BOOTSTRAP_SERVERS if set, else starts a local broker.
 """
 
@@ -34,8 +35,9 @@ def request(exp, i):
     return InferenceRequest(experiment=exp.name, routing_key=f"user-{i}", prompt=f"benchmark request number {i} " * 4, max_tokens=16)
 
 
-def raw_pipe(settings, n, payload: bytes, partitions: int) -> float:
-    """Records through Kafka and back with a consumer that republishes them: no decode, no engine."""
+def raw_pipe(settings, n, payload: bytes, partitions: int, sequential: int) -> tuple[float, list[float]]:
+    """Records through Kafka and back with a consumer that republishes them: no decode, no engine.
+    Returns records/s for a backlog of n, and round trips of `sequential` records sent one at a time."""
     name = f"abq.raw{uuid.uuid4().hex[:8]}"
     admin = admin_client(settings)
     admin.create_topics({f"{name}.in": {"num_partitions": partitions, "replication_factor": 1},
@@ -68,6 +70,15 @@ def raw_pipe(settings, n, payload: bytes, partitions: int) -> float:
     p = producer(settings)
     t.start()
     time.sleep(3)  # group join
+    rtts = []
+    for i in range(sequential + 1):
+        t0 = time.perf_counter()
+        p.send(f"{name}.in", key=b"seq", value=payload)
+        p.flush()
+        while not out_c.poll(timeout_ms=100):
+            pass
+        if i:  # the first one waits for the relay's group join
+            rtts.append(time.perf_counter() - t0)
     start = time.perf_counter()
     for i in range(n):
         p.send(f"{name}.in", key=str(i).encode(), value=payload)
@@ -80,24 +91,16 @@ def raw_pipe(settings, n, payload: bytes, partitions: int) -> float:
     t.join()
     p.close()
     out_c.close()
-    return n / elapsed
+    return n / elapsed, rtts
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=3000, help="backlog size for the throughput run")
-    ap.add_argument("--sequential", type=int, default=200, help="one-at-a-time requests for latency")
-    ap.add_argument("--max-batch", type=int, default=64)
-    ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    args = ap.parse_args()
-
-    addr, broker = bootstrap()
-    settings = KafkaSettings(bootstrap_servers=addr)
+def measure(settings, addr, args, delivery: str) -> dict:
+    """One echo worker in `delivery` mode: latency one request at a time, then a backlog's throughput."""
     exp = ExperimentConfig(name=f"bench{uuid.uuid4().hex[:8]}", partitions=args.partitions,
                            variants=[{"name": "a", "weight": 100, "engine": "echo"}])
     ensure_topics(settings, exp)
-    worker = start_worker(exp, addr, "a", "--max-batch", str(args.max_batch), "--max-wait-ms", "5")
+    worker = start_worker(exp, addr, "a", "--max-batch", str(args.max_batch), "--max-inflight", str(args.max_inflight),
+                          "--delivery", delivery)
     try:
         with AbqClient(settings, exp) as client:
             # Warm up: the worker joins its group and the first fetches settle.
@@ -112,44 +115,64 @@ def main() -> int:
                 legs["in_worker"].append(tm.finished - tm.dequeued)
                 legs["back_to_caller"].append(now - tm.finished)
 
-            sent = {}
+            sent = set()
             t0 = time.perf_counter()
             for i in range(args.requests):
                 req, _ = client.publisher.publish(request(exp, 100_000 + i))
-                sent[req.id] = time.perf_counter()
+                sent.add(req.id)
             client.publisher.flush()
-            done = {}
-            client.wait(set(sent), timeout=600, on_reply=lambda r: done.__setitem__(r.response.request_id, time.perf_counter()))
+            done = client.wait(sent, timeout=600)
             elapsed = time.perf_counter() - t0
             assert len(done) == len(sent), f"only {len(done)} of {len(sent)} responses"
-        worker_rps = len(done) / elapsed
-        payload = orjson.dumps(request(exp, 0).model_dump(mode="json"))
-        raw_rps = raw_pipe(settings, args.requests, payload, args.partitions)
     finally:
         worker.terminate()
         worker.wait(timeout=30)
-        if broker:
-            broker.stop()
-
-    figures = {
-        "sequential_requests": args.sequential,
+    return {
         "added_latency_ms_p50": 1000 * statistics.median(rtts),
         "added_latency_ms_p95": 1000 * percentile(rtts, 95),
         "added_latency_ms_p99": 1000 * percentile(rtts, 99),
         **{f"leg_{k}_ms_p50": 1000 * statistics.median(v) for k, v in legs.items()},
-        "backlog_requests": args.requests,
-        "worker_requests_per_s": worker_rps,
-        "raw_kafka_pipe_records_per_s": raw_rps,
-        "worker_to_raw_ratio": worker_rps / raw_rps,
-        "max_batch": args.max_batch,
-        "partitions": args.partitions,
+        "requests_per_s": len(done) / elapsed,
     }
-    print(f"\n{'measure':<40}{'value':>12}")
-    for k, v in figures.items():
-        print(f"{k:<40}{v:>12.3f}" if isinstance(v, float) else f"{k:<40}{v:>12}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=3000, help="backlog size for the throughput run")
+    ap.add_argument("--sequential", type=int, default=200, help="one-at-a-time requests for latency")
+    ap.add_argument("--max-batch", type=int, default=64, help="records per poll")
+    ap.add_argument("--max-inflight", type=int, default=256)
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args()
+
+    addr, broker = bootstrap()
+    settings = KafkaSettings(bootstrap_servers=addr)
+    try:
+        modes = {mode: measure(settings, addr, args, mode) for mode in ("at-least-once", "exactly-once")}
+        payload = orjson.dumps(request(ExperimentConfig(name="x", variants=[{"name": "a", "weight": 100}]), 0).model_dump(mode="json"))
+        raw_rps, raw_rtts = raw_pipe(settings, args.requests, payload, args.partitions, args.sequential)
+    finally:
+        if broker:
+            broker.stop()
+
+    alo, eos = modes["at-least-once"], modes["exactly-once"]
+    raw_p50 = 1000 * statistics.median(raw_rtts)
+    for m in modes.values():
+        m["to_raw_pipe_ratio"] = m["requests_per_s"] / raw_rps
+        m["added_over_raw_kafka_ms_p50"] = m["added_latency_ms_p50"] - raw_p50
+    print(f"\n{'measure':<34}{'at-least-once':>15}{'exactly-once':>15}")
+    for k in alo:
+        print(f"{k:<34}{alo[k]:>15.3f}{eos[k]:>15.3f}")
+    print(f"{'raw Kafka relay records/s':<34}{raw_rps:>15.1f}")
+    print(f"{'raw Kafka relay round trip ms p50':<34}{raw_p50:>15.3f}")
+    print(f"{'exactly-once / at-least-once rps':<34}{eos['requests_per_s'] / alo['requests_per_s']:>15.3f}")
     print(f"\nrerun: python bench/overhead.py --requests {args.requests} --sequential {args.sequential} "
-          f"--max-batch {args.max_batch} --partitions {args.partitions}")
+          f"--max-batch {args.max_batch} --max-inflight {args.max_inflight} --partitions {args.partitions}")
     if args.json:
+        figures = {"modes": modes, "raw_kafka_pipe_records_per_s": raw_rps, "raw_kafka_round_trip_ms_p50": raw_p50, "requests": args.requests,
+                   "sequential": args.sequential, "max_batch": args.max_batch, "max_inflight": args.max_inflight,
+                   "partitions": args.partitions}
         args.json.write_text(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
     return 0
 

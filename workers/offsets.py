@@ -23,6 +23,7 @@ class _Partition:
     # The last commit point known to be committed; at first, the first offset fetched, which is
     # where the group's commit stood when this worker got the partition.
     committed: int = -1
+    resend: bool = False  # an asynchronous commit of this partition failed: send the point again
 
 
 class OffsetTracker:
@@ -70,14 +71,25 @@ class OffsetTracker:
         for tp, p in self._parts.items():
             released += self._advance(p)
             point = self._point(p)
-            if point > p.committed:
+            if point > p.committed or (p.resend and point >= p.committed):
                 moved[tp] = point
+                p.resend = False
         return released, moved
 
     def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
         for tp, off in offsets.items():
             if tp in self._parts:
                 self._parts[tp].committed = max(self._parts[tp].committed, off)
+
+    def points(self, partitions=None) -> dict[TopicPartition, int]:
+        """The current commit point of each (given) partition, committed already or not."""
+        return {tp: self._point(p) for tp, p in self._parts.items()
+                if (partitions is None or tp in partitions) and self._point(p) >= 0}
+
+    def commit_failed(self, partitions) -> None:
+        for tp in partitions:
+            if tp in self._parts:
+                self._parts[tp].resend = True
 
     def restart_points(self, partitions) -> dict[TopicPartition, int]:
         """Where to consume these partitions from again after a failed transaction."""

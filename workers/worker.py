@@ -16,6 +16,7 @@ import threading
 import time
 
 from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import CommitFailedError, KafkaError, RetriableError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
@@ -50,7 +51,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.worker._on_revoked(set(revoked))
 
     def on_partitions_assigned(self, assigned):
-        log.info("assigned %d partitions", len(assigned))
+        self.worker._on_assigned(set(assigned))
 
 
 class Worker:
@@ -59,7 +60,7 @@ class Worker:
                  delivery: str = "at-least-once", low_priority_share: float = 0.1,
                  middleware: list[Middleware] | None = None, worker_id: str | None = None,
                  max_poll_interval_ms: int = 300_000, session_timeout_ms: int = 10_000,
-                 create_topics: bool = True, revoke_wait_s: float = 10.0, drain_timeout_s: float = 120.0,
+                 create_topics: bool = True, drain_timeout_s: float = 120.0,
                  engine_attempts: int = 3):
         if delivery not in DELIVERY_MODES:
             raise ValueError(f"delivery {delivery!r} is not one of {', '.join(DELIVERY_MODES)}")
@@ -72,7 +73,7 @@ class Worker:
         self.max_inflight = max_inflight or (2 * max_batch if engine.batching == "static" else 64)
         self.delivery = delivery
         self.engine_attempts = engine_attempts
-        self.revoke_wait_s, self.drain_timeout_s = revoke_wait_s, drain_timeout_s
+        self.drain_timeout_s = drain_timeout_s
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.middleware = middleware if middleware is not None else default_middleware()
         self.registry = CollectorRegistry()
@@ -97,6 +98,10 @@ class Worker:
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             # Requests published inside another pipeline's transaction count only once committed.
             isolation_level="read_committed",
+            # Range splits each priority topic among the workers on its own; cooperative-sticky
+            # balances the partition count over all topics and can leave a worker with only empty
+            # priority levels (seen in tests), which costs more than the work an eager move drops.
+            partition_assignment_strategy=(RangePartitionAssignor,),
         )
         self.consumer.subscribe(list(self.topics.values()), listener=_Rebalance(self))
         if delivery == "exactly-once":
@@ -109,6 +114,7 @@ class Worker:
         self.admission = Admission(self.topics, capacity=self.max_inflight, low_share=low_priority_share)
         self.runner = None
         self._decided: list[Message] = []  # answered or dead-lettered without the engine
+        self._restart: dict[TopicPartition, int] = {}
         self._unpublished: list[Message] = []
         self._retry_at = 0.0
 
@@ -164,6 +170,9 @@ class Worker:
                     drain_until = drain_until or time.monotonic() + self.drain_timeout_s
                     if not self.inflight or time.monotonic() > drain_until:
                         self._deliver(self.runner.take(0))
+                        if self.delivery == "at-least-once":
+                            self.tracker.release()
+                            self.commit(self.tracker.points(), sync=True)
                         break
                     self._deliver(self.runner.take(0.05))
                     continue
@@ -263,8 +272,20 @@ class Worker:
     def _offsets(points: dict[TopicPartition, int]) -> dict[TopicPartition, OffsetAndMetadata]:
         return {tp: OffsetAndMetadata(off, "", -1) for tp, off in points.items()}
 
-    def commit(self, points: dict[TopicPartition, int]) -> None:
+    def commit(self, points: dict[TopicPartition, int], sync: bool = False) -> None:
+        """Commit points whose responses are safe. Asynchronous on the hot path: a commit that fails
+        is sent again with the next one, and a crash before it lands only means redoing those records;
+        synchronous where the partitions are about to change hands."""
         if not points:
+            return
+        if not sync:
+            def landed(offsets, result):
+                if isinstance(result, Exception):
+                    log.warning("commit failed (%s); it is sent again with the next one", result)
+                    self.tracker.commit_failed(offsets)
+
+            self.tracker.mark_committed(points)
+            self.consumer.commit_async(self._offsets(points), callback=landed)
             return
         try:
             retrying("commit", RetriableError, attempts=5)(self.consumer.commit, self._offsets(points))
@@ -287,16 +308,34 @@ class Worker:
 
     # -- rebalances ------------------------------------------------------------------------------
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Finish what the engine has of these partitions (briefly), commit, and let them go."""
-        dropped = len(self.admission.drop(revoked))  # never started: they stay below the commit point
-        deadline = time.monotonic() + self.revoke_wait_s
-        while self.runner and self.tracker.unanswered(revoked) > dropped and time.monotonic() < deadline:
-            self._deliver(self.runner.take(0.05))
-        self._retry_at = 0.0
-        self._deliver([])
-        log.info("partitions revoked: %d; %d requests left to their next owner", len(revoked),
-                 self.tracker.unanswered(revoked))
+        """Let revoked partitions go. kafka-python runs this on its IO thread, where nothing may block:
+        the commit point goes out asynchronously, work still buffered or with the engine is dropped
+        (its new owner redoes it), and no response for these partitions is published from here on."""
+        if not revoked:
+            return
+        self.admission.drop(revoked)
+        self.tracker.release()
+        points = self.tracker.points(revoked) if self.delivery == "at-least-once" else {}
+        # Where to start again should a partition come straight back: kafka-python keeps a retained
+        # partition's position (past the dropped records) and its paused flag across the rebalance.
+        self._restart = points or self.tracker.restart_points(revoked)
+        left = self.tracker.unanswered(revoked)
         self.tracker.forget(revoked)
+        if points:
+            try:
+                self.consumer.commit_async(self._offsets(points))
+            except KafkaError as e:
+                log.warning("could not commit revoked partitions (%s); their new owner redoes from the last commit", e)
+        log.info("partitions revoked: %d; %d unanswered requests left to their next owner", len(revoked), left)
+
+
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        for tp in assigned & set(self._restart):
+            self.consumer.seek(tp, self._restart[tp])
+        if assigned:
+            self.consumer.resume(*assigned)  # nothing of them is buffered here any more
+        self._restart = {}
+        log.info("assigned %d partitions", len(assigned))
 
 
 def process_start_time() -> float:
