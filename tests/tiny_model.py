@@ -20,7 +20,15 @@ ENGINE_ARGS = {"load_format": "dummy", "dtype": "float32", "max_model_len": 256,
                "max_num_seqs": 32, "seed": 0}
 
 
-def make_tiny_model(directory: Path) -> Path:
+# Shapes of the generated model. "tiny" is what the tests run; "small" (~30M parameters) makes the
+# engine, not the queue, dominate on CPU, as a real model does on a GPU.
+SIZES = {
+    "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1},
+    "small": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2},
+}
+
+
+def make_tiny_model(directory: Path, size: str = "tiny") -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
@@ -36,8 +44,7 @@ def make_tiny_model(directory: Path) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+    config = LlamaConfig(vocab_size=512, **SIZES[size], max_position_embeddings=512,
                          bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
     config.save_pretrained(directory)
     # Some transformers versions drop the template from tokenizer_config; keep a copy beside it.

@@ -1,0 +1,211 @@
+"""What a GPU worker fed from Kafka delivers, against vLLM called directly: same prompts, same engine.
+
+  (a) vLLM directly: AsyncLLM in this process, every prompt submitted at once (it batches continuously);
+  (b) producer -> Kafka -> `abq worker --engine vllm` (its own process) -> Kafka -> consumer, every
+      prompt published at once.
+Reports requests/s, output tokens/s and latency percentiles of both, the ratio b/a, and, with
+--sequential N, the latency each path adds at low load (one request at a time).
+
+Greedy decoding on the same weights gives both paths the same output tokens, so the token counts
+double as a check that they did the same work.
+
+CPU (default): the tiny random Llama the tests use (vLLM's CPU build; minutes, mostly engine start).
+GPU: --model /path/to/model [--engine-arg gpu_memory_utilization=0.9 ...].
+
+Run:  python bench/throughput.py [--requests 64] [--max-tokens 32] [--sequential 10] [--json out.json]
+Uses ABQ_BOOTSTRAP_SERVERS / KAFKA_BOOTSTRAP_SERVERS if set, else starts a local broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import orjson
+import yaml
+from common import bootstrap, free_port, percentile, start_worker
+
+from kafkaio import KafkaSettings, ensure_topics
+from producers import AbqClient
+from schemas import ExperimentConfig, InferenceRequest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tiny_model import ENGINE_ARGS, make_tiny_model  # noqa: E402
+
+WORDS = "queue worker batch token engine kafka model variant prompt latency cache partition offset".split()
+
+
+def prompts(n: int, seed: int = 7) -> list[str]:
+    rnd = random.Random(seed)
+    return [" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(3, 12))) for _ in range(n)]
+
+
+def summarise(latencies: list[float], out_tokens: int, elapsed: float) -> dict:
+    return {
+        "requests_per_s": len(latencies) / elapsed,
+        "output_tokens_per_s": out_tokens / elapsed,
+        "output_tokens": out_tokens,
+        "latency_ms_p50": 1000 * statistics.median(latencies),
+        "latency_ms_p95": 1000 * percentile(latencies, 95),
+        "elapsed_s": elapsed,
+    }
+
+
+def direct(model: str, engine_args: dict, texts: list[str], max_tokens: int, sequential: int) -> tuple[dict, list[float]]:
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, output_kind=RequestOutputKind.FINAL_ONLY)
+
+    async def run():
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **engine_args))
+
+        async def one(text):
+            start, final = time.perf_counter(), None
+            async for out in llm.generate(text, params, request_id=uuid.uuid4().hex):
+                final = out
+            return time.perf_counter() - start, sum(len(o.token_ids) for o in final.outputs)
+
+        try:
+            await one("warm up")
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(one(t) for t in texts))
+            elapsed = time.perf_counter() - t0
+            seq = [(await one(t))[0] for t in texts[:sequential]]
+        finally:
+            llm.shutdown()
+        return summarise([r[0] for r in results], sum(r[1] for r in results), elapsed), seq
+
+    return asyncio.run(run())
+
+
+def through_kafka(addr: str, model: str, engine_args: dict, texts: list[str], max_tokens: int, sequential: int,
+                  max_inflight: int) -> tuple[dict, list[float]]:
+    settings = KafkaSettings(bootstrap_servers=addr)
+    exp = ExperimentConfig(name=f"tput{uuid.uuid4().hex[:8]}", partitions=4, variants=[
+        {"name": "v", "weight": 100, "engine": "vllm", "model": model, "engine_args": engine_args,
+         "max_tokens_limit": max(4096, max_tokens)}])
+    ensure_topics(settings, exp)
+    port = free_port()
+    worker = start_worker(exp, addr, "v", "--max-inflight", str(max_inflight), "--metrics-port", str(port))
+    try:
+        deadline = time.monotonic() + 1200
+        while time.monotonic() < deadline:  # engine start is not part of the measurement
+            assert worker.poll() is None, "the worker exited while starting; see its log above"
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        with AbqClient(settings, exp) as client:
+            def req(i, text):
+                return InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=text, max_tokens=max_tokens, temperature=0)
+
+            client.submit(req(-1, "warm up"), timeout=600)
+            sent, done = {}, {}
+            t0 = time.perf_counter()
+            for i, text in enumerate(texts):
+                r, _ = client.publisher.publish(req(i, text))
+                sent[r.id] = time.perf_counter()
+            client.publisher.flush()
+            client.wait(set(sent), timeout=3600, on_reply=lambda r: done.__setitem__(r.response.request_id, (time.perf_counter(), r.response)))
+            elapsed = time.perf_counter() - t0
+            assert len(done) == len(sent), f"only {len(done)} of {len(sent)} responses"
+            failed = [resp.error for _, resp in done.values() if not resp.ok]
+            assert not failed, f"{len(failed)} requests failed: {failed[0]}"
+            latencies = [done[i][0] - sent[i] for i in sent]
+            tokens = sum(resp.usage.completion_tokens for _, resp in done.values())
+            # Where the time went, per request (wall clocks of one machine, or of NTP-synced ones).
+            legs = {"to_worker": [], "waiting_in_worker": [], "engine": [], "back_to_caller": []}
+            for i in sent:
+                got_at, resp = done[i]
+                t, received = resp.timings, time.time() - (time.perf_counter() - got_at)
+                legs["to_worker"].append(t.dequeued - t.enqueued)
+                legs["waiting_in_worker"].append((t.started or t.dequeued) - t.dequeued)
+                legs["engine"].append(t.finished - (t.started or t.dequeued))
+                legs["back_to_caller"].append(received - t.finished)
+            seq = []
+            for i, text in enumerate(texts[:sequential]):
+                start = time.perf_counter()
+                client.submit(req(10_000 + i, text), timeout=600)
+                seq.append(time.perf_counter() - start)
+        return {**summarise(latencies, tokens, elapsed),
+                **{f"leg_{k}_ms_p50": 1000 * statistics.median(v) for k, v in legs.items()},
+                **{f"leg_{k}_ms_p95": 1000 * percentile(v, 95) for k, v in legs.items()}}, seq
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="local model directory (default: a random Llama made here, for CPU)")
+    ap.add_argument("--size", choices=["tiny", "small"], default="tiny", help="shape of the random Llama when no --model")
+    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="vLLM engine argument, repeatable")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--sequential", type=int, default=10, help="one-at-a-time requests for added latency (0: skip)")
+    ap.add_argument("--max-inflight", type=int, default=256, help="the worker's --max-inflight")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args()
+
+    engine_args = {k: yaml.safe_load(v) for k, _, v in (a.partition("=") for a in args.engine_arg)}
+    model = args.model
+    if model is None:
+        model = str(make_tiny_model(Path(tempfile.mkdtemp(prefix="abq-tiny-")), args.size))
+        engine_args = {**ENGINE_ARGS, **engine_args}
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # The engine on core 0 only, in both paths: Kafka and the worker's Python keep the other
+        # core(s), as they keep the host CPUs beside a GPU. Unbound, torch takes every core and the
+        # comparison measures CPU starvation of the broker instead of the queue.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")
+    texts = prompts(args.requests)
+    print(f"(a) vLLM directly: {args.requests} prompts, max_tokens {args.max_tokens}", file=sys.stderr)
+    a, a_seq = direct(model, engine_args, texts, args.max_tokens, args.sequential)
+    addr, broker = bootstrap()
+    try:
+        print("(b) through Kafka and an abq worker", file=sys.stderr)
+        b, b_seq = through_kafka(addr, model, engine_args, texts, args.max_tokens, args.sequential, args.max_inflight)
+    finally:
+        if broker:
+            broker.stop()
+
+    figures = {"direct": a, "through_kafka": b,
+               "ratio_output_tokens_per_s": b["output_tokens_per_s"] / a["output_tokens_per_s"],
+               "ratio_requests_per_s": b["requests_per_s"] / a["requests_per_s"]}
+    if args.sequential:
+        figures["low_load_ms_p50_direct"] = 1000 * statistics.median(a_seq)
+        figures["low_load_ms_p50_through_kafka"] = 1000 * statistics.median(b_seq)
+        figures["added_latency_ms_p50"] = figures["low_load_ms_p50_through_kafka"] - figures["low_load_ms_p50_direct"]
+    print(f"\n{'measure':<24}{'(a) direct':>14}{'(b) kafka':>14}{'b/a':>8}")
+    for k in a:
+        print(f"{k:<24}{a[k]:>14.2f}{b[k]:>14.2f}{b[k] / a[k] if a[k] else float('nan'):>8.3f}")
+    for k in (k for k in b if k.startswith("leg_")):
+        print(f"{k:<34}{b[k]:>14.2f}")
+    if args.sequential:
+        print(f"{'low load p50 ms':<24}{figures['low_load_ms_p50_direct']:>14.2f}{figures['low_load_ms_p50_through_kafka']:>14.2f}")
+        print(f"added latency at low load (p50): {figures['added_latency_ms_p50']:.2f} ms")
+    if a["output_tokens"] != b["output_tokens"]:
+        print(f"note: output tokens differ ({a['output_tokens']} vs {b['output_tokens']}); check the engine settings match")
+    rerun = f"python bench/throughput.py --requests {args.requests} --max-tokens {args.max_tokens} --sequential {args.sequential}"
+    rerun += f" --model {args.model}" if args.model else f" --size {args.size}" + "".join(f" --engine-arg {e}" for e in args.engine_arg)
+    print(f"\nrerun: {rerun}")
+    if args.json:
+        args.json.write_text(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
