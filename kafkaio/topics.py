@@ -25,7 +25,7 @@ def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list
         wanted: dict[str, dict] = {}
         for v in experiment.variants:
             for topic in experiment.request_topics(v.name).values():
-                wanted[topic] = {"num_partitions": experiment.partitions}
+                wanted[topic] = {"num_partitions": experiment.partitions_for(v.name)}
         wanted[experiment.response_topic] = {"num_partitions": experiment.partitions}
         wanted[experiment.deadletter_topic] = {"num_partitions": 1}
         missing = {t: {**o, "replication_factor": experiment.replication_factor} for t, o in wanted.items() if t not in existing}

@@ -43,6 +43,49 @@ class VllmSettings(BaseModel):
 ENGINES = ("echo", "vllm", "vllm-batch")
 
 
+class ScalingConfig(BaseModel):
+    """How KEDA scales a variant's workers on its consumer group's lag (KEDA's Kafka trigger)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=0, ge=0, description="0 lets the variant scale to zero")
+    max_replicas: int = Field(default=4, ge=1)
+    lag_threshold: int = Field(default=32, ge=1, description="target lag per replica (KEDA lagThreshold)")
+    activation_lag_threshold: int = Field(default=0, ge=0, description="lag above which a variant at zero wakes")
+    polling_interval: int = Field(default=15, ge=1, description="seconds between KEDA's lag checks")
+    cooldown_period: int = Field(default=300, ge=0, description="seconds without lag before scaling to zero")
+    offset_reset_policy: Literal["earliest", "latest"] = Field(default="earliest", description="must match the workers (earliest)")
+    allow_idle_consumers: bool = False
+    limit_to_partitions_with_lag: bool = False
+    exclude_persistent_lag: bool = False
+    scale_to_zero_on_invalid_offset: bool = False
+    ensure_even_distribution_of_partitions: bool = False
+    scale_down_stabilization_seconds: int = Field(default=300, ge=0, description="HPA scale-down window")
+    drain_seconds: int = Field(default=120, ge=1, description="longest a worker needs to finish its in-flight work")
+
+    @model_validator(mode="after")
+    def _keda_rules(self) -> "ScalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        if self.limit_to_partitions_with_lag and (self.allow_idle_consumers or self.ensure_even_distribution_of_partitions):
+            raise ValueError("KEDA refuses limit_to_partitions_with_lag with allow_idle_consumers or "
+                             "ensure_even_distribution_of_partitions; pick one")
+        return self
+
+
+class DeployConfig(BaseModel):
+    """What a variant's worker pods ask of the cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: int = Field(default=1, ge=0, description="nvidia.com/gpu per worker")
+    cpu: str = "4"
+    memory: str = "32Gi"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    max_inflight: int | None = Field(default=None, ge=1, description="the worker's --max-inflight")
+
+
 class VariantConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -55,6 +98,8 @@ class VariantConfig(BaseModel):
     engine_args: dict[str, Any] = Field(default_factory=dict, description="further engine arguments, passed as is")
     max_prompt_chars: int = Field(default=100_000, ge=1, description="longer prompts are dead-lettered")
     max_tokens_limit: int = Field(default=4096, ge=1, description="larger max_tokens are dead-lettered")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     @field_validator("weight")
     @classmethod
@@ -115,6 +160,11 @@ class ExperimentConfig(BaseModel):
     @property
     def deadletter_topic(self) -> str:
         return f"{TOPIC_PREFIX}.{self.name}.deadletter"
+
+    def partitions_for(self, variant: str) -> int:
+        """A variant's request topics have at least as many partitions as it may have workers:
+        a worker beyond the partition count would get nothing to do."""
+        return max(self.partitions, self.variant(variant).scaling.max_replicas)
 
     def consumer_group(self, variant: str) -> str:
         return f"{TOPIC_PREFIX}.{self.name}.{variant}.workers"

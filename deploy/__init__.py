@@ -1,0 +1,1 @@
+"""Kubernetes manifests and KEDA ScaledObjects rendered from an experiment config, and their validation."""
