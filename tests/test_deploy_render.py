@@ -1,0 +1,91 @@
+"""`abq deploy render`: the manifests validate against the Kubernetes, KEDA and Strimzi schemas; an
+invalid one is caught; the checked-in k8s/ and keda/ are exactly what the example config renders."""
+
+import copy
+import subprocess
+
+import pytest
+import yaml
+
+from deploy.render import Target, render
+from deploy.validate import ManifestError, validate_document, validate_files
+from schemas import load_experiment
+
+from conftest import REPO, abq_cmd
+
+EXAMPLE = REPO / "examples" / "experiment.yaml"
+FLAGS = ["--security-protocol", "SASL_SSL", "--sasl-mechanism", "SCRAM-SHA-512", "--sasl-secret", "abq-kafka-user",
+         "--tls-secret", "abq-kafka-ca", "--models-pvc", "models"]
+
+
+def _rendered():
+    exp = load_experiment(EXAMPLE)
+    return exp, render(exp, Target(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_secret="abq-kafka-user",
+                                   tls_secret="abq-kafka-ca", models_pvc="models"))
+
+
+def _doc(files, kind, name_part=""):
+    return next(d for docs in files.values() for d in docs if d["kind"] == kind and name_part in d["metadata"]["name"])
+
+
+def test_every_rendered_resource_validates():
+    exp, files = _rendered()
+    assert validate_files(files) == 20
+    kinds = sorted(d["kind"] for docs in files.values() for d in docs)
+    assert kinds.count("Deployment") == kinds.count("ScaledObject") == kinds.count("PodDisruptionBudget") == 2
+    assert kinds.count("KafkaTopic") == 2 * 3 + 2  # a topic per variant and priority, responses, dead letters
+
+
+@pytest.mark.parametrize("kind,mutate,problem", [
+    ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0].update(imagePullPolicy=3), "imagePullPolicy"),
+    ("Deployment", lambda d: d["spec"]["template"]["spec"].update(terminationGracePeriod=30), "terminationGracePeriod"),
+    ("ScaledObject", lambda d: d["spec"].update(pollingInterval="15"), "pollingInterval"),
+    ("ScaledObject", lambda d: d["spec"]["triggers"][0].pop("type"), "type"),
+    ("KafkaTopic", lambda d: d["spec"].update(partitions="eight"), "partitions"),
+    ("TriggerAuthentication", lambda d: d["spec"]["secretTargetRef"][0].pop("key"), "key"),
+])
+def test_an_invalid_manifest_is_caught(kind, mutate, problem):
+    _, files = _rendered()
+    doc = copy.deepcopy(_doc(files, kind))
+    validate_document(doc)
+    mutate(doc)
+    with pytest.raises(ManifestError, match=problem):
+        validate_document(doc)
+
+
+def test_workers_scale_on_their_own_lag_and_drain_before_they_go():
+    exp, files = _rendered()
+    for v in exp.variants:
+        so, dep = _doc(files, "ScaledObject", v.name), _doc(files, "Deployment", v.name)
+        assert so["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+        assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (v.scaling.min_replicas, v.scaling.max_replicas)
+        topics = {t["metadata"]["topic"] for t in so["spec"]["triggers"]}
+        assert topics == set(exp.request_topics(v.name).values())
+        assert {t["metadata"]["consumerGroup"] for t in so["spec"]["triggers"]} == {exp.consumer_group(v.name)}
+        assert all(t["metadata"]["offsetResetPolicy"] == "earliest" for t in so["spec"]["triggers"])  # as the workers
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] > v.scaling.drain_seconds
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        c = pod["containers"][0]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert c["args"][c["args"].index("--variant") + 1] == v.name
+        # Every replica KEDA may start has a partition of each priority topic.
+        for topic in exp.request_topics(v.name).values():
+            kt = next(d for d in files["k8s/kafkatopics.yaml"] if d["spec"]["topicName"] == topic)
+            assert kt["spec"]["partitions"] >= v.scaling.max_replicas
+    rules = {r["alert"] for r in _doc(files, "PrometheusRule")["spec"]["groups"][0]["rules"]}
+    assert {"AbqErrorBudgetFastBurn", "AbqErrorBudgetSlowBurn", "AbqLatencyP95High", "AbqDeadLettersGrowing",
+            "AbqLagGrowingAtMaxReplicas", "AbqConsumerGroupEmptyWithLag"} <= rules
+
+
+def test_checked_in_manifests_are_what_the_example_renders(tmp_path):
+    out = subprocess.run(abq_cmd("deploy", "render", "--experiment", str(EXAMPLE), "--out", str(tmp_path), *FLAGS),
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    for sub in ("k8s", "keda"):
+        fresh = {p.name: p.read_text() for p in (tmp_path / sub).glob("*.yaml")}
+        checked_in = {p.name: p.read_text() for p in (REPO / sub).glob("*.yaml")}
+        assert fresh == checked_in, f"{sub}/ is stale: rerun abq deploy render --experiment examples/experiment.yaml --out . {' '.join(FLAGS)}"
+        kustomization = yaml.safe_load(fresh["kustomization.yaml"])
+        assert sorted(kustomization["resources"]) == sorted(n for n in fresh if n != "kustomization.yaml")
