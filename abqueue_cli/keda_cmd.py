@@ -48,6 +48,7 @@ def register(sub) -> None:
         ("--stabilization-window", "stabilizationWindowSeconds", int, "HPA scale-down stabilization (s)"),
         ("--partitions", "partitions", int, "partitions of the variant's topic"),
         ("--cold-start", "cold_start_s", int, "seconds from pod creation to serving (default 120)"),
+        ("--request-seconds", "request_seconds", float, "seconds a request spends in a worker, uncommitted (default 0)"),
     ):
         sim.add_argument(flag, dest=dest, type=type_, default=None, help=help_)
     sim.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...", help="compare values of one setting, e.g. lagThreshold=5,10,20")
@@ -120,7 +121,7 @@ def _settings(args: argparse.Namespace):
                 "cooldownPeriod": sc.cooldown_period, "stabilizationWindowSeconds": sc.scale_down_stabilization_seconds,
                 "partitions": exp.partitions_for(args.variant)}
     for name in ("lagThreshold", "activationLagThreshold", "minReplicas", "maxReplicas", "pollingInterval",
-                 "cooldownPeriod", "stabilizationWindowSeconds", "partitions", "cold_start_s"):
+                 "cooldownPeriod", "stabilizationWindowSeconds", "partitions", "cold_start_s", "request_seconds"):
         if getattr(args, name) is not None:
             base[name] = getattr(args, name)
     rps = args.per_replica_rps

@@ -2,7 +2,8 @@
 
 One-second steps. Each second the arrivals join a FIFO backlog and the ready replicas (at most one
 per partition: a consumer beyond the partition count has nothing to read) serve up to
-`per_replica_rps` each. Every `polling_interval` KEDA reads the backlog as lag and decides, with the
+`per_replica_rps` each. Every `polling_interval` KEDA reads the lag (the backlog, plus the requests workers are still
+on: throughput x `request_seconds`, uncommitted until answered) and decides, with the
 same arithmetic as `keda plan` (scaling/kafka_scaler.py): wake from zero when active, otherwise the
 HPA's ceil(metric / lagThreshold) within its tolerance, scale-up limit (double or +4 pods per
 step, the HPA default) and scale-down stabilization window; back to zero only after
@@ -35,10 +36,11 @@ class Settings:
     partitions: int = 6
     per_replica_rps: float = 1.0
     cold_start_s: int = 120
+    request_seconds: float = 0.0  # time a request spends in a worker; its offset stays uncommitted meanwhile
     gpus_per_replica: int = 1
 
     SWEEPABLE = ("lagThreshold", "activationLagThreshold", "minReplicas", "maxReplicas", "pollingInterval",
-                 "cooldownPeriod", "stabilizationWindowSeconds", "partitions", "per_replica_rps", "cold_start_s")
+                 "cooldownPeriod", "stabilizationWindowSeconds", "partitions", "per_replica_rps", "cold_start_s", "request_seconds")
 
 
 @dataclass
@@ -91,6 +93,7 @@ def simulate(arrivals_per_second: list[int], s: Settings, initial_replicas: int 
             res.backlog += arriving
         ready = sum(1 for r in pods if r <= t)
         serving = min(ready, s.partitions)
+        served_before = res.served
         credit = credit + serving * s.per_replica_rps if serving else 0.0
         while queue and credit >= 1:
             take = min(queue[0][1], int(credit))
@@ -104,8 +107,11 @@ def simulate(arrivals_per_second: list[int], s: Settings, initial_replicas: int 
         if not queue:
             credit = min(credit, serving * s.per_replica_rps)  # idle capacity is not banked
         if t % s.pollingInterval == 0:
-            pods = _autoscale(t, pods, res.backlog, s, recommendations, last_active)
-            if res.backlog > s.activationLagThreshold:
+            # Kafka lag is what is not committed: the backlog, and (Little's law) the requests the
+            # workers are still on, which commit only once answered.
+            lag = res.backlog + round((res.served - served_before) * s.request_seconds)
+            pods = _autoscale(t, pods, lag, s, recommendations, last_active)
+            if lag > s.activationLagThreshold:
                 last_active = t
         res.gpu_seconds += len(pods) * s.gpus_per_replica
         res.timeline.append({"t": t, "arrived": arriving, "backlog": res.backlog, "replicas": len(pods), "ready": ready})
