@@ -39,3 +39,12 @@ def assign_variant(config: ExperimentConfig, routing_key: str) -> str:
         if start <= b < end:
             return name
     raise AssertionError("weights sum to 100, so every bucket has a variant")  # pragma: no cover
+
+
+def assign(config: ExperimentConfig, routing_key: str, metadata: dict | None = None) -> tuple[str, str]:
+    """(variant, assigned_by): a matching segment override first ("override:<name>"), else the
+    weighted buckets ("weights"). Override traffic is not randomised, so analysis keeps it apart."""
+    for o in config.overrides:
+        if o.matches(metadata or {}):
+            return o.variant, f"override:{o.name}"
+    return assign_variant(config, routing_key), "weights"

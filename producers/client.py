@@ -18,10 +18,17 @@ class AbqClient:
     """One experiment's producer plus a listener on its responses (or a `reply_to`) topic."""
 
     def __init__(self, settings: KafkaSettings, experiment: ExperimentConfig, reply_topic: str | None = None,
-                 start_offsets: dict[int, int] | None = None, create_topics: bool = True):
+                 start_offsets: dict[int, int] | None = None, create_topics: bool = True, follow: bool = False):
+        """follow: take weights, overrides and new variants from the live config topic as they are applied."""
         self.experiment = experiment
+        self.follower = None
+        if follow:
+            from producers.live_config import ConfigFollower
+
+            self.follower = ConfigFollower(settings)
+            self.follower.caught_up.wait(timeout=10)  # start from the live version, not the file's
         # The publisher first: it creates the experiment's topics, the responses topic among them.
-        self.publisher = RequestPublisher(settings, experiment, create_topics)
+        self.publisher = RequestPublisher(settings, experiment, create_topics, follow=self.follower)
         self.listener = ResponseListener(settings, reply_topic or experiment.response_topic, start_offsets)
 
     def submit(self, request: InferenceRequest, timeout: float = 60.0, traceparent: str | None = None) -> Reply:
@@ -51,6 +58,8 @@ class AbqClient:
         return got
 
     def close(self) -> None:
+        if self.follower:
+            self.follower.close()
         self.publisher.close()
         self.listener.close()
 

@@ -8,7 +8,7 @@ from kafka.producer.future import FutureRecordMetadata
 
 from kafkaio import KafkaSettings, ensure_topics, producer, topic_max_message_bytes
 from producers import tracing
-from producers.assignment import assign_variant
+from producers.assignment import assign
 from schemas import ConfigError, ExperimentConfig, InferenceRequest, encode
 
 log = logging.getLogger(__name__)
@@ -25,31 +25,58 @@ class RequestTooLarge(ValueError):
 class RequestPublisher:
     """Publishes requests of one experiment. Thread-safe (kafka-python's producer is)."""
 
-    def __init__(self, settings: KafkaSettings, experiment: ExperimentConfig, create_topics: bool = True):
+    def __init__(self, settings: KafkaSettings, experiment: ExperimentConfig, create_topics: bool = True, follow=None):
+        """`follow`: a ConfigFollower; the experiment's live config then replaces `experiment`
+        as soon as a new version is applied (new variants get their topics first)."""
+        self.settings = settings
         self.experiment = experiment
+        self.create_topics = create_topics
         if create_topics:
             ensure_topics(settings, experiment)
-        topics = [t for v in experiment.variants for t in experiment.request_topics(v.name).values()]
-        self._max_bytes = topic_max_message_bytes(settings, topics)
+        self._max_bytes = topic_max_message_bytes(settings, self._topics(experiment))
         # The producer must accept what the largest topic accepts, or it refuses first with a vaguer error.
         self._producer = producer(settings, max_request_size=max(self._max_bytes.values()) + RECORD_OVERHEAD)
+        if follow is not None:
+            follow.on_change(self._config_changed)
+            live = follow.get(experiment.name)
+            if live is not None:
+                self._config_changed(live)
 
-    def assign(self, request: InferenceRequest) -> InferenceRequest:
+    @staticmethod
+    def _topics(experiment: ExperimentConfig) -> list[str]:
+        return [t for v in experiment.variants for t in experiment.request_topics(v.name).values()]
+
+    def _config_changed(self, record) -> None:
+        new = record.experiment
+        if new.name != self.experiment.name or new == self.experiment:
+            return
+        if self.create_topics:
+            ensure_topics(self.settings, new)  # before any request can be routed to a new variant
+        self._max_bytes = {**self._max_bytes, **topic_max_message_bytes(self.settings, self._topics(new))}
+        old = {v.name: v.weight for v in self.experiment.variants}
+        self.experiment = new
+        log.info("experiment %s v%d: weights %s (were %s)", new.name, record.version,
+                 {v.name: v.weight for v in new.variants}, old)
+
+    def assign(self, request: InferenceRequest, experiment: ExperimentConfig | None = None) -> InferenceRequest:
         """The request with its variant set (kept if the caller pinned a known one)."""
-        if request.experiment != self.experiment.name:
+        experiment = experiment or self.experiment
+        if request.experiment != experiment.name:
             raise ConfigError(
                 f"request {request.id} is for experiment {request.experiment!r}, this producer serves "
-                f"{self.experiment.name!r}; pass the matching --config"
+                f"{experiment.name!r}; pass the matching --config"
             )
         if request.variant is not None:
-            self.experiment.variant(request.variant)  # raises ConfigError naming the known variants
-            return request
-        return request.model_copy(update={"variant": assign_variant(self.experiment, request.routing_key)})
+            experiment.variant(request.variant)  # raises ConfigError naming the known variants
+            return request if request.assigned_by else request.model_copy(update={"assigned_by": "pinned"})
+        variant, by = assign(experiment, request.routing_key, request.metadata)
+        return request.model_copy(update={"variant": variant, "assigned_by": by})
 
     def publish(self, request: InferenceRequest, traceparent: str | None = None) -> tuple[InferenceRequest, FutureRecordMetadata]:
         """Send without waiting; returns the assigned request and the send's future."""
-        request = self.assign(request)
-        topic = self.experiment.request_topic(request.variant, request.priority)
+        experiment = self.experiment  # one version for the whole call, whatever the follower does meanwhile
+        request = self.assign(request, experiment)
+        topic = experiment.request_topic(request.variant, request.priority)
         value = encode(request)
         key = request.routing_key.encode()
         tp = traceparent if traceparent and tracing.is_valid(traceparent) else tracing.new_traceparent()

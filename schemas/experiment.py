@@ -110,6 +110,24 @@ class VariantConfig(BaseModel):
         return w
 
 
+class SegmentOverride(BaseModel):
+    """Requests whose metadata match go to `variant` whatever the weights (like a header-match route
+    in a service mesh). Every key in `match` must equal the metadata value (or be one of a list)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN, description="reported as assigned_by override:<name>")
+    match: dict[str, str | int | bool | list[str | int | bool]] = Field(min_length=1)
+    variant: str
+
+    def matches(self, metadata: dict[str, Any]) -> bool:
+        for key, want in self.match.items():
+            have = metadata.get(key)
+            if have is None or (have not in want if isinstance(want, list) else have != want):
+                return False
+        return True
+
+
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -118,6 +136,7 @@ class ExperimentConfig(BaseModel):
     control: str | None = Field(default=None, description="the baseline variant; the first one if unset")
     partitions: int = Field(default=6, ge=1, le=1000, description="partitions of each variant's topic")
     replication_factor: int = Field(default=1, ge=1, le=10)
+    overrides: list[SegmentOverride] = Field(default_factory=list, description="checked in order, before the weights")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ExperimentConfig":
@@ -130,6 +149,12 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"variant weights sum to {total:g}, they must sum to 100")
         if self.control is not None and self.control not in names:
             raise ValueError(f"control variant {self.control!r} is not one of the variants {names}")
+        for o in self.overrides:
+            if o.variant not in names:
+                raise ValueError(f"override {o.name!r} sends to variant {o.variant!r}, which is not one of {names}")
+        onames = [o.name for o in self.overrides]
+        if len(set(onames)) != len(onames):
+            raise ValueError(f"duplicate override names: {', '.join(sorted({n for n in onames if onames.count(n) > 1}))}")
         return self
 
     @property

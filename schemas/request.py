@@ -40,6 +40,8 @@ class InferenceRequest(BaseModel):
     experiment: str = Field(min_length=1, max_length=100)
     routing_key: str = Field(min_length=1, max_length=512, description="user or session key; sticky")
     variant: str | None = Field(default=None, description="set by the producer from the assignment")
+    assigned_by: str | None = Field(default=None, max_length=100,
+                                    description="weights, override:<name> or pinned; set by the producer")
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT)

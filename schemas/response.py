@@ -50,6 +50,7 @@ class InferenceResponse(BaseModel):
     request_id: str
     experiment: str
     variant: str
+    assigned_by: str | None = Field(default=None, description="copied from the request: weights, override:<name>, pinned")
     model: str
     outputs: list[str] = Field(default_factory=list, description="one text per requested sample (n)")
     finish_reason: FinishReason | None = None

@@ -57,7 +57,7 @@ class Message:
             if per_sample > 1:
                 tpot = max(0.0, finished - first_token) / (per_sample - 1)
         self.response = InferenceResponse(
-            request_id=req.id, experiment=req.experiment, variant=variant, model=model,
+            request_id=req.id, experiment=req.experiment, variant=variant, assigned_by=req.assigned_by, model=model,
             outputs=outputs or [], finish_reason=finish_reason, usage=usage,
             timings=Timings(enqueued=self.enqueued_at, dequeued=self.dequeued_at, started=self.started,
                             first_token=first_token, finished=finished, ttft_s=ttft, tpot_s=tpot),

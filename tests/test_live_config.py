@@ -1,0 +1,111 @@
+"""Live experiment configs in Kafka: a running producer follows weight changes within seconds,
+sticky keys only move toward the variant gaining weight, new variants get topics, invalid configs
+are never published, and segment overrides win over the weights."""
+
+import subprocess
+import time
+
+import yaml
+
+from kafkaio import admin_client
+from producers import AbqClient, live_config
+from producers.assignment import assign
+from schemas import ExperimentConfig, InferenceRequest
+
+from conftest import REPO, abq_cmd, new_experiment, write_config
+
+
+def _assignments(client, exp, keys):
+    return {k: client.publisher.assign(InferenceRequest(experiment=exp.name, routing_key=k, prompt="x")).variant for k in keys}
+
+
+def test_weight_change_reaches_a_running_producer_within_5s_and_keys_only_move_to_the_gainer(settings, kafka_bootstrap, tmp_path):
+    exp = new_experiment(variants=(("control", 90), ("candidate", 10)))
+    live_config.apply(settings, exp)
+    keys = [f"user-{i}" for i in range(3000)]
+    with AbqClient(settings, exp, follow=True) as client:
+        before = _assignments(client, exp, keys)
+        raised = exp.model_copy(update={"variants": [exp.variants[0].model_copy(update={"weight": 70}),
+                                                     exp.variants[1].model_copy(update={"weight": 30})]})
+        path = write_config(raised, tmp_path)
+        out = subprocess.run(abq_cmd("experiment", "apply", str(path), "--comment", "ramp", "--bootstrap-servers", kafka_bootstrap),
+                             capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        assert "v2: control 70, candidate 30 (was v1: control 90, candidate 10)" in out.stdout
+        applied = time.monotonic()
+        while client.publisher.experiment.variants[1].weight != 30 and time.monotonic() - applied < 5:
+            time.sleep(0.05)
+        took = time.monotonic() - applied
+        assert took < 5, "the producer did not pick up the new weights within 5 s"
+        after = _assignments(client, exp, keys)
+    moved = [k for k in keys if before[k] != after[k]]
+    assert moved and all(before[k] == "control" and after[k] == "candidate" for k in moved)
+    share = sum(v == "candidate" for v in after.values()) / len(keys)
+    assert 0.27 < share < 0.33
+    print(f"\nnew weights in use {took * 1000:.0f} ms after `abq experiment apply` returned; "
+          f"{len(moved)} of {len(keys)} keys moved, all control -> candidate")
+
+
+def test_a_new_variant_gets_its_topics_and_traffic_without_a_restart(settings):
+    exp = new_experiment(variants=(("a", 100),))
+    live_config.apply(settings, exp)
+    with AbqClient(settings, exp, follow=True) as client:
+        grown = ExperimentConfig.model_validate({**exp.model_dump(), "variants": [
+            {**exp.variants[0].model_dump(), "weight": 50}, {"name": "b", "weight": 50, "engine": "echo"}]})
+        live_config.apply(settings, grown)
+        deadline = time.monotonic() + 5
+        while len(client.publisher.experiment.variants) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        req, fut = client.publisher.publish(InferenceRequest(experiment=exp.name, routing_key="k", prompt="x", variant="b"))
+        fut.get(timeout=10)
+    admin = admin_client(settings)
+    try:
+        assert set(grown.request_topics("b").values()) <= set(admin.list_topics())
+    finally:
+        admin.close()
+
+
+def test_invalid_configs_are_refused_with_one_line_and_never_published(settings, kafka_bootstrap, tmp_path):
+    exp = new_experiment(variants=(("a", 60), ("b", 40)))
+    live_config.apply(settings, exp)
+    raw = exp.model_dump(mode="json")
+    cases = {
+        "weights": ({**raw, "variants": [{**raw["variants"][0], "weight": 70}, raw["variants"][1]]}, "sum to 110"),
+        "engine": ({**raw, "variants": [{**raw["variants"][0], "engine": "tgi"}, raw["variants"][1]]}, "engine"),
+        "duplicate": ({**raw, "variants": [raw["variants"][0], {**raw["variants"][1], "name": "a"}]}, "duplicate variant"),
+    }
+    for name, (bad, words) in cases.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(bad))
+        out = subprocess.run(abq_cmd("experiment", "apply", str(path), "--bootstrap-servers", kafka_bootstrap),
+                             capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and words in out.stderr, (name, out.stderr)
+    assert [r.version for r in live_config.read_all(settings, exp.name)] == [1]
+    show = subprocess.run(abq_cmd("experiment", "show", exp.name, "--bootstrap-servers", kafka_bootstrap),
+                          capture_output=True, text=True, cwd=REPO)
+    assert show.returncode == 0 and f"{exp.name} v1" in show.stdout and "a 60, b 40" in show.stdout
+
+
+def test_segment_overrides_win_over_weights_and_are_reported_apart():
+    exp = ExperimentConfig.model_validate({
+        "name": "seg", "variants": [{"name": "control", "weight": 100}, {"name": "candidate", "weight": 0}],
+        "overrides": [{"name": "beta", "match": {"user_group": "beta-testers"}, "variant": "candidate"},
+                      {"name": "staff", "match": {"team": ["ml", "infra"], "internal": True}, "variant": "candidate"}]})
+    assert assign(exp, "u1", {"user_group": "beta-testers"}) == ("candidate", "override:beta")
+    assert assign(exp, "u1", {"team": "ml", "internal": True}) == ("candidate", "override:staff")
+    assert assign(exp, "u1", {"team": "ml"}) == ("control", "weights")  # every key must match
+    assert assign(exp, "u1", {}) == ("control", "weights")
+
+
+def test_override_traffic_is_served_by_its_variant_and_labelled_in_the_response(settings, thread_worker):
+    base = new_experiment(variants=(("control", 100), ("candidate", 0)))
+    exp = ExperimentConfig.model_validate({**base.model_dump(), "overrides": [
+        {"name": "beta", "match": {"user_group": "beta-testers"}, "variant": "candidate"}]})
+    with thread_worker(exp, "control"), thread_worker(exp, "candidate"), AbqClient(settings, exp) as client:
+        beta = client.submit(InferenceRequest(experiment=exp.name, routing_key="u1", prompt="hi",
+                                              metadata={"user_group": "beta-testers"}), timeout=30).response
+        plain = client.submit(InferenceRequest(experiment=exp.name, routing_key="u1", prompt="hi"), timeout=30).response
+        pinned = client.submit(InferenceRequest(experiment=exp.name, routing_key="u1", prompt="hi", variant="control"), timeout=30).response
+    assert (beta.variant, beta.assigned_by) == ("candidate", "override:beta")
+    assert (plain.variant, plain.assigned_by) == ("control", "weights")
+    assert (pinned.variant, pinned.assigned_by) == ("control", "pinned")
