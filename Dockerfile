@@ -17,6 +17,7 @@ COPY localkafka/ localkafka/
 COPY abqueue_cli/ abqueue_cli/
 COPY scaling/ scaling/
 COPY deploy/ deploy/
+COPY analysis/ analysis/
 # vLLM and torch come from the base image; only abqueue's own small dependencies are added.
 RUN python3 -m pip install --no-cache-dir /opt/abqueue \
     && useradd --create-home --uid 10001 --user-group abq \

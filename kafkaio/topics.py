@@ -28,6 +28,7 @@ def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list
                 wanted[topic] = {"num_partitions": experiment.partitions_for(v.name)}
         wanted[experiment.response_topic] = {"num_partitions": experiment.partitions}
         wanted[experiment.deadletter_topic] = {"num_partitions": 1}
+        wanted[experiment.feedback_topic] = {"num_partitions": experiment.partitions}
         missing = {t: {**o, "replication_factor": experiment.replication_factor} for t, o in wanted.items() if t not in existing}
         if missing:
             try:

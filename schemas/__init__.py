@@ -2,6 +2,7 @@
 
 from schemas.codec import SchemaError, decode_request, decode_response, encode
 from schemas.deadletter import DeadLetter
+from schemas.feedback import Feedback
 from schemas.experiment import (
     ConfigError,
     ExperimentConfig,
@@ -19,6 +20,7 @@ __all__ = [
     "DeadLetter",
     "ErrorInfo",
     "ExperimentConfig",
+    "Feedback",
     "InferenceRequest",
     "InferenceResponse",
     "SchemaError",

@@ -183,6 +183,10 @@ class ExperimentConfig(BaseModel):
         return f"{TOPIC_PREFIX}.{self.name}.responses"
 
     @property
+    def feedback_topic(self) -> str:
+        return f"{TOPIC_PREFIX}.{self.name}.feedback"
+
+    @property
     def deadletter_topic(self) -> str:
         return f"{TOPIC_PREFIX}.{self.name}.deadletter"
 

@@ -1,0 +1,1 @@
+"""Variant analysis: statistics, the report over responses and feedback, and its charts."""
