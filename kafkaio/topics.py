@@ -24,8 +24,9 @@ def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list
         existing = set(admin.list_topics())
         wanted: dict[str, dict] = {}
         for v in experiment.variants:
+            # The configured count; `abq deploy render` raises it to max_replicas in the KafkaTopics.
             for topic in experiment.request_topics(v.name).values():
-                wanted[topic] = {"num_partitions": experiment.partitions_for(v.name)}
+                wanted[topic] = {"num_partitions": experiment.partitions}
         wanted[experiment.response_topic] = {"num_partitions": experiment.partitions}
         wanted[experiment.deadletter_topic] = {"num_partitions": 1}
         wanted[experiment.feedback_topic] = {"num_partitions": experiment.partitions}

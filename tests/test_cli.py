@@ -1,5 +1,6 @@
 """The `abq` command line: help everywhere, one-line errors, submit, and the local broker commands."""
 
+import argparse
 import os
 import subprocess
 import time
@@ -129,3 +130,20 @@ def test_kafka_up_never_wipes_a_directory_it_did_not_make(tmp_path):
     r = abq("kafka", "up", "--port", str(free_port()), "--data-dir", str(precious))
     assert r.returncode == 2 and "is not empty and was not made by abqueue" in r.stderr
     assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_every_command_and_action_prints_help():
+    from abqueue_cli.main import build_parser
+
+    def walk(parser, path):
+        yield path
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, path + [name])
+
+    paths = list(walk(build_parser(), []))
+    assert ["rollout", "abort"] in paths and ["keda", "simulate"] in paths and ["deploy", "render"] in paths
+    for path in paths:
+        out = subprocess.run(abq_cmd(*path, "--help"), capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0 and "usage: abq" in out.stdout, (path, out.stderr[-500:])
