@@ -1,8 +1,8 @@
 """`abq report`: per variant outcome, latency, tokens and feedback, and each variant against the
 control with tests, intervals, lift, the sample size still needed, and an alpha-spending guard.
 
-Comparisons use only requests assigned by the weights: override and pinned traffic is not
-randomised (beta testers are not a random sample), so it is counted per variant but kept out of
+Comparisons use only requests assigned by the weights (and shadow copies, a random sample of their
+source variant's traffic): override and pinned traffic is not randomised (beta testers are not a random sample), so it is counted per variant but kept out of
 the tests. Per request: latency is enqueue to finish (what the caller waited), TTFT is the
 engine's, tokens are completion tokens.
 """
@@ -77,16 +77,20 @@ def load(settings: KafkaSettings | None, exp: ExperimentConfig, responses: Path 
         resp = read_jsonl(responses, InferenceResponse)
     else:
         resp = read_topic(settings, exp.response_topic, InferenceResponse.model_validate_json)
+        if any(v.shadow_of for v in exp.variants):
+            resp += read_topic(settings, exp.shadow_response_topic, InferenceResponse.model_validate_json)
     if feedback is not None:
         fb = read_jsonl(feedback, Feedback)
     elif responses is None:
         fb = read_topic(settings, exp.feedback_topic, Feedback.model_validate_json)
     else:
         fb = []
-    first: dict[str, InferenceResponse] = {}
+    first: dict[tuple[str, str], InferenceResponse] = {}
     for r in resp:
         if r.experiment == exp.name:
-            first.setdefault(r.request_id, r)  # at-least-once delivery: the first response per request counts
+            # At-least-once delivery: the first response per request counts (per variant: a shadow
+            # answers the same request id).
+            first.setdefault((r.request_id, r.variant), r)
     return Sample(list(first.values()), [f for f in fb if f.experiment == exp.name])
 
 
@@ -159,7 +163,9 @@ def report(sample: Sample, exp: ExperimentConfig, alpha: float = 0.05, mde: floa
         by_variant.setdefault(r.variant, []).append(r)
     out = {"experiment": exp.name, "control": exp.control_variant, "alpha": alpha, "mde": mde,
            "variants": {name: summarise(rs, fb) for name, rs in by_variant.items()}, "comparisons": {}}
-    randomised = {name: [r for r in rs if (r.assigned_by or "weights") == "weights"] for name, rs in by_variant.items()}
+    # Shadow copies are a random sample (by key) of their source variant's traffic, so they compare too.
+    randomised = {name: [r for r in rs if (r.assigned_by or "weights") == "weights" or r.assigned_by.startswith("shadow:")]
+                  for name, rs in by_variant.items()}
     control = randomised.get(exp.control_variant, [])
     for name, rs in randomised.items():
         if name == exp.control_variant:

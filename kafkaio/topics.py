@@ -30,6 +30,8 @@ def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list
         wanted[experiment.response_topic] = {"num_partitions": experiment.partitions}
         wanted[experiment.deadletter_topic] = {"num_partitions": 1}
         wanted[experiment.feedback_topic] = {"num_partitions": experiment.partitions}
+        if any(v.shadow_of for v in experiment.variants):
+            wanted[experiment.shadow_response_topic] = {"num_partitions": experiment.partitions}
         missing = {t: {**o, "replication_factor": experiment.replication_factor} for t, o in wanted.items() if t not in existing}
         if missing:
             try:

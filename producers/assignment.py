@@ -48,3 +48,16 @@ def assign(config: ExperimentConfig, routing_key: str, metadata: dict | None = N
         if o.matches(metadata or {}):
             return o.variant, f"override:{o.name}"
     return assign_variant(config, routing_key), "weights"
+
+
+def shadow_copies(config: ExperimentConfig, variant: str, routing_key: str) -> list[str]:
+    """Shadow variants that get a copy of this request: those shadowing `variant` whose share
+    covers the key's shadow bucket (salted apart from the assignment, so the sample is random
+    within the variant's traffic, and sticky per key)."""
+    out = []
+    for v in config.variants:
+        if v.shadow_of == variant:
+            b = bucket_of(f"{config.name}\x00shadow:{v.name}", routing_key)
+            if b < round(v.shadow_percent * BUCKETS / 100):
+                out.append(v.name)
+    return out

@@ -8,7 +8,7 @@ from kafka.producer.future import FutureRecordMetadata
 
 from kafkaio import KafkaSettings, ensure_topics, producer, topic_max_message_bytes
 from producers import tracing
-from producers.assignment import assign
+from producers.assignment import assign, shadow_copies
 from schemas import ConfigError, ExperimentConfig, InferenceRequest, encode
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,12 @@ class RequestPublisher:
                 f"request {request.id} is {size} bytes and topic {topic} accepts at most {limit} "
                 "(max.message.bytes); shorten the prompt or raise the topic's max.message.bytes"
             )
-        return request, self._producer.send(topic, key=key, value=value, headers=headers)
+        future = self._producer.send(topic, key=key, value=value, headers=headers)
+        for shadow in shadow_copies(experiment, request.variant, request.routing_key):
+            # Same id, so the two answers can be paired; no reply_to: a shadow never answers a caller.
+            copy = request.model_copy(update={"variant": shadow, "assigned_by": f"shadow:{request.variant}", "reply_to": None})
+            self._producer.send(experiment.request_topic(shadow, request.priority), key=key, value=encode(copy), headers=headers)
+        return request, future
 
     def flush(self, timeout: float | None = None) -> None:
         self._producer.flush(timeout=timeout)

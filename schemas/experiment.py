@@ -98,6 +98,8 @@ class VariantConfig(BaseModel):
     engine_args: dict[str, Any] = Field(default_factory=dict, description="further engine arguments, passed as is")
     max_prompt_chars: int = Field(default=100_000, ge=1, description="longer prompts are dead-lettered")
     max_tokens_limit: int = Field(default=4096, ge=1, description="larger max_tokens are dead-lettered")
+    shadow_of: str | None = Field(default=None, description="a shadow variant gets copies of this variant's requests")
+    shadow_percent: float = Field(default=100, gt=0, le=100, description="share of shadow_of's requests copied")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
 
@@ -149,9 +151,20 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"variant weights sum to {total:g}, they must sum to 100")
         if self.control is not None and self.control not in names:
             raise ValueError(f"control variant {self.control!r} is not one of the variants {names}")
+        for v in self.variants:
+            if v.shadow_of is None:
+                continue
+            if v.shadow_of not in names or v.shadow_of == v.name:
+                raise ValueError(f"shadow variant {v.name!r} copies {v.shadow_of!r}, which is not another of the variants {names}")
+            if v.weight != 0:
+                raise ValueError(f"shadow variant {v.name!r} must have weight 0: it gets copies, never callers' requests")
+            if self.variant(v.shadow_of).shadow_of is not None:
+                raise ValueError(f"shadow variant {v.name!r} copies {v.shadow_of!r}, itself a shadow; copy a serving variant")
         for o in self.overrides:
             if o.variant not in names:
                 raise ValueError(f"override {o.name!r} sends to variant {o.variant!r}, which is not one of {names}")
+            if self.variant(o.variant).shadow_of is not None:
+                raise ValueError(f"override {o.name!r} sends to shadow variant {o.variant!r}; shadows never answer callers")
         onames = [o.name for o in self.overrides]
         if len(set(onames)) != len(onames):
             raise ValueError(f"duplicate override names: {', '.join(sorted({n for n in onames if onames.count(n) > 1}))}")
@@ -181,6 +194,11 @@ class ExperimentConfig(BaseModel):
     @property
     def response_topic(self) -> str:
         return f"{TOPIC_PREFIX}.{self.name}.responses"
+
+    @property
+    def shadow_response_topic(self) -> str:
+        """Where shadow variants answer: recorded for comparison, never read by callers."""
+        return f"{TOPIC_PREFIX}.{self.name}.shadow-responses"
 
     @property
     def feedback_topic(self) -> str:

@@ -109,3 +109,41 @@ def test_override_traffic_is_served_by_its_variant_and_labelled_in_the_response(
     assert (beta.variant, beta.assigned_by) == ("candidate", "override:beta")
     assert (plain.variant, plain.assigned_by) == ("control", "weights")
     assert (pinned.variant, pinned.assigned_by) == ("control", "pinned")
+
+
+def test_a_shadow_variant_answers_copies_apart_and_callers_only_see_the_real_answer(settings, thread_worker):
+    from kafka_helpers import responses
+
+    base = new_experiment(variants=(("control", 100), ("shadow", 0)))
+    exp = ExperimentConfig.model_validate({**base.model_dump(), "variants": [
+        base.variants[0].model_dump(), {**base.variants[1].model_dump(), "shadow_of": "control", "shadow_percent": 50}]})
+    ids = []
+    with thread_worker(exp, "control"), thread_worker(exp, "shadow"), AbqClient(settings, exp) as client:
+        for i in range(200):
+            req, _ = client.publisher.publish(InferenceRequest(experiment=exp.name, routing_key=f"user-{i}", prompt="hi"))
+            ids.append(req.id)
+        client.publisher.flush()
+        seen = []
+        got = client.wait(set(ids), timeout=30, on_reply=lambda r: seen.append(r.response))
+        time.sleep(1.0)
+        seen += [r.response for r in client.listener.poll(timeout_ms=500)]
+    assert set(got) == set(ids)
+    assert {r.variant for r in seen} == {"control"}  # the caller's topic never carries a shadow answer
+    shadows = responses(settings, exp.shadow_response_topic, expect=1)
+    assert shadows and {r.variant for r in shadows} == {"shadow"} and {r.assigned_by for r in shadows} == {"shadow:control"}
+    assert set(r.request_id for r in shadows) <= set(ids)
+    assert 0.35 < len({r.request_id for r in shadows}) / len(ids) < 0.65  # about shadow_percent of the traffic
+
+
+def test_shadow_configs_that_make_no_sense_are_refused():
+    import pytest
+
+    base = {"name": "s", "variants": [{"name": "a", "weight": 100}, {"name": "b", "weight": 0, "shadow_of": "a"}]}
+    ExperimentConfig.model_validate(base)
+    for bad, words in (
+        ({**base, "variants": [{"name": "a", "weight": 90}, {"name": "b", "weight": 10, "shadow_of": "a"}]}, "must have weight 0"),
+        ({**base, "variants": [{"name": "a", "weight": 100}, {"name": "b", "weight": 0, "shadow_of": "zz"}]}, "not another of the variants"),
+        ({**base, "overrides": [{"name": "o", "match": {"k": "v"}, "variant": "b"}]}, "shadows never answer callers"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            ExperimentConfig.model_validate(bad)

@@ -104,12 +104,13 @@ class Worker:
             partition_assignment_strategy=(RangePartitionAssignor,),
         )
         self.consumer.subscribe(list(self.topics.values()), listener=_Rebalance(self))
+        # A shadow variant's answers are recorded apart, where no caller listens.
+        responses = experiment.shadow_response_topic if self.variant.shadow_of else experiment.response_topic
         if delivery == "exactly-once":
             self.sink: ResponseSink = TransactionalSink(
-                settings, experiment.response_topic, experiment.deadletter_topic,
-                transactional_id=f"{self.group}.{self.worker_id}")
+                settings, responses, experiment.deadletter_topic, transactional_id=f"{self.group}.{self.worker_id}")
         else:
-            self.sink = ResponseSink(settings, experiment.response_topic, experiment.deadletter_topic)
+            self.sink = ResponseSink(settings, responses, experiment.deadletter_topic)
         self.tracker = OffsetTracker()
         self.admission = Admission(self.topics, capacity=self.max_inflight, low_share=low_priority_share)
         self.runner = None
