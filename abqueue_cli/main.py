@@ -9,7 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
-from abqueue_cli import (batch_cmd, demo_cmd, deploy_cmd, experiment_cmd, kafka_cmd, keda_cmd, report_cmd, rollout_cmd,
+from abqueue_cli import (batch_cmd, demo_cmd, deploy_cmd, evaluate_cmd, experiment_cmd, kafka_cmd, keda_cmd, report_cmd, rollout_cmd,
                          schemas_cmd, submit_cmd, worker_cmd)
 
 
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="abq", description="Queue-based LLM inference for A/B-tested model rollouts, on Kafka and vLLM.")
     p.add_argument("--log-level", default=os.environ.get("ABQ_LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING (env ABQ_LOG_LEVEL)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (demo_cmd, worker_cmd, submit_cmd, batch_cmd, experiment_cmd, rollout_cmd, report_cmd, kafka_cmd, keda_cmd, deploy_cmd, schemas_cmd):
+    for module in (demo_cmd, worker_cmd, submit_cmd, batch_cmd, experiment_cmd, rollout_cmd, report_cmd, evaluate_cmd, kafka_cmd, keda_cmd, deploy_cmd, schemas_cmd):
         module.register(sub)
     return p
 

@@ -9,8 +9,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 import yaml
 
+from deploy.dashboard import dashboard
 from scaling.plan import trigger_metadata
 from schemas import ExperimentConfig
 
@@ -271,6 +273,12 @@ def render(exp: ExperimentConfig, t: Target) -> dict[str, list[dict]]:
                                           "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}]}}],
         "kafkatopics.yaml": kafka_topics(exp, t),
         "prometheusrule.yaml": [prometheus_rule(exp, t)],
+        # Grafana's dashboard sidecar loads ConfigMaps with this label; the JSON is also written on
+        # its own (grafana-dashboard.json) for importing by hand.
+        "grafana-dashboard.yaml": [{"apiVersion": "v1", "kind": "ConfigMap",
+                                    "metadata": {"name": _name(exp.name, "dashboard"), "namespace": t.namespace,
+                                                 "labels": {**labels, "grafana_dashboard": "1"}},
+                                    "data": {f"abqueue-{exp.name}.json": orjson.dumps(dashboard(exp.name), option=orjson.OPT_INDENT_2).decode()}}],
     }
     for v in exp.variants:
         k8s[f"deployment-{v.name}.yaml"] = [deployment(exp, v.name, t)]
@@ -303,4 +311,9 @@ def write(files: dict[str, list[dict]], out: Path) -> list[Path]:
         path = out / sub / "kustomization.yaml"
         path.write_text(yaml.dump(kustomization, Dumper=_NoAliases, sort_keys=False))
         written.append(path)
+        if sub == "k8s":
+            board = next(d for d in files["k8s/grafana-dashboard.yaml"])["data"]
+            path = out / sub / "grafana-dashboard.json"
+            path.write_text(next(iter(board.values())) + "\n")
+            written.append(path)
     return written

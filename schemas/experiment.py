@@ -86,6 +86,15 @@ class DeployConfig(BaseModel):
     max_inflight: int | None = Field(default=None, ge=1, description="the worker's --max-inflight")
 
 
+class PriceConfig(BaseModel):
+    """What a variant costs, for the cost per 1,000 requests in `abq evaluate`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_gpu_hour: float | None = Field(default=None, ge=0, description="price of one GPU for an hour")
+    per_million_tokens: float | None = Field(default=None, ge=0, description="price per million prompt + completion tokens")
+
+
 class VariantConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -100,6 +109,7 @@ class VariantConfig(BaseModel):
     max_tokens_limit: int = Field(default=4096, ge=1, description="larger max_tokens are dead-lettered")
     shadow_of: str | None = Field(default=None, description="a shadow variant gets copies of this variant's requests")
     shadow_percent: float = Field(default=100, gt=0, le=100, description="share of shadow_of's requests copied")
+    price: PriceConfig = Field(default_factory=PriceConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
 

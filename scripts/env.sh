@@ -3,7 +3,7 @@
 # if needed. Environments are cached under $ABQ_CACHE_DIR (default ~/.cache/abqueue), keyed by the
 # hash of the requirement files they were built from, so a warm machine reuses one in seconds.
 #   scripts/env.sh          light: abqueue + test tools (enough for the demo and most tests)
-#   scripts/env.sh vllm     heavy: the above + vLLM's CPU build and PyPI's torch (~6 GB, ~5 min once)
+#   scripts/env.sh vllm     heavy: the above + vLLM's CPU build, PyPI's torch and the evaluation model (~6 GB, ~5 min once)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 flavour=${1:-light}

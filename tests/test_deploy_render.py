@@ -30,7 +30,7 @@ def _doc(files, kind, name_part=""):
 
 def test_every_rendered_resource_validates():
     exp, files = _rendered()
-    assert validate_files(files) == 20
+    assert validate_files(files) == 21
     kinds = sorted(d["kind"] for docs in files.values() for d in docs)
     assert kinds.count("Deployment") == kinds.count("ScaledObject") == kinds.count("PodDisruptionBudget") == 2
     assert kinds.count("KafkaTopic") == 2 * 3 + 2  # a topic per variant and priority, responses, dead letters
@@ -84,8 +84,32 @@ def test_checked_in_manifests_are_what_the_example_renders(tmp_path):
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     for sub in ("k8s", "keda"):
-        fresh = {p.name: p.read_text() for p in (tmp_path / sub).glob("*.yaml")}
-        checked_in = {p.name: p.read_text() for p in (REPO / sub).glob("*.yaml")}
+        fresh = {p.name: p.read_text() for p in (tmp_path / sub).glob("*.*")}
+        checked_in = {p.name: p.read_text() for p in (REPO / sub).glob("*.*")}
         assert fresh == checked_in, f"{sub}/ is stale: rerun abq deploy render --experiment examples/experiment.yaml --out . {' '.join(FLAGS)}"
         kustomization = yaml.safe_load(fresh["kustomization.yaml"])
-        assert sorted(kustomization["resources"]) == sorted(n for n in fresh if n != "kustomization.yaml")
+        assert sorted(kustomization["resources"]) == sorted(n for n in fresh if n.endswith(".yaml") and n != "kustomization.yaml")
+
+
+def test_dashboard_and_alerts_use_only_metrics_the_worker_exports():
+    import json
+    import re
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from workers.middleware.metrics import Metrics
+
+    registry = CollectorRegistry()
+    worker = SimpleNamespace(registry=registry, experiment=SimpleNamespace(name="x"), variant=SimpleNamespace(name="v"),
+                             engine=SimpleNamespace(model="m", stats=lambda: {}), admission=SimpleNamespace(waiting=lambda level: 0),
+                             startup_seconds=1.0, inflight=0)
+    Metrics().on_start(worker)
+    exported = {s.name for family in registry.collect() for s in family.samples}
+    exported |= {family.name + suffix for family in registry.collect() for suffix in ("_bucket", "_count", "_sum", "_total")}
+    board = json.loads((REPO / "k8s" / "grafana-dashboard.json").read_text())
+    used = {m for p in board["panels"] for t in p["targets"] for m in re.findall(r"abq_[a-z_]+", t["expr"])}
+    _, files = _rendered()
+    rules = _doc(files, "PrometheusRule")["spec"]["groups"][0]["rules"]
+    used |= {m for r in rules for m in re.findall(r"abq_[a-z_]+", r["expr"])}
+    assert used and used <= exported, used - exported
