@@ -4,6 +4,7 @@ else the local KRaft broker from Maven jars) and helpers to run workers against 
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -116,8 +117,10 @@ def spawn_worker(kafka_bootstrap, tmp_path):
         cfg = write_config(exp, tmp_path)
         log = open(tmp_path / (log_name or f"worker-{variant}-{len(procs)}.log"), "wb")
         env = {**os.environ, "ABQ_BOOTSTRAP_SERVERS": kafka_bootstrap, "PYTHONUNBUFFERED": "1", "ABQ_LOG_LEVEL": "DEBUG"}
+        # A session of its own, so teardown can reach vLLM's engine processes too: they outlive a
+        # worker that is SIGKILLed (they are reparented to init, holding memory and CPU).
         proc = subprocess.Popen(abq_cmd("worker", "--config", str(cfg), "--variant", variant, *extra),
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
         proc.log_path = Path(log.name)
         procs.append(proc)
         return proc
@@ -125,5 +128,13 @@ def spawn_worker(kafka_bootstrap, tmp_path):
     yield spawn
     for p in procs:
         if p.poll() is None:
-            p.kill()
-            p.wait()
+            p.terminate()  # a drain closes the engine, and vLLM's processes with it
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # whatever is left of the session, orphans included
+        except ProcessLookupError:
+            pass
+        p.wait()
