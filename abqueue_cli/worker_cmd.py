@@ -22,6 +22,8 @@ def register(sub) -> None:
                    help="share of engine slots lower priorities get while higher ones wait (default 0.1)")
     p.add_argument("--max-batch", type=int, default=32, help="records per poll, and per engine call with static batching (default 32)")
     p.add_argument("--max-wait-ms", type=int, default=50, help="static batching: wait this long after the first record for more (default 50)")
+    p.add_argument("--follow", action="store_true",
+                   help="take the variant's limits from the live config topic as it changes (abq experiment apply)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz on this port")
     p.add_argument("--worker-id", default=None, help="id in responses and logs (default host-pid)")
     p.add_argument("--engine-attempts", type=int, default=3, help="tries for transient engine errors (default 3)")
@@ -47,15 +49,23 @@ def run(args: argparse.Namespace) -> int:
     # Probes answer from the start: alive while the engine loads, ready once it has answered a request.
     server = serve(None, args.metrics_port) if args.metrics_port is not None else None
     engine = make_engine(variant, args.engine, args.model, options.engine_args(args))
+    follower = None
+    if args.follow:
+        from producers.live_config import ConfigFollower
+
+        follower = ConfigFollower(settings)
+        follower.caught_up.wait(timeout=10)
     worker = Worker(settings, exp, variant.name, engine, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                     max_inflight=args.max_inflight, delivery=args.delivery, low_priority_share=args.low_priority_share,
                     middleware=default_middleware(engine_attempts=args.engine_attempts), worker_id=args.worker_id,
-                    max_poll_interval_ms=args.max_poll_interval_ms, engine_attempts=args.engine_attempts)
+                    max_poll_interval_ms=args.max_poll_interval_ms, engine_attempts=args.engine_attempts, follow=follower)
     if server:
         server.worker = worker
     try:
         worker.run()
     finally:
+        if follower:
+            follower.close()
         if server:
             server.shutdown()
     return 0

@@ -147,3 +147,33 @@ def test_shadow_configs_that_make_no_sense_are_refused():
     ):
         with pytest.raises(ValueError, match=words):
             ExperimentConfig.model_validate(bad)
+
+
+def test_a_following_worker_applies_new_limits_without_a_restart(settings):
+    from kafka_helpers import dead_letters
+    from producers.live_config import ConfigFollower
+
+    from conftest import ThreadWorker
+
+    exp = new_experiment(variants=(("a", 100),))
+    live_config.apply(settings, exp)
+    follower = ConfigFollower(settings)
+    follower.caught_up.wait(timeout=10)
+    long_prompt = "word " * 60  # 300 characters
+    try:
+        with ThreadWorker(settings, exp, "a", follow=follower) as worker, AbqClient(settings, exp) as client:
+            first = client.submit(InferenceRequest(experiment=exp.name, routing_key="u", prompt=long_prompt), timeout=30)
+            assert first.response.ok
+            tighter = ExperimentConfig.model_validate({**exp.model_dump(), "variants": [
+                {**exp.variants[0].model_dump(), "max_prompt_chars": 100}]})
+            live_config.apply(settings, tighter)
+            deadline = time.monotonic() + 5
+            while worker.variant.max_prompt_chars != 100 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert worker.variant.max_prompt_chars == 100
+            req, fut = client.publisher.publish(InferenceRequest(experiment=exp.name, routing_key="u", prompt=long_prompt))
+            fut.get(timeout=10)
+            letters = dead_letters(settings, exp.deadletter_topic, expect=1, timeout=20)
+    finally:
+        follower.close()
+    assert [(dl.request_id, dl.reason) for dl in letters] == [(req.id, "oversized_prompt")]

@@ -61,7 +61,9 @@ class Worker:
                  middleware: list[Middleware] | None = None, worker_id: str | None = None,
                  max_poll_interval_ms: int = 300_000, session_timeout_ms: int = 10_000,
                  create_topics: bool = True, drain_timeout_s: float = 120.0,
-                 engine_attempts: int = 3):
+                 engine_attempts: int = 3, follow=None):
+        """follow: a ConfigFollower; the variant's limits (max_prompt_chars, max_tokens_limit) then
+        come from the live config as it changes. Engine settings need a restart (a rolling update)."""
         if delivery not in DELIVERY_MODES:
             raise ValueError(f"delivery {delivery!r} is not one of {', '.join(DELIVERY_MODES)}")
         self.experiment = experiment
@@ -118,6 +120,27 @@ class Worker:
         self._restart: dict[TopicPartition, int] = {}
         self._unpublished: list[Message] = []
         self._retry_at = 0.0
+        if follow is not None:
+            follow.on_change(self._config_changed)
+            if (live := follow.get(experiment.name)) is not None:
+                self._config_changed(live)
+
+    def _config_changed(self, record) -> None:
+        new = record.experiment
+        if new.name != self.experiment.name or new == self.experiment:
+            return
+        if self.variant.name not in {v.name for v in new.variants}:
+            log.warning("experiment %s v%d no longer has variant %s; serving what is left in its topics",
+                        new.name, record.version, self.variant.name)
+            return
+        fresh = new.variant(self.variant.name)
+        keep = {"weight", "max_prompt_chars", "max_tokens_limit", "scaling", "deploy", "price"}
+        if fresh.model_dump(exclude=keep) != self.variant.model_dump(exclude=keep):
+            log.warning("experiment %s v%d changes %s's engine settings; they apply when the worker restarts",
+                        new.name, record.version, self.variant.name)
+        self.experiment, self.variant = new, fresh
+        log.info("experiment %s v%d in use (limits: %d prompt chars, %d max_tokens)", new.name, record.version,
+                 fresh.max_prompt_chars, fresh.max_tokens_limit)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def stop(self) -> None:
