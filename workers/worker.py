@@ -151,6 +151,8 @@ class Worker:
         return self._stop.is_set()
 
     def alive(self) -> tuple[bool, str]:
+        if not self._started:  # warming up can take minutes; the startup probe bounds it, not this
+            return True, "starting: engine warming up\n"
         # A loop that has not come round for longer than a poll interval is stuck (max.poll.interval).
         age = time.monotonic() - self._heartbeat
         limit = self.consumer.config["max_poll_interval_ms"] / 1000
