@@ -15,10 +15,9 @@ from pathlib import Path
 from statistics import fmean, variance
 
 import orjson
-from kafka import TopicPartition
-
 from analysis import stats
-from kafkaio import KafkaSettings, consumer
+from kafkaio import KafkaSettings
+from kafkaio.reader import read_to_end
 from schemas import ExperimentConfig, Feedback, InferenceResponse
 
 
@@ -36,28 +35,13 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def read_topic(settings: KafkaSettings, topic: str, parse, timeout_s: float = 30.0) -> list:
-    c = consumer(settings, group_id=None, isolation_level="read_committed")
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
-        if not tps:
-            return []
-        c.assign(tps)
-        c.seek_to_beginning(*tps)
-        ends = c.end_offsets(tps)
-        out = []
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        while any(c.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
-            for recs in c.poll(timeout_ms=200).values():
-                for r in recs:
-                    try:
-                        out.append(parse(r.value))
-                    except ValueError:
-                        continue  # not ours to judge here; the worker dead-letters bad input
-        return out
-    finally:
-        c.close()
+    out = []
+    for r in read_to_end(settings, topic, timeout_s):
+        try:
+            out.append(parse(r.value))
+        except ValueError:
+            continue  # not ours to judge here; the worker dead-letters bad input
+    return out
 
 
 def read_jsonl(path: Path, model) -> list:

@@ -21,6 +21,7 @@ from kafka import TopicPartition
 from pydantic import BaseModel, ConfigDict, Field
 
 from kafkaio import KafkaSettings, admin_client, consumer, producer
+from kafkaio.reader import read_to_end
 from producers import live_config
 from schemas import ConfigError, ExperimentConfig, InferenceResponse, encode
 
@@ -70,22 +71,11 @@ def _ensure_topic(settings: KafkaSettings) -> None:
 
 def load_state(settings: KafkaSettings, experiment: str) -> RolloutState | None:
     _ensure_topic(settings)
-    c = consumer(settings, group_id=None)
-    try:
-        tp = TopicPartition(ROLLOUT_TOPIC, 0)
-        c.assign([tp])
-        c.seek_to_beginning(tp)
-        end = c.end_offsets([tp])[tp]
-        state = None
-        deadline = time.monotonic() + 10
-        while c.position(tp) < end and time.monotonic() < deadline:
-            for recs in c.poll(timeout_ms=200).values():
-                for r in recs:
-                    if r.key == experiment.encode():
-                        state = RolloutState.model_validate_json(r.value) if r.value else None
-        return state
-    finally:
-        c.close()
+    state = None
+    for r in read_to_end(settings, ROLLOUT_TOPIC, timeout_s=10):
+        if r.key == experiment.encode():
+            state = RolloutState.model_validate_json(r.value) if r.value else None
+    return state
 
 
 def save_state(settings: KafkaSettings, state: RolloutState) -> None:

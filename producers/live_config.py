@@ -20,6 +20,7 @@ from kafka.errors import TopicAlreadyExistsError
 from pydantic import BaseModel, ConfigDict, Field
 
 from kafkaio import KafkaSettings, admin_client, consumer, producer
+from kafkaio.reader import read_to_end
 from schemas import ExperimentConfig, encode
 
 log = logging.getLogger(__name__)
@@ -59,25 +60,15 @@ def ensure_config_topic(settings: KafkaSettings) -> None:
 def read_all(settings: KafkaSettings, name: str | None = None, timeout_s: float = 10.0) -> list[ConfigRecord]:
     """Every version still in the topic, oldest first (of one experiment, if named)."""
     ensure_config_topic(settings)
-    c = consumer(settings, group_id=None, isolation_level="read_committed")
-    try:
-        tp = TopicPartition(CONFIG_TOPIC, 0)
-        c.assign([tp])
-        c.seek_to_beginning(tp)
-        end = c.end_offsets([tp])[tp]
-        out, deadline = [], time.monotonic() + timeout_s
-        while c.position(tp) < end and time.monotonic() < deadline:
-            for recs in c.poll(timeout_ms=200).values():
-                for r in recs:
-                    if r.value is None or (name is not None and r.key != name.encode()):
-                        continue
-                    try:
-                        out.append(ConfigRecord.model_validate_json(r.value))
-                    except ValueError as e:
-                        log.warning("skipping an unreadable config record at offset %d: %s", r.offset, str(e).splitlines()[0])
-        return out
-    finally:
-        c.close()
+    out = []
+    for r in read_to_end(settings, CONFIG_TOPIC, timeout_s):
+        if r.value is None or (name is not None and r.key != name.encode()):
+            continue
+        try:
+            out.append(ConfigRecord.model_validate_json(r.value))
+        except ValueError as e:
+            log.warning("skipping an unreadable config record at offset %d: %s", r.offset, str(e).splitlines()[0])
+    return out
 
 
 def current(settings: KafkaSettings, name: str) -> ConfigRecord | None:
