@@ -27,13 +27,6 @@ class Sample:
     feedback: list[Feedback] = field(default_factory=list)
 
 
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
-
-
 def read_topic(settings: KafkaSettings, topic: str, parse, timeout_s: float = 30.0) -> list:
     out = []
     for r in read_to_end(settings, topic, timeout_s):
@@ -98,9 +91,9 @@ def summarise(rs: list[InferenceResponse], fb: dict[str, Feedback]) -> dict:
         "by_assignment": _count_by(rs),
         "error_rate": errors / n if n else float("nan"),
         "expired_rate": expired / n if n else float("nan"),
-        "latency_s_p50": _percentile(lat, 50), "latency_s_p95": _percentile(lat, 95), "latency_s_p99": _percentile(lat, 99),
+        "latency_s_p50": stats.percentile(lat, 50), "latency_s_p95": stats.percentile(lat, 95), "latency_s_p99": stats.percentile(lat, 99),
         "latency_s_mean": fmean(lat) if lat else float("nan"),
-        "ttft_s_p50": _percentile(ttft, 50), "ttft_s_mean": fmean(ttft) if ttft else float("nan"),
+        "ttft_s_p50": stats.percentile(ttft, 50), "ttft_s_mean": fmean(ttft) if ttft else float("nan"),
         "tokens_per_request": fmean(tokens) if tokens else float("nan"),
         "tokens_per_s": sum(tokens) / engine_s if engine_s else float("nan"),
         "feedback_count": len(thumbs) + len(scores),

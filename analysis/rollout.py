@@ -13,14 +13,14 @@ Guardrails are judged on the responses enqueued since the stage began:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Literal
 
 from kafka import TopicPartition
 from pydantic import BaseModel, ConfigDict, Field
 
-from kafkaio import KafkaSettings, admin_client, consumer, producer
+from analysis.stats import percentile
+from kafkaio import KafkaSettings, consumer, ensure_topic, producer
 from kafkaio.reader import read_to_end
 from producers import live_config
 from schemas import ConfigError, ExperimentConfig, InferenceResponse, encode
@@ -56,22 +56,8 @@ class RolloutState(BaseModel):
     history: list[str] = Field(default_factory=list)
 
 
-def _ensure_topic(settings: KafkaSettings) -> None:
-    admin = admin_client(settings)
-    try:
-        if ROLLOUT_TOPIC not in set(admin.list_topics()):
-            try:
-                admin.create_topics({ROLLOUT_TOPIC: {"num_partitions": 1, "replication_factor": 1,
-                                                     "configs": {"cleanup.policy": "compact"}}}, wait_for_metadata=True)
-            except Exception as e:  # created meanwhile by another controller
-                log.debug("rollout topic: %s", e)
-    finally:
-        admin.close()
-
-
 def load_state(settings: KafkaSettings, experiment: str) -> RolloutState | None:
-    _ensure_topic(settings)
-    state = None
+    state = None  # no topic yet reads as no rollout
     for r in read_to_end(settings, ROLLOUT_TOPIC, timeout_s=10):
         if r.key == experiment.encode():
             state = RolloutState.model_validate_json(r.value) if r.value else None
@@ -79,7 +65,7 @@ def load_state(settings: KafkaSettings, experiment: str) -> RolloutState | None:
 
 
 def save_state(settings: KafkaSettings, state: RolloutState) -> None:
-    _ensure_topic(settings)
+    ensure_topic(settings, ROLLOUT_TOPIC, configs={"cleanup.policy": "compact"})
     p = producer(settings)
     try:
         p.send(ROLLOUT_TOPIC, key=state.experiment.encode(), value=encode(state)).get(timeout=30)
@@ -139,8 +125,7 @@ class StageStats:
         return self.errors.get(variant, 0) / n if n else 0.0
 
     def p95(self, variant: str) -> float:
-        s = sorted(self.latency.get(variant, []))
-        return s[min(len(s) - 1, math.ceil(0.95 * len(s)) - 1)] if s else float("nan")
+        return percentile(self.latency.get(variant, []), 95)
 
     def close(self) -> None:
         self._c.close()

@@ -13,6 +13,24 @@ from statistics import NormalDist, fmean, variance
 _N = NormalDist()
 
 
+def weighted_percentile(values: list[tuple[float, int]], q: float) -> float:
+    """Nearest-rank percentile of (value, count) pairs."""
+    total = sum(n for _, n in values)
+    if not total:
+        return 0.0
+    rank, seen = math.ceil(q / 100 * total), 0
+    for v, n in sorted(values):
+        seen += n
+        if seen >= rank:
+            return float(v)
+    return float(max(v for v, _ in values))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (the smallest value with at least q% at or below it); NaN if empty."""
+    return weighted_percentile([(v, 1) for v in values], q) if values else float("nan")
+
+
 def _betacf(a: float, b: float, x: float) -> float:
     # Continued fraction of the incomplete beta function (Lentz's method).
     tiny, qab, qap, qam = 1e-300, a + b, a + 1, a - 1

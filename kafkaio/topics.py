@@ -17,6 +17,24 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 
 
+def ensure_topic(settings: KafkaSettings, name: str, partitions: int = 1, replication_factor: int = 1,
+                 configs: dict[str, str] | None = None) -> bool:
+    """Create one topic unless it exists; True if this call created it."""
+    admin = admin_client(settings)
+    try:
+        if name in set(admin.list_topics()):
+            return False
+        try:
+            admin.create_topics({name: {"num_partitions": partitions, "replication_factor": replication_factor,
+                                        "configs": configs or {}}}, wait_for_metadata=True)
+        except TopicAlreadyExistsError:
+            return False  # another process won the race
+        log.info("created topic %s", name)
+        return True
+    finally:
+        admin.close()
+
+
 def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list[str]:
     """Create the experiment's topics that do not exist yet; returns the ones created."""
     admin = admin_client(settings)

@@ -16,10 +16,9 @@ import time
 from collections.abc import Callable
 
 from kafka import TopicPartition
-from kafka.errors import TopicAlreadyExistsError
 from pydantic import BaseModel, ConfigDict, Field
 
-from kafkaio import KafkaSettings, admin_client, consumer, producer
+from kafkaio import KafkaSettings, consumer, ensure_topic, producer
 from kafkaio.reader import read_to_end
 from schemas import ExperimentConfig, encode
 
@@ -43,23 +42,11 @@ class ConfigRecord(BaseModel):
 
 
 def ensure_config_topic(settings: KafkaSettings) -> None:
-    admin = admin_client(settings)
-    try:
-        if CONFIG_TOPIC not in set(admin.list_topics()):
-            try:
-                admin.create_topics({CONFIG_TOPIC: {
-                    "num_partitions": 1, "replication_factor": 1,
-                    "configs": {"cleanup.policy": "compact", "min.compaction.lag.ms": str(HISTORY_KEPT_MS)}}},
-                    wait_for_metadata=True)
-            except TopicAlreadyExistsError:
-                pass
-    finally:
-        admin.close()
+    ensure_topic(settings, CONFIG_TOPIC, configs={"cleanup.policy": "compact", "min.compaction.lag.ms": str(HISTORY_KEPT_MS)})
 
 
 def read_all(settings: KafkaSettings, name: str | None = None, timeout_s: float = 10.0) -> list[ConfigRecord]:
     """Every version still in the topic, oldest first (of one experiment, if named)."""
-    ensure_config_topic(settings)
     out = []
     for r in read_to_end(settings, CONFIG_TOPIC, timeout_s):
         if r.value is None or (name is not None and r.key != name.encode()):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scaling.simulate import weighted_percentile
+from analysis.stats import weighted_percentile
 from schemas import ConfigError
 
 

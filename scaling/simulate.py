@@ -21,6 +21,7 @@ from pathlib import Path
 
 import orjson
 
+from analysis.stats import weighted_percentile
 from scaling.kafka_scaler import HPA_TOLERANCE
 
 
@@ -64,19 +65,6 @@ class Result:
             "max_replicas": max((r["replicas"] for r in self.timeline), default=0),
             "gpu_hours": self.gpu_seconds / 3600,
         }
-
-
-def weighted_percentile(values: list[tuple[float, int]], q: float) -> float:
-    """Nearest-rank percentile of (value, count) pairs."""
-    total = sum(n for _, n in values)
-    if not total:
-        return 0.0
-    rank, seen = math.ceil(q / 100 * total), 0
-    for v, n in sorted(values):
-        seen += n
-        if seen >= rank:
-            return float(v)
-    return float(max(v for v, _ in values))
 
 
 def simulate(arrivals_per_second: list[int], s: Settings, initial_replicas: int | None = None) -> Result:

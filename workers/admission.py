@@ -59,9 +59,6 @@ class Admission:
             out.append(self._buffers[level].popleft())
         return out
 
-    def room(self, level: str) -> int:
-        return max(0, self.capacity - len(self._buffers[level]))
-
     def apply_pauses(self, consumer) -> None:
         """Pause the partitions of full levels, resume the others; cheap when nothing changes."""
         want: set[TopicPartition] = set()
@@ -75,14 +72,9 @@ class Admission:
             consumer.resume(*(self._paused - want))
         self._paused = want
 
-    def drop(self, partitions) -> list[Message]:
+    def drop(self, partitions) -> None:
         """Forget buffered records of revoked partitions (their new owner fetches them again)."""
         gone = {(tp.topic, tp.partition) for tp in partitions}
-        dropped = []
         for lvl, buf in self._buffers.items():
-            keep = deque()
-            for m in buf:
-                (dropped if (m.record.topic, m.record.partition) in gone else keep).append(m)
-            self._buffers[lvl] = keep
+            self._buffers[lvl] = deque(m for m in buf if (m.record.topic, m.record.partition) not in gone)
         self._paused -= set(partitions)
-        return dropped
