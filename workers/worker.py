@@ -87,7 +87,6 @@ class Worker:
         if create_topics:
             ensure_topics(settings, experiment)
         self.topics = experiment.request_topics(self.variant.name)
-        self.topic = self.topics["normal"]
         self.group = experiment.consumer_group(self.variant.name)
         self.consumer = consumer(
             settings, group_id=self.group, client_id=f"{settings.client_id}-{self.worker_id}",
