@@ -114,8 +114,24 @@ def test_high_priority_requests_submitted_after_a_batch_backlog_are_answered_fir
     # Before the high ones are fetched, a poll's worth of batch requests may already be admitted;
     # after that, batch requests get one engine slot in ten while high ones wait.
     assert last_urgent < 40, f"the last high-priority request came {last_urgent + 1}th of {len(order)}"
-    # And the lowest level was never starved: the backlog was served throughout.
-    assert sum(1 for rid in order[:last_urgent] if rid in set(backlog)) >= 1
+
+
+def test_lower_priorities_keep_their_share_of_engine_slots_while_higher_ones_wait():
+    # Whether batch requests reach the engine before 5 high ones depends on fetch timing, so the
+    # no-starvation rule is checked where it is decided, with every level full.
+    from types import SimpleNamespace
+
+    from workers.admission import Admission
+
+    topics = {"high": "t.high", "normal": "t", "batch": "t.batch"}
+    adm = Admission(topics, capacity=1000, low_share=0.1)
+    for i in range(300):
+        for level, topic in topics.items():
+            adm.add([SimpleNamespace(record=SimpleNamespace(topic=topic), dequeued_at=float(i), level=level)])
+    picked = [m.level for m in adm.pick(100)]
+    assert picked.count("high") == 90  # strict priority for nine slots in ten
+    assert picked.count("normal") + picked.count("batch") == 10  # every 10th to the longest-waiting lower level
+    assert picked.count("batch") >= 4 and picked.count("normal") >= 4  # neither lower level is starved
 
 
 def test_exactly_once_kill_9_mid_stream_then_restart_read_committed_sees_each_response_once(settings, spawn_worker):
