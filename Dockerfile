@@ -12,12 +12,7 @@ COPY pyproject.toml README.md ./
 COPY schemas/ schemas/
 COPY producers/ producers/
 COPY workers/ workers/
-COPY kafkaio/ kafkaio/
-COPY localkafka/ localkafka/
-COPY abqueue_cli/ abqueue_cli/
-COPY scaling/ scaling/
-COPY deploy/ deploy/
-COPY analysis/ analysis/
+COPY abqueue/ abqueue/
 # vLLM and torch come from the base image; only abqueue's own small dependencies are added.
 RUN python3 -m pip install --no-cache-dir /opt/abqueue \
     && useradd --create-home --uid 10001 --user-group abq \

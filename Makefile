@@ -6,7 +6,8 @@ demo:
 	@venv=$$(scripts/env.sh) && $$venv/bin/abq demo
 
 test:
-	@venv=$$(scripts/env.sh vllm) && ABQ_REQUIRE_VLLM=1 $$venv/bin/python -m pytest -q
+	@venv=$$(scripts/env.sh vllm) && $$venv/bin/ruff check . && $$venv/bin/ruff format --check . && $$venv/bin/mypy \
+		&& ABQ_REQUIRE_VLLM=1 $$venv/bin/python -m pytest -q
 
 bench:
 	@venv=$$(scripts/env.sh) && $$venv/bin/python bench/overhead.py

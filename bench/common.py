@@ -12,9 +12,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from abqueue_cli.demo_cmd import percentile  # noqa: E402,F401 (the benchmarks' percentile)
-from localkafka import LocalBroker  # noqa: E402
-from localkafka.broker import free_port  # noqa: E402
+from abqueue.analysis.stats import percentile  # noqa: F401 (the one percentile: nearest rank)
+from abqueue.localkafka import LocalBroker
+from abqueue.localkafka.broker import free_port
 
 
 def bootstrap():
@@ -30,5 +30,7 @@ def start_worker(exp, bootstrap_servers: str, variant: str, *flags: str) -> subp
     cfg = Path("/tmp") / f"{exp.name}.yaml"
     cfg.write_text(yaml.safe_dump(exp.model_dump(mode="json")))
     env = {**os.environ, "ABQ_BOOTSTRAP_SERVERS": bootstrap_servers, "ABQ_LOG_LEVEL": "WARNING"}
-    return subprocess.Popen([sys.executable, "-m", "abqueue_cli.main", "worker", "--config", str(cfg),
-                             "--variant", variant, *flags], env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "abqueue.cli.main", "worker", "--config", str(cfg), "--variant", variant, *flags],
+        env=env,
+    )

@@ -26,13 +26,15 @@ import orjson
 from common import bootstrap, percentile, start_worker
 from kafka import TopicPartition
 
-from kafkaio import KafkaSettings, admin_client, consumer, ensure_topics, producer
+from abqueue.kafka import KafkaSettings, admin_client, consumer, ensure_topics, producer
 from producers import AbqClient
 from schemas import ExperimentConfig, InferenceRequest
 
 
 def request(exp, i):
-    return InferenceRequest(experiment=exp.name, routing_key=f"user-{i}", prompt=f"benchmark request number {i} " * 4, max_tokens=16)
+    return InferenceRequest(
+        experiment=exp.name, routing_key=f"user-{i}", prompt=f"benchmark request number {i} " * 4, max_tokens=16
+    )
 
 
 def raw_pipe(settings, n, payload: bytes, partitions: int, sequential: int) -> tuple[float, list[float]]:
@@ -40,8 +42,13 @@ def raw_pipe(settings, n, payload: bytes, partitions: int, sequential: int) -> t
     Returns records/s for a backlog of n, and round trips of `sequential` records sent one at a time."""
     name = f"abq.raw{uuid.uuid4().hex[:8]}"
     admin = admin_client(settings)
-    admin.create_topics({f"{name}.in": {"num_partitions": partitions, "replication_factor": 1},
-                         f"{name}.out": {"num_partitions": partitions, "replication_factor": 1}}, wait_for_metadata=True)
+    admin.create_topics(
+        {
+            f"{name}.in": {"num_partitions": partitions, "replication_factor": 1},
+            f"{name}.out": {"num_partitions": partitions, "replication_factor": 1},
+        },
+        wait_for_metadata=True,
+    )
     admin.close()
     out_c = consumer(settings, group_id=None)
     out_tps = [TopicPartition(f"{name}.out", p) for p in range(partitions)]
@@ -96,11 +103,23 @@ def raw_pipe(settings, n, payload: bytes, partitions: int, sequential: int) -> t
 
 def measure(settings, addr, args, delivery: str) -> dict:
     """One echo worker in `delivery` mode: latency one request at a time, then a backlog's throughput."""
-    exp = ExperimentConfig(name=f"bench{uuid.uuid4().hex[:8]}", partitions=args.partitions,
-                           variants=[{"name": "a", "weight": 100, "engine": "echo"}])
+    exp = ExperimentConfig(
+        name=f"bench{uuid.uuid4().hex[:8]}",
+        partitions=args.partitions,
+        variants=[{"name": "a", "weight": 100, "engine": "echo"}],
+    )
     ensure_topics(settings, exp)
-    worker = start_worker(exp, addr, "a", "--max-batch", str(args.max_batch), "--max-inflight", str(args.max_inflight),
-                          "--delivery", delivery)
+    worker = start_worker(
+        exp,
+        addr,
+        "a",
+        "--max-batch",
+        str(args.max_batch),
+        "--max-inflight",
+        str(args.max_inflight),
+        "--delivery",
+        delivery,
+    )
     try:
         with AbqClient(settings, exp) as client:
             # Warm up: the worker joins its group and the first fetches settle.
@@ -150,7 +169,9 @@ def main() -> int:
     settings = KafkaSettings(bootstrap_servers=addr)
     try:
         modes = {mode: measure(settings, addr, args, mode) for mode in ("at-least-once", "exactly-once")}
-        payload = orjson.dumps(request(ExperimentConfig(name="x", variants=[{"name": "a", "weight": 100}]), 0).model_dump(mode="json"))
+        payload = orjson.dumps(
+            request(ExperimentConfig(name="x", variants=[{"name": "a", "weight": 100}]), 0).model_dump(mode="json")
+        )
         raw_rps, raw_rtts = raw_pipe(settings, args.requests, payload, args.partitions, args.sequential)
     finally:
         if broker:
@@ -167,12 +188,21 @@ def main() -> int:
     print(f"{'raw Kafka relay records/s':<34}{raw_rps:>15.1f}")
     print(f"{'raw Kafka relay round trip ms p50':<34}{raw_p50:>15.3f}")
     print(f"{'exactly-once / at-least-once rps':<34}{eos['requests_per_s'] / alo['requests_per_s']:>15.3f}")
-    print(f"\nrerun: python bench/overhead.py --requests {args.requests} --sequential {args.sequential} "
-          f"--max-batch {args.max_batch} --max-inflight {args.max_inflight} --partitions {args.partitions}")
+    print(
+        f"\nrerun: python bench/overhead.py --requests {args.requests} --sequential {args.sequential} "
+        f"--max-batch {args.max_batch} --max-inflight {args.max_inflight} --partitions {args.partitions}"
+    )
     if args.json:
-        figures = {"modes": modes, "raw_kafka_pipe_records_per_s": raw_rps, "raw_kafka_round_trip_ms_p50": raw_p50, "requests": args.requests,
-                   "sequential": args.sequential, "max_batch": args.max_batch, "max_inflight": args.max_inflight,
-                   "partitions": args.partitions}
+        figures = {
+            "modes": modes,
+            "raw_kafka_pipe_records_per_s": raw_rps,
+            "raw_kafka_round_trip_ms_p50": raw_p50,
+            "requests": args.requests,
+            "sequential": args.sequential,
+            "max_batch": args.max_batch,
+            "max_inflight": args.max_inflight,
+            "partitions": args.partitions,
+        }
         args.json.write_text(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
     return 0
 

@@ -16,7 +16,7 @@ from collections import Counter
 
 from common import bootstrap, start_worker
 
-from kafkaio import KafkaSettings, ensure_topics
+from abqueue.kafka import KafkaSettings, ensure_topics
 from producers import AbqClient
 from schemas import ExperimentConfig, InferenceRequest
 
@@ -32,8 +32,11 @@ def main() -> int:
 
     addr, broker = bootstrap()
     settings = KafkaSettings(bootstrap_servers=addr)
-    exp = ExperimentConfig(name=f"redeliver{uuid.uuid4().hex[:8]}", partitions=args.partitions, variants=[
-        {"name": "a", "weight": 100, "engine": "echo", "engine_args": {"latency_ms": args.latency_ms}}])
+    exp = ExperimentConfig(
+        name=f"redeliver{uuid.uuid4().hex[:8]}",
+        partitions=args.partitions,
+        variants=[{"name": "a", "weight": 100, "engine": "echo", "engine_args": {"latency_ms": args.latency_ms}}],
+    )
     ensure_topics(settings, exp)
     flags = ("--max-inflight", str(args.max_inflight))
     responses: Counter[str] = Counter()
@@ -42,7 +45,9 @@ def main() -> int:
         with AbqClient(settings, exp) as client:
             ids = set()
             for i in range(args.requests):
-                req, _ = client.publisher.publish(InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=f"r {i}"))
+                req, _ = client.publisher.publish(
+                    InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=f"r {i}")
+                )
                 ids.add(req.id)
             client.publisher.flush()
             worker = start_worker(exp, addr, "a", *flags)
@@ -74,12 +79,19 @@ def main() -> int:
     # rounds of in-flight requests when requests take equal time.
     window = kills * 2 * args.max_inflight
     print(f"\n{'measure':<36}{'value':>10}")
-    for k, v in (("requests", args.requests), ("kill -9 of the worker", kills), ("lost", lost),
-                 ("duplicate responses", dupes), ("bound (kills x 2 x max_inflight)", window),
-                 ("duplicates per kill", round(dupes / kills, 2) if kills else 0)):
+    for k, v in (
+        ("requests", args.requests),
+        ("kill -9 of the worker", kills),
+        ("lost", lost),
+        ("duplicate responses", dupes),
+        ("bound (kills x 2 x max_inflight)", window),
+        ("duplicates per kill", round(dupes / kills, 2) if kills else 0),
+    ):
         print(f"{k:<36}{v:>10}")
-    print(f"\nrerun: python bench/redelivery.py --requests {args.requests} --kills {args.kills} "
-          f"--max-inflight {args.max_inflight} --latency-ms {args.latency_ms:g} --partitions {args.partitions}")
+    print(
+        f"\nrerun: python bench/redelivery.py --requests {args.requests} --kills {args.kills} "
+        f"--max-inflight {args.max_inflight} --latency-ms {args.latency_ms:g} --partitions {args.partitions}"
+    )
     return 0 if lost == 0 and dupes <= window else 1
 
 

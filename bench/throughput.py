@@ -34,14 +34,28 @@ import orjson
 import yaml
 from common import bootstrap, free_port, percentile, start_worker
 
-from kafkaio import KafkaSettings, ensure_topics
+from abqueue.kafka import KafkaSettings, ensure_topics
 from producers import AbqClient
 from schemas import ExperimentConfig, InferenceRequest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tiny_model import ENGINE_ARGS, make_tiny_model  # noqa: E402
+from tiny_model import ENGINE_ARGS, make_tiny_model
 
-WORDS = "queue worker batch token engine kafka model variant prompt latency cache partition offset".split()
+WORDS = [
+    "queue",
+    "worker",
+    "batch",
+    "token",
+    "engine",
+    "kafka",
+    "model",
+    "variant",
+    "prompt",
+    "latency",
+    "cache",
+    "partition",
+    "offset",
+]
 
 
 def prompts(n: int, seed: int = 7) -> list[str]:
@@ -60,7 +74,9 @@ def summarise(latencies: list[float], out_tokens: int, elapsed: float) -> dict:
     }
 
 
-def direct(model: str, engine_args: dict, texts: list[str], max_tokens: int, sequential: int) -> tuple[dict, list[float]]:
+def direct(
+    model: str, engine_args: dict, texts: list[str], max_tokens: int, sequential: int
+) -> tuple[dict, list[float]]:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.sampling_params import RequestOutputKind
@@ -90,12 +106,24 @@ def direct(model: str, engine_args: dict, texts: list[str], max_tokens: int, seq
     return asyncio.run(run())
 
 
-def through_kafka(addr: str, model: str, engine_args: dict, texts: list[str], max_tokens: int, sequential: int,
-                  max_inflight: int) -> tuple[dict, list[float]]:
+def through_kafka(
+    addr: str, model: str, engine_args: dict, texts: list[str], max_tokens: int, sequential: int, max_inflight: int
+) -> tuple[dict, list[float]]:
     settings = KafkaSettings(bootstrap_servers=addr)
-    exp = ExperimentConfig(name=f"tput{uuid.uuid4().hex[:8]}", partitions=4, variants=[
-        {"name": "v", "weight": 100, "engine": "vllm", "model": model, "engine_args": engine_args,
-         "max_tokens_limit": max(4096, max_tokens)}])
+    exp = ExperimentConfig(
+        name=f"tput{uuid.uuid4().hex[:8]}",
+        partitions=4,
+        variants=[
+            {
+                "name": "v",
+                "weight": 100,
+                "engine": "vllm",
+                "model": model,
+                "engine_args": engine_args,
+                "max_tokens_limit": max(4096, max_tokens),
+            }
+        ],
+    )
     ensure_topics(settings, exp)
     port = free_port()
     worker = start_worker(exp, addr, "v", "--max-inflight", str(max_inflight), "--metrics-port", str(port))
@@ -110,8 +138,11 @@ def through_kafka(addr: str, model: str, engine_args: dict, texts: list[str], ma
                 pass
             time.sleep(1)
         with AbqClient(settings, exp) as client:
+
             def req(i, text):
-                return InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=text, max_tokens=max_tokens, temperature=0)
+                return InferenceRequest(
+                    experiment=exp.name, routing_key=f"u{i}", prompt=text, max_tokens=max_tokens, temperature=0
+                )
 
             client.submit(req(-1, "warm up"), timeout=600)
             sent, done = {}, {}
@@ -120,7 +151,11 @@ def through_kafka(addr: str, model: str, engine_args: dict, texts: list[str], ma
                 r, _ = client.publisher.publish(req(i, text))
                 sent[r.id] = time.perf_counter()
             client.publisher.flush()
-            client.wait(set(sent), timeout=3600, on_reply=lambda r: done.__setitem__(r.response.request_id, (time.perf_counter(), r.response)))
+            client.wait(
+                set(sent),
+                timeout=3600,
+                on_reply=lambda r: done.__setitem__(r.response.request_id, (time.perf_counter(), r.response)),
+            )
             elapsed = time.perf_counter() - t0
             assert len(done) == len(sent), f"only {len(done)} of {len(sent)} responses"
             failed = [resp.error for _, resp in done.values() if not resp.ok]
@@ -141,9 +176,11 @@ def through_kafka(addr: str, model: str, engine_args: dict, texts: list[str], ma
                 start = time.perf_counter()
                 client.submit(req(10_000 + i, text), timeout=600)
                 seq.append(time.perf_counter() - start)
-        return {**summarise(latencies, tokens, elapsed),
-                **{f"leg_{k}_ms_p50": 1000 * statistics.median(v) for k, v in legs.items()},
-                **{f"leg_{k}_ms_p95": 1000 * percentile(v, 95) for k, v in legs.items()}}, seq
+        return {
+            **summarise(latencies, tokens, elapsed),
+            **{f"leg_{k}_ms_p50": 1000 * statistics.median(v) for k, v in legs.items()},
+            **{f"leg_{k}_ms_p95": 1000 * percentile(v, 95) for k, v in legs.items()},
+        }, seq
     finally:
         worker.terminate()
         worker.wait(timeout=60)
@@ -152,8 +189,12 @@ def through_kafka(addr: str, model: str, engine_args: dict, texts: list[str], ma
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="local model directory (default: a random Llama made here, for CPU)")
-    ap.add_argument("--size", choices=["tiny", "small"], default="tiny", help="shape of the random Llama when no --model")
-    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="vLLM engine argument, repeatable")
+    ap.add_argument(
+        "--size", choices=["tiny", "small"], default="tiny", help="shape of the random Llama when no --model"
+    )
+    ap.add_argument(
+        "--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="vLLM engine argument, repeatable"
+    )
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--sequential", type=int, default=10, help="one-at-a-time requests for added latency (0: skip)")
@@ -182,9 +223,12 @@ def main() -> int:
         if broker:
             broker.stop()
 
-    figures = {"direct": a, "through_kafka": b,
-               "ratio_output_tokens_per_s": b["output_tokens_per_s"] / a["output_tokens_per_s"],
-               "ratio_requests_per_s": b["requests_per_s"] / a["requests_per_s"]}
+    figures = {
+        "direct": a,
+        "through_kafka": b,
+        "ratio_output_tokens_per_s": b["output_tokens_per_s"] / a["output_tokens_per_s"],
+        "ratio_requests_per_s": b["requests_per_s"] / a["requests_per_s"],
+    }
     if args.sequential:
         figures["low_load_ms_p50_direct"] = 1000 * statistics.median(a_seq)
         figures["low_load_ms_p50_through_kafka"] = 1000 * statistics.median(b_seq)
@@ -195,12 +239,20 @@ def main() -> int:
     for k in (k for k in b if k.startswith("leg_")):
         print(f"{k:<34}{b[k]:>14.2f}")
     if args.sequential:
-        print(f"{'low load p50 ms':<24}{figures['low_load_ms_p50_direct']:>14.2f}{figures['low_load_ms_p50_through_kafka']:>14.2f}")
+        print(
+            f"{'low load p50 ms':<24}{figures['low_load_ms_p50_direct']:>14.2f}{figures['low_load_ms_p50_through_kafka']:>14.2f}"
+        )
         print(f"added latency at low load (p50): {figures['added_latency_ms_p50']:.2f} ms")
     if a["output_tokens"] != b["output_tokens"]:
-        print(f"note: output tokens differ ({a['output_tokens']} vs {b['output_tokens']}); check the engine settings match")
+        print(
+            f"note: output tokens differ ({a['output_tokens']} vs {b['output_tokens']}); check the engine settings match"
+        )
     rerun = f"python bench/throughput.py --requests {args.requests} --max-tokens {args.max_tokens} --sequential {args.sequential}"
-    rerun += f" --model {args.model}" if args.model else f" --size {args.size}" + "".join(f" --engine-arg {e}" for e in args.engine_arg)
+    rerun += (
+        f" --model {args.model}"
+        if args.model
+        else f" --size {args.size}" + "".join(f" --engine-arg {e}" for e in args.engine_arg)
+    )
     print(f"\nrerun: {rerun}")
     if args.json:
         args.json.write_text(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())

@@ -13,7 +13,8 @@ from pathlib import Path
 import orjson
 from pydantic import ValidationError
 
-from kafkaio import KafkaSettings
+from abqueue.errors import AbqError
+from abqueue.kafka import KafkaSettings
 from producers import openai_batch
 from producers.client import AbqClient
 from producers.progress import Progress
@@ -25,7 +26,7 @@ from schemas.codec import describe
 log = logging.getLogger(__name__)
 
 
-class BatchInputError(ValueError):
+class BatchInputError(AbqError, ValueError):
     pass
 
 
@@ -71,8 +72,13 @@ def read_items(path: Path, experiment: ExperimentConfig) -> tuple[list[Item], bo
             if fmt_openai is None:
                 fmt_openai = is_openai
             elif is_openai != fmt_openai:
-                items.append(Item(n, str(obj.get("custom_id") or obj.get("id") or fallback_key),
-                                  error=f"line {n} mixes formats: the file started with {'OpenAI Batch' if fmt_openai else 'abqueue request'} lines"))
+                items.append(
+                    Item(
+                        n,
+                        str(obj.get("custom_id") or obj.get("id") or fallback_key),
+                        error=f"line {n} mixes formats: the file started with {'OpenAI Batch' if fmt_openai else 'abqueue request'} lines",
+                    )
+                )
                 continue
             try:
                 if is_openai:
@@ -119,12 +125,23 @@ def done_keys(*paths: Path) -> set[str]:
 
 
 class BatchJob:
-    def __init__(self, settings: KafkaSettings, experiment: ExperimentConfig, input_path: Path, out_path: Path,
-                 errors_path: Path | None = None, rate: float | None = None, timeout_s: float = 600.0,
-                 reply_topic: str | None = None, progress: bool = True):
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        experiment: ExperimentConfig,
+        input_path: Path,
+        out_path: Path,
+        errors_path: Path | None = None,
+        rate: float | None = None,
+        timeout_s: float = 600.0,
+        reply_topic: str | None = None,
+        progress: bool = True,
+    ):
         self.settings, self.experiment = settings, experiment
         self.input_path, self.out_path = Path(input_path), Path(out_path)
-        self.errors_path = Path(errors_path) if errors_path else self.out_path.with_name(self.out_path.stem + ".errors.jsonl")
+        self.errors_path = (
+            Path(errors_path) if errors_path else self.out_path.with_name(self.out_path.stem + ".errors.jsonl")
+        )
         self.state_path = self.out_path.with_name(self.out_path.name + ".state.json")
         self.rate, self.timeout_s, self.reply_topic = rate, timeout_s, reply_topic
         self.show_progress = progress
@@ -152,21 +169,28 @@ class BatchJob:
             f.flush()  # a result that arrived is on disk before we move on: nothing to lose on a crash
 
         def write_invalid(it: Item) -> None:
-            line = (openai_batch.input_error_line(it.key, "invalid_request", it.error) if openai_fmt
-                    else {"key": it.key, "line": it.line, "error": {"code": "invalid_request", "message": it.error}})
+            line = (
+                openai_batch.input_error_line(it.key, "invalid_request", it.error or "")
+                if openai_fmt
+                else {"key": it.key, "line": it.line, "error": {"code": "invalid_request", "message": it.error}}
+            )
             write(err, line)
 
         for it in invalid:
             write_invalid(it)
 
-        by_id = {it.request.id: it for it in todo}
+        by_id = {it.request.id: it for it in todo if it.request is not None}
         ok = failed = 0
 
         def on_reply(reply: Reply) -> None:
             nonlocal ok, failed
             it = by_id[reply.response.request_id]
             resp = reply.response
-            line = openai_batch.output_line(it.key, resp, it.url) if openai_fmt else resp.model_dump(mode="json", exclude_none=True)
+            line = (
+                openai_batch.output_line(it.key, resp, it.url or "")
+                if openai_fmt
+                else resp.model_dump(mode="json", exclude_none=True)
+            )
             if resp.ok:
                 ok += 1
                 write(out, line)
@@ -191,15 +215,18 @@ class BatchJob:
             if not self.state_path.exists():
                 # Where the responses topic stood before anything was sent: a rerun reads from here
                 # and so collects the responses that arrived while this command was not running.
-                self.state_path.write_text(json.dumps({"reply_topic": client.listener.topic,
-                                                       "start_offsets": client.listener.positions()}))
+                self.state_path.write_text(
+                    json.dumps({"reply_topic": client.listener.topic, "start_offsets": client.listener.positions()})
+                )
             else:
                 ends = client.listener.end_offsets()
                 while pending and not client.listener.caught_up(ends):
                     for reply in client.listener.poll(timeout_ms=200):
                         take(reply)
                 if skipped or len(by_id) != len(pending):
-                    log.info("resuming: %d results already written, %d collected since", skipped, len(by_id) - len(pending))
+                    log.info(
+                        "resuming: %d results already written, %d collected since", skipped, len(by_id) - len(pending)
+                    )
             to_send = [by_id[i] for i in by_id if i in pending]
             interval = 1.0 / self.rate if self.rate else 0.0
             next_at = time.monotonic()
@@ -209,6 +236,7 @@ class BatchJob:
                     if delay > 0:
                         time.sleep(delay)
                     next_at = max(next_at + interval, time.monotonic() - 1.0)
+                assert it.request is not None, "only parsed lines are sent"
                 try:
                     client.publisher.publish(it.request)
                     sent += 1
@@ -230,12 +258,27 @@ class BatchJob:
             progress.finish(ok + failed, f"ok {ok} failed {failed} missing {len(pending)}")
         if not pending:
             self.state_path.unlink(missing_ok=True)
-        return BatchSummary(total=len(items), skipped=skipped, submitted=sent, ok=ok, failed=failed,
-                            invalid=len(invalid), missing=len(pending), elapsed_s=time.monotonic() - t0)
+        return BatchSummary(
+            total=len(items),
+            skipped=skipped,
+            submitted=sent,
+            ok=ok,
+            failed=failed,
+            invalid=len(invalid),
+            missing=len(pending),
+            elapsed_s=time.monotonic() - t0,
+        )
 
 
 def summary_line(s: BatchSummary, out: Path) -> str:
-    parts = [f"{s.total} lines", f"{s.skipped} already done", f"{s.submitted} submitted", f"{s.ok} ok",
-             f"{s.failed} failed", f"{s.invalid} invalid", f"{s.missing} missing", f"{s.elapsed_s:.1f}s"]
+    parts = [
+        f"{s.total} lines",
+        f"{s.skipped} already done",
+        f"{s.submitted} submitted",
+        f"{s.ok} ok",
+        f"{s.failed} failed",
+        f"{s.invalid} invalid",
+        f"{s.missing} missing",
+        f"{s.elapsed_s:.1f}s",
+    ]
     return f"batch: {', '.join(parts)} -> {out}"
-

@@ -4,26 +4,34 @@ from __future__ import annotations
 
 import time
 
-from kafkaio import KafkaSettings
+from abqueue.errors import AbqError
+from abqueue.kafka import KafkaSettings
 from producers.publisher import RequestPublisher
 from producers.replies import Reply, ResponseListener
 from schemas import ExperimentConfig, InferenceRequest
 
 
-class ReplyTimeout(TimeoutError):
+class ReplyTimeout(AbqError, TimeoutError):
     pass
 
 
 class AbqClient:
     """One experiment's producer plus a listener on its responses (or a `reply_to`) topic."""
 
-    def __init__(self, settings: KafkaSettings, experiment: ExperimentConfig, reply_topic: str | None = None,
-                 start_offsets: dict[int, int] | None = None, create_topics: bool = True, follow: bool = False):
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        experiment: ExperimentConfig,
+        reply_topic: str | None = None,
+        start_offsets: dict[int, int] | None = None,
+        create_topics: bool = True,
+        follow: bool = False,
+    ):
         """follow: take weights, overrides and new variants from the live config topic as they are applied."""
         self.experiment = experiment
         self.follower = None
         if follow:
-            from producers.live_config import ConfigFollower
+            from abqueue.control.live_config import ConfigFollower
 
             self.follower = ConfigFollower(settings)
             self.follower.caught_up.wait(timeout=10)  # start from the live version, not the file's
@@ -63,7 +71,7 @@ class AbqClient:
         self.publisher.close()
         self.listener.close()
 
-    def __enter__(self) -> "AbqClient":
+    def __enter__(self) -> AbqClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -28,7 +28,9 @@ def _text(content: Any) -> str:
         texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text":
-                raise UnsupportedLine(f"content part of type {part.get('type') if isinstance(part, dict) else type(part).__name__} is not supported; send text parts only")
+                raise UnsupportedLine(
+                    f"content part of type {part.get('type') if isinstance(part, dict) else type(part).__name__} is not supported; send text parts only"
+                )
             texts.append(part.get("text", ""))
         return "".join(texts)
     raise UnsupportedLine("message content must be a string or a list of text parts")
@@ -76,9 +78,11 @@ def output_line(custom_id: str, resp: InferenceResponse, url: str) -> dict[str, 
     line_id = f"batch_req_{uuid.uuid4().hex}"
     if resp.error is not None:
         return {
-            "id": line_id, "custom_id": custom_id,
+            "id": line_id,
+            "custom_id": custom_id,
             "response": {
-                "status_code": _STATUS.get(resp.error.code, 500), "request_id": resp.request_id,
+                "status_code": _STATUS.get(resp.error.code, 500),
+                "request_id": resp.request_id,
                 "body": {"error": {"message": resp.error.message, "type": resp.error.code, "code": resp.error.code}},
             },
             "error": None,
@@ -104,8 +108,18 @@ def output_line(custom_id: str, resp: InferenceResponse, url: str) -> dict[str, 
             "total_tokens": resp.usage.prompt_tokens + resp.usage.completion_tokens,
         },
     }
-    return {"id": line_id, "custom_id": custom_id, "response": {"status_code": 200, "request_id": resp.request_id, "body": body}, "error": None}
+    return {
+        "id": line_id,
+        "custom_id": custom_id,
+        "response": {"status_code": 200, "request_id": resp.request_id, "body": body},
+        "error": None,
+    }
 
 
 def input_error_line(custom_id: str, code: str, message: str) -> dict[str, Any]:
-    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": None, "error": {"code": code, "message": message}}
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }

@@ -6,19 +6,23 @@ import logging
 
 from kafka.producer.future import FutureRecordMetadata
 
-from kafkaio import KafkaSettings, ensure_topics, producer, topic_max_message_bytes
-from producers import tracing
+from abqueue.errors import AbqError
+from abqueue.kafka import (
+    RECORD_OVERHEAD,
+    KafkaSettings,
+    ensure_topics,
+    producer,
+    record_size,
+    topic_max_message_bytes,
+    tracing,
+)
 from producers.assignment import assign, shadow_copies
 from schemas import ConfigError, ExperimentConfig, InferenceRequest, encode
 
 log = logging.getLogger(__name__)
 
-# Bytes a record adds to its key, value and headers on the wire (record batch header, varints,
-# timestamps); used so a request right at the limit is refused here, not by the broker.
-RECORD_OVERHEAD = 128
 
-
-class RequestTooLarge(ValueError):
+class RequestTooLarge(AbqError, ValueError):
     pass
 
 
@@ -37,10 +41,7 @@ class RequestPublisher:
         # The producer must accept what the largest topic accepts, or it refuses first with a vaguer error.
         self._producer = producer(settings, max_request_size=max(self._max_bytes.values()) + RECORD_OVERHEAD)
         if follow is not None:
-            follow.on_change(self._config_changed)
-            live = follow.get(experiment.name)
-            if live is not None:
-                self._config_changed(live)
+            follow.watch(experiment, self._config_changed)
 
     @staticmethod
     def _topics(experiment: ExperimentConfig) -> list[str]:
@@ -48,15 +49,18 @@ class RequestPublisher:
 
     def _config_changed(self, record) -> None:
         new = record.experiment
-        if new.name != self.experiment.name or new == self.experiment:
-            return
         if self.create_topics:
             ensure_topics(self.settings, new)  # before any request can be routed to a new variant
         self._max_bytes = {**self._max_bytes, **topic_max_message_bytes(self.settings, self._topics(new))}
         old = {v.name: v.weight for v in self.experiment.variants}
         self.experiment = new
-        log.info("experiment %s v%d: weights %s (were %s)", new.name, record.version,
-                 {v.name: v.weight for v in new.variants}, old)
+        log.info(
+            "experiment %s v%d: weights %s (were %s)",
+            new.name,
+            record.version,
+            {v.name: v.weight for v in new.variants},
+            old,
+        )
 
     def assign(self, request: InferenceRequest, experiment: ExperimentConfig | None = None) -> InferenceRequest:
         """The request with its variant set (kept if the caller pinned a known one)."""
@@ -72,16 +76,20 @@ class RequestPublisher:
         variant, by = assign(experiment, request.routing_key, request.metadata)
         return request.model_copy(update={"variant": variant, "assigned_by": by})
 
-    def publish(self, request: InferenceRequest, traceparent: str | None = None) -> tuple[InferenceRequest, FutureRecordMetadata]:
+    def publish(
+        self, request: InferenceRequest, traceparent: str | None = None
+    ) -> tuple[InferenceRequest, FutureRecordMetadata]:
         """Send without waiting; returns the assigned request and the send's future."""
         experiment = self.experiment  # one version for the whole call, whatever the follower does meanwhile
         request = self.assign(request, experiment)
-        topic = experiment.request_topic(request.variant, request.priority)
+        variant = request.variant
+        assert variant is not None, "assign() sets the variant"
+        topic = experiment.request_topic(variant, request.priority)
         value = encode(request)
         key = request.routing_key.encode()
         tp = traceparent if traceparent and tracing.is_valid(traceparent) else tracing.new_traceparent()
         headers = [(tracing.HEADER, tp.encode("ascii"))]
-        size = len(value) + len(key) + sum(len(k) + len(v) for k, v in headers) + RECORD_OVERHEAD
+        size = record_size(key, value, headers)
         limit = self._max_bytes[topic]
         if size > limit:
             raise RequestTooLarge(
@@ -89,10 +97,14 @@ class RequestPublisher:
                 "(max.message.bytes); shorten the prompt or raise the topic's max.message.bytes"
             )
         future = self._producer.send(topic, key=key, value=value, headers=headers)
-        for shadow in shadow_copies(experiment, request.variant, request.routing_key):
+        for shadow in shadow_copies(experiment, variant, request.routing_key):
             # Same id, so the two answers can be paired; no reply_to: a shadow never answers a caller.
-            copy = request.model_copy(update={"variant": shadow, "assigned_by": f"shadow:{request.variant}", "reply_to": None})
-            self._producer.send(experiment.request_topic(shadow, request.priority), key=key, value=encode(copy), headers=headers)
+            copy = request.model_copy(
+                update={"variant": shadow, "assigned_by": f"shadow:{request.variant}", "reply_to": None}
+            )
+            self._producer.send(
+                experiment.request_topic(shadow, request.priority), key=key, value=encode(copy), headers=headers
+            )
         return request, future
 
     def flush(self, timeout: float | None = None) -> None:

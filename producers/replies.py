@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from kafka import TopicPartition
 from pydantic import ValidationError
 
-from kafkaio import KafkaSettings, consumer
-from producers import tracing
-from schemas import InferenceResponse, decode_response
+from abqueue.kafka import KafkaSettings, consumer, tracing
+from schemas import ConfigError, InferenceResponse, decode_response
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +34,14 @@ class ResponseListener:
         self.topic = topic
         # read_committed: an exactly-once worker's responses count once their transaction commits;
         # responses of at-least-once workers are not transactional and read as soon as they land.
-        self._consumer = consumer(settings, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=50,
-                                  isolation_level="read_committed")
+        self._consumer = consumer(
+            settings, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=50, isolation_level="read_committed"
+        )
         partitions = self._consumer.partitions_for_topic(topic)
         if not partitions:
-            raise RuntimeError(f"topic {topic} does not exist; create it, or start a worker of the experiment, which creates its topics")
+            raise ConfigError(
+                f"topic {topic} does not exist; create it, or start a worker of the experiment, which creates its topics"
+            )
         self._tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         self._consumer.assign(self._tps)
         self._consumer.seek_to_end(*self._tps)

@@ -2,7 +2,6 @@
 
 from schemas.codec import SchemaError, decode_request, decode_response, encode
 from schemas.deadletter import DeadLetter
-from schemas.feedback import Feedback
 from schemas.experiment import (
     ConfigError,
     ExperimentConfig,
@@ -10,6 +9,7 @@ from schemas.experiment import (
     demo_experiment,
     load_experiment,
 )
+from schemas.feedback import Feedback
 from schemas.request import PRIORITIES, ChatMessage, InferenceRequest
 from schemas.response import ErrorInfo, InferenceResponse, Timings, Usage
 

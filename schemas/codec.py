@@ -5,11 +5,12 @@ from __future__ import annotations
 import orjson
 from pydantic import BaseModel, ValidationError
 
+from abqueue.errors import AbqError
 from schemas.request import InferenceRequest
 from schemas.response import InferenceResponse
 
 
-class SchemaError(ValueError):
+class SchemaError(AbqError, ValueError):
     """A record that is not a valid message. `reason` is a DeadLetter reason code."""
 
     def __init__(self, reason: str, detail: str, request_id: str | None = None):

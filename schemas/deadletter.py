@@ -31,7 +31,8 @@ class DeadLetter(BaseModel):
     original_key_b64: str | None = None
     original_value_b64: str = Field(description="the record's value exactly as consumed, base64")
     original_value_truncated: bool = Field(
-        default=False, description="true when only the value's first bytes are kept, to fit the dead-letter topic")
+        default=False, description="true when only the value's first bytes are kept, to fit the dead-letter topic"
+    )
     request_id: str | None = Field(default=None, description="when the id could be read")
     worker_id: str
     dead_lettered_at: float = Field(default_factory=time.time)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from abqueue.errors import AbqError
 from schemas.codec import describe
 from schemas.request import PRIORITIES
 
@@ -18,7 +19,7 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 TOPIC_PREFIX = "abq"
 
 
-class ConfigError(ValueError):
+class ConfigError(AbqError, ValueError):
     """An experiment config that cannot be used; the message is one line naming the problem."""
 
 
@@ -54,7 +55,9 @@ class ScalingConfig(BaseModel):
     activation_lag_threshold: int = Field(default=0, ge=0, description="lag above which a variant at zero wakes")
     polling_interval: int = Field(default=15, ge=1, description="seconds between KEDA's lag checks")
     cooldown_period: int = Field(default=300, ge=0, description="seconds without lag before scaling to zero")
-    offset_reset_policy: Literal["earliest", "latest"] = Field(default="earliest", description="must match the workers (earliest)")
+    offset_reset_policy: Literal["earliest", "latest"] = Field(
+        default="earliest", description="must match the workers (earliest)"
+    )
     allow_idle_consumers: bool = False
     limit_to_partitions_with_lag: bool = False
     exclude_persistent_lag: bool = False
@@ -64,12 +67,16 @@ class ScalingConfig(BaseModel):
     drain_seconds: int = Field(default=120, ge=1, description="longest a worker needs to finish its in-flight work")
 
     @model_validator(mode="after")
-    def _keda_rules(self) -> "ScalingConfig":
+    def _keda_rules(self) -> ScalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
-        if self.limit_to_partitions_with_lag and (self.allow_idle_consumers or self.ensure_even_distribution_of_partitions):
-            raise ValueError("KEDA refuses limit_to_partitions_with_lag with allow_idle_consumers or "
-                             "ensure_even_distribution_of_partitions; pick one")
+        if self.limit_to_partitions_with_lag and (
+            self.allow_idle_consumers or self.ensure_even_distribution_of_partitions
+        ):
+            raise ValueError(
+                "KEDA refuses limit_to_partitions_with_lag with allow_idle_consumers or "
+                "ensure_even_distribution_of_partitions; pick one"
+            )
         return self
 
 
@@ -92,7 +99,9 @@ class PriceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     per_gpu_hour: float | None = Field(default=None, ge=0, description="price of one GPU for an hour")
-    per_million_tokens: float | None = Field(default=None, ge=0, description="price per million prompt + completion tokens")
+    per_million_tokens: float | None = Field(
+        default=None, ge=0, description="price per million prompt + completion tokens"
+    )
 
 
 class VariantConfig(BaseModel):
@@ -101,7 +110,8 @@ class VariantConfig(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
     weight: float = Field(ge=0, le=100, description="percent of routing keys; two decimals at most")
     engine: Literal["echo", "vllm", "vllm-batch"] = Field(
-        default="echo", description="vllm: continuous batching (AsyncLLM); vllm-batch: static batches (LLM.generate)")
+        default="echo", description="vllm: continuous batching (AsyncLLM); vllm-batch: static batches (LLM.generate)"
+    )
     model: str = Field(default="echo", description="model name or local path the engine loads")
     vllm: VllmSettings = Field(default_factory=VllmSettings, description="typed vLLM settings")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="further engine arguments, passed as is")
@@ -151,7 +161,7 @@ class ExperimentConfig(BaseModel):
     overrides: list[SegmentOverride] = Field(default_factory=list, description="checked in order, before the weights")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ExperimentConfig":
+    def _consistent(self) -> ExperimentConfig:
         names = [v.name for v in self.variants]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -165,19 +175,29 @@ class ExperimentConfig(BaseModel):
             if v.shadow_of is None:
                 continue
             if v.shadow_of not in names or v.shadow_of == v.name:
-                raise ValueError(f"shadow variant {v.name!r} copies {v.shadow_of!r}, which is not another of the variants {names}")
+                raise ValueError(
+                    f"shadow variant {v.name!r} copies {v.shadow_of!r}, which is not another of the variants {names}"
+                )
             if v.weight != 0:
-                raise ValueError(f"shadow variant {v.name!r} must have weight 0: it gets copies, never callers' requests")
+                raise ValueError(
+                    f"shadow variant {v.name!r} must have weight 0: it gets copies, never callers' requests"
+                )
             if self.variant(v.shadow_of).shadow_of is not None:
-                raise ValueError(f"shadow variant {v.name!r} copies {v.shadow_of!r}, itself a shadow; copy a serving variant")
+                raise ValueError(
+                    f"shadow variant {v.name!r} copies {v.shadow_of!r}, itself a shadow; copy a serving variant"
+                )
         for o in self.overrides:
             if o.variant not in names:
                 raise ValueError(f"override {o.name!r} sends to variant {o.variant!r}, which is not one of {names}")
             if self.variant(o.variant).shadow_of is not None:
-                raise ValueError(f"override {o.name!r} sends to shadow variant {o.variant!r}; shadows never answer callers")
+                raise ValueError(
+                    f"override {o.name!r} sends to shadow variant {o.variant!r}; shadows never answer callers"
+                )
         onames = [o.name for o in self.overrides]
         if len(set(onames)) != len(onames):
-            raise ValueError(f"duplicate override names: {', '.join(sorted({n for n in onames if onames.count(n) > 1}))}")
+            raise ValueError(
+                f"duplicate override names: {', '.join(sorted({n for n in onames if onames.count(n) > 1}))}"
+            )
         return self
 
     @property

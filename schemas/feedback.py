@@ -20,7 +20,7 @@ class Feedback(BaseModel):
     created_at: float = Field(default_factory=time.time)
 
     @model_validator(mode="after")
-    def _something(self) -> "Feedback":
+    def _something(self) -> Feedback:
         if self.thumbs is None and self.score is None:
             raise ValueError("feedback needs 'thumbs' (up or down) or a 'score'")
         return self

@@ -40,8 +40,9 @@ class InferenceRequest(BaseModel):
     experiment: str = Field(min_length=1, max_length=100)
     routing_key: str = Field(min_length=1, max_length=512, description="user or session key; sticky")
     variant: str | None = Field(default=None, description="set by the producer from the assignment")
-    assigned_by: str | None = Field(default=None, max_length=100,
-                                    description="weights, override:<name> or pinned; set by the producer")
+    assigned_by: str | None = Field(
+        default=None, max_length=100, description="weights, override:<name> or pinned; set by the producer"
+    )
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT)
@@ -57,7 +58,7 @@ class InferenceRequest(BaseModel):
     created_at: float = Field(default_factory=time.time, description="Unix time in seconds")
 
     @model_validator(mode="after")
-    def _one_input(self) -> "InferenceRequest":
+    def _one_input(self) -> InferenceRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("exactly one of 'prompt' or 'messages' must be set")
         if self.messages is not None and not self.messages:

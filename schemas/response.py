@@ -50,7 +50,9 @@ class InferenceResponse(BaseModel):
     request_id: str
     experiment: str
     variant: str
-    assigned_by: str | None = Field(default=None, description="copied from the request: weights, override:<name>, pinned")
+    assigned_by: str | None = Field(
+        default=None, description="copied from the request: weights, override:<name>, pinned"
+    )
     model: str
     outputs: list[str] = Field(default_factory=list, description="one text per requested sample (n)")
     finish_reason: FinishReason | None = None
@@ -60,7 +62,7 @@ class InferenceResponse(BaseModel):
     error: ErrorInfo | None = None
 
     @model_validator(mode="after")
-    def _outputs_or_error(self) -> "InferenceResponse":
+    def _outputs_or_error(self) -> InferenceResponse:
         if self.error is not None and self.outputs:
             raise ValueError("a failed response carries no outputs")
         return self

@@ -4,8 +4,8 @@ else the local KRaft broker from Maven jars) and helpers to run workers against 
 from __future__ import annotations
 
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kafkaio import KafkaSettings, ensure_topics
+from abqueue.kafka import KafkaSettings, ensure_topics
 from schemas import ExperimentConfig, VariantConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,8 +38,8 @@ def kafka_bootstrap(tmp_path_factory):
         with KafkaContainer().with_kraft() as kc:
             yield kc.get_bootstrap_server()
         return
-    from localkafka import LocalBroker
-    from localkafka.broker import free_port
+    from abqueue.localkafka import LocalBroker
+    from abqueue.localkafka.broker import free_port
 
     broker = LocalBroker(port=free_port(), data_dir=tmp_path_factory.mktemp("kafka"))
     broker.start()
@@ -58,7 +58,10 @@ def new_experiment(variants=(("a", 90), ("b", 10)), partitions: int = 2, **engin
     """An experiment with a fresh name, so tests never see each other's topics or groups."""
     return ExperimentConfig(
         name=f"t{uuid.uuid4().hex[:10]}",
-        variants=[VariantConfig(name=n, weight=w, engine="echo", model=f"echo-{n}", engine_args=dict(engine_args)) for n, w in variants],
+        variants=[
+            VariantConfig(name=n, weight=w, engine="echo", model=f"echo-{n}", engine_args=dict(engine_args))
+            for n, w in variants
+        ],
         partitions=partitions,
     )
 
@@ -80,10 +83,10 @@ class ThreadWorker:
     """A Worker in a thread of the test process: for tests that need no signals or kill -9."""
 
     def __init__(self, settings, exp, variant, **kw):
-        from workers.engine import make_engine
+        from workers.engines.factory import make_engine
         from workers.worker import Worker
 
-        self.worker = Worker(settings, exp, variant, make_engine(exp.variant(variant)), **kw)
+        self.worker = Worker.from_settings(settings, exp, variant, make_engine(exp.variant(variant)), **kw)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
 
     def __enter__(self):
@@ -105,7 +108,7 @@ def thread_worker(settings):
 
 
 def abq_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "abqueue_cli.main", *args]
+    return [sys.executable, "-m", "abqueue.cli.main", *args]
 
 
 @pytest.fixture
@@ -115,12 +118,23 @@ def spawn_worker(kafka_bootstrap, tmp_path):
 
     def spawn(exp: ExperimentConfig, variant: str, *extra: str, log_name: str | None = None) -> subprocess.Popen:
         cfg = write_config(exp, tmp_path)
-        log = open(tmp_path / (log_name or f"worker-{variant}-{len(procs)}.log"), "wb")
-        env = {**os.environ, "ABQ_BOOTSTRAP_SERVERS": kafka_bootstrap, "PYTHONUNBUFFERED": "1", "ABQ_LOG_LEVEL": "DEBUG"}
+        log = open(tmp_path / (log_name or f"worker-{variant}-{len(procs)}.log"), "wb")  # noqa: SIM115 (the worker writes it)
+        env = {
+            **os.environ,
+            "ABQ_BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "PYTHONUNBUFFERED": "1",
+            "ABQ_LOG_LEVEL": "DEBUG",
+        }
         # A session of its own, so teardown can reach vLLM's engine processes too: they outlive a
         # worker that is SIGKILLed (they are reparented to init, holding memory and CPU).
-        proc = subprocess.Popen(abq_cmd("worker", "--config", str(cfg), "--variant", variant, *extra),
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(
+            abq_cmd("worker", "--config", str(cfg), "--variant", variant, *extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
         proc.log_path = Path(log.name)
         procs.append(proc)
         return proc
@@ -138,3 +152,88 @@ def spawn_worker(kafka_bootstrap, tmp_path):
         except ProcessLookupError:
             pass
         p.wait()
+
+
+# -- the stub transport: fast unit tests of the worker loop, no broker --------------------------------
+
+
+@pytest.fixture
+def stub_broker():
+    from workers.transport.stub import StubBroker
+
+    return StubBroker()
+
+
+class StubWorker:
+    """A Worker on the stub broker, in a thread; the experiment's topics are created in the stub."""
+
+    def __init__(self, broker, exp: ExperimentConfig, variant: str, engine=None, delivery: str = "at-least-once", **kw):
+        from workers.delivery import AtLeastOnce, ExactlyOnce
+        from workers.engines.factory import make_engine
+        from workers.sink import ResponseSink, TransactionalSink
+        from workers.worker import Worker
+
+        for v in exp.variants:
+            for topic in exp.request_topics(v.name).values():
+                broker.create_topic(topic, exp.partitions)
+        for topic in (exp.response_topic, exp.deadletter_topic):
+            broker.create_topic(topic, exp.partitions)
+        self.broker, self.exp = broker, exp
+        group = exp.consumer_group(variant)
+        self.consumer = broker.consumer(group)
+        topics = (exp.response_topic, exp.deadletter_topic)
+        if delivery == "exactly-once":
+            self.producer = broker.producer(transactional_id=f"{group}.stub")
+            strategy = ExactlyOnce(TransactionalSink(self.producer, *topics))
+        else:
+            self.producer = broker.producer()
+            strategy = AtLeastOnce(ResponseSink(self.producer, *topics))
+        strategy.retry_after_s = 0.05  # a failed publish or transaction is tried again quickly here
+        engine = engine or make_engine(exp.variant(variant))
+        kw.setdefault("drain_timeout_s", 0.2)  # tests may leave requests with a manual engine
+        self.worker = Worker(exp, variant, engine, self.consumer, strategy, worker_id="stub-worker", **kw)
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.worker.stop()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive(), "stub worker did not stop within 10s"
+
+    def send(self, variant: str = "a", priority: str = "normal", **fields):
+        """Publish a request straight to the variant's topic (as a producer would, variant assigned)."""
+        from schemas import InferenceRequest, encode
+
+        fields.setdefault("routing_key", "user-1")
+        fields.setdefault("prompt", "hello there world")
+        req = InferenceRequest(experiment=self.exp.name, variant=variant, priority=priority, **fields)
+        self.broker.produce(self.exp.request_topic(variant, priority), encode(req), key=req.routing_key.encode())
+        return req
+
+    def responses(self):
+        from schemas import InferenceResponse
+
+        return [InferenceResponse.model_validate_json(r.value) for r in self.broker.records(self.exp.response_topic)]
+
+    def dead_letters(self):
+        from schemas import DeadLetter
+
+        return [DeadLetter.model_validate_json(r.value) for r in self.broker.records(self.exp.deadletter_topic)]
+
+    def wait_responses(self, n: int, timeout: float = 5.0):
+        self.broker.wait_for(lambda: len(self.broker.records(self.exp.response_topic)) >= n, timeout, f"{n} responses")
+        return self.responses()
+
+    def committed(self) -> dict:
+        return self.broker.committed.get(self.consumer.group, {})
+
+
+@pytest.fixture
+def stub_worker(stub_broker):
+    def make(exp: ExperimentConfig, variant: str = "a", **kw) -> StubWorker:
+        return StubWorker(stub_broker, exp, variant, **kw)
+
+    return make

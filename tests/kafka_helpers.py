@@ -6,12 +6,18 @@ import time
 
 from kafka import TopicPartition
 
-from kafkaio import KafkaSettings, admin_client, consumer
+from abqueue.kafka import KafkaSettings, admin_client, consumer
 from schemas import DeadLetter, InferenceResponse
 
 
-def read_all(settings: KafkaSettings, topic: str, expect: int | None = None, timeout: float = 30.0, idle: float = 1.5,
-             isolation_level: str = "read_uncommitted"):
+def read_all(
+    settings: KafkaSettings,
+    topic: str,
+    expect: int | None = None,
+    timeout: float = 30.0,
+    idle: float = 1.5,
+    isolation_level: str = "read_uncommitted",
+):
     """Every record of `topic` from the beginning; waits for `expect` records (or `idle` s of silence)."""
     c = consumer(settings, group_id=None, isolation_level=isolation_level)
     tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
@@ -35,9 +41,13 @@ def read_all(settings: KafkaSettings, topic: str, expect: int | None = None, tim
         c.close()
 
 
-def responses(settings, topic, expect=None, timeout=30.0, isolation_level="read_uncommitted") -> list[InferenceResponse]:
-    return [InferenceResponse.model_validate_json(r.value)
-            for r in read_all(settings, topic, expect, timeout, isolation_level=isolation_level)]
+def responses(
+    settings, topic, expect=None, timeout=30.0, isolation_level="read_uncommitted"
+) -> list[InferenceResponse]:
+    return [
+        InferenceResponse.model_validate_json(r.value)
+        for r in read_all(settings, topic, expect, timeout, isolation_level=isolation_level)
+    ]
 
 
 def dead_letters(settings, topic, expect=None, timeout=30.0) -> list[DeadLetter]:

@@ -8,21 +8,28 @@ from collections import Counter
 
 import orjson
 import pytest
-
-from kafkaio import ensure_topics
-from producers.batch import BatchInputError, read_items
-
 from conftest import REPO, abq_cmd, new_experiment, write_config
+
+from abqueue.kafka import ensure_topics
+from producers.batch import BatchInputError, read_items
 
 
 def _openai_lines(n, start=0):
     for i in range(start, start + n):
         if i % 2:
-            yield {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
-                   "body": {"model": "any", "messages": [{"role": "user", "content": f"chat {i}"}], "max_tokens": 8}}
+            yield {
+                "custom_id": f"req-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "any", "messages": [{"role": "user", "content": f"chat {i}"}], "max_tokens": 8},
+            }
         else:
-            yield {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions",
-                   "body": {"model": "any", "prompt": f"complete {i}", "max_tokens": 8, "user": f"user-{i % 7}"}}
+            yield {
+                "custom_id": f"req-{i}",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": "any", "prompt": f"complete {i}", "max_tokens": 8, "user": f"user-{i % 7}"},
+            }
 
 
 def _write(path, lines):
@@ -31,8 +38,13 @@ def _write(path, lines):
 
 def _run_batch(kafka_bootstrap, cfg, inp, out, *extra, wait=True):
     env = {**os.environ, "ABQ_BOOTSTRAP_SERVERS": kafka_bootstrap}
-    proc = subprocess.Popen(abq_cmd("batch", "--config", str(cfg), str(inp), "--out", str(out), *extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        abq_cmd("batch", "--config", str(cfg), str(inp), "--out", str(out), *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=REPO,
+    )
     if wait:
         stdout, stderr = proc.communicate(timeout=180)
         return proc.returncode, stdout.decode(), stderr.decode()
@@ -43,7 +55,9 @@ def _lines(path):
     return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
 
 
-def test_interrupted_batch_resumes_and_the_output_has_each_id_exactly_once(settings, kafka_bootstrap, thread_worker, tmp_path):
+def test_interrupted_batch_resumes_and_the_output_has_each_id_exactly_once(
+    settings, kafka_bootstrap, thread_worker, tmp_path
+):
     exp = new_experiment(variants=(("a", 100),), latency_ms=150)
     ensure_topics(settings, exp)
     cfg = write_config(exp, tmp_path)
@@ -68,7 +82,10 @@ def test_interrupted_batch_resumes_and_the_output_has_each_id_exactly_once(setti
     chat = next(line for line in lines if line["custom_id"] == "req-1")
     assert chat["error"] is None and chat["response"]["status_code"] == 200
     body = chat["response"]["body"]
-    assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {"role": "assistant", "content": "chat 1"}
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "chat 1",
+    }
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     comp = next(line for line in lines if line["custom_id"] == "req-0")["response"]["body"]
     assert comp["object"] == "text_completion" and comp["choices"][0]["text"] == "complete 0"
@@ -79,12 +96,16 @@ def test_interrupted_batch_resumes_and_the_output_has_each_id_exactly_once(setti
     assert code == 0 and "61 already done" in stdout and len(_lines(out)) == 60
 
 
-def test_results_that_arrived_survive_a_timeout_and_a_rerun_collects_the_rest(settings, kafka_bootstrap, thread_worker, tmp_path):
+def test_results_that_arrived_survive_a_timeout_and_a_rerun_collects_the_rest(
+    settings, kafka_bootstrap, thread_worker, tmp_path
+):
     exp = new_experiment(variants=(("a", 100),))
     ensure_topics(settings, exp)
     cfg = write_config(exp, tmp_path)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    _write(inp, [{"id": f"own-{i}", "routing_key": f"u{i}", "prompt": f"own line {i}", "max_tokens": 4} for i in range(30)])
+    _write(
+        inp, [{"id": f"own-{i}", "routing_key": f"u{i}", "prompt": f"own line {i}", "max_tokens": 4} for i in range(30)]
+    )
     # No worker yet: the first run times out with nothing, keeps its place on the responses topic.
     code, _, stderr = _run_batch(kafka_bootstrap, cfg, inp, out, "--timeout", "2", "--no-progress")
     assert code == 1 and "rerun the same command" in stderr and "\n" not in stderr.strip()
@@ -106,7 +127,9 @@ def test_duplicate_ids_are_refused_up_front_with_their_line_numbers(tmp_path):
         read_items(inp, new_experiment())
 
 
-def test_a_line_too_large_for_the_topic_goes_to_the_errors_file_and_the_rest_runs(settings, kafka_bootstrap, thread_worker, tmp_path):
+def test_a_line_too_large_for_the_topic_goes_to_the_errors_file_and_the_rest_runs(
+    settings, kafka_bootstrap, thread_worker, tmp_path
+):
     exp = new_experiment(variants=(("a", 100),))
     ensure_topics(settings, exp)
     cfg = write_config(exp, tmp_path)

@@ -8,18 +8,29 @@ import urllib.request
 
 import orjson
 import pytest
-
-from localkafka.broker import free_port
-
 from conftest import REPO, abq_cmd, write_config
 
-SUBCOMMANDS = [["demo"], ["worker"], ["submit"], ["batch"], ["kafka"], ["kafka", "up"], ["kafka", "down"],
-               ["kafka", "status"], ["schemas"], ["schemas", "export"], ["schemas", "check"]]
+from abqueue.localkafka.broker import free_port
+
+SUBCOMMANDS = [
+    ["demo"],
+    ["worker"],
+    ["submit"],
+    ["batch"],
+    ["kafka"],
+    ["kafka", "up"],
+    ["kafka", "down"],
+    ["kafka", "status"],
+    ["schemas"],
+    ["schemas", "export"],
+    ["schemas", "check"],
+]
 
 
 def abq(*args, env=None, timeout=120):
-    return subprocess.run(abq_cmd(*args), capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        abq_cmd(*args), capture_output=True, text=True, cwd=REPO, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 @pytest.mark.parametrize("sub", SUBCOMMANDS, ids=" ".join)
@@ -28,15 +39,29 @@ def test_every_subcommand_has_help(sub):
     assert r.returncode == 0 and "usage: abq" in r.stdout
 
 
-@pytest.mark.parametrize("args,env,message", [
-    (["submit", "--routing-key", "u", "--prompt", "p", "--bootstrap-servers", "127.0.0.1:1"], {},
-     "no Kafka broker answers at 127.0.0.1:1; start one with `abq kafka up`"),
-    (["worker", "--variant", "a", "--config", "/nonexistent.yaml"], {}, "does not exist; pass an existing YAML file"),
-    (["worker", "--variant", "zz"], {}, "has no variant 'zz' (variants: a, b)"),
-    (["worker", "--variant", "a", "--experiment", "other"], {}, "--experiment other does not match"),
-    (["worker", "--variant", "a"], {"ABQ_SECURITY_PROTOCOL": "SASL_SSL"}, "needs ABQ_SASL_MECHANISM"),
-    (["worker", "--variant", "a", "--engine", "vllm", "--model", "/no/such/model"], {}, "model directory /no/such/model does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,env,message",
+    [
+        (
+            ["submit", "--routing-key", "u", "--prompt", "p", "--bootstrap-servers", "127.0.0.1:1"],
+            {},
+            "no Kafka broker answers at 127.0.0.1:1; start one with `abq kafka up`",
+        ),
+        (
+            ["worker", "--variant", "a", "--config", "/nonexistent.yaml"],
+            {},
+            "does not exist; pass an existing YAML file",
+        ),
+        (["worker", "--variant", "zz"], {}, "has no variant 'zz' (variants: a, b)"),
+        (["worker", "--variant", "a", "--experiment", "other"], {}, "--experiment other does not match"),
+        (["worker", "--variant", "a"], {"ABQ_SECURITY_PROTOCOL": "SASL_SSL"}, "needs ABQ_SASL_MECHANISM"),
+        (
+            ["worker", "--variant", "a", "--engine", "vllm", "--model", "/no/such/model"],
+            {},
+            "model directory /no/such/model does not exist",
+        ),
+    ],
+)
 def test_user_errors_are_one_line_naming_problem_and_fix(args, env, message):
     r = abq(*args, env=env)
     assert r.returncode == 2, r.stderr
@@ -46,18 +71,41 @@ def test_user_errors_are_one_line_naming_problem_and_fix(args, env, message):
 
 
 def test_secrets_never_reach_the_log(kafka_bootstrap, experiment, tmp_path):
-    r = abq("worker", "--config", str(write_config(experiment, tmp_path)), "--variant", "a",
-            "--security-protocol", "SASL_PLAINTEXT", "--sasl-mechanism", "PLAIN", "--sasl-username", "svc",
-            "--sasl-password", "hunter2-secret", "--bootstrap-servers", "127.0.0.1:1")
+    r = abq(
+        "worker",
+        "--config",
+        str(write_config(experiment, tmp_path)),
+        "--variant",
+        "a",
+        "--security-protocol",
+        "SASL_PLAINTEXT",
+        "--sasl-mechanism",
+        "PLAIN",
+        "--sasl-username",
+        "svc",
+        "--sasl-password",
+        "hunter2-secret",
+        "--bootstrap-servers",
+        "127.0.0.1:1",
+    )
     assert r.returncode == 2
     assert "hunter2-secret" not in r.stderr and "svc" in r.stderr
 
 
 def test_submit_prints_the_response(kafka_bootstrap, experiment, thread_worker, tmp_path):
     with thread_worker(experiment, "a"), thread_worker(experiment, "b"):
-        r = abq("submit", "--config", str(write_config(experiment, tmp_path)), "--routing-key", "cli-user",
-                "--messages", '[{"role": "user", "content": "hello there"}]', "-n", "2",
-                env={"ABQ_BOOTSTRAP_SERVERS": kafka_bootstrap})
+        r = abq(
+            "submit",
+            "--config",
+            str(write_config(experiment, tmp_path)),
+            "--routing-key",
+            "cli-user",
+            "--messages",
+            '[{"role": "user", "content": "hello there"}]',
+            "-n",
+            "2",
+            env={"ABQ_BOOTSTRAP_SERVERS": kafka_bootstrap},
+        )
     assert r.returncode == 0, r.stderr
     resp = orjson.loads(r.stdout)
     assert resp["outputs"] == ["hello there", "hello there"] and resp["variant"] in ("a", "b")
@@ -70,11 +118,18 @@ def test_worker_serves_metrics_and_probes(settings, experiment, thread_worker):
     from workers.health import serve
 
     port = free_port()
-    with thread_worker(experiment, "a") as wa, thread_worker(experiment, "b"), AbqClient(settings, experiment) as client:
+    with (
+        thread_worker(experiment, "a") as wa,
+        thread_worker(experiment, "b"),
+        AbqClient(settings, experiment) as client,
+    ):
         server = serve(wa, port, host="127.0.0.1")
         try:
             for i in range(20):
-                client.submit(InferenceRequest(experiment=experiment.name, routing_key=f"m{i}", prompt="a b c", variant="a"), timeout=30)
+                client.submit(
+                    InferenceRequest(experiment=experiment.name, routing_key=f"m{i}", prompt="a b c", variant="a"),
+                    timeout=30,
+                )
             ready = urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz").status
             alive = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").status
             ok20 = f'abq_requests_total{{experiment="{experiment.name}",outcome="ok",variant="a"}} 20.0'
@@ -89,9 +144,18 @@ def test_worker_serves_metrics_and_probes(settings, experiment, thread_worker):
             server.shutdown()
     assert ready == 200 and alive == 200
     assert ok20 in metrics
-    assert f'abq_tokens_total{{experiment="{experiment.name}",kind="prompt",model="echo-a",variant="a"}} 60.0' in metrics
-    for name in ("abq_queue_wait_seconds_bucket", "abq_engine_seconds_bucket", "abq_end_to_end_seconds_bucket",
-                     "abq_time_to_first_token_seconds_bucket", "abq_prompt_tokens_bucket", "abq_startup_seconds", "abq_inflight_requests"):
+    assert (
+        f'abq_tokens_total{{experiment="{experiment.name}",kind="prompt",model="echo-a",variant="a"}} 60.0' in metrics
+    )
+    for name in (
+        "abq_queue_wait_seconds_bucket",
+        "abq_engine_seconds_bucket",
+        "abq_end_to_end_seconds_bucket",
+        "abq_time_to_first_token_seconds_bucket",
+        "abq_prompt_tokens_bucket",
+        "abq_startup_seconds",
+        "abq_inflight_requests",
+    ):
         assert name in metrics
 
 
@@ -133,7 +197,7 @@ def test_kafka_up_never_wipes_a_directory_it_did_not_make(tmp_path):
 
 
 def test_every_command_and_action_prints_help():
-    from abqueue_cli.main import build_parser
+    from abqueue.cli.main import build_parser
 
     def walk(parser, path):
         yield path

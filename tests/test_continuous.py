@@ -4,23 +4,24 @@ import threading
 import time
 from collections import Counter
 
+from conftest import new_experiment
 from kafka import TopicPartition
+from kafka_helpers import committed, end_offsets, responses
+from test_worker_process import _wait_log
 
-from kafkaio import ensure_topics
+from abqueue.kafka import ensure_topics
 from producers import AbqClient
 from schemas import InferenceRequest
 from workers.offsets import OffsetTracker
-
-from conftest import new_experiment
-from kafka_helpers import committed, end_offsets, responses
-from test_worker_process import _wait_log
 
 
 def _publish(client, exp, n, prefix="r", words=lambda i: 1, **fields):
     ids = []
     for i in range(n):
         prompt = " ".join([f"{prefix}{i}"] * words(i))
-        req, _ = client.publisher.publish(InferenceRequest(experiment=exp.name, routing_key=f"{prefix}{i}", prompt=prompt, **fields))
+        req, _ = client.publisher.publish(
+            InferenceRequest(experiment=exp.name, routing_key=f"{prefix}{i}", prompt=prompt, **fields)
+        )
         ids.append(req.id)
     client.publisher.flush()
     return ids
@@ -46,7 +47,9 @@ def test_offset_tracker_commits_only_up_to_the_lowest_unanswered_offset():
     assert not t.owns(tp, 10) and t.release() == ([], {})
 
 
-def test_requests_finishing_out_of_order_are_all_answered_and_commits_never_pass_an_unanswered_one(settings, spawn_worker):
+def test_requests_finishing_out_of_order_are_all_answered_and_commits_never_pass_an_unanswered_one(
+    settings, spawn_worker
+):
     # Longer prompts take longer (ms_per_token), so a later short request finishes before an earlier long one.
     exp = new_experiment(variants=(("a", 100),), partitions=2, ms_per_token=40)
     ensure_topics(settings, exp)
@@ -67,7 +70,10 @@ def test_requests_finishing_out_of_order_are_all_answered_and_commits_never_pass
     assert order != sorted(order), "requests should have finished out of order"
     topic = exp.request_topic("a")
     deadline = time.monotonic() + 10
-    while committed(settings, exp.consumer_group("a"), topic) != end_offsets(settings, topic) and time.monotonic() < deadline:
+    while (
+        committed(settings, exp.consumer_group("a"), topic) != end_offsets(settings, topic)
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.2)
     assert committed(settings, exp.consumer_group("a"), topic) == end_offsets(settings, topic)
 
@@ -80,9 +86,10 @@ def test_backpressure_bounds_what_the_worker_holds_when_the_topic_holds_10x_max_
         ids = _publish(client, exp, 10 * max_inflight * 3)
         held, done = [], threading.Event()
         with thread_worker(exp, "a", max_inflight=max_inflight, max_batch=max_batch) as worker:
+
             def sample():
                 while not done.is_set():
-                    held.append((worker.inflight, len(worker.admission), len(worker.tracker)))
+                    held.append((worker.inflight, len(worker.admission), len(worker.delivery.tracker)))
                     time.sleep(0.005)
 
             sampler = threading.Thread(target=sample)
@@ -96,8 +103,10 @@ def test_backpressure_bounds_what_the_worker_holds_when_the_topic_holds_10x_max_
     assert max(h[0] for h in held) <= max_inflight
     assert max(h[1] for h in held) <= max_inflight + max_batch
     assert max(h[2] for h in held) <= 2 * max_inflight + 2 * max_batch
-    print(f"\nheld at most: {max(h[0] for h in held)} in flight, {max(h[1] for h in held)} buffered, "
-          f"{max(h[2] for h in held)} tracked, for {len(ids)} requests in the topic")
+    print(
+        f"\nheld at most: {max(h[0] for h in held)} in flight, {max(h[1] for h in held)} buffered, "
+        f"{max(h[2] for h in held)} tracked, for {len(ids)} requests in the topic"
+    )
 
 
 def test_high_priority_requests_submitted_after_a_batch_backlog_are_answered_first(settings, thread_worker):
@@ -151,7 +160,10 @@ def test_exactly_once_kill_9_mid_stream_then_restart_read_committed_sees_each_re
         second = spawn_worker(exp, "a", *flags)
         topic = exp.request_topic("a")
         deadline = time.monotonic() + 90
-        while committed(settings, exp.consumer_group("a"), topic) != end_offsets(settings, topic) and time.monotonic() < deadline:
+        while (
+            committed(settings, exp.consumer_group("a"), topic) != end_offsets(settings, topic)
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.5)
         assert second.poll() is None
     visible = responses(settings, exp.response_topic, expect=300, isolation_level="read_committed")
@@ -159,8 +171,10 @@ def test_exactly_once_kill_9_mid_stream_then_restart_read_committed_sees_each_re
     assert set(counts) == set(ids), f"{len(set(ids) - set(counts))} requests have no committed response"
     assert max(counts.values()) == 1, f"{sum(c - 1 for c in counts.values())} duplicates under read_committed"
     everything = responses(settings, exp.response_topic, expect=300)
-    print(f"\nexactly-once: {len(visible)} committed responses for 300 requests; "
-          f"{len(everything) - len(visible)} more records from the aborted transaction are invisible to read_committed")
+    print(
+        f"\nexactly-once: {len(visible)} committed responses for 300 requests; "
+        f"{len(everything) - len(visible)} more records from the aborted transaction are invisible to read_committed"
+    )
 
 
 def test_a_second_worker_joining_mid_stream_takes_partitions_without_losing_a_request(settings, thread_worker):
@@ -172,7 +186,9 @@ def test_a_second_worker_joining_mid_stream_takes_partitions_without_losing_a_re
         with thread_worker(exp, "a", max_inflight=16, worker_id="first"):
             client.wait(set(ids), timeout=1.5, on_reply=lambda r: seen.append(r.response))
             with thread_worker(exp, "a", max_inflight=16, worker_id="second"):
-                client.wait(set(ids) - {r.request_id for r in seen}, timeout=60, on_reply=lambda r: seen.append(r.response))
+                client.wait(
+                    set(ids) - {r.request_id for r in seen}, timeout=60, on_reply=lambda r: seen.append(r.response)
+                )
     assert {r.request_id for r in seen} == set(ids)
     by_worker = Counter(r.worker_id for r in responses(settings, exp.response_topic, expect=len(ids)))
     assert by_worker["first"] > 0 and by_worker["second"] > 0, by_worker

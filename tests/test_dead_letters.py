@@ -1,30 +1,39 @@
 """Bad input goes to the dead-letter topic with its original bytes and a reason; the worker keeps serving."""
 
 import orjson
+from kafka_helpers import dead_letters
 
-from kafkaio import ensure_topics, producer
+from abqueue.kafka import ensure_topics, producer
 from producers import AbqClient
 from schemas import ExperimentConfig, InferenceRequest, encode
 
-from kafka_helpers import dead_letters
-
 
 def test_garbage_wrong_schema_and_oversized_records_are_dead_lettered_and_valid_ones_served(settings, thread_worker):
-    exp = ExperimentConfig(name=f"dl{__import__('uuid').uuid4().hex[:8]}", partitions=1, variants=[
-        {"name": "a", "weight": 50, "max_prompt_chars": 100, "max_tokens_limit": 64},
-        {"name": "b", "weight": 50},
-    ])
+    exp = ExperimentConfig(
+        name=f"dl{__import__('uuid').uuid4().hex[:8]}",
+        partitions=1,
+        variants=[
+            {"name": "a", "weight": 50, "max_prompt_chars": 100, "max_tokens_limit": 64},
+            {"name": "b", "weight": 50},
+        ],
+    )
     ensure_topics(settings, exp)
     topic = exp.request_topic("a")
 
     def valid(i, max_tokens=16):
-        return InferenceRequest(experiment=exp.name, routing_key=f"u{i}", variant="a", prompt=f"ok {i}", max_tokens=max_tokens)
+        return InferenceRequest(
+            experiment=exp.name, routing_key=f"u{i}", variant="a", prompt=f"ok {i}", max_tokens=max_tokens
+        )
 
     bad = {
         b"\x00\x01 definitely not json": "not_json",
         b'"a json string"': "invalid_schema",
-        orjson.dumps({"experiment": exp.name, "routing_key": "u", "prompt": "p", "variant": "a", "unknown": 1}): "invalid_schema",
-        orjson.dumps({"experiment": exp.name, "routing_key": "u", "prompt": "p", "variant": "a", "top_p": 0}): "invalid_params",
+        orjson.dumps(
+            {"experiment": exp.name, "routing_key": "u", "prompt": "p", "variant": "a", "unknown": 1}
+        ): "invalid_schema",
+        orjson.dumps(
+            {"experiment": exp.name, "routing_key": "u", "prompt": "p", "variant": "a", "top_p": 0}
+        ): "invalid_params",
         encode(valid(100, max_tokens=65)): "invalid_params",
         encode(valid(101).model_copy(update={"variant": "b"})): "wrong_variant",
         encode(valid(102).model_copy(update={"experiment": "other"})): "wrong_experiment",
@@ -64,13 +73,23 @@ def test_garbage_wrong_schema_and_oversized_records_are_dead_lettered_and_valid_
 def test_records_kafka_would_refuse_are_made_to_fit_instead_of_blocking_the_partition(settings, thread_worker):
     """A response or dead letter over its topic's max.message.bytes would be refused on every retry and
     stall the partition; the worker shrinks it and keeps serving."""
-    exp = ExperimentConfig(name=f"big{__import__('uuid').uuid4().hex[:8]}", partitions=1, variants=[
-        {"name": "a", "weight": 100, "max_tokens_limit": 100_000, "max_prompt_chars": 200_000}])
+    exp = ExperimentConfig(
+        name=f"big{__import__('uuid').uuid4().hex[:8]}",
+        partitions=1,
+        variants=[{"name": "a", "weight": 100, "max_tokens_limit": 100_000, "max_prompt_chars": 200_000}],
+    )
     ensure_topics(settings, exp)
     words = "ab " * 45_000  # 135 KB of prompt; 16 echoed samples make a 2 MB response
-    huge_response = InferenceRequest(experiment=exp.name, routing_key="u1", variant="a", prompt=words, n=16, max_tokens=50_000)
-    lost_reply_to = InferenceRequest(experiment=exp.name, routing_key="u2", variant="a", prompt="still answered",
-                                     reply_to=f"{exp.name}.no-such-topic")
+    huge_response = InferenceRequest(
+        experiment=exp.name, routing_key="u1", variant="a", prompt=words, n=16, max_tokens=50_000
+    )
+    lost_reply_to = InferenceRequest(
+        experiment=exp.name,
+        routing_key="u2",
+        variant="a",
+        prompt="still answered",
+        reply_to=f"{exp.name}.no-such-topic",
+    )
     after = InferenceRequest(experiment=exp.name, routing_key="u3", variant="a", prompt="served after")
     garbage = b"\xff" * 1_000_000  # accepted by the request topic, too big once base64'd into a dead letter
     p = producer(settings, max_request_size=2_000_000)

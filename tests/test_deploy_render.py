@@ -6,22 +6,39 @@ import subprocess
 
 import pytest
 import yaml
-
-from deploy.render import Target, render
-from deploy.validate import ManifestError, validate_document, validate_files
-from schemas import load_experiment
-
 from conftest import REPO, abq_cmd
 
+from abqueue.deploy.render import Target, render
+from abqueue.deploy.validate import ManifestError, validate_document, validate_files
+from schemas import load_experiment
+
 EXAMPLE = REPO / "examples" / "experiment.yaml"
-FLAGS = ["--security-protocol", "SASL_SSL", "--sasl-mechanism", "SCRAM-SHA-512", "--sasl-secret", "abq-kafka-user",
-         "--tls-secret", "abq-kafka-ca", "--models-pvc", "models"]
+FLAGS = [
+    "--security-protocol",
+    "SASL_SSL",
+    "--sasl-mechanism",
+    "SCRAM-SHA-512",
+    "--sasl-secret",
+    "abq-kafka-user",
+    "--tls-secret",
+    "abq-kafka-ca",
+    "--models-pvc",
+    "models",
+]
 
 
 def _rendered():
     exp = load_experiment(EXAMPLE)
-    return exp, render(exp, Target(security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512", sasl_secret="abq-kafka-user",
-                                   tls_secret="abq-kafka-ca", models_pvc="models"))
+    return exp, render(
+        exp,
+        Target(
+            security_protocol="SASL_SSL",
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_secret="abq-kafka-user",
+            tls_secret="abq-kafka-ca",
+            models_pvc="models",
+        ),
+    )
 
 
 def _doc(files, kind, name_part=""):
@@ -36,14 +53,25 @@ def test_every_rendered_resource_validates():
     assert kinds.count("KafkaTopic") == 2 * 3 + 2  # a topic per variant and priority, responses, dead letters
 
 
-@pytest.mark.parametrize("kind,mutate,problem", [
-    ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0].update(imagePullPolicy=3), "imagePullPolicy"),
-    ("Deployment", lambda d: d["spec"]["template"]["spec"].update(terminationGracePeriod=30), "terminationGracePeriod"),
-    ("ScaledObject", lambda d: d["spec"].update(pollingInterval="15"), "pollingInterval"),
-    ("ScaledObject", lambda d: d["spec"]["triggers"][0].pop("type"), "type"),
-    ("KafkaTopic", lambda d: d["spec"].update(partitions="eight"), "partitions"),
-    ("TriggerAuthentication", lambda d: d["spec"]["secretTargetRef"][0].pop("key"), "key"),
-])
+@pytest.mark.parametrize(
+    "kind,mutate,problem",
+    [
+        (
+            "Deployment",
+            lambda d: d["spec"]["template"]["spec"]["containers"][0].update(imagePullPolicy=3),
+            "imagePullPolicy",
+        ),
+        (
+            "Deployment",
+            lambda d: d["spec"]["template"]["spec"].update(terminationGracePeriod=30),
+            "terminationGracePeriod",
+        ),
+        ("ScaledObject", lambda d: d["spec"].update(pollingInterval="15"), "pollingInterval"),
+        ("ScaledObject", lambda d: d["spec"]["triggers"][0].pop("type"), "type"),
+        ("KafkaTopic", lambda d: d["spec"].update(partitions="eight"), "partitions"),
+        ("TriggerAuthentication", lambda d: d["spec"]["secretTargetRef"][0].pop("key"), "key"),
+    ],
+)
 def test_an_invalid_manifest_is_caught(kind, mutate, problem):
     _, files = _rendered()
     doc = copy.deepcopy(_doc(files, kind))
@@ -58,7 +86,10 @@ def test_workers_scale_on_their_own_lag_and_drain_before_they_go():
     for v in exp.variants:
         so, dep = _doc(files, "ScaledObject", v.name), _doc(files, "Deployment", v.name)
         assert so["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
-        assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (v.scaling.min_replicas, v.scaling.max_replicas)
+        assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (
+            v.scaling.min_replicas,
+            v.scaling.max_replicas,
+        )
         topics = {t["metadata"]["topic"] for t in so["spec"]["triggers"]}
         assert topics == set(exp.request_topics(v.name).values())
         assert {t["metadata"]["consumerGroup"] for t in so["spec"]["triggers"]} == {exp.consumer_group(v.name)}
@@ -68,27 +99,43 @@ def test_workers_scale_on_their_own_lag_and_drain_before_they_go():
         assert pod["securityContext"]["runAsNonRoot"] is True
         c = pod["containers"][0]
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
-        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert (
+            c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        )
         assert c["args"][c["args"].index("--variant") + 1] == v.name
         # Every replica KEDA may start has a partition of each priority topic.
         for topic in exp.request_topics(v.name).values():
             kt = next(d for d in files["k8s/kafkatopics.yaml"] if d["spec"]["topicName"] == topic)
             assert kt["spec"]["partitions"] >= v.scaling.max_replicas
     rules = {r["alert"] for r in _doc(files, "PrometheusRule")["spec"]["groups"][0]["rules"]}
-    assert {"AbqErrorBudgetFastBurn", "AbqErrorBudgetSlowBurn", "AbqLatencyP95High", "AbqDeadLettersGrowing",
-            "AbqLagGrowingAtMaxReplicas", "AbqConsumerGroupEmptyWithLag"} <= rules
+    assert {
+        "AbqErrorBudgetFastBurn",
+        "AbqErrorBudgetSlowBurn",
+        "AbqLatencyP95High",
+        "AbqDeadLettersGrowing",
+        "AbqLagGrowingAtMaxReplicas",
+        "AbqConsumerGroupEmptyWithLag",
+    } <= rules
 
 
 def test_checked_in_manifests_are_what_the_example_renders(tmp_path):
-    out = subprocess.run(abq_cmd("deploy", "render", "--experiment", str(EXAMPLE), "--out", str(tmp_path), *FLAGS),
-                         capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        abq_cmd("deploy", "render", "--experiment", str(EXAMPLE), "--out", str(tmp_path), *FLAGS),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
     for sub in ("k8s", "keda"):
         fresh = {p.name: p.read_text() for p in (tmp_path / sub).glob("*.*")}
         checked_in = {p.name: p.read_text() for p in (REPO / sub).glob("*.*")}
-        assert fresh == checked_in, f"{sub}/ is stale: rerun abq deploy render --experiment examples/experiment.yaml --out . {' '.join(FLAGS)}"
+        assert fresh == checked_in, (
+            f"{sub}/ is stale: rerun abq deploy render --experiment examples/experiment.yaml --out . {' '.join(FLAGS)}"
+        )
         kustomization = yaml.safe_load(fresh["kustomization.yaml"])
-        assert sorted(kustomization["resources"]) == sorted(n for n in fresh if n.endswith(".yaml") and n != "kustomization.yaml")
+        assert sorted(kustomization["resources"]) == sorted(
+            n for n in fresh if n.endswith(".yaml") and n != "kustomization.yaml"
+        )
 
 
 def test_dashboard_and_alerts_use_only_metrics_the_worker_exports():
@@ -101,12 +148,20 @@ def test_dashboard_and_alerts_use_only_metrics_the_worker_exports():
     from workers.middleware.metrics import Metrics
 
     registry = CollectorRegistry()
-    worker = SimpleNamespace(registry=registry, experiment=SimpleNamespace(name="x"), variant=SimpleNamespace(name="v"),
-                             engine=SimpleNamespace(model="m", stats=lambda: {}), admission=SimpleNamespace(waiting=lambda level: 0),
-                             startup_seconds=1.0, inflight=0)
-    Metrics().on_start(worker)
+    worker = SimpleNamespace(
+        registry=registry,
+        experiment=SimpleNamespace(name="x"),
+        variant=SimpleNamespace(name="v"),
+        engine=SimpleNamespace(model="m", stats=lambda: {}),
+        admission=SimpleNamespace(waiting=lambda level: 0),
+        startup_seconds=1.0,
+        inflight=0,
+    )
+    Metrics().before_start(worker)
     exported = {s.name for family in registry.collect() for s in family.samples}
-    exported |= {family.name + suffix for family in registry.collect() for suffix in ("_bucket", "_count", "_sum", "_total")}
+    exported |= {
+        family.name + suffix for family in registry.collect() for suffix in ("_bucket", "_count", "_sum", "_total")
+    }
     board = json.loads((REPO / "k8s" / "grafana-dashboard.json").read_text())
     used = {m for p in board["panels"] for t in p["targets"] for m in re.findall(r"abq_[a-z_]+", t["expr"])}
     _, files = _rendered()

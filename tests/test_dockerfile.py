@@ -8,7 +8,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from abqueue_cli.main import build_parser
+from abqueue.cli.main import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = (REPO / "Dockerfile").read_text()
@@ -36,9 +36,25 @@ def test_entrypoint_and_cmd_parse_as_an_abq_worker_command_line():
     assert _instruction("EXPOSE").split()[0] == str(args.metrics_port)
     assert f"127.0.0.1:{args.metrics_port}/healthz" in _instruction("HEALTHCHECK")
     # A deployment's own args replace CMD and still parse: flags for the model and delivery.
-    build_parser().parse_args(entry[1:] + ["--config", "/etc/abqueue/experiment.yaml", "--variant", "candidate",
-                                           "--engine", "vllm", "--model", "/models/m", "--gpu-memory-utilization", "0.9",
-                                           "--delivery", "exactly-once", "--max-inflight", "256"])
+    build_parser().parse_args(
+        entry[1:]
+        + [
+            "--config",
+            "/etc/abqueue/experiment.yaml",
+            "--variant",
+            "candidate",
+            "--engine",
+            "vllm",
+            "--model",
+            "/models/m",
+            "--gpu-memory-utilization",
+            "0.9",
+            "--delivery",
+            "exactly-once",
+            "--max-inflight",
+            "256",
+        ]
+    )
 
 
 def test_image_runs_as_non_root_from_the_official_vllm_image_with_every_package():

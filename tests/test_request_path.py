@@ -4,24 +4,33 @@ import math
 import time
 
 import pytest
-
-from kafkaio import ensure_topics
-from producers import AbqClient, RequestTooLarge, assign_variant
-from producers import tracing
-from schemas import InferenceRequest
-
 from conftest import new_experiment
 from kafka_helpers import committed, end_offsets
 
+from abqueue.kafka import ensure_topics, tracing
+from producers import AbqClient, RequestTooLarge, assign_variant
+from schemas import InferenceRequest
 
-def test_n_requests_over_two_variants_get_exactly_n_responses_from_the_assigned_variant(settings, experiment, thread_worker):
+
+def test_n_requests_over_two_variants_get_exactly_n_responses_from_the_assigned_variant(
+    settings, experiment, thread_worker
+):
     n, users = 400, 150
-    with thread_worker(experiment, "a", max_batch=16), thread_worker(experiment, "b", max_batch=16), \
-            AbqClient(settings, experiment) as client:
+    with (
+        thread_worker(experiment, "a", max_batch=16),
+        thread_worker(experiment, "b", max_batch=16),
+        AbqClient(settings, experiment) as client,
+    ):
         sent = {}
         for i in range(n):
-            req, _ = client.publisher.publish(InferenceRequest(experiment=experiment.name, routing_key=f"user-{i % users}",
-                                                               prompt=f"question {i} from user {i % users}", max_tokens=8))
+            req, _ = client.publisher.publish(
+                InferenceRequest(
+                    experiment=experiment.name,
+                    routing_key=f"user-{i % users}",
+                    prompt=f"question {i} from user {i % users}",
+                    max_tokens=8,
+                )
+            )
             sent[req.id] = req
         client.publisher.flush()
         got = client.wait(set(sent), timeout=60)
@@ -44,41 +53,57 @@ def test_n_requests_over_two_variants_get_exactly_n_responses_from_the_assigned_
     time.sleep(0.5)
     for v in ("a", "b"):
         topic = experiment.request_topic(v)
-        assert committed(settings, experiment.consumer_group(v), topic) == {p: o for p, o in end_offsets(settings, topic).items() if o > 0}
+        assert committed(settings, experiment.consumer_group(v), topic) == {
+            p: o for p, o in end_offsets(settings, topic).items() if o > 0
+        }
 
 
 def test_traceparent_travels_from_producer_to_response(settings, experiment, thread_worker):
     parent = tracing.new_traceparent()
     with thread_worker(experiment, "a"), thread_worker(experiment, "b"), AbqClient(settings, experiment) as client:
-        reply = client.submit(InferenceRequest(experiment=experiment.name, routing_key="u1", prompt="trace me"),
-                              timeout=30, traceparent=parent)
+        reply = client.submit(
+            InferenceRequest(experiment=experiment.name, routing_key="u1", prompt="trace me"),
+            timeout=30,
+            traceparent=parent,
+        )
     assert tracing.trace_id(reply.traceparent) == tracing.trace_id(parent)
     assert reply.traceparent != parent  # the worker's hop has its own span id
 
 
 def test_reply_to_topic_gets_the_response_too(settings, experiment, thread_worker):
-    from kafkaio import admin_client
+    from abqueue.kafka import admin_client
+
     reply_topic = f"{experiment.name}.replies"
     admin = admin_client(settings)
     admin.create_topics({reply_topic: {"num_partitions": 1, "replication_factor": 1}}, wait_for_metadata=True)
     admin.close()
-    with thread_worker(experiment, "a"), thread_worker(experiment, "b"), \
-            AbqClient(settings, experiment, reply_topic=reply_topic) as client:
-        reply = client.submit(InferenceRequest(experiment=experiment.name, routing_key="u2", prompt="to me",
-                                               reply_to=reply_topic), timeout=30)
+    with (
+        thread_worker(experiment, "a"),
+        thread_worker(experiment, "b"),
+        AbqClient(settings, experiment, reply_topic=reply_topic) as client,
+    ):
+        reply = client.submit(
+            InferenceRequest(experiment=experiment.name, routing_key="u2", prompt="to me", reply_to=reply_topic),
+            timeout=30,
+        )
     assert reply.response.ok and reply.response.outputs == ["to me"]
 
 
 def test_oversized_request_is_refused_at_the_producer_with_a_clear_error(settings, experiment):
-    with AbqClient(settings, experiment) as client:
-        with pytest.raises(RequestTooLarge, match=r"accepts at most 1048588 \(max.message.bytes\); shorten the prompt"):
-            client.publisher.publish(InferenceRequest(experiment=experiment.name, routing_key="u", prompt="x" * 1_100_000))
+    with (
+        AbqClient(settings, experiment) as client,
+        pytest.raises(RequestTooLarge, match=r"accepts at most 1048588 \(max.message.bytes\); shorten the prompt"),
+    ):
+        client.publisher.publish(InferenceRequest(experiment=experiment.name, routing_key="u", prompt="x" * 1_100_000))
 
 
 def test_expired_requests_get_an_expired_error_response(settings, experiment, thread_worker):
     with AbqClient(settings, experiment) as client:
-        req, fut = client.publisher.publish(InferenceRequest(experiment=experiment.name, routing_key="late",
-                                                             prompt="too late", deadline=time.time() + 0.2))
+        req, fut = client.publisher.publish(
+            InferenceRequest(
+                experiment=experiment.name, routing_key="late", prompt="too late", deadline=time.time() + 0.2
+            )
+        )
         fut.get(10)
         time.sleep(0.5)  # the deadline passes while no worker runs
         with thread_worker(experiment, "a"), thread_worker(experiment, "b"):
@@ -92,7 +117,9 @@ def test_transient_engine_failures_are_retried_and_bad_requests_get_error_respon
     with thread_worker(exp, "a", max_batch=8), AbqClient(settings, exp) as client:
         ids = set()
         for i in range(40):
-            req, _ = client.publisher.publish(InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=f"p {i}"))
+            req, _ = client.publisher.publish(
+                InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=f"p {i}")
+            )
             ids.add(req.id)
         client.publisher.flush()
         got = client.wait(ids, timeout=60)

@@ -5,13 +5,13 @@ import os
 import signal
 import time
 
-from kafkaio import KafkaSettings, ensure_topics
-from localkafka import LocalBroker
-from localkafka.broker import free_port
+from conftest import ThreadWorker, new_experiment
+
+from abqueue.kafka import KafkaSettings, ensure_topics
+from abqueue.localkafka import LocalBroker
+from abqueue.localkafka.broker import free_port
 from producers import AbqClient
 from schemas import InferenceRequest
-
-from conftest import ThreadWorker, new_experiment
 
 
 def test_worker_survives_a_broker_that_stops_answering_for_12_seconds(tmp_path):
@@ -24,7 +24,9 @@ def test_worker_survives_a_broker_that_stops_answering_for_12_seconds(tmp_path):
         with ThreadWorker(settings, exp, "a", max_batch=8) as worker, AbqClient(settings, exp) as client:
             ids = set()
             for i in range(300):
-                req, _ = client.publisher.publish(InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=f"p {i}"))
+                req, _ = client.publisher.publish(
+                    InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=f"p {i}")
+                )
                 ids.add(req.id)
             client.publisher.flush()
             got = {}

@@ -5,12 +5,12 @@ import threading
 import time
 
 import pytest
-
-from analysis.rollout import Guardrails, RolloutController, RolloutState, load_state, request
-from producers import AbqClient, live_config
-from schemas import ExperimentConfig, InferenceRequest
-
 from conftest import new_experiment
+
+from abqueue.control import live_config
+from abqueue.control.rollout import Guardrails, RolloutController, RolloutState, load_state, request
+from producers import AbqClient
+from schemas import ExperimentConfig, InferenceRequest
 
 
 class Traffic:
@@ -24,7 +24,9 @@ class Traffic:
     def _run(self):
         i = 0
         while not self.stop.is_set():
-            self.client.publisher.publish(InferenceRequest(experiment=self.exp.name, routing_key=f"user-{i}", prompt="hello there"))
+            self.client.publisher.publish(
+                InferenceRequest(experiment=self.exp.name, routing_key=f"user-{i}", prompt="hello there")
+            )
             i += 1
             time.sleep(1 / self.rate)
 
@@ -40,14 +42,26 @@ class Traffic:
 
 def _experiment(candidate_error_rate: float) -> ExperimentConfig:
     base = new_experiment(variants=(("control", 100), ("candidate", 0)), latency_ms=5)
-    return ExperimentConfig.model_validate({**base.model_dump(), "variants": [
-        base.variants[0].model_dump(),
-        {**base.variants[1].model_dump(), "engine_args": {"latency_ms": 5, "error_rate": candidate_error_rate}}]})
+    return ExperimentConfig.model_validate(
+        {
+            **base.model_dump(),
+            "variants": [
+                base.variants[0].model_dump(),
+                {**base.variants[1].model_dump(), "engine_args": {"latency_ms": 5, "error_rate": candidate_error_rate}},
+            ],
+        }
+    )
 
 
 def _state(exp, stages, duration=1.5):
-    return RolloutState(experiment=exp.name, candidate="candidate", control="control", stages=stages, stage_duration_s=duration,
-                        guardrails=Guardrails(max_error_rate=0.05, max_p95_ratio=3.0, min_samples=25))
+    return RolloutState(
+        experiment=exp.name,
+        candidate="candidate",
+        control="control",
+        stages=stages,
+        stage_duration_s=duration,
+        guardrails=Guardrails(max_error_rate=0.05, max_p95_ratio=3.0, min_samples=25),
+    )
 
 
 def _weight(settings, exp):

@@ -5,8 +5,17 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from schemas import (ConfigError, ExperimentConfig, InferenceRequest, InferenceResponse, SchemaError, Timings,
-                     decode_request, encode, load_experiment)
+from schemas import (
+    ConfigError,
+    ExperimentConfig,
+    InferenceRequest,
+    InferenceResponse,
+    SchemaError,
+    Timings,
+    decode_request,
+    encode,
+    load_experiment,
+)
 from schemas.export import DEFAULT_DIR, MODELS, check
 
 
@@ -26,15 +35,18 @@ def test_request_needs_exactly_one_of_prompt_or_messages():
         req(messages=[{"role": "user", "content": "x"}])
 
 
-@pytest.mark.parametrize("data,reason", [
-    (b"\xff\xfe not json", "not_json"),
-    (b"[1, 2]", "invalid_schema"),
-    (b'{"experiment": "demo"}', "invalid_schema"),
-    (b'{"experiment": "demo", "routing_key": "u", "prompt": "p", "surprise": 1}', "invalid_schema"),
-    (b'{"experiment": "demo", "routing_key": "u", "prompt": "p", "temperature": 9}', "invalid_params"),
-    (b'{"experiment": "demo", "routing_key": "u", "prompt": "p", "n": 0}', "invalid_params"),
-    (b'{"experiment": "demo", "routing_key": "u", "prompt": "p", "max_tokens": -1}', "invalid_params"),
-])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"\xff\xfe not json", "not_json"),
+        (b"[1, 2]", "invalid_schema"),
+        (b'{"experiment": "demo"}', "invalid_schema"),
+        (b'{"experiment": "demo", "routing_key": "u", "prompt": "p", "surprise": 1}', "invalid_schema"),
+        (b'{"experiment": "demo", "routing_key": "u", "prompt": "p", "temperature": 9}', "invalid_params"),
+        (b'{"experiment": "demo", "routing_key": "u", "prompt": "p", "n": 0}', "invalid_params"),
+        (b'{"experiment": "demo", "routing_key": "u", "prompt": "p", "max_tokens": -1}', "invalid_params"),
+    ],
+)
 def test_decode_errors_carry_a_dead_letter_reason(data, reason):
     with pytest.raises(SchemaError) as e:
         decode_request(data)
@@ -55,19 +67,31 @@ def test_json_schema_accepts_what_the_models_accept_and_rejects_what_they_reject
             jsonschema.validate(bad, schema)
         with pytest.raises(ValidationError):
             InferenceRequest.model_validate(bad)
-    resp = InferenceResponse(request_id="r", experiment="demo", variant="a", model="m", outputs=["x"],
-                             timings=Timings(enqueued=1, dequeued=2, finished=3), worker_id="w")
-    jsonschema.validate(orjson.loads(encode(resp)), json.loads((DEFAULT_DIR / "inference_response.schema.json").read_text()))
+    resp = InferenceResponse(
+        request_id="r",
+        experiment="demo",
+        variant="a",
+        model="m",
+        outputs=["x"],
+        timings=Timings(enqueued=1, dequeued=2, finished=3),
+        worker_id="w",
+    )
+    jsonschema.validate(
+        orjson.loads(encode(resp)), json.loads((DEFAULT_DIR / "inference_response.schema.json").read_text())
+    )
     assert set(MODELS) == {p.name.removesuffix(".schema.json") for p in DEFAULT_DIR.glob("*.schema.json")}
 
 
-@pytest.mark.parametrize("variants,message", [
-    ([{"name": "a", "weight": 50}, {"name": "b", "weight": 40}], "sum to 90"),
-    ([{"name": "a", "weight": 50}, {"name": "a", "weight": 50}], "duplicate variant names: a"),
-    ([{"name": "a", "weight": 100, "engine": "tgi"}], "engine"),
-    ([{"name": "A.b", "weight": 100}], "pattern"),
-    ([{"name": "a", "weight": 99.995}, {"name": "b", "weight": 0.005}], "two decimals"),
-])
+@pytest.mark.parametrize(
+    "variants,message",
+    [
+        ([{"name": "a", "weight": 50}, {"name": "b", "weight": 40}], "sum to 90"),
+        ([{"name": "a", "weight": 50}, {"name": "a", "weight": 50}], "duplicate variant names: a"),
+        ([{"name": "a", "weight": 100, "engine": "tgi"}], "engine"),
+        ([{"name": "A.b", "weight": 100}], "pattern"),
+        ([{"name": "a", "weight": 99.995}, {"name": "b", "weight": 0.005}], "two decimals"),
+    ],
+)
 def test_invalid_experiment_configs_are_refused_with_one_line(tmp_path, variants, message):
     path = tmp_path / "exp.yaml"
     path.write_text(json.dumps({"name": "x", "variants": variants}))

@@ -4,9 +4,9 @@ sweep compares settings side by side with a chart."""
 import json
 import subprocess
 
-from scaling.simulate import Settings, profile, simulate
-
 from conftest import REPO, abq_cmd
+
+from abqueue.scaling.simulate import Settings, profile, simulate
 
 
 def test_one_warm_replica_drains_a_burst_exactly_as_computed_by_hand():
@@ -31,8 +31,16 @@ def test_scale_from_zero_waits_for_the_poll_and_the_cold_start():
 
 
 def test_requests_are_conserved_at_every_step_under_a_diurnal_load_with_scale_to_zero():
-    s = Settings(lagThreshold=10, minReplicas=0, maxReplicas=6, partitions=6, per_replica_rps=2, cold_start_s=60,
-                 cooldownPeriod=120, stabilizationWindowSeconds=60)
+    s = Settings(
+        lagThreshold=10,
+        minReplicas=0,
+        maxReplicas=6,
+        partitions=6,
+        per_replica_rps=2,
+        cold_start_s=60,
+        cooldownPeriod=120,
+        stabilizationWindowSeconds=60,
+    )
     r = simulate(profile("diurnal:8,7200", 7200) + [0] * 1800, s)
     assert r.arrived == r.served + r.backlog and r.arrived > 20_000
     assert r.backlog == 0 and r.timeline[-1]["replicas"] == 0  # drained, then scaled to zero after the cooldown
@@ -45,9 +53,31 @@ def test_simulate_command_sweeps_a_setting_and_writes_a_chart(tmp_path):
     trace = tmp_path / "arrivals.csv"
     trace.write_text("timestamp\n" + "\n".join(str(1_700_000_000 + i * 0.25) for i in range(2000)) + "\n")
     png = tmp_path / "sim.png"
-    out = subprocess.run(abq_cmd("keda", "simulate", "--trace", str(trace), "--per-replica-rps", "1.5", "--max-replicas", "8",
-                                 "--partitions", "8", "--cold-start", "60", "--sweep", "lagThreshold=5,20,80",
-                                 "--png", str(png), "--format", "json"), capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        abq_cmd(
+            "keda",
+            "simulate",
+            "--trace",
+            str(trace),
+            "--per-replica-rps",
+            "1.5",
+            "--max-replicas",
+            "8",
+            "--partitions",
+            "8",
+            "--cold-start",
+            "60",
+            "--sweep",
+            "lagThreshold=5,20,80",
+            "--png",
+            str(png),
+            "--format",
+            "json",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
     rows = {s["setting"]: s for s in data["summaries"]}
@@ -57,5 +87,10 @@ def test_simulate_command_sweeps_a_setting_and_writes_a_chart(tmp_path):
     assert rows["lagThreshold=5"]["max_replicas"] >= rows["lagThreshold=80"]["max_replicas"]
     assert rows["lagThreshold=5"]["wait_s_p95"] <= rows["lagThreshold=80"]["wait_s_p95"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    bad = subprocess.run(abq_cmd("keda", "simulate", "--profile", "wave:3", "--per-replica-rps", "1"), capture_output=True, text=True, cwd=REPO)
+    bad = subprocess.run(
+        abq_cmd("keda", "simulate", "--profile", "wave:3", "--per-replica-rps", "1"),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert bad.returncode == 2 and "is not burst:N@T" in bad.stderr and bad.stderr.count("\n") == 1

@@ -7,21 +7,22 @@ import urllib.error
 import urllib.request
 
 import pytest
-
-from kafkaio import ensure_topics
-from localkafka.broker import free_port
-from producers import AbqClient
-from schemas import ExperimentConfig, InferenceRequest
-
 from kafka_helpers import dead_letters
 from tiny_model import ENGINE_ARGS, make_tiny_model
+
+from abqueue.kafka import ensure_topics
+from abqueue.localkafka.broker import free_port
+from producers import AbqClient
+from schemas import ExperimentConfig, InferenceRequest
 
 pytestmark = pytest.mark.vllm
 
 if importlib.util.find_spec("vllm") is None:
     if os.environ.get("ABQ_REQUIRE_VLLM") == "1":
         raise RuntimeError("ABQ_REQUIRE_VLLM=1 but vLLM is not installed; build the env with `scripts/env.sh vllm`")
-    pytest.skip("vLLM is not installed (scripts/env.sh vllm builds an environment with its CPU build)", allow_module_level=True)
+    pytest.skip(
+        "vLLM is not installed (scripts/env.sh vllm builds an environment with its CPU build)", allow_module_level=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +41,25 @@ def _get(port, path):
 
 
 @pytest.mark.parametrize("engine", ["vllm", "vllm-batch"])
-def test_vllm_worker_serves_prompts_chat_and_n_samples_and_dead_letters_bad_requests(settings, spawn_worker, tiny_model, monkeypatch, engine):
+def test_vllm_worker_serves_prompts_chat_and_n_samples_and_dead_letters_bad_requests(
+    settings, spawn_worker, tiny_model, monkeypatch, engine
+):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     typed = {k: ENGINE_ARGS[k] for k in ("dtype", "max_model_len", "max_num_seqs")}
-    exp = ExperimentConfig(name=f"v{os.urandom(4).hex()}", partitions=1, variants=[
-        {"name": "tiny", "weight": 100, "engine": engine, "model": str(tiny_model), "vllm": typed,
-         "engine_args": {k: v for k, v in ENGINE_ARGS.items() if k not in typed}},
-    ])
+    exp = ExperimentConfig(
+        name=f"v{os.urandom(4).hex()}",
+        partitions=1,
+        variants=[
+            {
+                "name": "tiny",
+                "weight": 100,
+                "engine": engine,
+                "model": str(tiny_model),
+                "vllm": typed,
+                "engine_args": {k: v for k, v in ENGINE_ARGS.items() if k not in typed},
+            },
+        ],
+    )
     ensure_topics(settings, exp)
     port = free_port()
     proc = spawn_worker(exp, "tiny", "--max-batch", "8", "--metrics-port", str(port))
@@ -61,10 +74,21 @@ def test_vllm_worker_serves_prompts_chat_and_n_samples_and_dead_letters_bad_requ
         time.sleep(0.5)
     assert 503 in states and ready == 200, proc.log_path.read_text()[-3000:]
     reqs = [
-        InferenceRequest(experiment=exp.name, routing_key="u1", prompt="the quick brown fox", max_tokens=12, temperature=0, seed=1),
-        InferenceRequest(experiment=exp.name, routing_key="u2", messages=[{"role": "system", "content": "be brief"},
-                         {"role": "user", "content": "hello world"}], max_tokens=6, n=3, temperature=0.9, seed=7),
-        InferenceRequest(experiment=exp.name, routing_key="u3", prompt="queues keep gpus busy", max_tokens=200, stop=["\n"]),
+        InferenceRequest(
+            experiment=exp.name, routing_key="u1", prompt="the quick brown fox", max_tokens=12, temperature=0, seed=1
+        ),
+        InferenceRequest(
+            experiment=exp.name,
+            routing_key="u2",
+            messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}],
+            max_tokens=6,
+            n=3,
+            temperature=0.9,
+            seed=7,
+        ),
+        InferenceRequest(
+            experiment=exp.name, routing_key="u3", prompt="queues keep gpus busy", max_tokens=200, stop=["\n"]
+        ),
         InferenceRequest(experiment=exp.name, routing_key="u4", prompt="hello " * 100, max_tokens=200),  # > 256 tokens
         InferenceRequest(experiment=exp.name, routing_key="u5", prompt="hi", n=2, temperature=0),  # greedy with n > 1
     ]
@@ -80,7 +104,7 @@ def test_vllm_worker_serves_prompts_chat_and_n_samples_and_dead_letters_bad_requ
     assert greedy.finish_reason in ("length", "stop") and len(greedy.outputs) == 1
     # n=3 gives three samples; the chat template wraps the messages, so the prompt is longer than the text.
     assert len(chat.outputs) == 3 and chat.usage.completion_tokens <= 18
-    assert chat.usage.prompt_tokens > len("be brief hello world".split())
+    assert chat.usage.prompt_tokens > len(["be", "brief", "hello", "world"])
     assert long.ok and long.usage.completion_tokens <= 200
     # Token timings per request: time to first token, and per output token where there were several.
     assert greedy.timings.ttft_s is not None and greedy.timings.ttft_s >= 0
@@ -89,8 +113,13 @@ def test_vllm_worker_serves_prompts_chat_and_n_samples_and_dead_letters_bad_requ
     assert letters[reqs[3].id].reason == "oversized_prompt" and "context of 256 tokens" in letters[reqs[3].id].detail
     assert letters[reqs[4].id].reason == "invalid_params" and "greedy" in letters[reqs[4].id].detail
     _, metrics = _get(port, "/metrics")
-    for name in ("abq_time_to_first_token_seconds_count", "abq_prompt_tokens_count", "abq_completion_tokens_count",
-                 "abq_startup_seconds", "abq_engine_running_requests" if engine == "vllm" else "abq_batch_size_count"):
+    for name in (
+        "abq_time_to_first_token_seconds_count",
+        "abq_prompt_tokens_count",
+        "abq_completion_tokens_count",
+        "abq_startup_seconds",
+        "abq_engine_running_requests" if engine == "vllm" else "abq_batch_size_count",
+    ):
         assert f"{name}{{" in metrics, name
     if engine == "vllm":
         assert "abq_kv_cache_usage_ratio{" in metrics

@@ -4,18 +4,20 @@ import signal
 import time
 from collections import Counter
 
-from kafkaio import ensure_topics
-from producers import AbqClient
-from schemas import InferenceRequest
-
 from conftest import new_experiment
 from kafka_helpers import committed, end_offsets, responses
+
+from abqueue.kafka import ensure_topics
+from producers import AbqClient
+from schemas import InferenceRequest
 
 
 def _publish(client, exp, n, prefix="r"):
     ids = []
     for i in range(n):
-        req, _ = client.publisher.publish(InferenceRequest(experiment=exp.name, routing_key=f"{prefix}{i}", prompt=f"{prefix} {i}"))
+        req, _ = client.publisher.publish(
+            InferenceRequest(experiment=exp.name, routing_key=f"{prefix}{i}", prompt=f"{prefix} {i}")
+        )
         ids.append(req.id)
     client.publisher.flush()
     return ids

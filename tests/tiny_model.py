@@ -16,15 +16,33 @@ CHAT_TEMPLATE = (
 )
 
 # vLLM's CPU attention needs head_dim >= 32 (64 here: 128 hidden / 2 heads).
-ENGINE_ARGS = {"load_format": "dummy", "dtype": "float32", "max_model_len": 256, "enforce_eager": True,
-               "max_num_seqs": 32, "seed": 0}
+ENGINE_ARGS = {
+    "load_format": "dummy",
+    "dtype": "float32",
+    "max_model_len": 256,
+    "enforce_eager": True,
+    "max_num_seqs": 32,
+    "seed": 0,
+}
 
 
 # Shapes of the generated model. "tiny" is what the tests run; "small" (~30M parameters) makes the
 # engine, not the queue, dominate on CPU, as a real model does on a GPU.
 SIZES = {
-    "tiny": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1},
-    "small": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2},
+    "tiny": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    },
+    "small": {
+        "hidden_size": 512,
+        "intermediate_size": 1408,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+    },
 }
 
 
@@ -37,15 +55,23 @@ def make_tiny_model(directory: Path, size: str = "tiny") -> Path:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     corpus = ["the quick brown fox jumps over the lazy dog", "queues keep gpus busy", "hello world"] * 50
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
-    config = LlamaConfig(vocab_size=512, **SIZES[size], max_position_embeddings=512,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=512,
+        **SIZES[size],
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
     config.save_pretrained(directory)
     # Some transformers versions drop the template from tokenizer_config; keep a copy beside it.
     (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)

@@ -1,19 +1,33 @@
-"""One way to retry with exponential backoff, shared by publishing, committing and the engine."""
+"""One exponential backoff, shared by publishing, committing and engine retries."""
 
 from __future__ import annotations
 
 import logging
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 log = logging.getLogger("workers.backoff")
 
 
-def retrying(what: str, on: type[BaseException] | tuple[type[BaseException], ...], attempts: int,
-             first_wait_s: float = 0.2, max_wait_s: float = 5.0) -> Retrying:
+def delay_s(attempt: int, first_s: float, max_s: float) -> float:
+    """The wait after failed attempt number `attempt` (1-based): first_s, doubling, at most max_s."""
+    return min(max_s, first_s * 2 ** (attempt - 1))
+
+
+def retrying(
+    what: str,
+    on: type[BaseException] | tuple[type[BaseException], ...],
+    attempts: int,
+    first_wait_s: float = 0.2,
+    max_wait_s: float = 5.0,
+) -> Retrying:
     """Retries `on` up to `attempts` tries in all, logging each retry; the last error is re-raised."""
     return Retrying(
-        retry=retry_if_exception_type(on), stop=stop_after_attempt(attempts),
-        wait=wait_exponential(multiplier=first_wait_s, max=max_wait_s), reraise=True,
-        before_sleep=lambda rs: log.warning("%s: %s; retry %d", what, rs.outcome.exception(), rs.attempt_number),
+        retry=retry_if_exception_type(on),
+        stop=stop_after_attempt(attempts),
+        wait=lambda rs: delay_s(rs.attempt_number, first_wait_s, max_wait_s),
+        reraise=True,
+        before_sleep=lambda rs: log.warning(
+            "%s: %s; retry %d", what, rs.outcome.exception() if rs.outcome else "?", rs.attempt_number
+        ),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -12,12 +13,12 @@ class Probes(ThreadingHTTPServer):
     """Serves from process start; until `worker` is set (the engine is still loading) the process is
     alive but not ready, so Kubernetes neither restarts it nor sends it traffic."""
 
-    worker = None
+    worker: Any = None
 
 
 def serve(worker, port: int, host: str = "0.0.0.0") -> Probes:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
+        def do_GET(self):
             worker = server.worker
             if worker is None:
                 body, ctype, code = b"starting: loading the engine\n", "text/plain", 200

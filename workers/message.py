@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 
 from kafka.consumer.fetcher import ConsumerRecord
 
-from producers import tracing
+from abqueue.kafka import tracing
 from schemas import DeadLetter, ErrorInfo, InferenceRequest, InferenceResponse, Timings, Usage
-from workers.engine import Completion
+from schemas.deadletter import DeadLetterReason
+from schemas.response import FinishReason
+from workers.engines.base import Completion
 
 
 @dataclass
@@ -35,19 +37,34 @@ class Message:
     def traceparent(self) -> str | None:
         return tracing.header_value(self.record.headers)
 
-    def reject(self, reason: str, detail: str, worker_id: str) -> None:
+    def reject(self, reason: DeadLetterReason, detail: str, worker_id: str) -> None:
         r = self.record
         self.dead_letter = DeadLetter(
-            reason=reason, detail=detail, source_topic=r.topic, source_partition=r.partition,
-            source_offset=r.offset, original_key_b64=DeadLetter.b64(r.key),
-            original_value_b64=DeadLetter.b64(r.value or b""),
-            request_id=self.request.id if self.request else None, worker_id=worker_id,
+            reason=reason,
+            detail=detail,
+            source_topic=r.topic,
+            source_partition=r.partition,
+            source_offset=r.offset,
+            original_key_b64=DeadLetter.b64(r.key),
+            original_value_b64=DeadLetter.b64(r.value or b"") or "",
+            request_id=self.request.id if self.request else None,
+            worker_id=worker_id,
         )
 
-    def answer(self, *, variant: str, model: str, worker_id: str, outputs: list[str] | None = None,
-               finish_reason: str | None = None, usage: Usage | None = None, first_token: float | None = None,
-               error: ErrorInfo | None = None) -> None:
+    def answer(
+        self,
+        *,
+        variant: str,
+        model: str,
+        worker_id: str,
+        outputs: list[str] | None = None,
+        finish_reason: FinishReason | None = None,
+        usage: Usage | None = None,
+        first_token: float | None = None,
+        error: ErrorInfo | None = None,
+    ) -> None:
         req = self.request
+        assert req is not None, "only a decoded request is answered"
         finished = time.time()
         usage = usage or Usage()
         ttft = tpot = None
@@ -57,15 +74,37 @@ class Message:
             if per_sample > 1:
                 tpot = max(0.0, finished - first_token) / (per_sample - 1)
         self.response = InferenceResponse(
-            request_id=req.id, experiment=req.experiment, variant=variant, assigned_by=req.assigned_by, model=model,
-            outputs=outputs or [], finish_reason=finish_reason, usage=usage,
-            timings=Timings(enqueued=self.enqueued_at, dequeued=self.dequeued_at, started=self.started,
-                            first_token=first_token, finished=finished, ttft_s=ttft, tpot_s=tpot),
-            worker_id=worker_id, error=error,
+            request_id=req.id,
+            experiment=req.experiment,
+            variant=variant,
+            assigned_by=req.assigned_by,
+            model=model,
+            outputs=outputs or [],
+            finish_reason=finish_reason,
+            usage=usage,
+            timings=Timings(
+                enqueued=self.enqueued_at,
+                dequeued=self.dequeued_at,
+                started=self.started,
+                first_token=first_token,
+                finished=finished,
+                ttft_s=ttft,
+                tpot_s=tpot,
+            ),
+            worker_id=worker_id,
+            error=error,
         )
 
     def answer_completion(self, *, variant: str, model: str, worker_id: str) -> None:
         c = self.completion
-        self.answer(variant=variant, model=model, worker_id=worker_id, outputs=c.outputs,
-                    finish_reason=c.finish_reason, error=c.error, first_token=c.first_token_at,
-                    usage=Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens))
+        assert c is not None, "answer_completion needs what the engine made"
+        self.answer(
+            variant=variant,
+            model=model,
+            worker_id=worker_id,
+            outputs=c.outputs,
+            finish_reason=c.finish_reason,
+            error=c.error,
+            first_token=c.first_token_at,
+            usage=Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens),
+        )

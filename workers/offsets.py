@@ -83,8 +83,11 @@ class OffsetTracker:
 
     def points(self, partitions=None) -> dict[TopicPartition, int]:
         """The current commit point of each (given) partition, committed already or not."""
-        return {tp: self._point(p) for tp, p in self._parts.items()
-                if (partitions is None or tp in partitions) and self._point(p) >= 0}
+        return {
+            tp: self._point(p)
+            for tp, p in self._parts.items()
+            if (partitions is None or tp in partitions) and self._point(p) >= 0
+        }
 
     def commit_failed(self, partitions) -> None:
         for tp in partitions:

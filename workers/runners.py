@@ -1,28 +1,71 @@
-"""Runners feed admitted messages to an engine and hand back finished ones, in whatever order the
+"""Runners feed admitted messages to the engine and hand back finished ones, in whatever order the
 engine finishes them. The worker loop never blocks on the engine: it polls, publishes and commits
 while the engine works.
 
-- StreamRunner (continuous batching): each request goes to the engine as soon as it is admitted;
-  the engine (vLLM's AsyncLLM) schedules it into its running batch and calls back when it is done.
+Both kinds of engine are called through one shape, `EngineCall`: a list of requests and a `done(i,
+result)` called once per request, from any thread. `engine_call` is the one place an engine is
+called; middleware wraps that call (retries, the batch-size metric) the same way for both kinds.
+
+- StreamRunner (continuous batching): each admitted group goes to the engine at once; the engine
+  (vLLM's AsyncLLM) schedules every request into its running batch and calls back as each is done.
 - BatchRunner (static batching): requests are grouped into batches of up to max_batch and run one
   batch at a time through a blocking `generate` (vLLM's `LLM.generate`), in a thread.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
+from typing import cast
 
-from workers.engine import Completion, TransientEngineError
+from schemas import InferenceRequest
+from workers.engines.base import Completion, Engine, EngineError, Result
 from workers.message import Message
 
 log = logging.getLogger(__name__)
 
+Done = Callable[[int, Result], None]
+EngineCall = Callable[[list[InferenceRequest], Done], None]
 
-class _Runner:
-    def __init__(self) -> None:
+
+def engine_call(engine: Engine) -> EngineCall:
+    """The engine as an EngineCall. A static engine runs the whole list as one batch in the caller's
+    thread (serialised: vLLM's LLM is not thread-safe, and a retry may come from a timer thread); a
+    streaming engine gets each request submitted and answers as each finishes."""
+    if engine.batching == "static":
+        lock = threading.Lock()
+
+        def call_static(requests: list[InferenceRequest], done: Done) -> None:
+            results: list[Result]
+            try:
+                with lock:
+                    results = list(engine.generate(requests))  # type: ignore[union-attr]
+                if len(results) != len(requests):
+                    raise EngineError(f"engine returned {len(results)} results for {len(requests)} requests")
+            except Exception as e:  # one error, shared by the batch: middleware may split it
+                results = [e] * len(requests)
+            for i, result in enumerate(results):  # outside the lock: a callback may call the engine again
+                done(i, result)
+
+        return call_static
+
+    def call_streaming(requests: list[InferenceRequest], done: Done) -> None:
+        for i, request in enumerate(requests):
+            try:
+                engine.submit(request, functools.partial(done, i))  # type: ignore[union-attr]
+            except Exception as e:  # an engine that refuses at submit time fails this request only
+                done(i, e)
+
+    return call_streaming
+
+
+class Runner:
+    def __init__(self, call: EngineCall) -> None:
+        self.call = call
         self._done: queue.Queue[Message] = queue.Queue()
         self._lock = threading.Lock()
         self._inflight = 0
@@ -31,11 +74,39 @@ class _Runner:
     def inflight(self) -> int:
         return self._inflight
 
-    def _finish(self, m: Message, completion: Completion) -> None:
-        m.completion = completion
+    def _finish(self, m: Message, result: Result) -> None:
+        if isinstance(result, BaseException):
+            log.error("engine failed request %s: %s", m.request.id if m.request else "?", result)
+            result = Completion.failed(str(result) or type(result).__name__)
+        m.completion = result
         with self._lock:
             self._inflight -= 1
         self._done.put(m)
+
+    def _run(self, messages: list[Message]) -> None:
+        """One engine call; each message is finished exactly once, whatever the call or its
+        middleware does (a callback twice, or an exception before some requests were answered)."""
+        answered = [False] * len(messages)
+        lock = threading.Lock()
+
+        def done(i: int, result: Result) -> None:
+            with lock:
+                if answered[i]:
+                    log.warning(
+                        "engine answered the request at offset %d twice; the second answer is ignored",
+                        messages[i].record.offset,
+                    )
+                    return
+                answered[i] = True
+            self._finish(messages[i], result)
+
+        try:
+            self.call(cast(list[InferenceRequest], [m.request for m in messages]), done)
+        except Exception as e:  # a middleware wrapper that raises must not leave requests in flight forever
+            log.exception("engine call raised; failing its unanswered requests")
+            for i in range(len(messages)):
+                if not answered[i]:
+                    done(i, e)
 
     def take(self, timeout: float) -> list[Message]:
         """Finished messages: waits up to `timeout` for the first, then takes all that are there."""
@@ -64,44 +135,19 @@ class _Runner:
         pass
 
 
-class StreamRunner(_Runner):
-    """Per-request submission to a continuous-batching engine; transient failures are retried."""
-
-    def __init__(self, engine, attempts: int = 3, backoff_s: float = 0.5):
-        super().__init__()
-        self.engine = engine
-        self.attempts, self.backoff_s = attempts, backoff_s
+class StreamRunner(Runner):
+    """Each admitted group goes to a continuous-batching engine at once."""
 
     def _start(self, messages: list[Message]) -> None:
-        for m in messages:
-            self._send(m, 1)
-
-    def _send(self, m: Message, attempt: int) -> None:
-        def done(completion: Completion | None, error: BaseException | None = None) -> None:
-            if error is None:
-                self._finish(m, completion)
-            elif isinstance(error, TransientEngineError) and attempt < self.attempts:
-                delay = self.backoff_s * 2 ** (attempt - 1)
-                log.warning("engine: %s; retrying request %s in %.1fs", error, m.request.id, delay)
-                timer = threading.Timer(delay, self._send, (m, attempt + 1))
-                timer.daemon = True
-                timer.start()
-            else:
-                log.error("engine failed request %s: %s", m.request.id, error)
-                self._finish(m, Completion.failed(str(error) or type(error).__name__))
-
-        try:
-            self.engine.submit(m.request, done)
-        except Exception as e:  # an engine that refuses at submit time fails this request only
-            done(None, e)
+        self._run(messages)
 
 
-class BatchRunner(_Runner):
-    """Static batches through a blocking engine call (already wrapped by the middleware)."""
+class BatchRunner(Runner):
+    """Static batches through a blocking engine call, one batch at a time, in a thread."""
 
-    def __init__(self, call, max_batch: int, max_wait_ms: int):
-        super().__init__()
-        self.call, self.max_batch, self.max_wait_s = call, max_batch, max_wait_ms / 1000
+    def __init__(self, call: EngineCall, max_batch: int, max_wait_ms: int):
+        super().__init__(call)
+        self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1000
         self._todo: queue.Queue[Message | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="abq-engine", daemon=True)
         self._thread.start()
@@ -133,13 +179,14 @@ class BatchRunner(_Runner):
             started = time.time()
             for m in batch:
                 m.started = started
-            try:
-                completions = self.call([m.request for m in batch])
-            except Exception as e:  # Retries turns engine failures into completions; this is a last resort
-                completions = [Completion.failed(f"{type(e).__name__}: {e}")] * len(batch)
-            for m, c in zip(batch, completions, strict=True):
-                self._finish(m, c)
+            self._run(batch)
 
     def close(self) -> None:
         self._todo.put(None)
         self._thread.join(timeout=5)
+
+
+def make_runner(engine: Engine, call: EngineCall, max_batch: int, max_wait_ms: int) -> Runner:
+    if engine.batching == "static":
+        return BatchRunner(call, max_batch, max_wait_ms)
+    return StreamRunner(call)

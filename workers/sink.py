@@ -13,11 +13,10 @@ import time
 
 from kafka.errors import KafkaError, ProducerFencedError
 
-from kafkaio import KafkaSettings, admin_client, producer, topic_max_message_bytes
-from producers import tracing
-from producers.publisher import RECORD_OVERHEAD
+from abqueue.kafka import RECORD_OVERHEAD, record_size, tracing
 from schemas import DeadLetter, ErrorInfo, encode
 from workers.backoff import retrying
+from workers.transport import Producer
 
 log = logging.getLogger(__name__)
 
@@ -33,39 +32,52 @@ class TransactionFailed(RuntimeError):
 
 
 class ResponseSink:
-    def __init__(self, settings: KafkaSettings, response_topic: str, deadletter_topic: str,
-                 attempts: int = 5, ack_timeout_s: float = 30.0, **producer_overrides):
-        self.settings = settings
+    def __init__(
+        self,
+        producer: Producer,
+        response_topic: str,
+        deadletter_topic: str,
+        attempts: int = 5,
+        ack_timeout_s: float = 30.0,
+    ):
         self.response_topic = response_topic
         self.deadletter_topic = deadletter_topic
         self.attempts = attempts
         self.ack_timeout_s = ack_timeout_s
-        self._limits = topic_max_message_bytes(settings, [response_topic, deadletter_topic])
-        self._producer = producer(settings, max_request_size=max(self._limits.values()) + RECORD_OVERHEAD,
-                                  **producer_overrides)
+        self._producer = producer
+        self._limits = producer.max_message_bytes([response_topic, deadletter_topic])
         self._topics: set[str] = set()
         self._topics_at = float("-inf")
 
     def _topic_exists(self, topic: str) -> bool:
         if topic not in self._topics and time.monotonic() - self._topics_at > TOPIC_LIST_TTL_S:
-            admin = admin_client(self.settings)
-            try:
-                self._topics = set(admin.list_topics())
-            finally:
-                admin.close()
+            self._topics = self._producer.topic_names()
             self._topics_at = time.monotonic()
         return topic in self._topics
 
-    def _fit_response(self, m, headers) -> bytes:
+    def _fit_response(self, m, key: bytes, headers) -> bytes:
         value = encode(m.response)
-        size = len(value) + sum(len(k) + len(v) for k, v in headers) + RECORD_OVERHEAD
+        size = record_size(key, value, headers)
         limit = self._limits[self.response_topic]
         if size > limit:
-            log.warning("response to %s is %d bytes, over %s's limit of %d; sending an error instead",
-                        m.request.id, size, self.response_topic, limit)
-            m.response = m.response.model_copy(update={"outputs": [], "finish_reason": "error", "error": ErrorInfo(
-                code="too_large", message=f"the response of {size} bytes exceeds topic {self.response_topic}'s "
-                                          f"max.message.bytes of {limit}; lower n or max_tokens")})
+            log.warning(
+                "response to %s is %d bytes, over %s's limit of %d; sending an error instead",
+                m.request.id,
+                size,
+                self.response_topic,
+                limit,
+            )
+            m.response = m.response.model_copy(
+                update={
+                    "outputs": [],
+                    "finish_reason": "error",
+                    "error": ErrorInfo(
+                        code="too_large",
+                        message=f"the response of {size} bytes exceeds topic {self.response_topic}'s "
+                        f"max.message.bytes of {limit}; lower n or max_tokens",
+                    ),
+                }
+            )
             value = encode(m.response)
         return value
 
@@ -76,8 +88,9 @@ class ResponseSink:
             original = m.dead_letter.original_value()
             # base64 makes 3 bytes into 4: keep what fits of the original, beside the rest of the letter.
             keep = max(0, (limit - (len(value) - len(m.dead_letter.original_value_b64))) * 3 // 4 - 3)
-            m.dead_letter = m.dead_letter.model_copy(update={
-                "original_value_b64": DeadLetter.b64(original[:keep]), "original_value_truncated": True})
+            m.dead_letter = m.dead_letter.model_copy(
+                update={"original_value_b64": DeadLetter.b64(original[:keep]), "original_value_truncated": True}
+            )
             value = encode(m.dead_letter)
         return value
 
@@ -91,14 +104,19 @@ class ResponseSink:
             child = tracing.child_of(m.traceparent)
             if child:
                 headers.append((tracing.HEADER, child.encode("ascii")))
-            value = self._fit_response(m, headers)
-            yield self.response_topic, req.routing_key.encode(), value, headers
+            key = req.routing_key.encode()
+            value = self._fit_response(m, key, headers)
+            yield self.response_topic, key, value, headers
             if req.reply_to and req.reply_to != self.response_topic:
                 if self._topic_exists(req.reply_to):
-                    yield req.reply_to, req.routing_key.encode(), value, headers
+                    yield req.reply_to, key, value, headers
                 else:
-                    log.warning("reply_to topic %s of request %s does not exist; the response went to %s only",
-                                req.reply_to, req.id, self.response_topic)
+                    log.warning(
+                        "reply_to topic %s of request %s does not exist; the response went to %s only",
+                        req.reply_to,
+                        req.id,
+                        self.response_topic,
+                    )
 
     def publish(self, batch) -> None:
         """Returns once every record is acknowledged (acks=all); raises PublishFailed otherwise."""
@@ -106,7 +124,7 @@ class ResponseSink:
 
         def send_all():
             nonlocal pending
-            futures = [(rec, self._producer.send(rec[0], key=rec[1], value=rec[2], headers=rec[3])) for rec in pending]
+            futures = [(rec, self._producer.send(*rec)) for rec in pending]
             self._producer.flush(timeout=self.ack_timeout_s)
             failed = []
             for rec, fut in futures:
@@ -133,20 +151,16 @@ class TransactionalSink(ResponseSink):
     """Exactly-once: a batch's responses and its consumed offsets commit in one Kafka transaction,
     so a reader with isolation.level=read_committed sees each response once, whatever crashes."""
 
-    def __init__(self, settings: KafkaSettings, response_topic: str, deadletter_topic: str, transactional_id: str,
-                 transaction_timeout_ms: int = 60_000):
-        super().__init__(settings, response_topic, deadletter_topic, transactional_id=transactional_id,
-                         transaction_timeout_ms=transaction_timeout_ms)
+    def __init__(self, producer: Producer, response_topic: str, deadletter_topic: str):
+        """producer: one made with a transactional id."""
+        super().__init__(producer, response_topic, deadletter_topic)
         self._producer.init_transactions()
-
-    def publish(self, batch) -> None:
-        raise TypeError("a transactional sink publishes with offsets; use publish_with_offsets")
 
     def publish_with_offsets(self, batch, offsets, group_metadata) -> None:
         p = self._producer
         try:
             p.begin_transaction()
-            futures = [p.send(t, key=k, value=v, headers=h) for t, k, v, h in self._records(batch)]
+            futures = [p.send(*rec) for rec in self._records(batch)]
             p.send_offsets_to_transaction(offsets, group_metadata)
             p.commit_transaction()
             for f in futures:

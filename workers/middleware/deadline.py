@@ -17,7 +17,11 @@ class Deadline(Middleware):
             if now > m.request.deadline:
                 late = now - m.request.deadline
                 m.answer(
-                    variant=worker.variant.name, model=worker.engine.model, worker_id=worker.worker_id,
+                    variant=worker.variant.name,
+                    model=worker.engine.model,
+                    worker_id=worker.worker_id,
                     finish_reason="error",
-                    error=ErrorInfo(code="expired", message=f"deadline passed {late:.3f}s before the worker reached it"),
+                    error=ErrorInfo(
+                        code="expired", message=f"deadline passed {late:.3f}s before the worker reached it"
+                    ),
                 )

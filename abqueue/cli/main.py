@@ -1,0 +1,72 @@
+"""Entry point of `abq`. Every user-facing error ends as one line naming the problem and the fix."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from abqueue.cli import (
+    batch_cmd,
+    demo_cmd,
+    deploy_cmd,
+    evaluate_cmd,
+    experiment_cmd,
+    kafka_cmd,
+    keda_cmd,
+    report_cmd,
+    rollout_cmd,
+    schemas_cmd,
+    submit_cmd,
+    worker_cmd,
+)
+from abqueue.errors import AbqError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="abq", description="Queue-based LLM inference for A/B-tested model rollouts, on Kafka and vLLM."
+    )
+    p.add_argument(
+        "--log-level", default=os.environ.get("ABQ_LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING (env ABQ_LOG_LEVEL)"
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (
+        demo_cmd,
+        worker_cmd,
+        submit_cmd,
+        batch_cmd,
+        experiment_cmd,
+        rollout_cmd,
+        report_cmd,
+        evaluate_cmd,
+        kafka_cmd,
+        keda_cmd,
+        deploy_cmd,
+        schemas_cmd,
+    ):
+        module.register(sub)
+    return p
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python's INFO is connection chatter
+    try:
+        return args.func(args)
+    except AbqError as e:  # anything else is a bug: its traceback is printed and the exit code is 1
+        print(f"abq: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

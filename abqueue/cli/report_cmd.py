@@ -1,0 +1,57 @@
+"""`abq report`: compare the variants of an experiment from its responses (and feedback)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from abqueue.cli import options
+from abqueue.errors import UsageError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="per-variant outcomes and tests of each variant against the control",
+        description="Reads the responses topic (or a JSONL of responses) and feedback; prints counts, rates, "
+        "latency and token figures, and Welch, bootstrap and two-proportion comparisons with lift, "
+        "sample size still needed and an O'Brien-Fleming alpha-spending guard.",
+    )
+    options.add_experiment_flags(p)
+    p.add_argument(
+        "--input", type=Path, default=None, help="JSONL of responses (e.g. abq batch output) instead of the topic"
+    )
+    p.add_argument(
+        "--feedback", type=Path, default=None, help="JSONL of feedback records (default: the feedback topic)"
+    )
+    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument(
+        "--mde", type=float, default=0.1, help="relative minimum detectable effect for sample sizes (default 0.1)"
+    )
+    p.add_argument(
+        "--planned-n", type=int, default=None, help="planned requests per group (default: from the power calculation)"
+    )
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--plot", type=Path, default=None, metavar="DIR", help="write PNG charts here (needs matplotlib)")
+    options.add_kafka_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from abqueue.analysis.report import load, report, to_json, to_table
+
+    if not 0 < args.alpha < 1 or args.mde <= 0:
+        raise UsageError("--alpha must be in (0, 1) and --mde > 0, e.g. --alpha 0.05 --mde 0.1")
+    exp = options.experiment(args)
+    settings = options.kafka_settings(args) if args.input is None else None
+    sample = load(settings, exp, args.input, args.feedback)
+    if not sample.responses:
+        raise UsageError(f"no responses of experiment {exp.name} to report on; check --config/--input")
+    result = report(sample, exp, args.alpha, args.mde, args.planned_n)
+    print(to_json(result) if args.format == "json" else to_table(result))
+    if args.plot:
+        from abqueue.analysis.plots import write_plots
+
+        for path in write_plots(sample, args.plot):
+            print(f"chart: {path}")
+    return 0

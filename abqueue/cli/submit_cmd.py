@@ -1,0 +1,84 @@
+"""`abq submit`: publish one request, wait for its response, print it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import orjson
+
+from abqueue.cli import options
+from abqueue.errors import UsageError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "submit",
+        help="send one request and print its response",
+        description="Assigns a variant by routing key, publishes, and waits for the response.",
+    )
+    options.add_experiment_flags(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--messages", help='chat messages as JSON, e.g. \'[{"role":"user","content":"hi"}]\'')
+    p.add_argument(
+        "--routing-key", required=True, help="user or session key; the same key always gets the same variant"
+    )
+    p.add_argument("--id", default=None, help="request id (default: generated)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("-n", type=int, default=1, help="samples to return")
+    p.add_argument(
+        "--deadline-s", type=float, default=None, help="give up (expired) if not started within this many seconds"
+    )
+    p.add_argument("--reply-to", default=None, help="also publish the response to this topic")
+    p.add_argument("--traceparent", default=None, help="W3C traceparent to continue (default: a new trace)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the response (default 60)")
+    options.add_kafka_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from producers import AbqClient
+    from schemas import InferenceRequest
+
+    exp = options.experiment(args)
+    fields = dict(
+        experiment=exp.name,
+        routing_key=args.routing_key,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        stop=args.stop,
+        seed=args.seed,
+        n=args.n,
+        reply_to=args.reply_to,
+    )
+    if args.id:
+        fields["id"] = args.id
+    if args.deadline_s is not None:
+        fields["deadline"] = time.time() + args.deadline_s
+    if args.prompt is not None:
+        fields["prompt"] = args.prompt
+    else:
+        try:
+            fields["messages"] = orjson.loads(args.messages)
+        except orjson.JSONDecodeError as e:
+            raise UsageError(
+                f'--messages is not JSON ({e}); pass a list like \'[{{"role":"user","content":"hi"}}]\''
+            ) from None
+    request = options.typed(InferenceRequest, "request", **fields)
+    with AbqClient(options.kafka_settings(args), exp, reply_topic=args.reply_to) as client:
+        reply = client.submit(request, timeout=args.timeout, traceparent=args.traceparent)
+    sys.stdout.write(
+        orjson.dumps(reply.response.model_dump(mode="json", exclude_none=True), option=orjson.OPT_INDENT_2).decode()
+        + "\n"
+    )
+    if reply.traceparent:
+        print(f"traceparent: {reply.traceparent}", file=sys.stderr)
+    return 0 if reply.response.ok else 1

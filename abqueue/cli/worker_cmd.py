@@ -1,0 +1,113 @@
+"""`abq worker`: serve one variant of an experiment."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from abqueue.cli import options
+from abqueue.errors import UsageError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="consume a variant's requests, run them through an engine, publish responses",
+        description="Consumes the variant's request topics (one per priority) in its consumer group, feeds the "
+        "engine as capacity frees up, and commits only offsets whose responses Kafka has acknowledged.",
+    )
+    options.add_experiment_flags(p, need_variant=True)
+    options.add_engine_flags(p, "this variant")
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=None,
+        help="requests with the engine at most; partitions are paused beyond it (default 64; 2 x --max-batch with static batching)",
+    )
+    p.add_argument(
+        "--delivery",
+        choices=["at-least-once", "exactly-once"],
+        default="at-least-once",
+        help="exactly-once commits responses and offsets in one Kafka transaction (readers use read_committed)",
+    )
+    p.add_argument(
+        "--low-priority-share",
+        type=float,
+        default=0.1,
+        help="share of engine slots lower priorities get while higher ones wait (default 0.1)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=32,
+        help="records per poll, and per engine call with static batching (default 32)",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=int,
+        default=50,
+        help="static batching: wait this long after the first record for more (default 50)",
+    )
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="take the variant's limits from the live config topic as it changes (abq experiment apply)",
+    )
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz on this port")
+    p.add_argument("--worker-id", default=None, help="id in responses and logs (default host-pid)")
+    p.add_argument("--engine-attempts", type=int, default=3, help="tries for transient engine errors (default 3)")
+    p.add_argument(
+        "--max-poll-interval-ms", type=int, default=300_000, help="longest batch before the group evicts the worker"
+    )
+    options.add_kafka_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from workers.engines.factory import make_engine
+    from workers.health import serve
+    from workers.middleware import default_middleware
+    from workers.worker import Worker
+
+    if args.max_batch < 1 or args.max_wait_ms < 0 or (args.max_inflight is not None and args.max_inflight < 1):
+        raise UsageError("--max-batch and --max-inflight must be >= 1 and --max-wait-ms >= 0")
+    if not 0 < args.low_priority_share <= 0.5:
+        raise UsageError("--low-priority-share must be in (0, 0.5]; e.g. 0.1 gives lower levels one slot in ten")
+    settings = options.kafka_settings(args)
+    exp = options.experiment(args)
+    variant = exp.variant(args.variant)
+    logging.getLogger(__name__).info("connecting: %s", settings.describe())
+    # Probes answer from the start: alive while the engine loads, ready once it has answered a request.
+    server = serve(None, args.metrics_port) if args.metrics_port is not None else None
+    engine = make_engine(variant, args.engine, args.model, options.engine_args(args))
+    follower = None
+    if args.follow:
+        from abqueue.control.live_config import ConfigFollower
+
+        follower = ConfigFollower(settings)
+        follower.caught_up.wait(timeout=10)
+    worker = Worker.from_settings(
+        settings,
+        exp,
+        variant.name,
+        engine,
+        delivery=args.delivery,
+        max_batch=args.max_batch,
+        worker_id=args.worker_id,
+        max_poll_interval_ms=args.max_poll_interval_ms,
+        max_wait_ms=args.max_wait_ms,
+        max_inflight=args.max_inflight,
+        low_priority_share=args.low_priority_share,
+        middleware=default_middleware(engine_attempts=args.engine_attempts),
+        follow=follower,
+    )
+    if server:
+        server.worker = worker
+    try:
+        worker.run()
+    finally:
+        if follower:
+            follower.close()
+        if server:
+            server.shutdown()
+    return 0

@@ -1,0 +1,1 @@
+"""Control plane state kept in compacted Kafka topics: live experiment configs and rollouts."""

@@ -1,0 +1,150 @@
+"""Experiment configs live in a compacted Kafka topic, keyed by experiment name, so a weight change
+reaches every producer in seconds without a restart or a redeploy.
+
+`apply` validates and publishes a new version; `ConfigFollower` reads the topic from the start in
+a thread and keeps the latest version of each experiment, calling back on every change. The topic
+keeps superseded versions for at least a week (min.compaction.lag.ms), which `history` reads.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from kafka import TopicPartition
+from pydantic import BaseModel, ConfigDict, Field
+
+from abqueue.control.store import KeyedStore
+from abqueue.kafka import KafkaSettings, consumer
+from schemas import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+CONFIG_TOPIC = "abq.experiments"
+HISTORY_KEPT_MS = 7 * 24 * 3600 * 1000
+
+
+class ConfigRecord(BaseModel):
+    """One version of an experiment's config, as stored in the config topic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = 1
+    experiment: ExperimentConfig
+    version: int = Field(ge=1)
+    applied_at: float
+    applied_by: str
+    comment: str | None = None
+
+
+CONFIGS: KeyedStore[ConfigRecord] = KeyedStore(
+    CONFIG_TOPIC, ConfigRecord, {"min.compaction.lag.ms": str(HISTORY_KEPT_MS)}
+)
+
+
+def ensure_config_topic(settings: KafkaSettings) -> None:
+    CONFIGS.ensure(settings)
+
+
+def read_all(settings: KafkaSettings, name: str | None = None, timeout_s: float = 10.0) -> list[ConfigRecord]:
+    """Every version still in the topic, oldest first (of one experiment, if named)."""
+    return [rec for _, rec in CONFIGS.history(settings, name, timeout_s) if rec is not None]
+
+
+def current(settings: KafkaSettings, name: str) -> ConfigRecord | None:
+    versions = read_all(settings, name)
+    return versions[-1] if versions else None
+
+
+def apply(settings: KafkaSettings, experiment: ExperimentConfig, comment: str | None = None) -> ConfigRecord:
+    """Publish `experiment` as its next version; it was validated when it was built."""
+    prev = current(settings, experiment.name)
+    record = ConfigRecord(
+        experiment=experiment,
+        version=(prev.version + 1) if prev else 1,
+        applied_at=time.time(),
+        applied_by=f"{getpass.getuser()}@{socket.gethostname()}",
+        comment=comment,
+    )
+    CONFIGS.put(settings, experiment.name, record)
+    return record
+
+
+class ConfigFollower:
+    """Follows the config topic in a daemon thread; `get(name)` is the newest version seen."""
+
+    def __init__(
+        self, settings: KafkaSettings, on_change: Callable[[ConfigRecord], None] | None = None, poll_ms: int = 200
+    ):
+        ensure_config_topic(settings)
+        self._latest: dict[str, ConfigRecord] = {}
+        self._callbacks = [on_change] if on_change else []
+        self._stop = threading.Event()
+        self._consumer = consumer(settings, group_id=None, isolation_level="read_committed", fetch_max_wait_ms=poll_ms)
+        tp = TopicPartition(CONFIG_TOPIC, 0)
+        self._consumer.assign([tp])
+        self._consumer.seek_to_beginning(tp)
+        self._end = self._consumer.end_offsets([tp])[tp]
+        self._tp = tp
+        self.caught_up = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(poll_ms,), name="abq-config", daemon=True)
+        self._thread.start()
+
+    def on_change(self, callback: Callable[[ConfigRecord], None]) -> None:
+        self._callbacks.append(callback)
+
+    def watch(self, experiment: ExperimentConfig, callback: Callable[[ConfigRecord], None]) -> None:
+        """Call back with each live version of `experiment` that differs from the one in use,
+        starting with the live one now if it differs from `experiment`."""
+        in_use = {"config": experiment}
+
+        def changed(record: ConfigRecord) -> None:
+            if record.experiment.name != experiment.name or record.experiment == in_use["config"]:
+                return
+            in_use["config"] = record.experiment
+            callback(record)
+
+        self.on_change(changed)
+        if (live := self.get(experiment.name)) is not None:
+            changed(live)
+
+    def get(self, name: str) -> ConfigRecord | None:
+        return self._latest.get(name)
+
+    def _run(self, poll_ms: int) -> None:
+        while not self._stop.is_set():
+            try:
+                for recs in self._consumer.poll(timeout_ms=poll_ms).values():
+                    for r in recs:
+                        self._take(r)
+                if not self.caught_up.is_set() and self._consumer.position(self._tp) >= self._end:
+                    self.caught_up.set()
+            except Exception as e:  # a follower that dies silently would freeze every producer's weights
+                log.error("config follower: %s; retrying", e)
+                time.sleep(1)
+
+    def _take(self, r) -> None:
+        if r.value is None:
+            self._latest.pop(r.key.decode(errors="replace") if r.key else "", None)
+            return
+        rec = CONFIGS.parse(r.value, f"offset {r.offset}")
+        if rec is None:
+            return
+        old = self._latest.get(rec.experiment.name)
+        if old is not None and old.version > rec.version:
+            return
+        self._latest[rec.experiment.name] = rec
+        for cb in self._callbacks:
+            try:
+                cb(rec)
+            except Exception as e:
+                log.error("config change handler failed for %s v%d: %s", rec.experiment.name, rec.version, e)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._consumer.close()

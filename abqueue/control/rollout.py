@@ -1,0 +1,244 @@
+"""Progressive rollout: move a candidate's weight through stages while guardrails hold, roll back to
+0% the moment one breaks, and keep the state in Kafka so the controller survives its own restart.
+
+State lives in a compacted topic (key = experiment). The controller is the only writer of stage
+changes; `pause`, `resume` and `abort` write a request the controller acts on at its next tick.
+Guardrails are judged on the responses enqueued since the stage began:
+  - the candidate's error rate (errors and expirations) at most `max_error_rate`;
+  - the candidate's p95 latency at most `max_p95_ratio` x the control's;
+  - a stage advances only after `stage_duration_s` and with at least `min_samples` responses of
+    each; a breach needs `min_samples` of the candidate too, so one early error is not a verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+from kafka import TopicPartition
+from pydantic import BaseModel, ConfigDict, Field
+
+from abqueue.analysis.stats import percentile
+from abqueue.control import live_config
+from abqueue.control.store import KeyedStore
+from abqueue.kafka import KafkaSettings, consumer
+from schemas import ConfigError, ExperimentConfig, InferenceResponse
+
+log = logging.getLogger(__name__)
+
+ROLLOUT_TOPIC = "abq.rollouts"
+Status = Literal["running", "paused", "completed", "rolled_back", "aborted"]
+
+
+class Guardrails(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    max_p95_ratio: float = Field(default=1.5, gt=0)
+    min_samples: int = Field(default=200, ge=1)
+
+
+class RolloutState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str
+    candidate: str
+    control: str
+    stages: list[float]
+    stage_duration_s: float
+    guardrails: Guardrails
+    stage: int = 0  # index into stages
+    stage_started_at: float = 0.0
+    status: Status = "running"
+    requested: Literal["pause", "resume", "abort"] | None = None
+    reason: str | None = None
+    history: list[str] = Field(default_factory=list)
+
+
+ROLLOUTS: KeyedStore[RolloutState] = KeyedStore(ROLLOUT_TOPIC, RolloutState)
+
+
+def load_state(settings: KafkaSettings, experiment: str) -> RolloutState | None:
+    return ROLLOUTS.latest(settings, experiment)  # no topic yet reads as no rollout
+
+
+def save_state(settings: KafkaSettings, state: RolloutState) -> None:
+    ROLLOUTS.put(settings, state.experiment, state)
+
+
+def with_weight(exp: ExperimentConfig, candidate: str, control: str, percent: float) -> ExperimentConfig:
+    """The candidate at `percent`, the control absorbing the difference, other variants untouched."""
+    others = sum(v.weight for v in exp.variants if v.name not in (candidate, control))
+    if percent + others > 100:
+        raise ConfigError(f"stage {percent}% plus the other variants' {others}% exceeds 100%")
+    weights = {candidate: round(percent, 2), control: round(100 - others - percent, 2)}
+    return ExperimentConfig.model_validate(
+        {
+            **exp.model_dump(),
+            "variants": [{**v.model_dump(), "weight": weights.get(v.name, v.weight)} for v in exp.variants],
+        }
+    )
+
+
+class StageStats:
+    """Responses of the current stage, read from the responses topic as they come."""
+
+    def __init__(self, settings: KafkaSettings, exp: ExperimentConfig, since: float):
+        self.since = since
+        self.latency: dict[str, list[float]] = {}
+        self.errors: dict[str, int] = {}
+        self._c = consumer(settings, group_id=None, isolation_level="read_committed")
+        tps = [
+            TopicPartition(exp.response_topic, p)
+            for p in sorted(self._c.partitions_for_topic(exp.response_topic) or ())
+        ]
+        self._c.assign(tps)
+        starts = self._c.offsets_for_times({tp: int(since * 1000) for tp in tps})
+        for tp in tps:
+            if starts.get(tp) is not None:
+                self._c.seek(tp, starts[tp].offset)
+            else:
+                self._c.seek_to_end(tp)
+        self._seen: set[str] = set()
+
+    def poll(self) -> None:
+        for recs in self._c.poll(timeout_ms=100).values():
+            for r in recs:
+                try:
+                    resp = InferenceResponse.model_validate_json(r.value)
+                except ValueError:
+                    continue
+                if resp.timings.enqueued < self.since or resp.request_id in self._seen:
+                    continue
+                self._seen.add(resp.request_id)
+                self.latency.setdefault(resp.variant, [])
+                if resp.ok:
+                    self.latency[resp.variant].append(resp.timings.finished - resp.timings.enqueued)
+                else:
+                    self.errors[resp.variant] = self.errors.get(resp.variant, 0) + 1
+
+    def count(self, variant: str) -> int:
+        return len(self.latency.get(variant, [])) + self.errors.get(variant, 0)
+
+    def error_rate(self, variant: str) -> float:
+        n = self.count(variant)
+        return self.errors.get(variant, 0) / n if n else 0.0
+
+    def p95(self, variant: str) -> float:
+        return percentile(self.latency.get(variant, []), 95)
+
+    def close(self) -> None:
+        self._c.close()
+
+
+def verdict(state: RolloutState, st: StageStats, now: float) -> tuple[str, str]:
+    """('advance' | 'rollback' | 'wait', why)."""
+    g, cand, ctl = state.guardrails, state.candidate, state.control
+    n_c, n_k = st.count(cand), st.count(ctl)
+    if n_c >= g.min_samples:
+        if st.error_rate(cand) > g.max_error_rate:
+            return "rollback", (
+                f"error rate {st.error_rate(cand):.1%} of {cand} over {n_c} responses exceeds "
+                f"the guardrail {g.max_error_rate:.1%} at stage {state.stages[state.stage]:g}%"
+            )
+        if n_k >= g.min_samples and st.p95(cand) > g.max_p95_ratio * st.p95(ctl):
+            return "rollback", (
+                f"p95 latency of {cand} {st.p95(cand):.3f}s is {st.p95(cand) / st.p95(ctl):.2f}x the "
+                f"control's {st.p95(ctl):.3f}s, over the guardrail {g.max_p95_ratio:g}x"
+            )
+    if now - state.stage_started_at < state.stage_duration_s:
+        return "wait", "stage time not over"
+    if n_c < g.min_samples or (n_k < g.min_samples and state.stages[state.stage] < 100):
+        return "wait", f"{n_c} candidate and {n_k} control responses; {g.min_samples} of each needed"
+    return "advance", (
+        f"guardrails held over {n_c} candidate responses (error rate {st.error_rate(cand):.1%}, "
+        f"p95 ratio {st.p95(cand) / st.p95(ctl) if n_k else float('nan'):.2f})"
+    )
+
+
+class RolloutController:
+    def __init__(self, settings: KafkaSettings, state: RolloutState, base: ExperimentConfig, tick_s: float = 1.0):
+        self.settings, self.state, self.base, self.tick_s = settings, state, base, tick_s
+        self._stats: StageStats | None = None
+
+    def _set_weight(self, percent: float, why: str) -> None:
+        live = live_config.current(self.settings, self.base.name)
+        exp = live.experiment if live else self.base
+        live_config.apply(
+            self.settings, with_weight(exp, self.state.candidate, self.state.control, percent), comment=why
+        )
+
+    def _enter_stage(self, now: float) -> None:
+        pct = self.state.stages[self.state.stage]
+        self._set_weight(
+            pct, f"rollout stage {self.state.stage + 1}/{len(self.state.stages)}: {self.state.candidate} at {pct:g}%"
+        )
+        self.state.stage_started_at = now
+        self.state.history.append(f"{time.strftime('%H:%M:%S')} stage {pct:g}%")
+        save_state(self.settings, self.state)
+        self._restart_stats()
+
+    def _restart_stats(self) -> None:
+        if self._stats:
+            self._stats.close()
+        self._stats = StageStats(self.settings, self.base, self.state.stage_started_at)
+
+    def _finish(self, status: Status, reason: str, percent: float | None) -> None:
+        if percent is not None:
+            self._set_weight(percent, f"rollout {status}: {reason}")
+        self.state.status, self.state.reason = status, reason
+        self.state.history.append(f"{time.strftime('%H:%M:%S')} {status}: {reason}")
+        save_state(self.settings, self.state)
+        log.warning(
+            "rollout of %s %s: %s", self.state.candidate, status, reason
+        ) if status != "completed" else log.info("rollout of %s completed", self.state.candidate)
+
+    def run(self, until=lambda: False) -> RolloutState:
+        if self.state.stage_started_at == 0:
+            self._enter_stage(time.time())
+        else:
+            self._restart_stats()  # resumed after a restart: the stage's responses are read again
+        while self.state.status in ("running", "paused") and not until():
+            time.sleep(self.tick_s)
+            stored = load_state(self.settings, self.state.experiment)
+            if stored and stored.requested and stored.requested != self.state.requested:
+                self.state.requested = stored.requested
+            req = self.state.requested
+            if req == "abort":
+                self._finish("aborted", "aborted by an operator", 0.0)
+                break
+            if req == "pause" and self.state.status == "running":
+                self.state.status = "paused"
+                save_state(self.settings, self.state)
+            if req == "resume" and self.state.status == "paused":
+                self.state.status, self.state.requested = "running", None
+                self.state.stage_started_at = time.time()  # the stage's clock starts again
+                save_state(self.settings, self.state)
+                self._restart_stats()
+            assert self._stats is not None
+            self._stats.poll()
+            if self.state.status == "paused":
+                continue
+            action, why = verdict(self.state, self._stats, time.time())
+            if action == "rollback":
+                self._finish("rolled_back", why, 0.0)
+            elif action == "advance":
+                if self.state.stage + 1 >= len(self.state.stages):
+                    self._finish("completed", why, None)
+                else:
+                    self.state.history.append(f"{time.strftime('%H:%M:%S')} advance: {why}")
+                    self.state.stage += 1
+                    self._enter_stage(time.time())
+        if self._stats:
+            self._stats.close()
+        return self.state
+
+
+def request(settings: KafkaSettings, experiment: str, what: Literal["pause", "resume", "abort"]) -> RolloutState:
+    state = load_state(settings, experiment)
+    if state is None or state.status not in ("running", "paused"):
+        raise ConfigError(f"no rollout of {experiment} is running; `abq rollout start` begins one")
+    state.requested = what
+    save_state(settings, state)
+    return state

@@ -1,0 +1,488 @@
+"""`abq deploy render`: an experiment's Kubernetes manifests (k8s/) and KEDA ScaledObjects (keda/),
+from its config, so nothing is hand-edited per variant. Names, topics and groups come from the one
+naming rule in schemas/experiment.py."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import yaml
+
+from abqueue.deploy.dashboard import dashboard
+from abqueue.scaling.plan import trigger_metadata
+from schemas import ExperimentConfig
+
+METRICS_PORT = 9400
+KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
+CONFIG_DIR = "/etc/abqueue"
+TLS_DIR = "/etc/abqueue/tls"
+
+
+@dataclass
+class Target:
+    """Where and how the experiment runs; `abq deploy render` flags."""
+
+    namespace: str = "abqueue"
+    image: str = "abqueue-worker:latest"
+    bootstrap_servers: str = "kafka-kafka-bootstrap.kafka:9092"
+    kafka_cluster: str = "kafka"  # Strimzi's strimzi.io/cluster label
+    kafka_namespace: str | None = None  # where Strimzi watches KafkaTopics (default: the namespace)
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_secret: str | None = None  # keys: username, password
+    tls_secret: str | None = None  # keys: ca.crt, and tls.crt + tls.key for mTLS
+    models_pvc: str | None = None  # mounted read-only at /models
+    slo_success: float = 0.995
+    slo_p95_seconds: float = 30.0
+    prometheus_server: str | None = None  # adds a trigger on the engine's waiting requests
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+
+def _name(*parts: str) -> str:
+    """A Kubernetes object name (DNS-1123) from our names, which may hold underscores."""
+    return re.sub(r"[^a-z0-9-]", "-", "-".join(("abq",) + parts).lower())[:63].strip("-")
+
+
+def _labels(exp: ExperimentConfig, variant: str | None = None) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "abqueue-worker",
+        "app.kubernetes.io/part-of": "abqueue",
+        "abqueue.io/experiment": exp.name,
+    }
+    if variant:
+        out["abqueue.io/variant"] = variant
+    return out
+
+
+def _config_yaml(exp: ExperimentConfig) -> str:
+    return yaml.safe_dump(exp.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
+
+
+def _kafka_env(t: Target) -> list[dict]:
+    env: list[dict] = [
+        {"name": "ABQ_BOOTSTRAP_SERVERS", "value": t.bootstrap_servers},
+        {"name": "ABQ_SECURITY_PROTOCOL", "value": t.security_protocol},
+    ]
+    if t.sasl_secret:
+        env += [
+            {"name": "ABQ_SASL_MECHANISM", "value": t.sasl_mechanism or "SCRAM-SHA-512"},
+            {"name": "ABQ_SASL_USERNAME", "valueFrom": {"secretKeyRef": {"name": t.sasl_secret, "key": "username"}}},
+            {"name": "ABQ_SASL_PASSWORD", "valueFrom": {"secretKeyRef": {"name": t.sasl_secret, "key": "password"}}},
+        ]
+    if t.tls_secret:
+        env += [
+            {"name": "ABQ_SSL_CAFILE", "value": f"{TLS_DIR}/ca.crt"},
+            {"name": "ABQ_SSL_CERTFILE", "value": f"{TLS_DIR}/tls.crt"},
+            {"name": "ABQ_SSL_KEYFILE", "value": f"{TLS_DIR}/tls.key"},
+        ]
+    return env
+
+
+def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
+    v = exp.variant(variant)
+    d, sc = v.deploy, v.scaling
+    labels = _labels(exp, variant)
+    args = ["--config", f"{CONFIG_DIR}/experiment.yaml", "--variant", variant]
+    if d.max_inflight:
+        args += ["--max-inflight", str(d.max_inflight)]
+    requests = {"cpu": d.cpu, "memory": d.memory}
+    limits = {"memory": d.memory}
+    if d.gpus:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(d.gpus)
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    volumes = [
+        {"name": "config", "configMap": {"name": _name(exp.name, "config")}},
+        # vLLM's workers share tensors through /dev/shm; the container default is 64 MiB.
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    if t.tls_secret:
+        mounts.append({"name": "kafka-tls", "mountPath": TLS_DIR, "readOnly": True})
+        volumes.append({"name": "kafka-tls", "secret": {"secretName": t.tls_secret}})
+    if t.models_pvc:
+        mounts.append({"name": "models", "mountPath": "/models", "readOnly": True})
+        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": t.models_pvc, "readOnly": True}})
+    probe = {"httpGet": {"path": "/healthz", "port": "metrics"}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": _name(exp.name, variant),
+            "namespace": t.namespace,
+            "labels": {**labels, **t.extra_labels},
+        },
+        "spec": {
+            "replicas": sc.min_replicas,  # KEDA owns the count from here
+            "selector": {"matchLabels": labels},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        "abqueue.io/config-sha256": hashlib.sha256(_config_yaml(exp).encode()).hexdigest()[:16],
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(METRICS_PORT),
+                    },
+                },
+                "spec": {
+                    # SIGTERM makes the worker finish its in-flight requests, publish and commit;
+                    # the grace period must cover that, or the kubelet kills it halfway.
+                    "terminationGracePeriodSeconds": sc.drain_seconds + 30,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 10001,
+                        "runAsGroup": 10001,
+                        "fsGroup": 10001,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "nodeSelector": d.node_selector,
+                    "tolerations": d.tolerations,
+                    "containers": [
+                        {
+                            "name": "worker",
+                            "image": t.image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "args": args,
+                            "env": _kafka_env(t) + [{"name": "ABQ_LOG_LEVEL", "value": "INFO"}],
+                            "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+                            # Model loading and warm-up can take minutes: liveness waits for startup.
+                            "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": 90},
+                            "livenessProbe": {**probe, "periodSeconds": 15, "timeoutSeconds": 5, "failureThreshold": 4},
+                            "readinessProbe": {
+                                "httpGet": {"path": "/readyz", "port": "metrics"},
+                                "periodSeconds": 5,
+                                "timeoutSeconds": 3,
+                            },
+                            # Drain inside preStop: signal the worker, wait until it has exited cleanly.
+                            "lifecycle": {
+                                "preStop": {
+                                    "exec": {
+                                        "command": [
+                                            "/bin/sh",
+                                            "-c",
+                                            "kill -TERM 1; while kill -0 1 2>/dev/null; do sleep 1; done",
+                                        ]
+                                    }
+                                }
+                            },
+                            "resources": {"requests": requests, "limits": limits},
+                            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                            "volumeMounts": mounts,
+                        }
+                    ],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def scaled_object(exp: ExperimentConfig, variant: str, t: Target) -> dict:
+    sc = exp.variant(variant).scaling
+    auth = {"authenticationRef": {"name": _name(exp.name, "kafka-auth")}} if (t.sasl_secret or t.tls_secret) else {}
+    triggers = []
+    for level, topic in exp.request_topics(variant).items():
+        meta = {
+            k: str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in trigger_metadata(exp, variant, topic).items()
+        }
+        meta["bootstrapServers"] = t.bootstrap_servers
+        if t.sasl_secret:
+            meta["sasl"] = KEDA_SASL[(t.sasl_mechanism or "SCRAM-SHA-512").upper()]
+        if t.tls_secret or t.security_protocol in ("SSL", "SASL_SSL"):
+            meta["tls"] = "enable"
+        triggers.append({"type": "kafka", "name": f"lag-{level}", "metadata": meta, **auth})
+    if t.prometheus_server:
+        triggers.append(
+            {
+                "type": "prometheus",
+                "name": "engine-waiting",
+                "metadata": {
+                    "serverAddress": t.prometheus_server,
+                    "query": f'sum(abq_engine_waiting_requests{{experiment="{exp.name}",variant="{variant}"}})',
+                    "threshold": str(sc.lag_threshold),
+                    "activationThreshold": "0",
+                },
+            }
+        )
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": _name(exp.name, variant), "namespace": t.namespace, "labels": _labels(exp, variant)},
+        "spec": {
+            "scaleTargetRef": {"name": _name(exp.name, variant)},
+            "pollingInterval": sc.polling_interval,
+            "cooldownPeriod": sc.cooldown_period,
+            "minReplicaCount": sc.min_replicas,
+            "maxReplicaCount": sc.max_replicas,
+            "advanced": {
+                "horizontalPodAutoscalerConfig": {
+                    "behavior": {
+                        # One pod at a time, no faster than a worker drains: scale-in never outruns a batch.
+                        "scaleDown": {
+                            "stabilizationWindowSeconds": sc.scale_down_stabilization_seconds,
+                            "policies": [{"type": "Pods", "value": 1, "periodSeconds": min(1800, sc.drain_seconds)}],
+                        },
+                        "scaleUp": {
+                            "stabilizationWindowSeconds": 0,
+                            "policies": [
+                                {"type": "Percent", "value": 100, "periodSeconds": 15},
+                                {"type": "Pods", "value": 4, "periodSeconds": 15},
+                            ],
+                            "selectPolicy": "Max",
+                        },
+                    }
+                }
+            },
+            "triggers": triggers,
+        },
+    }
+
+
+def trigger_authentication(exp: ExperimentConfig, t: Target) -> dict | None:
+    refs = []
+    if t.sasl_secret:
+        refs += [
+            {"parameter": "username", "name": t.sasl_secret, "key": "username"},
+            {"parameter": "password", "name": t.sasl_secret, "key": "password"},
+        ]
+    if t.tls_secret:
+        refs += [
+            {"parameter": "ca", "name": t.tls_secret, "key": "ca.crt"},
+            {"parameter": "cert", "name": t.tls_secret, "key": "tls.crt"},
+            {"parameter": "key", "name": t.tls_secret, "key": "tls.key"},
+        ]
+    if not refs:
+        return None
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "TriggerAuthentication",
+        "metadata": {"name": _name(exp.name, "kafka-auth"), "namespace": t.namespace},
+        "spec": {"secretTargetRef": refs},
+    }
+
+
+def kafka_topics(exp: ExperimentConfig, t: Target) -> list[dict]:
+    def topic(name: str, partitions: int, retention_ms: int) -> dict:
+        return {
+            "apiVersion": "kafka.strimzi.io/v1",
+            "kind": "KafkaTopic",
+            "metadata": {
+                "name": re.sub(r"[^a-z0-9-]", "-", name),
+                "namespace": t.kafka_namespace or t.namespace,
+                "labels": {"strimzi.io/cluster": t.kafka_cluster, **_labels(exp)},
+            },
+            "spec": {
+                "topicName": name,
+                "partitions": partitions,
+                "replicas": exp.replication_factor,
+                "config": {"retention.ms": retention_ms, "min.insync.replicas": min(2, exp.replication_factor)},
+            },
+        }
+
+    week = 7 * 24 * 3600 * 1000
+    out = [
+        topic(name, exp.partitions_for(v.name), week)
+        for v in exp.variants
+        for name in exp.request_topics(v.name).values()
+    ]
+    out.append(topic(exp.response_topic, exp.partitions, week))
+    out.append(topic(exp.deadletter_topic, 1, 4 * week))
+    return out
+
+
+def prometheus_rule(exp: ExperimentConfig, t: Target) -> dict:
+    sel = f'experiment="{exp.name}"'
+    budget = 1 - t.slo_success
+    by = "by (experiment, variant)"
+
+    def errors(w: str) -> str:
+        return (
+            f'(sum(rate(abq_requests_total{{{sel},outcome=~"error|expired"}}[{w}])) {by} '
+            f"/ sum(rate(abq_requests_total{{{sel}}}[{w}])) {by})"
+        )
+
+    def p95(w: str) -> str:
+        return f"histogram_quantile(0.95, sum(rate(abq_end_to_end_seconds_bucket{{{sel}}}[{w}])) by (le, experiment, variant))"
+
+    rules = [
+        # Multi-window burn rates (the SRE workbook): page on a 2% budget burn in an hour, ticket on 5% in 6 hours.
+        {
+            "alert": "AbqErrorBudgetFastBurn",
+            "expr": f"{errors('1h')} > {14.4 * budget:.6g} and {errors('5m')} > {14.4 * budget:.6g}",
+            "for": "2m",
+            "labels": {"severity": "page"},
+            "annotations": {
+                "summary": "Variant {{ $labels.variant }} of {{ $labels.experiment }} is burning its error budget 14x too fast"
+            },
+        },
+        {
+            "alert": "AbqErrorBudgetSlowBurn",
+            "expr": f"{errors('6h')} > {6 * budget:.6g} and {errors('30m')} > {6 * budget:.6g}",
+            "for": "15m",
+            "labels": {"severity": "ticket"},
+            "annotations": {
+                "summary": "Variant {{ $labels.variant }} of {{ $labels.experiment }} is burning its error budget 6x too fast"
+            },
+        },
+        {
+            "alert": "AbqLatencyP95High",
+            "expr": f"{p95('1h')} > {t.slo_p95_seconds:g} and {p95('5m')} > {t.slo_p95_seconds:g}",
+            "for": "5m",
+            "labels": {"severity": "page"},
+            "annotations": {
+                "summary": f"p95 end-to-end latency of {{{{ $labels.variant }}}} above {t.slo_p95_seconds:g}s for an hour and now"
+            },
+        },
+        {
+            "alert": "AbqDeadLettersGrowing",
+            "expr": f"sum(increase(abq_dead_letters_total{{{sel}}}[15m])) by (experiment, variant, reason) > 0",
+            "for": "15m",
+            "labels": {"severity": "ticket"},
+            "annotations": {
+                "summary": "Requests of {{ $labels.variant }} go to the dead-letter topic ({{ $labels.reason }})"
+            },
+        },
+    ]
+    for v in exp.variants:
+        so, hpa, group = _name(exp.name, v.name), f"keda-hpa-{_name(exp.name, v.name)}", exp.consumer_group(v.name)
+        rules.append(
+            {
+                "alert": "AbqLagGrowingAtMaxReplicas",
+                "expr": (
+                    f'sum(deriv(keda_scaler_metrics_value{{scaledObject="{so}"}}[10m])) > 0 and on() '
+                    f'kube_horizontalpodautoscaler_status_current_replicas{{horizontalpodautoscaler="{hpa}"}} '
+                    f'>= on() kube_horizontalpodautoscaler_spec_max_replicas{{horizontalpodautoscaler="{hpa}"}}'
+                ),
+                "for": "15m",
+                "labels": {"severity": "page", "variant": v.name},
+                "annotations": {
+                    "summary": f"Lag of {v.name} keeps growing at its maximum of {v.scaling.max_replicas} replicas; "
+                    "raise maxReplicas (and partitions) or add GPUs"
+                },
+            }
+        )
+        rules.append(
+            {
+                "alert": "AbqConsumerGroupEmptyWithLag",
+                "expr": (
+                    f'sum(kafka_consumergroup_lag{{consumergroup="{group}"}}) > 0 and on() '
+                    f'(sum(kafka_consumergroup_members{{consumergroup="{group}"}}) or on() vector(0)) == 0'
+                ),
+                "for": "10m",
+                "labels": {"severity": "page", "variant": v.name},
+                "annotations": {
+                    "summary": f"{group} has lag but no members: KEDA is not waking {v.name}, or its pods cannot start"
+                },
+            }
+        )
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": _name(exp.name, "slo"), "namespace": t.namespace, "labels": _labels(exp)},
+        "spec": {"groups": [{"name": f"abqueue-{exp.name}", "rules": rules}]},
+    }
+
+
+def render(exp: ExperimentConfig, t: Target) -> dict[str, list[dict]]:
+    """File name (under k8s/ or keda/) -> documents."""
+    labels = _labels(exp)
+    k8s: dict[str, list[dict]] = {
+        "namespace.yaml": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": t.namespace}}],
+        "configmap.yaml": [
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": _name(exp.name, "config"), "namespace": t.namespace, "labels": labels},
+                "data": {"experiment.yaml": _config_yaml(exp)},
+            }
+        ],
+        "service.yaml": [
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": _name(exp.name, "metrics"), "namespace": t.namespace, "labels": labels},
+                "spec": {
+                    "clusterIP": "None",
+                    "selector": labels,
+                    "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"}],
+                },
+            }
+        ],
+        "servicemonitor.yaml": [
+            {
+                "apiVersion": "monitoring.coreos.com/v1",
+                "kind": "ServiceMonitor",
+                "metadata": {"name": _name(exp.name), "namespace": t.namespace, "labels": labels},
+                "spec": {
+                    "selector": {"matchLabels": labels},
+                    "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
+                },
+            }
+        ],
+        "kafkatopics.yaml": kafka_topics(exp, t),
+        "prometheusrule.yaml": [prometheus_rule(exp, t)],
+        # Grafana's dashboard sidecar loads ConfigMaps with this label; the JSON is also written on
+        # its own (grafana-dashboard.json) for importing by hand.
+        "grafana-dashboard.yaml": [
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": _name(exp.name, "dashboard"),
+                    "namespace": t.namespace,
+                    "labels": {**labels, "grafana_dashboard": "1"},
+                },
+                "data": {
+                    f"abqueue-{exp.name}.json": orjson.dumps(dashboard(exp.name), option=orjson.OPT_INDENT_2).decode()
+                },
+            }
+        ],
+    }
+    for v in exp.variants:
+        k8s[f"deployment-{v.name}.yaml"] = [deployment(exp, v.name, t)]
+        k8s[f"pdb-{v.name}.yaml"] = [
+            {
+                "apiVersion": "policy/v1",
+                "kind": "PodDisruptionBudget",
+                "metadata": {"name": _name(exp.name, v.name), "namespace": t.namespace},
+                "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _labels(exp, v.name)}},
+            }
+        ]
+    keda = {f"scaledobject-{v.name}.yaml": [scaled_object(exp, v.name, t)] for v in exp.variants}
+    auth = trigger_authentication(exp, t)
+    if auth:
+        keda["triggerauthentication.yaml"] = [auth]
+    return {**{f"k8s/{k}": docs for k, docs in k8s.items()}, **{f"keda/{k}": docs for k, docs in keda.items()}}
+
+
+class _NoAliases(yaml.SafeDumper):
+    def ignore_aliases(self, data) -> bool:  # a shared dict is written out twice, not as &id001
+        return True
+
+
+def write(files: dict[str, list[dict]], out: Path) -> list[Path]:
+    written = []
+    for sub in ("k8s", "keda"):
+        names = sorted(k.split("/", 1)[1] for k in files if k.startswith(sub + "/"))
+        kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": names}
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            path = out / sub / name
+            path.write_text(
+                "# Rendered by `abq deploy render`; edit the experiment config, not this file.\n"
+                + yaml.dump_all(files[f"{sub}/{name}"], Dumper=_NoAliases, sort_keys=False)
+            )
+            written.append(path)
+        path = out / sub / "kustomization.yaml"
+        path.write_text(yaml.dump(kustomization, Dumper=_NoAliases, sort_keys=False))
+        written.append(path)
+        if sub == "k8s":
+            board = next(d for d in files["k8s/grafana-dashboard.yaml"])["data"]
+            path = out / sub / "grafana-dashboard.json"
+            path.write_text(next(iter(board.values())) + "\n")
+            written.append(path)
+    return written

@@ -1,0 +1,106 @@
+"""Topic creation and the topic settings producers must respect."""
+
+from __future__ import annotations
+
+import logging
+
+from kafka.admin import ConfigResource, ConfigResourceType
+from kafka.errors import TopicAlreadyExistsError
+
+from abqueue.kafka.clients import admin_client
+from abqueue.kafka.settings import KafkaSettings
+from schemas.experiment import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+# Kafka's broker default for message.max.bytes; used when a topic's setting cannot be read.
+DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+
+# Bytes a record adds to its key, value and headers on the wire (record batch header, varints,
+# timestamps); used so a record right at a topic's limit is refused or trimmed here, not by the broker.
+RECORD_OVERHEAD = 128
+
+
+def record_size(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> int:
+    """A record's size as the broker measures it against max.message.bytes, give or take the overhead."""
+    return len(key or b"") + len(value) + sum(len(k) + len(v) for k, v in headers) + RECORD_OVERHEAD
+
+
+def ensure_topic(
+    settings: KafkaSettings,
+    name: str,
+    partitions: int = 1,
+    replication_factor: int = 1,
+    configs: dict[str, str] | None = None,
+) -> bool:
+    """Create one topic unless it exists; True if this call created it."""
+    admin = admin_client(settings)
+    try:
+        if name in set(admin.list_topics()):
+            return False
+        try:
+            admin.create_topics(
+                {
+                    name: {
+                        "num_partitions": partitions,
+                        "replication_factor": replication_factor,
+                        "configs": configs or {},
+                    }
+                },
+                wait_for_metadata=True,
+            )
+        except TopicAlreadyExistsError:
+            return False  # another process won the race
+        log.info("created topic %s", name)
+        return True
+    finally:
+        admin.close()
+
+
+def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list[str]:
+    """Create the experiment's topics that do not exist yet; returns the ones created."""
+    admin = admin_client(settings)
+    try:
+        existing = set(admin.list_topics())
+        wanted: dict[str, dict] = {}
+        for v in experiment.variants:
+            # The configured count; `abq deploy render` raises it to max_replicas in the KafkaTopics.
+            for topic in experiment.request_topics(v.name).values():
+                wanted[topic] = {"num_partitions": experiment.partitions}
+        wanted[experiment.response_topic] = {"num_partitions": experiment.partitions}
+        wanted[experiment.deadletter_topic] = {"num_partitions": 1}
+        wanted[experiment.feedback_topic] = {"num_partitions": experiment.partitions}
+        if any(v.shadow_of for v in experiment.variants):
+            wanted[experiment.shadow_response_topic] = {"num_partitions": experiment.partitions}
+        missing = {
+            t: {**o, "replication_factor": experiment.replication_factor}
+            for t, o in wanted.items()
+            if t not in existing
+        }
+        if missing:
+            try:
+                admin.create_topics(missing, wait_for_metadata=True)
+            except TopicAlreadyExistsError:
+                pass  # another process won the race; the topic is there either way
+            log.info("created topics %s", ", ".join(sorted(missing)))
+        return sorted(missing)
+    finally:
+        admin.close()
+
+
+def topic_max_message_bytes(settings: KafkaSettings, topics: list[str]) -> dict[str, int]:
+    """The largest record each topic accepts (its max.message.bytes, else the broker default)."""
+    admin = admin_client(settings)
+    try:
+        res = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, t, configs=None) for t in topics], config_filter="all"
+        )
+    finally:
+        admin.close()
+    out = {}
+    for t in topics:
+        try:
+            out[t] = int(res["topic"][t]["max.message.bytes"]["value"])
+        except (KeyError, TypeError, ValueError):
+            out[t] = DEFAULT_MAX_MESSAGE_BYTES
+    return out

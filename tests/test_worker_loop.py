@@ -1,0 +1,312 @@
+"""The worker loop on the stub transport: admission, backpressure, offsets, rebalances, publish
+failures, drain, middleware and retries, in milliseconds each. What they claim about the loop's
+logic, the real-broker tests (test_request_path, test_continuous, ...) claim end to end."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import Counter
+
+import pytest
+from conftest import new_experiment
+from kafka import TopicPartition
+
+from workers.engines import Completion, EngineError
+from workers.middleware import Middleware
+from workers.middleware.deadline import Deadline
+from workers.middleware.engine_check import EngineCheck
+from workers.middleware.metrics import Metrics
+from workers.middleware.retries import Retries
+from workers.middleware.validation import Validation
+
+
+class ManualEngine:
+    """A continuous engine whose requests finish when the test says so."""
+
+    model = "manual"
+    batching = "continuous"
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.running: dict[int, tuple] = {}  # submission number -> (request, done)
+        self._seq = itertools.count()
+        self.most_running = 0
+
+    def check(self, request):
+        return None
+
+    def warm_up(self) -> None:
+        pass
+
+    def submit(self, request, done) -> None:
+        with self.cond:
+            self.running[next(self._seq)] = (request, done)
+            self.most_running = max(self.most_running, len(self.running))
+            self.cond.notify_all()
+
+    def wait_running(self, n: int, timeout: float = 5.0) -> list:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.running) >= n, timeout), (
+                f"{len(self.running)} requests with the engine, expected {n}"
+            )
+            return [r for r, _ in self.running.values()]
+
+    def finish(self, request_id: str) -> None:
+        with self.cond:
+            key = next(k for k, (r, _) in self.running.items() if r.id == request_id)
+            request, done = self.running.pop(key)
+        done(Completion(outputs=[request.prompt], finish_reason="stop", prompt_tokens=1, completion_tokens=1))
+
+    def close(self) -> None:
+        pass
+
+
+def fast_middleware(attempts: int = 3) -> list[Middleware]:
+    return [Metrics(), Validation(), Deadline(), EngineCheck(), Retries(attempts=attempts, backoff_s=0.01)]
+
+
+def test_requests_in_responses_out_and_offsets_committed_to_the_end(stub_worker):
+    exp = new_experiment()
+    with stub_worker(exp) as w:
+        sent = [w.send(routing_key=f"user-{i}") for i in range(20)]
+        responses = w.wait_responses(20)
+        w.broker.wait_for(
+            lambda: (
+                w.committed()
+                == {
+                    tp: end
+                    for t in exp.request_topics("a").values()
+                    for tp, end in w.broker.end_offsets(t).items()
+                    if end
+                }
+            ),
+            what="commits up to the end of every partition",
+        )
+    assert sorted(r.request_id for r in responses) == sorted(r.id for r in sent)
+    assert all(r.ok and r.variant == "a" for r in responses)
+
+
+def test_commit_point_waits_for_the_lowest_unanswered_offset(stub_worker):
+    exp, engine = new_experiment(partitions=1), ManualEngine()
+    tp = TopicPartition(exp.request_topic("a"), 0)
+    with stub_worker(exp, engine=engine) as w:
+        first, second, third = (w.send(prompt=f"p{i}") for i in range(3))
+        engine.wait_running(3)
+        engine.finish(third.id)
+        engine.finish(second.id)
+        w.wait_responses(2)
+        assert w.committed().get(tp, 0) == 0, "committed past a request still with the engine"
+        engine.finish(first.id)
+        w.broker.wait_for(lambda: w.committed().get(tp) == 3, what="commit of all three")
+
+
+def test_high_priority_overtakes_a_buffered_backlog(stub_worker):
+    exp, engine = new_experiment(partitions=1), ManualEngine()
+    with stub_worker(exp, engine=engine, max_inflight=2) as w:
+        backlog = [w.send(prompt=f"normal {i}") for i in range(6)]
+        engine.wait_running(2)
+        urgent = w.send(priority="high", prompt="urgent")
+        w.broker.wait_for(lambda: w.worker.admission.waiting("high") == 1, what="the urgent request buffered")
+        assert w.worker.admission.waiting("normal") >= 1  # it really arrived behind a backlog
+        engine.finish(backlog[0].id)
+        running = engine.wait_running(2)
+        assert urgent.id in {r.id for r in running}, "the next free slot did not go to the high-priority request"
+
+
+def test_backpressure_bounds_the_engine_and_pauses_full_levels(stub_worker):
+    exp, engine = new_experiment(partitions=2), ManualEngine()
+    with stub_worker(exp, engine=engine, max_inflight=4, max_batch=4) as w:
+        sent = [w.send(routing_key=f"user-{i}") for i in range(40)]
+        answered = 0
+        while answered < 40:
+            running = engine.wait_running(min(4, 40 - answered))
+            assert len(running) <= 4
+            if answered == 0:
+                w.broker.wait_for(lambda: w.consumer.paused(), what="full level paused")
+                assert w.worker.admission.waiting("normal") <= 4 + 4 - 1  # capacity, plus at most one poll
+            for r in running:
+                engine.finish(r.id)
+                answered += 1
+        responses = w.wait_responses(40)
+    assert engine.most_running == 4
+    assert Counter(r.request_id for r in responses) == Counter(r.id for r in sent)
+
+
+def test_a_revoked_partition_is_left_to_its_next_owner(stub_worker):
+    exp, engine = new_experiment(partitions=1), ManualEngine()
+    tp = TopicPartition(exp.request_topic("a"), 0)
+    with stub_worker(exp, engine=engine) as w:
+        sent = [w.send(prompt=f"p{i}") for i in range(2)]
+        engine.wait_running(2)
+        w.consumer.rebalance(revoke={tp}, assign=set())
+        w.broker.wait_for(lambda: tp not in w.consumer.assignment(), what="revocation")
+        for r in sent:
+            engine.finish(r.id)
+        w.broker.wait_for(lambda: w.worker.inflight == 0 and w.worker.runner._done.empty(), what="finished work taken")
+        beat = w.worker._heartbeat
+        w.broker.wait_for(lambda: w.worker._heartbeat > beat, what="one more pass of the loop")
+        assert w.responses() == [], "responses published for a partition this worker no longer owns"
+        w.consumer.rebalance(revoke=set(), assign={tp})  # it comes back: redo from the commit point
+        for r in engine.wait_running(2):
+            engine.finish(r.id)
+        responses = w.wait_responses(2)
+        w.broker.wait_for(lambda: w.committed().get(tp) == 2, what="commit after the redo")
+    assert sorted(r.request_id for r in responses) == sorted(r.id for r in sent)
+
+
+def test_unacknowledged_responses_are_published_again_and_committed_only_then(stub_worker):
+    exp = new_experiment(partitions=1)
+    tp = TopicPartition(exp.request_topic("a"), 0)
+    with stub_worker(exp) as w:
+        w.worker.delivery.sink.attempts = 1
+        w.broker.fail_sends(times=1000, topic=exp.response_topic)
+        sent = [w.send(prompt="only one") for _ in range(1)]
+        w.broker.wait_for(lambda: w.broker.refused >= 3, what="a failed send, tried again")
+        assert w.responses() == []
+        assert w.committed().get(tp, 0) == 0, "committed a request whose response Kafka did not acknowledge"
+        w.broker.clear_faults()
+        responses = w.wait_responses(1)
+        w.broker.wait_for(lambda: w.committed().get(tp) == 1, what="commit after the retry")
+    assert [r.request_id for r in responses] == [sent[0].id]
+
+
+def test_drain_finishes_what_the_engine_has_then_commits(stub_worker):
+    exp, engine = new_experiment(partitions=1), ManualEngine()
+    tp = TopicPartition(exp.request_topic("a"), 0)
+    w = stub_worker(exp, engine=engine, max_inflight=3)
+    with w:
+        sent = [w.send(prompt=f"p{i}") for i in range(8)]
+        running = engine.wait_running(3)
+        w.worker.stop()
+        for r in running:
+            engine.finish(r.id)
+        w.thread.join(timeout=5)
+        assert not w.thread.is_alive()
+    responses = w.responses()
+    assert sorted(r.request_id for r in responses) == sorted(r.id for r in sent[:3])
+    assert w.committed() == {tp: 3}
+    assert w.consumer.closed
+
+
+def test_retries_and_the_batch_size_metric_apply_to_the_continuous_engine(stub_worker):
+    exp = new_experiment(partitions=1, transient_failures=2)
+    with stub_worker(exp, middleware=fast_middleware(attempts=3)) as w:
+        assert w.worker.engine.batching == "continuous"
+        sent = w.send()
+        (response,) = w.wait_responses(1)
+        registry = w.worker.registry
+    assert response.request_id == sent.id and response.ok, response.error
+    assert registry.get_sample_value("abq_batch_size_count", {"experiment": exp.name, "variant": "a"}) >= 1
+    assert registry.get_sample_value("abq_batch_size_sum", {"experiment": exp.name, "variant": "a"}) >= 1
+
+
+def test_without_retries_the_same_transient_failure_is_an_error_response(stub_worker):
+    exp = new_experiment(partitions=1, transient_failures=2)
+    with stub_worker(exp, middleware=fast_middleware(attempts=1)) as w:
+        w.send()
+        (response,) = w.wait_responses(1)
+    assert not response.ok and response.error.code == "engine_error"
+
+
+class PoisonableEngine:
+    """A static engine that fails a whole batch when one prompt in it is 'poison'."""
+
+    model = "static"
+    batching = "static"
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def check(self, request):
+        return None
+
+    def warm_up(self) -> None:
+        pass
+
+    def generate(self, requests):
+        self.batches.append(len(requests))
+        if any(r.prompt == "poison" for r in requests):
+            raise EngineError("this batch holds a poisonous request")
+        return [Completion(outputs=[r.prompt], finish_reason="stop") for r in requests]
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failing_static_batch_is_split_to_the_request_that_fails_it(stub_worker, stub_broker):
+    exp, engine = new_experiment(partitions=1), PoisonableEngine()
+    w = stub_worker(exp, engine=engine, middleware=fast_middleware(), max_batch=8, max_wait_ms=200)
+    sent = [w.send(prompt="poison" if i == 5 else f"fine {i}") for i in range(8)]  # all there at the first poll
+    with w:
+        responses = {r.request_id: r for r in w.wait_responses(8)}
+    assert engine.batches[0] == 8
+    assert [i for i, r in enumerate(sent) if not responses[r.id].ok] == [5]
+    assert responses[sent[5].id].error.code == "engine_error"
+    assert len(engine.batches) <= 1 + 2 * 3  # a bisection, not one call per request
+
+
+class Faulty(Middleware):
+    def __init__(self):
+        self.calls = Counter()
+
+    def _fail(self, hook):
+        self.calls[hook] += 1
+        raise RuntimeError(f"faulty middleware in {hook}")
+
+    def before_start(self, worker):
+        self._fail("before_start")
+
+    def before_batch(self, worker, batch):
+        self._fail("before_batch")
+
+    def wrap_engine(self, worker, call):
+        self._fail("wrap_engine")
+
+    def after_batch(self, worker, batch):
+        self._fail("after_batch")
+
+
+def test_a_raising_hook_is_logged_and_the_worker_keeps_serving(stub_worker, caplog):
+    exp, faulty = new_experiment(), Faulty()
+    with (
+        caplog.at_level(logging.CRITICAL, logger="workers.middleware"),
+        stub_worker(exp, middleware=[faulty, *fast_middleware()]) as w,
+    ):
+        sent = [w.send(routing_key=f"user-{i}") for i in range(5)]
+        responses = w.wait_responses(5)
+        w.broker.wait_for(lambda: faulty.calls["after_batch"] >= 1, what="after_batch called")
+        assert w.thread.is_alive()
+    assert sorted(r.request_id for r in responses) == sorted(r.id for r in sent)
+    assert all(r.ok for r in responses)
+    logged = caplog.text
+    for hook in ("before_start", "before_batch", "after_batch"):
+        assert f"Faulty failed in {hook}" in logged
+    assert "Faulty failed to wrap the engine" in logged
+
+
+def test_a_failing_validation_hook_never_hands_the_engine_an_undecoded_request(stub_worker):
+    class BrokenValidation(Validation):
+        def before_batch(self, worker, batch):
+            raise RuntimeError("validation broke")
+
+    exp = new_experiment(partitions=1)
+    with stub_worker(exp, middleware=[Metrics(), BrokenValidation()]) as w:
+        w.send()
+        w.broker.wait_for(lambda: w.broker.records(exp.deadletter_topic), what="a dead letter")
+        assert w.thread.is_alive()
+    (letter,) = w.dead_letters()
+    assert letter.reason == "unsupported" and "middleware failed" in letter.detail
+
+
+@pytest.mark.parametrize("aborts", [1, 3])
+def test_exactly_once_rewinds_an_aborted_transaction_and_answers_each_request_once(stub_worker, aborts):
+    exp = new_experiment(partitions=2)
+    with stub_worker(exp, delivery="exactly-once") as w:
+        w.broker.fail_transactions(aborts)
+        sent = [w.send(routing_key=f"user-{i}") for i in range(12)]
+        responses = w.wait_responses(12)
+        w.broker.wait_for(lambda: sum(w.committed().values()) == 12, what="all offsets committed")
+    assert Counter(r.request_id for r in responses) == Counter(r.id for r in sent)
+    assert w.producer.transactions["aborted"] == aborts

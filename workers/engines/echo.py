@@ -1,0 +1,136 @@
+"""EchoEngine: deterministic, instant, no model. For pipeline tests, demos and queueing benchmarks."""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import threading
+import time
+
+from schemas import ConfigError, InferenceRequest
+from workers.engines.base import Completion, Rejection, TransientEngineError
+
+
+def _fraction(text: str) -> float:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
+class EchoEngine:
+    """Answers each request with its own prompt (or last message), cut to max_tokens words.
+
+    Knobs (engine_args in the experiment config), to rehearse failure handling without a GPU:
+      latency_ms          time to the first token (per batch with static batching)
+      ms_per_token        time per output word after that, so longer answers finish later
+      error_rate          share of requests (chosen by id, so stable) answered with an engine error
+      transient_failures  the first N calls raise a transient error (exercises retries)
+      batching            continuous (default: each request finishes on its own time) or static
+    """
+
+    def __init__(
+        self,
+        model: str = "echo",
+        latency_ms: float = 0.0,
+        ms_per_token: float = 0.0,
+        error_rate: float = 0.0,
+        transient_failures: int = 0,
+        batching: str = "continuous",
+        **unknown,
+    ):
+        if unknown:
+            raise ConfigError(
+                f"echo engine does not take {', '.join(sorted(unknown))}; it takes latency_ms, "
+                "ms_per_token, error_rate, transient_failures, batching"
+            )
+        if not 0.0 <= error_rate <= 1.0:
+            raise ConfigError(f"echo engine error_rate {error_rate} is outside [0, 1]")
+        if batching not in ("continuous", "static"):
+            raise ConfigError(f"echo engine batching {batching!r} is not 'continuous' or 'static'")
+        self.model = model
+        self.batching = batching
+        self.latency_s = latency_ms / 1000
+        self.per_token_s = ms_per_token / 1000
+        self.error_rate = error_rate
+        self._transient_left = transient_failures
+        self._due: list = []  # heap of (due, seq, request, first_token_at, done)
+        self._seq = itertools.count()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._timer: threading.Thread | None = None
+
+    def check(self, request: InferenceRequest) -> Rejection | None:
+        return None
+
+    def warm_up(self) -> None:
+        pass
+
+    def _transient(self) -> bool:
+        if self._transient_left > 0:
+            self._transient_left -= 1
+            return True
+        return False
+
+    def _complete(self, r: InferenceRequest, first: float) -> Completion:
+        if self.error_rate and _fraction(r.id) < self.error_rate:
+            return Completion.failed("echo engine: rehearsed failure (error_rate)")
+        words = _text(r).split()
+        kept = words[: r.max_tokens]
+        return Completion(
+            outputs=[" ".join(kept)] * r.n,
+            finish_reason="length" if len(words) > r.max_tokens else "stop",
+            prompt_tokens=len(words),
+            completion_tokens=len(kept) * r.n,
+            first_token_at=first,
+        )
+
+    # static batching
+    def generate(self, requests: list[InferenceRequest]) -> list[Completion]:
+        if self._transient():
+            raise TransientEngineError("echo engine: rehearsed transient failure")
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        first = time.time()
+        longest = max((min(len(_text(r).split()), r.max_tokens) for r in requests), default=0)
+        if self.per_token_s and longest:
+            time.sleep(self.per_token_s * longest)
+        return [self._complete(r, first) for r in requests]
+
+    # continuous batching: every request finishes on its own schedule, in a timer thread
+    def submit(self, request: InferenceRequest, done) -> None:
+        if self._transient():
+            done(TransientEngineError("echo engine: rehearsed transient failure"))
+            return
+        now = time.time()
+        tokens = min(len(_text(request).split()), request.max_tokens)
+        first = now + self.latency_s
+        with self._wake:
+            if self._timer is None:
+                self._timer = threading.Thread(target=self._fire, name="abq-echo", daemon=True)
+                self._timer.start()
+            heapq.heappush(self._due, (first + self.per_token_s * tokens, next(self._seq), request, first, done))
+            self._wake.notify()
+
+    def _fire(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and (not self._due or self._due[0][0] > time.time()):
+                    self._wake.wait(timeout=(self._due[0][0] - time.time()) if self._due else None)
+                if self._closed:
+                    return
+                _, _, request, first, done = heapq.heappop(self._due)
+            done(self._complete(request, first))
+
+    def stats(self) -> dict[str, float]:
+        return {"running": len(self._due)}
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+
+
+def _text(r: InferenceRequest) -> str:
+    if r.prompt is not None:
+        return r.prompt
+    assert r.messages, "a request has a prompt or messages"
+    return r.messages[-1].content

@@ -1,0 +1,31 @@
+"""The engine a variant's config names, with command-line overrides applied."""
+
+from __future__ import annotations
+
+from schemas import ConfigError, VariantConfig
+from workers.engines.base import Engine
+
+ENGINES = ("echo", "vllm", "vllm-batch")
+
+
+def make_engine(
+    variant: VariantConfig, kind: str | None = None, model: str | None = None, extra_args: dict | None = None
+) -> Engine:
+    """The engine a variant's config names, with --engine/--model/--engine-arg overrides applied."""
+    kind = kind or variant.engine
+    same = kind == variant.engine
+    # The config's engine settings belong to the config's engine; another engine starts from none.
+    args = {**(variant.engine_args if same else {}), **(extra_args or {})}
+    if kind == "echo":
+        from workers.engines.echo import EchoEngine
+
+        return EchoEngine(model=model or variant.model, **args)
+    if kind in ("vllm", "vllm-batch"):
+        # vLLM is imported only when asked for: the echo engine and the CLI run without it.
+        from workers.engines.vllm_async import AsyncVllmEngine
+        from workers.engines.vllm_static import VllmEngine
+
+        args = {**(variant.vllm.args() if variant.engine.startswith("vllm") else {}), **args}
+        cls = AsyncVllmEngine if kind == "vllm" else VllmEngine
+        return cls(model=model or variant.model, engine_args=args)
+    raise ConfigError(f"unknown engine {kind!r}; use {', '.join(repr(e) for e in ENGINES)}")

@@ -1,0 +1,131 @@
+"""AsyncVllmEngine: continuous batching, a thin adapter over vLLM's AsyncLLM.
+
+vLLM schedules every submitted request into its running batch as KV-cache space frees up; this
+adapter runs AsyncLLM's event loop in a thread of its own and calls `done` as each request finishes,
+so the worker loop keeps polling and publishing while the engine generates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+
+from schemas import PRIORITIES, InferenceRequest
+from workers.engines.base import Completion
+from workers.engines.vllm_common import (
+    PromptPrep,
+    completion,
+    engine_failure,
+    engine_kwargs,
+    import_vllm,
+    load_error,
+    sampling_params,
+)
+
+log = logging.getLogger(__name__)
+
+
+class EngineStats:
+    """Latest scheduler gauges (running, waiting, KV-cache usage), fed by vLLM's stat-logger hook."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def factory(self):
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self
+
+        class Logger(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is not None:
+                    stats.values = {
+                        "running": scheduler_stats.num_running_reqs,
+                        "waiting": scheduler_stats.num_waiting_reqs,
+                        "kv_cache_usage": scheduler_stats.kv_cache_usage,
+                    }
+
+            def log_engine_initialized(self):
+                pass
+
+        return Logger
+
+
+class AsyncVllmEngine(PromptPrep):
+    batching = "continuous"
+
+    def __init__(self, model: str, engine_args: dict | None = None):
+        import_vllm()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = engine_kwargs(model, engine_args, AsyncEngineArgs)
+        # Request priorities reach vLLM's scheduler only under its priority policy.
+        self._use_priority = args.get("scheduling_policy") == "priority"
+        self._stats = EngineStats()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="abq-vllm", daemon=True)
+        self._thread.start()
+
+        async def create():
+            return AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**args, disable_log_stats=False), stat_loggers=[self._stats.factory()]
+            )
+
+        try:
+            self.llm = asyncio.run_coroutine_threadsafe(create(), self._loop).result()
+        except Exception as e:  # vLLM raises many types for a model that will not load or fit
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise load_error(model, e) from None
+        self.model = model
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.model_config.max_model_len
+        self._ids = itertools.count()
+        self._init_prep()
+
+    def submit(self, request: InferenceRequest, done) -> None:
+        prompt = self.prompt(request)
+        asyncio.run_coroutine_threadsafe(self._run(request, prompt, done), self._loop)
+
+    async def _run(self, request: InferenceRequest, prompt, done) -> None:
+        final = None
+        try:
+            extra = {"priority": PRIORITIES.index(request.priority)} if self._use_priority else {}
+            # A request id unique per submission: a retried request must not collide with itself.
+            async for out in self.llm.generate(
+                prompt, sampling_params(request, final_only=True), request_id=f"{request.id}-{next(self._ids)}", **extra
+            ):
+                final = out
+        except Exception as e:
+            done(engine_failure(e))
+            return
+        done(completion(final) if final is not None else Completion.failed("vLLM returned no output"))
+
+    def warm_up(self) -> None:
+        finished = threading.Event()
+        result: list = []
+
+        def done(outcome):
+            result.append(outcome)
+            finished.set()
+
+        self.submit(InferenceRequest(experiment="warm-up", routing_key="-", prompt="warm up", max_tokens=1), done)
+        finished.wait()
+        if isinstance(result[0], BaseException):
+            raise result[0]
+
+    def stats(self) -> dict[str, float]:
+        return dict(self._stats.values)
+
+    def close(self) -> None:
+        self._token_ids.clear()
+        try:
+            self.llm.shutdown()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)

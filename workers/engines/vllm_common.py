@@ -1,0 +1,135 @@
+"""What both vLLM engines share: loading arguments with one-line errors, rendering prompts through the
+chat template, the admission check, SamplingParams, and turning vLLM's outputs into Completions."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from typing import Any
+
+from schemas import ConfigError, InferenceRequest
+from workers.engines.base import Completion, EngineError, Rejection, TransientEngineError
+
+# Exceptions that say the engine (not the request) is in trouble: worth a retry, or a restart.
+TRANSIENT_ERRORS = ("OutOfMemoryError", "EngineDeadError", "EngineGenerateError")
+
+
+def _looks_like_path(model: str) -> bool:
+    # "org/name" is a hub id (an image with network may download it); these are local paths.
+    return model.startswith((".", "/", "~"))
+
+
+def engine_kwargs(model: str, engine_args: dict | None, args_class) -> dict:
+    """vLLM keyword arguments for `model`, refusing a missing directory or an unknown argument."""
+    path = os.path.expanduser(model)
+    if _looks_like_path(model) and not os.path.isdir(path):
+        raise ConfigError(f"model directory {model} does not exist; pass a local model directory with --model")
+    known = {f.name for f in dataclasses.fields(args_class)}
+    for key in engine_args or {}:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "see vLLM's engine arguments"
+            raise ConfigError(f"unknown vLLM engine argument {key!r}; {hint}")
+    return {"model": path, **(engine_args or {})}
+
+
+def load_error(model: str, e: BaseException) -> ConfigError:
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    return ConfigError(
+        f"vLLM could not load model {model}: {first}; check the path and engine settings "
+        "(max_model_len, gpu_memory_utilization, dtype, quantization)"
+    )
+
+
+def import_vllm():
+    try:
+        import vllm
+    except ImportError:
+        raise ConfigError(
+            "vLLM is not installed; `pip install 'abqueue[vllm]'` (GPU) or see the README for the CPU build"
+        ) from None
+    return vllm
+
+
+class PromptPrep:
+    """Tokenises once in check() and reuses the ids when the request runs."""
+
+    tokenizer: Any = None
+    max_model_len = 0
+    model = ""
+
+    def _init_prep(self) -> None:
+        self._token_ids: dict[str, list[int]] = {}
+
+    def _render(self, request: InferenceRequest) -> list[int]:
+        if request.messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise EngineError(f"model {self.model} has no chat template; send 'prompt' instead of 'messages'")
+            text = self.tokenizer.apply_chat_template(
+                [m.model_dump() for m in request.messages], tokenize=False, add_generation_prompt=True
+            )
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(request.prompt)
+
+    def check(self, request: InferenceRequest) -> Rejection | None:
+        try:
+            ids = self._render(request)
+        except EngineError as e:
+            return Rejection("unsupported", str(e)[:1000])
+        try:
+            sampling_params(request)  # vLLM's own checks, so a bad combination never reaches the engine
+        except Exception as e:  # vLLM's validation error types vary by version
+            return Rejection("invalid_params", f"vLLM refuses these sampling parameters: {e}"[:1000])
+        if len(ids) + request.max_tokens > self.max_model_len:
+            return Rejection(
+                "oversized_prompt",
+                f"prompt of {len(ids)} tokens plus max_tokens {request.max_tokens} exceeds the model's "
+                f"context of {self.max_model_len} tokens; shorten the prompt or lower max_tokens",
+            )
+        self._token_ids[request.id] = ids
+        return None
+
+    def prompt(self, request: InferenceRequest):
+        from vllm.inputs import TokensPrompt
+
+        ids = self._token_ids.pop(request.id, None) or self._render(request)
+        return TokensPrompt(prompt_token_ids=ids)
+
+
+def sampling_params(r: InferenceRequest, final_only: bool = False):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    extra: dict[str, Any] = {"output_kind": RequestOutputKind.FINAL_ONLY} if final_only else {}
+    return SamplingParams(
+        n=r.n,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        max_tokens=r.max_tokens,
+        stop=r.stop or None,
+        seed=r.seed,
+        **extra,
+    )
+
+
+def completion(out) -> Completion:
+    samples = sorted(out.outputs, key=lambda o: o.index)
+    stats = getattr(out, "metrics", None)
+    first = None
+    if stats is not None and getattr(stats, "first_token_latency", None) and getattr(stats, "arrival_time", None):
+        first = stats.arrival_time + stats.first_token_latency
+    return Completion(
+        outputs=[o.text for o in samples],
+        finish_reason=samples[0].finish_reason or "stop",
+        prompt_tokens=len(out.prompt_token_ids or ()),
+        completion_tokens=sum(len(o.token_ids) for o in samples),
+        first_token_at=first,
+    )
+
+
+def engine_failure(e: BaseException) -> EngineError:
+    if type(e).__name__ in TRANSIENT_ERRORS:
+        return TransientEngineError(f"vLLM: {type(e).__name__}: {e}")
+    return EngineError(f"vLLM: {type(e).__name__}: {e}")

@@ -1,0 +1,55 @@
+"""VllmEngine: static batching, a thin adapter over vLLM's offline `LLM.generate`, one call per batch."""
+
+from __future__ import annotations
+
+from schemas import InferenceRequest
+from workers.engines.base import Completion
+from workers.engines.vllm_common import (
+    PromptPrep,
+    completion,
+    engine_failure,
+    engine_kwargs,
+    import_vllm,
+    load_error,
+    sampling_params,
+)
+
+
+class VllmEngine(PromptPrep):
+    batching = "static"
+
+    def __init__(self, model: str, engine_args: dict | None = None):
+        vllm = import_vllm()
+        from vllm.engine.arg_utils import EngineArgs
+
+        # With stats on, vLLM records each request's first-token time (TTFT in the response).
+        args = {"disable_log_stats": False, **engine_kwargs(model, engine_args, EngineArgs)}
+        try:
+            self.llm = vllm.LLM(**args)
+        except Exception as e:  # vLLM raises many types for a model that will not load or fit
+            raise load_error(model, e) from None
+        self.model = model
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self._init_prep()
+
+    def warm_up(self) -> None:
+        self.llm.generate(
+            [self.prompt(InferenceRequest(experiment="warm-up", routing_key="-", prompt="warm up", max_tokens=1))],
+            use_tqdm=False,
+        )
+
+    def generate(self, requests: list[InferenceRequest]) -> list[Completion]:
+        prompts = [self.prompt(r) for r in requests]
+        params = [sampling_params(r) for r in requests]
+        try:
+            outs = self.llm.generate(prompts, params, use_tqdm=False)
+        except Exception as e:
+            raise engine_failure(e) from e
+        return [completion(out) for out in outs]
+
+    def close(self) -> None:
+        self._token_ids.clear()
+        shutdown = getattr(self.llm.llm_engine, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
