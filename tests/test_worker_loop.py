@@ -70,6 +70,7 @@ def fast_middleware(attempts: int = 3) -> list[Middleware]:
 def test_requests_in_responses_out_and_offsets_committed_to_the_end(stub_worker):
     exp = new_experiment()
     with stub_worker(exp) as w:
+        w.broker.wait_for(lambda: w.consumer.assignment(), what="the worker polling")  # idle: arrivals meet a poll
         sent = [w.send(routing_key=f"user-{i}") for i in range(20)]
         responses = w.wait_responses(20)
         w.broker.wait_for(
@@ -86,6 +87,7 @@ def test_requests_in_responses_out_and_offsets_committed_to_the_end(stub_worker)
         )
     assert sorted(r.request_id for r in responses) == sorted(r.id for r in sent)
     assert all(r.ok and r.variant == "a" for r in responses)
+    assert all(r.timings.enqueued <= r.timings.dequeued <= r.timings.started <= r.timings.finished for r in responses)
 
 
 def test_commit_point_waits_for_the_lowest_unanswered_offset(stub_worker):

@@ -238,11 +238,9 @@ class Worker:
     def _admit(self, runner: Runner) -> None:
         self.admission.apply_pauses(self.consumer)
         idle = not (self.inflight or len(self.admission) or self._decided or self.delivery.holding)
-        now = time.time()  # when the worker got the record
-        fresh = [
-            Message(r, dequeued_at=now)
-            for r in self.consumer.poll(timeout_ms=IDLE_POLL_MS if idle else 0, max_records=self.max_batch)
-        ]
+        polled = self.consumer.poll(timeout_ms=IDLE_POLL_MS if idle else 0, max_records=self.max_batch)
+        now = time.time()  # when the worker got the records: after the poll, which may have waited for them
+        fresh = [Message(r, dequeued_at=now) for r in polled]
         self.delivery.received(fresh)
         self.admission.add(fresh)
         room = self.max_inflight - self.inflight
