@@ -168,9 +168,8 @@ class StubWorker:
     """A Worker on the stub broker, in a thread; the experiment's topics are created in the stub."""
 
     def __init__(self, broker, exp: ExperimentConfig, variant: str, engine=None, delivery: str = "at-least-once", **kw):
-        from workers.delivery import AtLeastOnce, ExactlyOnce
+        from workers.delivery import make_delivery
         from workers.engines.factory import make_engine
-        from workers.sink import ResponseSink, TransactionalSink
         from workers.worker import Worker
 
         for v in exp.variants:
@@ -181,13 +180,12 @@ class StubWorker:
         self.broker, self.exp = broker, exp
         group = exp.consumer_group(variant)
         self.consumer = broker.consumer(group)
-        topics = (exp.response_topic, exp.deadletter_topic)
-        if delivery == "exactly-once":
-            self.producer = broker.producer(transactional_id=f"{group}.stub")
-            strategy = ExactlyOnce(TransactionalSink(self.producer, *topics))
-        else:
-            self.producer = broker.producer()
-            strategy = AtLeastOnce(ResponseSink(self.producer, *topics))
+
+        def producer(transactional: bool):
+            self.producer = broker.producer(transactional_id=f"{group}.stub" if transactional else None)
+            return self.producer
+
+        strategy = make_delivery(delivery, producer, exp.response_topic, exp.deadletter_topic)
         strategy.retry_after_s = 0.05  # a failed publish or transaction is tried again quickly here
         engine = engine or make_engine(exp.variant(variant))
         kw.setdefault("drain_timeout_s", 0.2)  # tests may leave requests with a manual engine

@@ -19,11 +19,12 @@ from collections.abc import Callable
 from kafka import TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, RetriableError
 
+from schemas import ConfigError
 from workers.backoff import retrying
 from workers.message import Message
 from workers.offsets import OffsetTracker
 from workers.sink import PublishFailed, ResponseSink, TransactionalSink, TransactionFailed
-from workers.transport import Consumer, Offsets
+from workers.transport import Consumer, Offsets, Producer
 
 log = logging.getLogger(__name__)
 
@@ -190,3 +191,15 @@ class ExactlyOnce(Delivery):
         restart = self.tracker.restart_points(partitions)
         self._forget(partitions)
         return restart
+
+
+DELIVERY_MODES = {"at-least-once": AtLeastOnce, "exactly-once": ExactlyOnce}
+
+
+def make_delivery(mode: str, producer: Callable[[bool], Producer], responses: str, deadletters: str) -> Delivery:
+    """The strategy for `mode`, over a producer made by `producer(transactional)`."""
+    if mode not in DELIVERY_MODES:
+        raise ConfigError(f"delivery {mode!r} is not one of {', '.join(DELIVERY_MODES)}")
+    if mode == "exactly-once":
+        return ExactlyOnce(TransactionalSink(producer(True), responses, deadletters))
+    return AtLeastOnce(ResponseSink(producer(False), responses, deadletters))

@@ -19,21 +19,19 @@ from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from abqueue.kafka import KafkaSettings, ensure_topics
-from schemas import ConfigError, ExperimentConfig
+from schemas import ExperimentConfig
 from workers.admission import Admission
-from workers.delivery import AtLeastOnce, Delivery, ExactlyOnce
+from workers.delivery import Delivery, make_delivery
 from workers.engines.base import Engine
 from workers.message import Message
 from workers.middleware import Middleware, default_middleware, emit_after, emit_before, wrap_engine
 from workers.runners import Runner, engine_call, make_runner
-from workers.sink import ResponseSink, TransactionalSink
 from workers.transport import Consumer, Offsets
 
 log = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 1000
 BUSY_WAIT_S = 0.005  # how long the loop waits for the engine before polling Kafka again
-DELIVERY_MODES = ("at-least-once", "exactly-once")
 
 
 class Worker:
@@ -105,8 +103,6 @@ class Worker:
         variant's consumer group and picks the delivery strategy."""
         from workers.transport.kafka import KafkaConsumerTransport, KafkaProducerTransport
 
-        if delivery not in DELIVERY_MODES:
-            raise ConfigError(f"delivery {delivery!r} is not one of {', '.join(DELIVERY_MODES)}")
         if create_topics:
             ensure_topics(settings, experiment)
         v = experiment.variant(variant)
@@ -123,15 +119,15 @@ class Worker:
         # A shadow variant's answers are recorded apart, where no caller listens.
         responses = experiment.shadow_response_topic if v.shadow_of else experiment.response_topic
         topics = [responses, experiment.deadletter_topic]
-        strategy: Delivery
-        if delivery == "exactly-once":
-            producer = KafkaProducerTransport(
+
+        def producer(transactional: bool) -> KafkaProducerTransport:
+            if not transactional:
+                return KafkaProducerTransport(settings, topics)
+            return KafkaProducerTransport(
                 settings, topics, transactional_id=f"{group}.{worker_id}", transaction_timeout_ms=60_000
             )
-            strategy = ExactlyOnce(TransactionalSink(producer, responses, experiment.deadletter_topic))
-        else:
-            producer = KafkaProducerTransport(settings, topics)
-            strategy = AtLeastOnce(ResponseSink(producer, responses, experiment.deadletter_topic))
+
+        strategy = make_delivery(delivery, producer, *topics)
         return cls(experiment, variant, engine, consumer, strategy, max_batch=max_batch, worker_id=worker_id, **options)
 
     def _config_changed(self, record) -> None:
