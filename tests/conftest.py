@@ -235,3 +235,16 @@ def stub_worker(stub_broker):
         return StubWorker(stub_broker, exp, variant, **kw)
 
     return make
+
+
+def metric_values(text: str, **labels: str) -> dict[str, float]:
+    """Sample values by metric name from Prometheus text format: samples whose labels include
+    `labels`, summed over the rest."""
+    import re
+
+    out: dict[str, float] = {}
+    for name, raw, value in re.findall(r"^([a-z_]+)(?:\{([^}]*)\})? ([0-9.e+-]+)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', raw or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            out[name] = out.get(name, 0.0) + float(value)
+    return out

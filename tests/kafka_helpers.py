@@ -70,3 +70,12 @@ def end_offsets(settings, topic: str) -> dict[int, int]:
         return {tp.partition: off for tp, off in c.end_offsets(tps).items()}
     finally:
         c.close()
+
+
+def wait_until(condition, timeout: float, what: str, every: float = 0.1) -> None:
+    """Polls `condition` until it holds; fails naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout}s")
+        time.sleep(every)

@@ -9,6 +9,7 @@ from collections import Counter
 import orjson
 import pytest
 from conftest import REPO, abq_cmd, new_experiment, write_config
+from kafka_helpers import committed, end_offsets, wait_until
 
 from abqueue.kafka import ensure_topics
 from producers.batch import BatchInputError, read_items
@@ -55,6 +56,18 @@ def _lines(path):
     return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
 
 
+def _answered_all(settings, exp) -> int:
+    """Waits until the worker has committed every request in the batch topic; returns how many there are."""
+    topic = exp.request_topic("a", "batch")
+    group = exp.consumer_group("a")
+
+    def published():
+        return {p: o for p, o in end_offsets(settings, topic).items() if o > 0}
+
+    wait_until(lambda: committed(settings, group, topic) == published(), 30, "the backlog answered")
+    return sum(published().values())
+
+
 def test_interrupted_batch_resumes_and_the_output_has_each_id_exactly_once(
     settings, kafka_bootstrap, thread_worker, tmp_path
 ):
@@ -73,9 +86,14 @@ def test_interrupted_batch_resumes_and_the_output_has_each_id_exactly_once(
         proc.wait()
         first = len(_lines(out))
         assert 8 <= first < 60
+        # The worker answers what the killed run had published while no batch command runs.
+        published = _answered_all(settings, exp)
         code, stdout, stderr = _run_batch(kafka_bootstrap, cfg, inp, out)
     assert code == 0, stderr
     assert "61 lines" in stdout and "0 missing" in stdout
+    # The rerun collects those answers from where its saved state says to read; it resubmits only
+    # what the killed run never published (a resume ignoring its state would resubmit 60 - first).
+    assert f"{first} already done" in stdout and f"{60 - published} submitted" in stdout, stdout
     lines = _lines(out)
     counts = Counter(line["custom_id"] for line in lines)
     assert set(counts) == {f"req-{i}" for i in range(60)} and max(counts.values()) == 1
@@ -111,10 +129,10 @@ def test_results_that_arrived_survive_a_timeout_and_a_rerun_collects_the_rest(
     assert code == 1 and "rerun the same command" in stderr and "\n" not in stderr.strip()
     assert (tmp_path / "out.jsonl.state.json").exists()
     with thread_worker(exp, "a"):
-        time.sleep(3)  # the worker answers the first run's requests while no batch command runs
+        assert _answered_all(settings, exp) == 30  # while no batch command runs
         code, stdout, stderr = _run_batch(kafka_bootstrap, cfg, inp, out, "--no-progress")
     assert code == 0, stderr
-    assert "30 submitted" not in stdout  # the answered ones were collected, not submitted again
+    assert "0 submitted" in stdout and "30 ok" in stdout  # all collected, none submitted again
     ids = Counter(line["request_id"] for line in _lines(out))
     assert set(ids) == {f"own-{i}" for i in range(30)} and max(ids.values()) == 1
     assert not (tmp_path / "out.jsonl.state.json").exists()

@@ -8,7 +8,7 @@ import urllib.request
 
 import orjson
 import pytest
-from conftest import REPO, abq_cmd, write_config
+from conftest import REPO, abq_cmd, metric_values, write_config
 
 from abqueue.localkafka.broker import free_port
 
@@ -59,6 +59,26 @@ def test_every_subcommand_has_help(sub):
             ["worker", "--variant", "a", "--engine", "vllm", "--model", "/no/such/model"],
             {},
             "model directory /no/such/model does not exist",
+        ),
+        (  # an existing directory, so the argument check is what refuses
+            [
+                "worker",
+                "--variant",
+                "a",
+                "--engine",
+                "vllm",
+                "--model",
+                str(REPO),
+                "--engine-arg",
+                "max_model_length=64",
+            ],
+            {},
+            "unknown vLLM engine argument 'max_model_length'; did you mean 'max_model_len'?",
+        ),
+        (  # a directory that holds no model: vLLM's own failure, as one line
+            ["worker", "--variant", "a", "--engine", "vllm-batch", "--model", str(REPO / "k8s")],
+            {"VLLM_CPU_KVCACHE_SPACE": "1"},
+            f"vLLM could not load model {REPO / 'k8s'}:",
         ),
     ],
 )
@@ -147,16 +167,18 @@ def test_worker_serves_metrics_and_probes(settings, experiment, thread_worker):
     assert (
         f'abq_tokens_total{{experiment="{experiment.name}",kind="prompt",model="echo-a",variant="a"}} 60.0' in metrics
     )
-    for name in (
-        "abq_queue_wait_seconds_bucket",
-        "abq_engine_seconds_bucket",
-        "abq_end_to_end_seconds_bucket",
-        "abq_time_to_first_token_seconds_bucket",
-        "abq_prompt_tokens_bucket",
-        "abq_startup_seconds",
-        "abq_inflight_requests",
+    values = metric_values(metrics, experiment=experiment.name, variant="a")
+    for name in (  # one observation per answered request
+        "abq_queue_wait_seconds_count",
+        "abq_engine_seconds_count",
+        "abq_end_to_end_seconds_count",
+        "abq_time_to_first_token_seconds_count",
+        "abq_prompt_tokens_count",
     ):
-        assert name in metrics
+        assert values[name] == 20, name
+    assert values["abq_prompt_tokens_sum"] == 60 and values["abq_engine_seconds_sum"] > 0
+    assert values["abq_startup_seconds"] > 0  # set when the worker turned ready; registered at 0
+    assert values["abq_inflight_requests"] == 0  # every request answered
 
 
 def test_kafka_up_status_down(tmp_path):

@@ -7,6 +7,7 @@ import time
 
 import yaml
 from conftest import REPO, abq_cmd, new_experiment, write_config
+from kafka_helpers import committed, end_offsets, responses, wait_until
 
 from abqueue.control import live_config
 from abqueue.kafka import admin_client
@@ -77,18 +78,20 @@ def test_a_new_variant_gets_its_topics_and_traffic_without_a_restart(settings):
             }
         )
         live_config.apply(settings, grown)
-        deadline = time.monotonic() + 5
-        while len(client.publisher.experiment.variants) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        req, fut = client.publisher.publish(
-            InferenceRequest(experiment=exp.name, routing_key="k", prompt="x", variant="b")
-        )
-        fut.get(timeout=10)
-    admin = admin_client(settings)
-    try:
-        assert set(grown.request_topics("b").values()) <= set(admin.list_topics())
-    finally:
-        admin.close()
+        wait_until(lambda: len(client.publisher.experiment.variants) == 2, 5, "the new config in the producer")
+        # Its topics exist the moment the producer can route to it, before anything is published.
+        admin = admin_client(settings)
+        try:
+            assert set(grown.request_topics("b").values()) <= set(admin.list_topics())
+        finally:
+            admin.close()
+        req, fut = client.publisher.publish(InferenceRequest(experiment=exp.name, routing_key="k", prompt="x"))
+        routed = [
+            client.publisher.assign(InferenceRequest(experiment=exp.name, routing_key=f"k{i}", prompt="x"))
+            for i in range(200)
+        ]
+        assert fut.get(timeout=10).topic == grown.request_topic(req.variant)
+    assert {r.variant for r in routed} == {"a", "b"}, "the new variant gets no traffic"
 
 
 def test_invalid_configs_are_refused_with_one_line_and_never_published(settings, kafka_bootstrap, tmp_path):
@@ -165,7 +168,6 @@ def test_override_traffic_is_served_by_its_variant_and_labelled_in_the_response(
 
 
 def test_a_shadow_variant_answers_copies_apart_and_callers_only_see_the_real_answer(settings, thread_worker):
-    from kafka_helpers import responses
 
     base = new_experiment(variants=(("control", 100), ("shadow", 0)))
     exp = ExperimentConfig.model_validate(
@@ -187,10 +189,20 @@ def test_a_shadow_variant_answers_copies_apart_and_callers_only_see_the_real_ans
         client.publisher.flush()
         seen = []
         got = client.wait(set(ids), timeout=30, on_reply=lambda r: seen.append(r.response))
-        time.sleep(1.0)
-        seen += [r.response for r in client.listener.poll(timeout_ms=500)]
+        # Every shadow copy answered (committed), so any shadow answer on the caller's topic is there now.
+        shadow_topic = exp.request_topic("shadow")
+        group = exp.consumer_group("shadow")
+
+        def shadow_done():
+            return committed(settings, group, shadow_topic) == {
+                p: o for p, o in end_offsets(settings, shadow_topic).items() if o > 0
+            }
+
+        wait_until(shadow_done, 30, "the shadow worker answering its copies")
     assert set(got) == set(ids)
-    assert {r.variant for r in seen} == {"control"}  # the caller's topic never carries a shadow answer
+    on_callers_topic = responses(settings, exp.response_topic, expect=len(ids))
+    assert len(on_callers_topic) == len(ids)
+    assert {r.variant for r in on_callers_topic} == {"control"}  # the caller's topic never carries a shadow answer
     shadows = responses(settings, exp.shadow_response_topic, expect=1)
     assert (
         shadows
@@ -242,10 +254,7 @@ def test_a_following_worker_applies_new_limits_without_a_restart(settings):
                 {**exp.model_dump(), "variants": [{**exp.variants[0].model_dump(), "max_prompt_chars": 100}]}
             )
             live_config.apply(settings, tighter)
-            deadline = time.monotonic() + 5
-            while worker.variant.max_prompt_chars != 100 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert worker.variant.max_prompt_chars == 100
+            wait_until(lambda: worker.variant.max_prompt_chars == 100, 5, "the new limit in the worker")
             req, fut = client.publisher.publish(
                 InferenceRequest(experiment=exp.name, routing_key="u", prompt=long_prompt)
             )

@@ -7,14 +7,13 @@ import random
 import subprocess
 
 import pytest
+import scipy.stats as scipy_stats  # test dependencies: a missing one must fail, never skip
+import statsmodels.stats.power as sm_power
+import statsmodels.stats.proportion as sm_prop
 from conftest import REPO, abq_cmd, write_config
 
 from abqueue.analysis import stats
 from schemas import ExperimentConfig, Feedback, InferenceResponse
-
-scipy_stats = pytest.importorskip("scipy.stats")
-sm_prop = pytest.importorskip("statsmodels.stats.proportion")
-sm_power = pytest.importorskip("statsmodels.stats.power")
 
 
 def test_statistics_match_scipy_and_statsmodels_on_fixed_data():
@@ -157,10 +156,64 @@ def test_alpha_spending_keeps_an_early_look_from_declaring_a_winner():
     )
     from abqueue.analysis.report import Sample, report
 
-    # 3% vs 5% errors over 400 requests each: p about 0.15 by itself, and only 400 of a planned 5,000.
-    a = _responses(exp, "a", 400, lambda i: 1.0, errors=12)
-    b = _responses(exp, "b", 400, lambda i: 1.0, errors=20)
-    res = report(Sample(a + b), exp, planned_n=5000)
-    c = res["comparisons"]["b"]
-    assert c["information_fraction"] == pytest.approx(0.08)
-    assert c["alpha_spent"] < 1e-6 and not c["error_rate"]["significant"]
+    # 2% vs 7.5% errors over 400 requests each: significant on its own (p < 0.001), but only 400 of
+    # a planned 5,000 have been seen, and an early look spends almost none of alpha.
+    a = _responses(exp, "a", 400, lambda i: 1.0, errors=8)
+    b = _responses(exp, "b", 400, lambda i: 1.0, errors=30)
+    _, p_alone = sm_prop.proportions_ztest([30, 8], [400, 400])
+    assert p_alone < 0.001
+    early = report(Sample(a + b), exp, planned_n=5000)["comparisons"]["b"]
+    assert early["information_fraction"] == pytest.approx(0.08)
+    assert early["error_rate"]["p_value"] == pytest.approx(p_alone, rel=1e-9)
+    assert early["alpha_spent"] < 1e-6 and not early["error_rate"]["significant"]
+    # The same data at the planned size: all of alpha is spent, and the difference is significant.
+    final = report(Sample(a + b), exp, planned_n=400)["comparisons"]["b"]
+    assert final["information_fraction"] == 1.0 and final["alpha_spent"] == pytest.approx(0.05)
+    assert final["error_rate"]["significant"]
+
+
+def test_report_reads_responses_shadow_answers_and_feedback_from_the_topics(settings, kafka_bootstrap, tmp_path):
+    from kafka import KafkaProducer
+
+    from abqueue.kafka import ensure_topics
+    from schemas import encode
+
+    exp = ExperimentConfig.model_validate(
+        {
+            "name": f"topics{random.randrange(10**9)}",
+            "variants": [
+                {"name": "a", "weight": 50},
+                {"name": "b", "weight": 50},
+                {"name": "s", "weight": 0, "shadow_of": "a"},
+            ],
+        }
+    )
+    ensure_topics(settings, exp)
+    a = _responses(exp, "a", 40, lambda i: 1.0, errors=2)
+    b = _responses(exp, "b", 30, lambda i: 2.0, errors=3)
+    shadow = _responses(exp, "s", 10, lambda i: 1.5, errors=0, assigned_by="shadow:a")
+    p = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for r in a + b + a[:3]:  # duplicates count once
+        p.send(exp.response_topic, key=b"k", value=encode(r))
+    for r in shadow:
+        p.send(exp.shadow_response_topic, key=b"k", value=encode(r))
+    # Ten thumbs on a's answers: all "down" first, then "up" for four of them later: the latest wins.
+    for i in range(10):
+        down = Feedback(request_id=a[i].request_id, experiment=exp.name, thumbs="down", created_at=1_800_000_000)
+        p.send(exp.feedback_topic, key=b"k", value=encode(down))
+    for i in range(4):
+        up = Feedback(request_id=a[i].request_id, experiment=exp.name, thumbs="up", created_at=1_800_000_100)
+        p.send(exp.feedback_topic, key=b"k", value=encode(up))
+    p.flush()
+    p.close()
+    out = subprocess.run(
+        abq_cmd("report", "--config", str(write_config(exp, tmp_path)), "--format", "json",
+                "--bootstrap-servers", kafka_bootstrap),
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
+    va, vb, vs = (res["variants"][v] for v in ("a", "b", "s"))
+    assert (va["count"], vb["count"], vs["count"]) == (40, 30, 10)
+    assert (va["error_rate"], vb["error_rate"]) == (2 / 40, 3 / 30)
+    assert va["feedback_count"] == 10 and va["thumbs_up_rate"] == 0.4

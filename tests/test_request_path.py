@@ -2,14 +2,16 @@
 
 import math
 import time
+from collections import Counter
 
 import pytest
 from conftest import new_experiment
-from kafka_helpers import committed, end_offsets
+from kafka_helpers import committed, end_offsets, responses, wait_until
 
 from abqueue.kafka import ensure_topics, tracing
 from producers import AbqClient, RequestTooLarge, assign_variant
 from schemas import InferenceRequest
+from workers.engines.echo import _fraction
 
 
 def test_n_requests_over_two_variants_get_exactly_n_responses_from_the_assigned_variant(
@@ -34,9 +36,17 @@ def test_n_requests_over_two_variants_get_exactly_n_responses_from_the_assigned_
             sent[req.id] = req
         client.publisher.flush()
         got = client.wait(set(sent), timeout=60)
-        # Anything more on the topic would be a duplicate; give it a moment to show up.
-        extra = [r for r in client.listener.poll(timeout_ms=1000)]
-    assert len(got) == n and not extra
+        # Committed while the workers still serve (a drain's synchronous commit would hide a worker
+        # that never commits on the hot path): up to the end of every partition that got requests.
+        for v in ("a", "b"):
+            topic = experiment.request_topic(v)
+            wanted = {p: o for p, o in end_offsets(settings, topic).items() if o > 0}
+            group = experiment.consumer_group(v)
+            wait_until(lambda g=group, t=topic, w=wanted: committed(settings, g, t) == w, 10, f"commits of {v}")
+    # The whole topic, not what the client kept (it drops duplicates): every id exactly once.
+    counts = Counter(r.request_id for r in responses(settings, experiment.response_topic, expect=n))
+    assert set(counts) == set(sent) and max(counts.values()) == 1, f"{sum(counts.values()) - n} duplicates"
+    assert len(got) == n
     by_user = {}
     for rid, reply in got.items():
         resp, req = reply.response, sent[rid]
@@ -49,13 +59,6 @@ def test_n_requests_over_two_variants_get_exactly_n_responses_from_the_assigned_
     # Split over users (the unit of assignment) within 4 sigma of the weights.
     b_users = sum(1 for v in by_user.values() if v == {"b"})
     assert abs(b_users - users * 0.1) < 4 * math.sqrt(users * 0.1 * 0.9)
-    # Offsets are committed up to the end of each partition once the responses are out.
-    time.sleep(0.5)
-    for v in ("a", "b"):
-        topic = experiment.request_topic(v)
-        assert committed(settings, experiment.consumer_group(v), topic) == {
-            p: o for p, o in end_offsets(settings, topic).items() if o > 0
-        }
 
 
 def test_traceparent_travels_from_producer_to_response(settings, experiment, thread_worker):
@@ -105,10 +108,12 @@ def test_expired_requests_get_an_expired_error_response(settings, experiment, th
             )
         )
         fut.get(10)
-        time.sleep(0.5)  # the deadline passes while no worker runs
+        wait_until(lambda: time.time() > req.deadline, 5, "the deadline passing")  # while no worker runs
         with thread_worker(experiment, "a"), thread_worker(experiment, "b"):
             reply = client.wait({req.id}, timeout=30)[req.id]
     assert reply.response.error.code == "expired" and reply.response.outputs == []
+    assert reply.response.timings.started is None, "an expired request reached the engine"
+    assert reply.response.usage.prompt_tokens == 0
 
 
 def test_transient_engine_failures_are_retried_and_bad_requests_get_error_responses(settings, thread_worker):
@@ -127,3 +132,5 @@ def test_transient_engine_failures_are_retried_and_bad_requests_get_error_respon
     errors = [r.response for r in got.values() if not r.response.ok]
     assert 0 < len(errors) < 40  # error_rate picks requests by id, so some fail and the rest are served
     assert all(e.error.code == "engine_error" and "rehearsed failure" in e.error.message for e in errors)
+    # Exactly the requests the engine fails by id; the one transient failure was retried, not answered.
+    assert {e.request_id for e in errors} == {i for i in ids if _fraction(i) < 0.3}

@@ -19,9 +19,13 @@ def test_worker_survives_a_broker_that_stops_answering_for_12_seconds(tmp_path):
     broker.start()
     try:
         settings = KafkaSettings(bootstrap_servers=broker.bootstrap)
-        exp = new_experiment(variants=(("a", 100),), latency_ms=20)
+        # 4 at a time, 100 ms each: 300 requests take about 7.5 s, so the freeze lands mid-stream.
+        exp = new_experiment(variants=(("a", 100),), latency_ms=100)
         ensure_topics(settings, exp)
-        with ThreadWorker(settings, exp, "a", max_batch=8) as worker, AbqClient(settings, exp) as client:
+        with (
+            ThreadWorker(settings, exp, "a", max_batch=8, max_inflight=4) as worker,
+            AbqClient(settings, exp) as client,
+        ):
             ids = set()
             for i in range(300):
                 req, _ = client.publisher.publish(
@@ -34,12 +38,14 @@ def test_worker_survives_a_broker_that_stops_answering_for_12_seconds(tmp_path):
             while len(got) < 60 and time.monotonic() < deadline:
                 got.update((r.response.request_id, r) for r in client.listener.poll(timeout_ms=100))
             os.kill(broker.pid(), signal.SIGSTOP)
+            before = len(got)
+            assert 0 < before < len(ids) / 2, f"{before} of {len(ids)} answered before the freeze: not mid-stream"
             try:
                 time.sleep(12)  # longer than the worker's 10 s session timeout
             finally:
                 os.kill(broker.pid(), signal.SIGCONT)
             got.update(client.wait(ids - set(got), timeout=120))
             assert not worker.stopping
-        assert set(got) == ids
+        assert set(got) == ids  # including the half or more that were still queued during the freeze
     finally:
         broker.stop()

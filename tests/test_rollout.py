@@ -1,11 +1,12 @@
 """Progressive rollout against real workers: a failing candidate is rolled back at its first stage,
 a healthy one reaches 100%, and the controller picks up where it was after a restart."""
 
+import subprocess
 import threading
 import time
 
 import pytest
-from conftest import new_experiment
+from conftest import REPO, abq_cmd, new_experiment, write_config
 
 from abqueue.control import live_config
 from abqueue.control.rollout import Guardrails, RolloutController, RolloutState, load_state, request
@@ -40,27 +41,33 @@ class Traffic:
         self.client.close()
 
 
-def _experiment(candidate_error_rate: float) -> ExperimentConfig:
+def _experiment(candidate_error_rate: float, candidate_latency_ms: float = 5) -> ExperimentConfig:
     base = new_experiment(variants=(("control", 100), ("candidate", 0)), latency_ms=5)
+    candidate = {"latency_ms": candidate_latency_ms, "error_rate": candidate_error_rate}
     return ExperimentConfig.model_validate(
         {
             **base.model_dump(),
-            "variants": [
-                base.variants[0].model_dump(),
-                {**base.variants[1].model_dump(), "engine_args": {"latency_ms": 5, "error_rate": candidate_error_rate}},
-            ],
+            "variants": [base.variants[0].model_dump(), {**base.variants[1].model_dump(), "engine_args": candidate}],
         }
     )
 
 
-def _state(exp, stages, duration=1.5):
+# A healthy candidate here still fails 1% of requests, as real ones do. With the error guardrail at
+# 5%, a stage judged on at least n candidate responses and looked at again as they come (up to
+# n + 100) rolls it back by mistake with probability P(some S_k > 0.05 k, n <= k <= n + 100) for
+# S_k ~ Binomial(k, 0.01): 5.8% per stage at n = 25, 0.025% at n = 150 (exact, by dynamic
+# programming over the error count), so under 0.1% for a three-stage rollout.
+HEALTHY_SAMPLES = 150
+
+
+def _state(exp, stages, duration=1.5, min_samples=25):
     return RolloutState(
         experiment=exp.name,
         candidate="candidate",
         control="control",
         stages=stages,
         stage_duration_s=duration,
-        guardrails=Guardrails(max_error_rate=0.05, max_p95_ratio=3.0, min_samples=25),
+        guardrails=Guardrails(max_error_rate=0.05, max_p95_ratio=3.0, min_samples=min_samples),
     )
 
 
@@ -80,30 +87,47 @@ def test_a_candidate_failing_20_percent_is_rolled_back_at_its_first_stage(settin
 
 
 def test_a_healthy_candidate_reaches_100_percent(settings, thread_worker):
-    exp = _experiment(0.0)
+    exp = _experiment(0.01)
     live_config.apply(settings, exp)
-    with thread_worker(exp, "control"), thread_worker(exp, "candidate"), Traffic(settings, exp):
-        final = RolloutController(settings, _state(exp, [20, 50, 100]), exp, tick_s=0.3).run(until=_timeout(90))
+    state = _state(exp, [20, 50, 100], min_samples=HEALTHY_SAMPLES)
+    with thread_worker(exp, "control"), thread_worker(exp, "candidate"), Traffic(settings, exp, rate=200):
+        final = RolloutController(settings, state, exp, tick_s=0.3).run(until=_timeout(120))
     assert final.status == "completed", final.history
     assert _weight(settings, exp) == 100
     assert [h.split(" ", 1)[1] for h in final.history if " stage " in h] == ["stage 20%", "stage 50%", "stage 100%"]
 
 
-def test_the_controller_resumes_after_a_restart_and_obeys_pause_and_abort(settings, thread_worker):
+def _run_until(controller, condition, seconds, what):
+    """Runs the controller until `condition` holds; fails if `seconds` pass first."""
+    deadline = time.monotonic() + seconds
+    controller.run(until=lambda: condition() or time.monotonic() > deadline)
+    assert condition(), f"{what} within {seconds}s; history: {controller.state.history}"
+
+
+def test_the_controller_resumes_after_a_restart_and_obeys_pause_resume_and_abort(settings, thread_worker):
     exp = _experiment(0.0)
     live_config.apply(settings, exp)
     with thread_worker(exp, "control"), thread_worker(exp, "candidate"), Traffic(settings, exp):
-        first = RolloutController(settings, _state(exp, [10, 30, 60, 100], duration=1.0), exp, tick_s=0.3)
-        first.run(until=lambda: first.state.stage >= 1)  # the process "dies" at its second stage
+        first = RolloutController(settings, _state(exp, [10, 30, 60, 80, 100], duration=1.0), exp, tick_s=0.3)
+        _run_until(first, lambda: first.state.stage >= 1, 60, "the second stage")  # then the process "dies"
         stored = load_state(settings, exp.name)
         assert stored.status == "running" and stored.stage == 1 and _weight(settings, exp) == 30
-        request(settings, exp.name, "pause")
+        # A new controller continues at the stored stage: its next stage is the third, not the first again.
         second = RolloutController(settings, stored, exp, tick_s=0.3)
-        second.run(until=lambda: second.state.status == "paused")
-        assert _weight(settings, exp) == 30  # paused: the weights stay
+        _run_until(second, lambda: second.state.stage >= 2, 60, "the third stage after the restart")
+        assert _weight(settings, exp) == 60
+        assert [h.split(" ", 1)[1] for h in second.state.history if " stage " in h][-2:] == ["stage 30%", "stage 60%"]
+        request(settings, exp.name, "pause")
+        _run_until(second, lambda: second.state.status == "paused", 10, "the pause")
+        assert load_state(settings, exp.name).status == "paused" and _weight(settings, exp) == 60
+        request(settings, exp.name, "resume")
+        _run_until(second, lambda: second.state.status == "running", 10, "the resume")
+        _run_until(second, lambda: second.state.stage >= 3, 60, "the next stage after the resume")
+        assert _weight(settings, exp) == 80
         request(settings, exp.name, "abort")
-        final = RolloutController(settings, load_state(settings, exp.name), exp, tick_s=0.3).run(until=_timeout(30))
-    assert final.status == "aborted" and _weight(settings, exp) == 0
+        final = RolloutController(settings, load_state(settings, exp.name), exp, tick_s=0.3)
+        _run_until(final, lambda: final.state.status == "aborted", 30, "the abort")
+    assert _weight(settings, exp) == 0
     with pytest.raises(ValueError, match="no rollout of"):
         request(settings, exp.name, "resume")
 
@@ -111,3 +135,26 @@ def test_the_controller_resumes_after_a_restart_and_obeys_pause_and_abort(settin
 def _timeout(seconds):
     deadline = time.monotonic() + seconds
     return lambda: time.monotonic() > deadline
+
+
+def test_abq_rollout_rolls_back_a_slow_candidate_on_the_p95_guardrail_and_exits_1(
+    settings, kafka_bootstrap, thread_worker, tmp_path
+):
+    exp = _experiment(0.0, candidate_latency_ms=60)  # 12x the control's 5 ms
+    live_config.apply(settings, exp)
+    cmd = abq_cmd(
+        "rollout", "start", "--config", str(write_config(exp, tmp_path)), "--candidate", "candidate",
+        "--stages", "20,100", "--stage-duration", "60s", "--min-samples", "40", "--max-p95-ratio", "3",
+        "--bootstrap-servers", kafka_bootstrap,
+    )  # fmt: skip
+    with thread_worker(exp, "control"), thread_worker(exp, "candidate"), Traffic(settings, exp, rate=200):
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert "rollout rolled_back: p95 latency of candidate" in out.stdout, out.stdout
+    assert "over the guardrail 3x" in out.stdout
+    assert _weight(settings, exp) == 0 and load_state(settings, exp.name).status == "rolled_back"
+    status = subprocess.run(
+        abq_cmd("rollout", "status", "--experiment", exp.name, "--bootstrap-servers", kafka_bootstrap),
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert status.returncode == 0 and "rolled_back" in status.stdout, status.stdout + status.stderr

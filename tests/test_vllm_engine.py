@@ -2,13 +2,17 @@
 
 import importlib.util
 import os
+import signal
+import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
-from kafka_helpers import dead_letters
+from conftest import metric_values as _values
+from kafka_helpers import committed, dead_letters, end_offsets, wait_until
 from tiny_model import ENGINE_ARGS, make_tiny_model
+from transformers import AutoTokenizer
 
 from abqueue.kafka import ensure_topics
 from abqueue.localkafka.broker import free_port
@@ -92,11 +96,23 @@ def test_vllm_worker_serves_prompts_chat_and_n_samples_and_dead_letters_bad_requ
         InferenceRequest(experiment=exp.name, routing_key="u4", prompt="hello " * 100, max_tokens=200),  # > 256 tokens
         InferenceRequest(experiment=exp.name, routing_key="u5", prompt="hi", n=2, temperature=0),  # greedy with n > 1
     ]
+    gauges, sampling = {}, threading.Event()
+
+    def sample():  # the engine's gauges while it works: registered at 0, they must move under load
+        while not sampling.is_set():
+            for name, value in _values(_get(port, "/metrics")[1]).items():
+                gauges[name] = max(gauges.get(name, 0.0), value)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     with AbqClient(settings, exp) as client:
         for r in reqs:
             client.publisher.publish(r)
         client.publisher.flush()
         got = client.wait({r.id for r in reqs[:3]}, timeout=300)
+    sampling.set()
+    sampler.join()
     assert len(got) == 3, proc.log_path.read_text()[-3000:]
     greedy, chat, long = (got[r.id].response for r in reqs[:3])
     assert greedy.ok and greedy.model == str(tiny_model) and greedy.variant == "tiny"
@@ -104,7 +120,12 @@ def test_vllm_worker_serves_prompts_chat_and_n_samples_and_dead_letters_bad_requ
     assert greedy.finish_reason in ("length", "stop") and len(greedy.outputs) == 1
     # n=3 gives three samples; the chat template wraps the messages, so the prompt is longer than the text.
     assert len(chat.outputs) == 3 and chat.usage.completion_tokens <= 18
-    assert chat.usage.prompt_tokens > len(["be", "brief", "hello", "world"])
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    text = tok.apply_chat_template(
+        [m.model_dump() for m in reqs[1].messages], tokenize=False, add_generation_prompt=True
+    )
+    assert text.endswith("<|assistant|>")  # the model's own template was applied
+    assert chat.usage.prompt_tokens == len(tok.encode(text, add_special_tokens=False))
     assert long.ok and long.usage.completion_tokens <= 200
     # Token timings per request: time to first token, and per output token where there were several.
     assert greedy.timings.ttft_s is not None and greedy.timings.ttft_s >= 0
@@ -121,7 +142,72 @@ def test_vllm_worker_serves_prompts_chat_and_n_samples_and_dead_letters_bad_requ
         "abq_engine_running_requests" if engine == "vllm" else "abq_batch_size_count",
     ):
         assert f"{name}{{" in metrics, name
+    assert _values(metrics)["abq_startup_seconds"] > 0
     if engine == "vllm":
-        assert "abq_kv_cache_usage_ratio{" in metrics
-    time.sleep(0.1)
+        assert gauges["abq_engine_running_requests"] > 0 and gauges["abq_kv_cache_usage_ratio"] > 0, gauges
+    else:
+        assert _values(metrics)["abq_batch_size_count"] >= 1
     assert proc.poll() is None  # the worker is still serving
+    # Drain: SIGTERM while requests are with the engine; they are answered and committed, exit 0.
+    with AbqClient(settings, exp) as client:
+        more = set()
+        for i in range(8):
+            req, _ = client.publisher.publish(
+                InferenceRequest(experiment=exp.name, routing_key=f"d{i}", prompt=f"drain {i}", max_tokens=48)
+            )
+            more.add(req.id)
+        client.publisher.flush()
+        wait_until(lambda: _values(_get(port, "/metrics")[1]).get("abq_inflight_requests", 0) > 0, 60,
+                   "requests with the engine")  # fmt: skip
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, proc.log_path.read_text()[-3000:]
+        drained = client.wait(more, timeout=10)
+    assert set(drained) == more, "a request with the engine at SIGTERM was not answered"
+    topic = exp.request_topic("tiny")
+    assert committed(settings, exp.consumer_group("tiny"), topic) == end_offsets(settings, topic)
+
+
+def _start_vllm_worker(spawn_worker, exp, port):
+    proc = spawn_worker(exp, "tiny", "--metrics-port", str(port), "--max-inflight", "8")
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None and _get(port, "/readyz")[0] != 200:
+        time.sleep(0.5)
+    assert _get(port, "/readyz")[0] == 200, proc.log_path.read_text()[-3000:]
+    return proc
+
+
+def test_vllm_worker_killed_mid_stream_loses_nothing(settings, spawn_worker, tiny_model, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    exp = ExperimentConfig(
+        name=f"v{os.urandom(4).hex()}",
+        partitions=1,
+        variants=[
+            {"name": "tiny", "weight": 100, "engine": "vllm", "model": str(tiny_model), "engine_args": ENGINE_ARGS}
+        ],
+    )
+    ensure_topics(settings, exp)
+    topic = exp.request_topic("tiny")
+    with AbqClient(settings, exp) as client:
+        first = _start_vllm_worker(spawn_worker, exp, free_port())
+        ids = set()
+        for i in range(40):
+            req, _ = client.publisher.publish(
+                InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=f"request {i}", max_tokens=48)
+            )
+            ids.add(req.id)
+        client.publisher.flush()
+        partial = {}
+        deadline = time.monotonic() + 120
+        while len(partial) < 5 and time.monotonic() < deadline:
+            partial.update({r.response.request_id: r for r in client.listener.poll(timeout_ms=100)})
+        assert 0 < len(partial) < len(ids), "the kill must land mid-stream"
+        os.killpg(first.pid, signal.SIGKILL)  # the worker and vLLM's engine processes with it
+        first.wait()
+        # What the killed worker had not committed is still in Kafka: a replacement (echo, to spare
+        # CI a second two-minute vLLM start) answers all of it.
+        spawn_worker(exp, "tiny", "--engine", "echo", "--model", "replacement")
+        got = client.wait(ids - set(partial), timeout=120)
+    assert set(partial) | set(got) == ids, f"{len(ids - set(partial) - set(got))} requests lost"
+    assert {r.response.model for r in got.values()} <= {str(tiny_model), "replacement"}
+    wait_until(lambda: committed(settings, exp.consumer_group("tiny"), topic) == end_offsets(settings, topic), 30,
+               "commits to the end")  # fmt: skip

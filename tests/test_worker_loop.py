@@ -117,9 +117,19 @@ def test_high_priority_overtakes_a_buffered_backlog(stub_worker):
         assert urgent.id in {r.id for r in running}, "the next free slot did not go to the high-priority request"
 
 
+class Buffered(Middleware):
+    """Records how many polled records were buffered at each admission (before the pick)."""
+
+    def __init__(self):
+        self.most = 0
+
+    def before_batch(self, worker, batch):
+        self.most = max(self.most, worker.admission.waiting() + len(batch))
+
+
 def test_backpressure_bounds_the_engine_and_pauses_full_levels(stub_worker):
-    exp, engine = new_experiment(partitions=2), ManualEngine()
-    with stub_worker(exp, engine=engine, max_inflight=4, max_batch=4) as w:
+    exp, engine, buffered = new_experiment(partitions=2), ManualEngine(), Buffered()
+    with stub_worker(exp, engine=engine, max_inflight=4, max_batch=8, middleware=[buffered, *fast_middleware()]) as w:
         sent = [w.send(routing_key=f"user-{i}") for i in range(40)]
         answered = 0
         while answered < 40:
@@ -127,12 +137,13 @@ def test_backpressure_bounds_the_engine_and_pauses_full_levels(stub_worker):
             assert len(running) <= 4
             if answered == 0:
                 w.broker.wait_for(lambda: w.consumer.paused(), what="full level paused")
-                assert w.worker.admission.waiting("normal") <= 4 + 4 - 1  # capacity, plus at most one poll
+            assert w.worker.admission.waiting("normal") <= 4  # the level's buffer never overflows
             for r in running:
                 engine.finish(r.id)
                 answered += 1
         responses = w.wait_responses(40)
     assert engine.most_running == 4
+    assert buffered.most == 4, "a level buffered more than --max-inflight"
     assert Counter(r.request_id for r in responses) == Counter(r.id for r in sent)
 
 
@@ -312,3 +323,73 @@ def test_exactly_once_rewinds_an_aborted_transaction_and_answers_each_request_on
         w.broker.wait_for(lambda: sum(w.committed().values()) == 12, what="all offsets committed")
     assert Counter(r.request_id for r in responses) == Counter(r.id for r in sent)
     assert w.producer.transactions["aborted"] == aborts
+
+
+def _probe(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+class Stuck(Middleware):
+    """Holds the loop inside before_batch until released, as a loop stuck in a hook would be."""
+
+    def __init__(self):
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def before_batch(self, worker, batch):
+        self.inside.set()
+        assert self.release.wait(10)
+
+
+def test_probes_fail_liveness_while_the_loop_is_stuck_and_readiness_while_draining(stub_worker):
+    from abqueue.localkafka.broker import free_port
+    from workers.health import serve
+
+    exp, engine, stuck = new_experiment(partitions=1), ManualEngine(), Stuck()
+    w = stub_worker(exp, engine=engine, middleware=[stuck, *fast_middleware()], drain_timeout_s=30)
+    w.consumer.max_poll_interval_s = 0.3
+    port = free_port()
+    server = serve(w.worker, port, host="127.0.0.1")
+    try:
+        with w:
+            w.broker.wait_for(lambda: w.worker.ready()[0], what="ready")
+            assert _probe(port, "/readyz")[0] == 200 and _probe(port, "/healthz")[0] == 200
+            first = w.send(prompt="one")
+            assert stuck.inside.wait(5)
+            w.broker.wait_for(lambda: not w.worker.alive()[0], what="the stuck loop noticed", timeout=5)
+            code, why = _probe(port, "/healthz")
+            assert code == 503 and "limit 0s" in why and "loop last ran" in why
+            stuck.release.set()
+            engine.wait_running(1)
+            w.broker.wait_for(lambda: w.worker.alive()[0], what="the loop running again")
+            assert _probe(port, "/healthz")[0] == 200
+            w.worker.stop()  # draining: the request with the engine is finished first
+            assert _probe(port, "/readyz") == (503, "draining\n")
+            assert _probe(port, "/healthz")[0] == 200
+            engine.finish(first.id)
+            w.thread.join(5)
+    finally:
+        server.shutdown()
+    assert [r.request_id for r in w.responses()] == [first.id]
+
+
+def test_drain_gives_up_after_its_cap_and_commits_only_what_was_answered(stub_worker):
+    exp, engine = new_experiment(partitions=1), ManualEngine()
+    tp = TopicPartition(exp.request_topic("a"), 0)
+    w = stub_worker(exp, engine=engine, drain_timeout_s=0.3)
+    with w:
+        first, second = w.send(prompt="answered"), w.send(prompt="never finishes")
+        engine.wait_running(2)
+        engine.finish(first.id)
+        w.wait_responses(1)
+        w.worker.stop()
+        w.thread.join(3)  # the cap, not the stuck request, decides when the worker leaves
+        assert not w.thread.is_alive()
+    assert [r.request_id for r in w.responses()] == [first.id] != [second.id]
+    assert w.committed() == {tp: 1}, "the unanswered request must stay in Kafka for the next owner"

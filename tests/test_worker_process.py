@@ -1,5 +1,6 @@
 """The worker as a process: kill -9 and restart loses nothing; SIGTERM drains the batch in hand."""
 
+import re
 import signal
 import time
 from collections import Counter
@@ -31,6 +32,20 @@ def _wait_log(proc, text, timeout=60.0):
         assert proc.poll() is None, proc.log_path.read_text()[-2000:]
         time.sleep(0.05)
     raise AssertionError(f"{text!r} not in worker log:\n" + proc.log_path.read_text()[-2000:])
+
+
+def _wait_admitted(proc, n, timeout=60.0):
+    """Waits until the worker's log says it admitted `n` requests in all (over however many polls)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        admitted = sum(
+            int(k) for k in re.findall(r"admitted (\d+) requests", proc.log_path.read_text(errors="replace"))
+        )
+        if admitted >= n:
+            return
+        assert proc.poll() is None, proc.log_path.read_text()[-2000:]
+        time.sleep(0.05)
+    raise AssertionError(f"the worker did not admit {n} requests:\n" + proc.log_path.read_text()[-2000:])
 
 
 def test_kill_9_mid_run_then_restart_answers_every_request_with_bounded_duplicates(settings, spawn_worker):
@@ -70,7 +85,7 @@ def test_sigterm_mid_batch_publishes_and_commits_the_batch_then_exits_0(settings
         proc = spawn_worker(exp, "a", "--max-batch", "50", "--max-wait-ms", "300")
         _wait_log(proc, "serving")
         ids = _publish(client, exp, 20)
-        _wait_log(proc, "admitted 20 requests")  # the engine is busy with them now
+        _wait_admitted(proc, 20)  # the engine is busy with them now
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, proc.log_path.read_text()[-2000:]
         got = client.wait(set(ids), timeout=10)

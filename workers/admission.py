@@ -42,6 +42,11 @@ class Admission:
             return len(self._buffers[level])
         return sum(len(b) for b in self._buffers.values())
 
+    def room(self) -> int:
+        """How many records one poll may bring without overfilling a level: the least room left in
+        any level still fetched (full levels are paused and bring none)."""
+        return min((self.capacity - len(b) for b in self._buffers.values() if len(b) < self.capacity), default=0)
+
     def __len__(self) -> int:
         return self.waiting()
 

@@ -234,7 +234,10 @@ class Worker:
     def _admit(self, runner: Runner) -> None:
         self.admission.apply_pauses(self.consumer)
         idle = not (self.inflight or len(self.admission) or self._decided or self.delivery.holding)
-        polled = self.consumer.poll(timeout_ms=IDLE_POLL_MS if idle else 0, max_records=self.max_batch)
+        # Never more than the emptiest-but-not-full level can take, so no level's buffer overflows;
+        # with every level full all partitions are paused and the poll only keeps the group alive.
+        max_records = max(1, min(self.max_batch, self.admission.room()))
+        polled = self.consumer.poll(timeout_ms=IDLE_POLL_MS if idle else 0, max_records=max_records)
         now = time.time()  # when the worker got the records: after the poll, which may have waited for them
         fresh = [Message(r, dequeued_at=now) for r in polled]
         self.delivery.received(fresh)

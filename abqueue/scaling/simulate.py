@@ -119,7 +119,14 @@ def simulate(arrivals_per_second: list[int], s: Settings, initial_replicas: int 
                 last_active = t
         res.gpu_seconds += len(pods) * s.gpus_per_replica
         res.timeline.append(
-            {"t": t, "arrived": arriving, "backlog": res.backlog, "replicas": len(pods), "ready": ready}
+            {
+                "t": t,
+                "arrived": arriving,
+                "served": res.served - served_before,
+                "backlog": res.backlog,
+                "replicas": len(pods),
+                "ready": ready,
+            }
         )
         assert res.arrived == res.served + res.backlog  # conservation, every step
     return res
