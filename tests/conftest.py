@@ -190,7 +190,14 @@ class StubWorker:
         engine = engine or make_engine(exp.variant(variant))
         kw.setdefault("drain_timeout_s", 0.2)  # tests may leave requests with a manual engine
         self.worker = Worker(exp, variant, engine, self.consumer, strategy, worker_id="stub-worker", **kw)
-        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.error: BaseException | None = None  # what ended run(), if it raised
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            self.worker.run()
+        except BaseException as e:
+            self.error = e
 
     def __enter__(self):
         self.thread.start()

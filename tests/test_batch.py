@@ -93,7 +93,8 @@ def test_interrupted_batch_resumes_and_the_output_has_each_id_exactly_once(
     assert "61 lines" in stdout and "0 missing" in stdout
     # The rerun collects those answers from where its saved state says to read; it resubmits only
     # what the killed run never published (a resume ignoring its state would resubmit 60 - first).
-    assert f"{first} already done" in stdout and f"{60 - published} submitted" in stdout, stdout
+    # Already done: the results written, and the invalid line the killed run filed first.
+    assert f"{first + 1} already done" in stdout and f"{60 - published} submitted" in stdout, stdout
     lines = _lines(out)
     counts = Counter(line["custom_id"] for line in lines)
     assert set(counts) == {f"req-{i}" for i in range(60)} and max(counts.values()) == 1

@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     ["kafka", "up"],
     ["kafka", "down"],
     ["kafka", "status"],
+    ["kafka", "reset"],
     ["schemas"],
     ["schemas", "export"],
     ["schemas", "check"],
@@ -233,3 +234,55 @@ def test_every_command_and_action_prints_help():
     for path in paths:
         out = subprocess.run(abq_cmd(*path, "--help"), capture_output=True, text=True, cwd=REPO)
         assert out.returncode == 0 and "usage: abq" in out.stdout, (path, out.stderr[-500:])
+
+
+def test_the_local_broker_keeps_its_data_across_a_restart_and_reset_wipes_it(tmp_path):
+    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    port, data = free_port(), str(tmp_path / "broker")
+    where = ("--port", str(port), "--data-dir", data)
+    bootstrap = f"127.0.0.1:{port}"
+    tp = TopicPartition("kept", 0)
+
+    def state():
+        """(records in 'kept', group g's commit) or None if the topic is gone."""
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        try:
+            if "kept" not in admin.list_topics():
+                return None
+            offsets = admin.list_group_offsets("g").get("g", {})
+        finally:
+            admin.close()
+        c = KafkaConsumer(bootstrap_servers=bootstrap)
+        try:
+            return c.end_offsets([tp])[tp], offsets.get(tp).offset if tp in offsets else None
+        finally:
+            c.close()
+
+    try:
+        assert abq("kafka", "up", *where).returncode == 0
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        admin.create_topics({"kept": {"num_partitions": 1, "replication_factor": 1}}, wait_for_metadata=True)
+        admin.close()
+        p = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        for i in range(10):
+            p.send("kept", value=b"%d" % i)
+        p.flush()
+        p.close()
+        c = KafkaConsumer(bootstrap_servers=bootstrap, group_id="g", enable_auto_commit=False)
+        c.commit({tp: OffsetAndMetadata(7, "", -1)})
+        c.close()
+        assert state() == (10, 7)
+        assert abq("kafka", "down", *where).returncode == 0
+        again = abq("kafka", "up", *where)
+        assert again.returncode == 0 and "reusing the data" in again.stderr, again.stderr
+        assert state() == (10, 7), "a restart lost the broker's data"
+        fresh = abq("kafka", "up", "--fresh", *where)  # wipes even a running broker's data
+        assert fresh.returncode == 0, fresh.stderr
+        assert state() is None
+    finally:
+        abq("kafka", "down", *where)
+    reset = abq("kafka", "reset", *where)
+    assert reset.returncode == 0 and f"deleted {data}" in reset.stdout
+    assert not (tmp_path / "broker").exists()

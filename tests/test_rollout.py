@@ -140,11 +140,11 @@ def _timeout(seconds):
 def test_abq_rollout_rolls_back_a_slow_candidate_on_the_p95_guardrail_and_exits_1(
     settings, kafka_bootstrap, thread_worker, tmp_path
 ):
-    exp = _experiment(0.0, candidate_latency_ms=60)  # 12x the control's 5 ms
+    exp = _experiment(0.0, candidate_latency_ms=400)  # 80x the control's 5 ms: beyond any queueing noise
     live_config.apply(settings, exp)
     cmd = abq_cmd(
         "rollout", "start", "--config", str(write_config(exp, tmp_path)), "--candidate", "candidate",
-        "--stages", "20,100", "--stage-duration", "60s", "--min-samples", "40", "--max-p95-ratio", "3",
+        "--stages", "20,100", "--stage-duration", "10m", "--min-samples", "40", "--max-p95-ratio", "3",
         "--bootstrap-servers", kafka_bootstrap,
     )  # fmt: skip
     with thread_worker(exp, "control"), thread_worker(exp, "candidate"), Traffic(settings, exp, rate=200):

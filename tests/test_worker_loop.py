@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -393,3 +394,103 @@ def test_drain_gives_up_after_its_cap_and_commits_only_what_was_answered(stub_wo
         assert not w.thread.is_alive()
     assert [r.request_id for r in w.responses()] == [first.id] != [second.id]
     assert w.committed() == {tp: 1}, "the unanswered request must stay in Kafka for the next owner"
+
+
+def test_a_rewound_partition_is_fetched_again_even_if_it_was_paused(stub_worker):
+    # One partition, room for two with the engine and two buffered: the level fills and is paused.
+    # An aborted transaction rewinds the partition; it must be resumed, or it stays paused until the
+    # next rebalance and nothing of it is ever answered again.
+    exp, engine = new_experiment(partitions=1), ManualEngine()
+    with stub_worker(exp, engine=engine, delivery="exactly-once", max_inflight=2, max_batch=2) as w:
+        sent = [w.send(prompt=f"p{i}") for i in range(10)]
+        engine.wait_running(2)
+        w.broker.wait_for(lambda: w.consumer.paused(), what="the full level paused")
+        w.broker.fail_transactions(1)
+        answered: set[str] = set()
+        deadline = time.monotonic() + 5
+        while len(answered) < 10:
+            assert time.monotonic() < deadline, f"{len(answered)} of 10 answered: the rewound partition stalled"
+            with engine.cond:
+                engine.cond.wait_for(lambda: engine.running, 0.2)
+                running = [r for r, _ in engine.running.values()]
+            for r in running:
+                engine.finish(r.id)
+            answered = {r.request_id for r in w.responses()}
+    assert answered == {r.id for r in sent}
+    assert w.producer.transactions["aborted"] == 1
+
+
+def test_a_fenced_exactly_once_worker_stops_instead_of_retrying_forever(stub_worker):
+    from workers.delivery import Fenced
+
+    exp = new_experiment(partitions=1)
+    w = stub_worker(exp, delivery="exactly-once")
+    with w:
+        w.send()
+        w.wait_responses(1)
+        w.producer.fence()  # a replacement with the same transactional id has started
+        w.send()
+        w.thread.join(5)
+        assert not w.thread.is_alive(), "a fenced worker kept running"
+    assert isinstance(w.error, Fenced) and "transactional id" in str(w.error)
+    assert len(w.responses()) == 1 and w.consumer.closed
+
+
+def test_a_broker_outage_while_checking_a_reply_topic_is_ridden_out(stub_worker):
+    exp = new_experiment(partitions=1)
+    w = stub_worker(exp)
+    w.broker.create_topic(f"abq.{exp.name}.replies.me")
+    w.broker.unreachable = True  # the sink has not listed topics yet: its first look fails
+    with w:
+        sent = w.send(reply_to=f"abq.{exp.name}.replies.me")
+        w.broker.wait_for(lambda: w.worker.delivery.holding, what="the response held for a retry")
+        assert w.thread.is_alive(), "the worker died of a broker outage"
+        w.broker.unreachable = False
+        (response,) = w.wait_responses(1)
+        w.broker.wait_for(lambda: w.broker.records(f"abq.{exp.name}.replies.me"), what="the reply")
+    assert response.request_id == sent.id and w.error is None
+
+
+def test_responses_held_behind_a_slow_first_request_count_against_the_engine_s_room(stub_worker):
+    # Exactly-once holds each response until every earlier offset of its partition is answered. If
+    # held responses did not count, a slow first request would let the held pile grow without bound.
+    exp, engine = new_experiment(partitions=1), ManualEngine()
+    with stub_worker(exp, engine=engine, delivery="exactly-once", max_inflight=2) as w:
+        slow, quick = w.send(prompt="slow"), w.send(prompt="quick")
+        for i in range(6):
+            w.send(prompt=f"more {i}")
+        engine.wait_running(2)
+        engine.finish(quick.id)  # answered, but held behind `slow`
+        for _ in range(3):  # a few passes of the loop: nothing more may reach the engine
+            beat = w.worker._heartbeat
+            w.broker.wait_for(lambda beat=beat: w.worker._heartbeat > beat, what="a pass of the loop")
+        assert [r.prompt for r, _ in engine.running.values()] == ["slow"]
+        engine.finish(slow.id)
+        deadline = time.monotonic() + 5
+        while len(w.responses()) < 8:
+            assert time.monotonic() < deadline, f"{len(w.responses())} of 8 answered"
+            with engine.cond:
+                engine.cond.wait_for(lambda: engine.running, 0.1)
+                running = [r for r, _ in engine.running.values()]
+            for r in running:
+                engine.finish(r.id)
+    assert len(w.responses()) == 8
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_dead_engine_stops_the_worker_without_answering_or_committing_the_rest(stub_worker, batching):
+    from workers.worker import EngineDied
+
+    exp = new_experiment(partitions=1, dies_after=3, batching=batching)
+    tp = TopicPartition(exp.request_topic("a"), 0)
+    w = stub_worker(exp, middleware=fast_middleware(), max_batch=1, max_wait_ms=0)
+    with w:
+        sent = [w.send(prompt=f"p{i}") for i in range(10)]
+        w.thread.join(5)
+        assert not w.thread.is_alive(), "a worker with a dead engine kept running"
+        assert not w.worker.ready()[0] and not w.worker.alive()[0]
+        assert "engine is dead" in w.worker.ready()[1]
+    assert isinstance(w.error, EngineDied)
+    responses = w.responses()
+    assert [r.request_id for r in responses] == [r.id for r in sent[:3]] and all(r.ok for r in responses)
+    assert w.committed() == {tp: 3}, "committed past requests the dead engine never answered"

@@ -94,3 +94,21 @@ def test_sigterm_mid_batch_publishes_and_commits_the_batch_then_exits_0(settings
     assert committed(settings, exp.consumer_group("a"), topic) == end_offsets(settings, topic)
     log = proc.log_path.read_text()
     assert "received SIGTERM" in log and "stopped after" in log
+
+
+def test_a_dead_engine_exits_the_worker_and_a_healthy_replica_answers_the_rest(settings, spawn_worker):
+    exp = new_experiment(variants=(("a", 100),), partitions=1, latency_ms=20, dies_after=5)
+    ensure_topics(settings, exp)
+    topic = exp.request_topic("a")
+    with AbqClient(settings, exp) as client:
+        ids = _publish(client, exp, 30)
+        dying = spawn_worker(exp, "a", "--max-inflight", "1")
+        assert dying.wait(timeout=60) == 2, dying.log_path.read_text()[-2000:]
+        log = dying.log_path.read_text()
+        assert log.count("abq: error:") == 1 and "the engine died" in log
+        answered = client.wait(set(ids), timeout=5)
+        assert len(answered) == 5 and all(r.response.ok for r in answered.values()), "the backlog got error answers"
+        assert committed(settings, exp.consumer_group("a"), topic) == {0: 5}
+        spawn_worker(exp, "a", "--engine-arg", "dies_after=1000")  # a healthy replica
+        rest = client.wait(set(ids) - set(answered), timeout=60)
+    assert set(answered) | set(rest) == set(ids) and all(r.response.ok for r in rest.values())

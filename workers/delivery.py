@@ -23,7 +23,9 @@ from schemas import ConfigError
 from workers.backoff import retrying
 from workers.message import Message
 from workers.offsets import OffsetTracker
-from workers.sink import PublishFailed, ResponseSink, TransactionalSink, TransactionFailed
+from workers.sink import Fenced, PublishFailed, ResponseSink, TransactionalSink, TransactionFailed
+
+__all__ = ["DELIVERY_MODES", "AtLeastOnce", "Delivery", "ExactlyOnce", "Fenced", "make_delivery"]
 from workers.transport import Consumer, Offsets, Producer
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,12 @@ class Delivery:
     @property
     def holding(self) -> bool:
         return bool(self._held)
+
+    @property
+    def unsent(self) -> int:
+        """Finished requests whose responses are kept here, not yet safe in Kafka: they take room
+        from the engine, so that memory stays bounded however slowly publishing goes."""
+        return len(self._held)
 
     def deliver(self, finished: list[Message]) -> list[Message]:
         """Publish what is ready; returns the messages now safe in Kafka."""
@@ -156,6 +164,10 @@ class AtLeastOnce(Delivery):
 class ExactlyOnce(Delivery):
     name = "exactly-once"
 
+    @property
+    def unsent(self) -> int:
+        return len(self._held) + self.tracker.held()  # and those held behind a slower earlier offset
+
     def __init__(self, sink: TransactionalSink):
         super().__init__(sink)
         self.sink: TransactionalSink = sink
@@ -183,6 +195,10 @@ class ExactlyOnce(Delivery):
         for tp, point in self.tracker.restart_points(partitions).items():
             if tp in assigned:
                 self.consumer.seek(tp, point)
+        # Their buffered records are gone, and with them the reason they were paused: fetch them
+        # again (admission pauses them anew should their level still be full).
+        if again := partitions & assigned:
+            self.consumer.resume(*again)
         self.tracker.forget(partitions)
         self._retry_at = time.monotonic() + self.retry_after_s
 

@@ -11,7 +11,7 @@ from abqueue.kafka import tracing
 from schemas import DeadLetter, ErrorInfo, InferenceRequest, InferenceResponse, Timings, Usage
 from schemas.deadletter import DeadLetterReason
 from schemas.response import FinishReason
-from workers.engines.base import Completion
+from workers.engines.base import Completion, EngineDead
 
 
 @dataclass
@@ -23,6 +23,7 @@ class Message:
     dead_letter: DeadLetter | None = None
     started: float | None = None  # when the engine took it
     completion: Completion | None = None  # what the engine made of it
+    engine_dead: EngineDead | None = None  # the engine died with it: no answer, the offset stays unanswered
 
     @property
     def done(self) -> bool:

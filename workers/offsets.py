@@ -98,6 +98,10 @@ class OffsetTracker:
         """Where to consume these partitions from again after a failed transaction."""
         return {tp: p.committed for tp in partitions if (p := self._parts.get(tp)) is not None and p.committed >= 0}
 
+    def held(self) -> int:
+        """Answered offsets waiting above an unanswered one (exactly-once keeps their responses)."""
+        return sum(len(p.answered) for p in self._parts.values())
+
     def unanswered(self, partitions=None) -> int:
         parts = self._parts if partitions is None else {tp: self._parts[tp] for tp in partitions if tp in self._parts}
         return sum(len(p.pending) - len(p.answered) for p in parts.values())

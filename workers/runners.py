@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import cast
 
 from schemas import InferenceRequest
-from workers.engines.base import Completion, Engine, EngineError, Result
+from workers.engines.base import Completion, Engine, EngineDead, EngineError, Result
 from workers.message import Message
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,13 @@ class Runner:
         return self._inflight
 
     def _finish(self, m: Message, result: Result) -> None:
-        if isinstance(result, BaseException):
+        if isinstance(result, EngineDead):
+            m.engine_dead = result  # not the request's fault: it gets no answer, a healthy replica serves it
+        elif isinstance(result, BaseException):
             log.error("engine failed request %s: %s", m.request.id if m.request else "?", result)
-            result = Completion.failed(str(result) or type(result).__name__)
-        m.completion = result
+            m.completion = Completion.failed(str(result) or type(result).__name__)
+        else:
+            m.completion = result
         with self._lock:
             self._inflight -= 1
         self._done.put(m)

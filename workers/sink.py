@@ -13,6 +13,7 @@ import time
 
 from kafka.errors import KafkaError, ProducerFencedError
 
+from abqueue.errors import AbqError
 from abqueue.kafka import RECORD_OVERHEAD, record_size, tracing
 from schemas import DeadLetter, ErrorInfo, encode
 from workers.backoff import retrying
@@ -25,6 +26,10 @@ TOPIC_LIST_TTL_S = 30.0
 
 class PublishFailed(RuntimeError):
     pass
+
+
+class Fenced(AbqError):
+    """Another producer took over this worker's transactional id: this one can never commit again."""
 
 
 class TransactionFailed(RuntimeError):
@@ -51,7 +56,10 @@ class ResponseSink:
 
     def _topic_exists(self, topic: str) -> bool:
         if topic not in self._topics and time.monotonic() - self._topics_at > TOPIC_LIST_TTL_S:
-            self._topics = self._producer.topic_names()
+            try:
+                self._topics = self._producer.topic_names()
+            except Exception as e:  # a broker outage: publish again later, like an unacknowledged send
+                raise PublishFailed(f"could not list topics to check reply_to {topic}: {e}") from e
             self._topics_at = time.monotonic()
         return topic in self._topics
 
@@ -165,9 +173,14 @@ class TransactionalSink(ResponseSink):
             p.commit_transaction()
             for f in futures:
                 f.get(timeout=0)
-        except ProducerFencedError:
-            raise  # another instance took over this worker's transactional id: this one must stop
-        except KafkaError as e:
+        except (KafkaError, PublishFailed) as e:
+            fatal = e if isinstance(e, ProducerFencedError) else p.fatal_error()
+            if isinstance(fatal, ProducerFencedError):
+                # Retrying can never succeed, and the replacement alone must commit from here on.
+                raise Fenced(
+                    "another worker took over this worker's transactional id (a replacement with the same "
+                    "--worker-id started); stopping so that only it commits; restart this one to rejoin"
+                ) from e
             try:
                 p.abort_transaction()
             except KafkaError:

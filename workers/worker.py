@@ -18,6 +18,7 @@ import time
 from kafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
+from abqueue.errors import AbqError
 from abqueue.kafka import KafkaSettings, ensure_topics
 from schemas import ExperimentConfig
 from workers.admission import Admission
@@ -29,6 +30,11 @@ from workers.runners import Runner, engine_call, make_runner
 from workers.transport import Consumer, Offsets
 
 log = logging.getLogger(__name__)
+
+
+class EngineDied(AbqError):
+    """The engine died: the worker stopped without answering what it still had."""
+
 
 IDLE_POLL_MS = 1000
 BUSY_WAIT_S = 0.005  # how long the loop waits for the engine before polling Kafka again
@@ -80,6 +86,7 @@ class Worker:
         self.runner: Runner | None = None
         self._decided: list[Message] = []  # answered or dead-lettered without the engine
         self._restart: Offsets = {}
+        self._engine_dead: Exception | None = None
         if follow is not None:
             follow.watch(experiment, self._config_changed)
 
@@ -167,6 +174,8 @@ class Worker:
         return self._stop.is_set()
 
     def alive(self) -> tuple[bool, str]:
+        if self._engine_dead is not None:
+            return False, f"the engine is dead: {self._engine_dead}\n"
         if not self._started:  # warming up can take minutes; the startup probe bounds it, not this
             return True, "starting: engine warming up\n"
         # A loop that has not come round for longer than a poll interval is stuck (max.poll.interval).
@@ -175,6 +184,8 @@ class Worker:
         return (age < limit, f"loop last ran {age:.1f}s ago (limit {limit:.0f}s)\n")
 
     def ready(self) -> tuple[bool, str]:
+        if self._engine_dead is not None:
+            return False, f"the engine is dead: {self._engine_dead}\n"
         if self.stopping:
             return False, "draining\n"
         return (self._started, "ready\n" if self._started else "starting: engine loading or warming up\n")
@@ -221,6 +232,11 @@ class Worker:
         finally:
             emit_after(self.middleware, "after_stop", self)
             self.close()
+        if self._engine_dead is not None:
+            raise EngineDied(
+                f"the engine died ({self._engine_dead}); the worker stopped so that it is restarted, and what "
+                "it had not answered stays in Kafka for a healthy replica"
+            ) from self._engine_dead
 
     def close(self) -> None:
         if self.runner:
@@ -242,7 +258,7 @@ class Worker:
         fresh = [Message(r, dequeued_at=now) for r in polled]
         self.delivery.received(fresh)
         self.admission.add(fresh)
-        room = self.max_inflight - self.inflight
+        room = self.max_inflight - self.inflight - self.delivery.unsent
         if room <= 0 or not len(self.admission):
             return
         chosen = self.admission.pick(room)
@@ -262,6 +278,13 @@ class Worker:
 
     # -- out: publish and commit -----------------------------------------------------------------
     def _deliver(self, finished: list[Message]) -> None:
+        if dead := [m for m in finished if m.engine_dead is not None]:
+            if self._engine_dead is None:
+                self._engine_dead = dead[0].engine_dead
+                log.critical("the engine is dead (%s): no more requests are admitted, the worker stops and "
+                             "leaves what it has not answered in Kafka", self._engine_dead)  # fmt: skip
+                self.stop()
+            finished = [m for m in finished if m.engine_dead is None]
         for m in finished:
             m.answer_completion(variant=self.variant.name, model=self.engine.model, worker_id=self.worker_id)
         ready, self._decided = self._decided + finished, []

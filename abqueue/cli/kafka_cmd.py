@@ -1,4 +1,4 @@
-"""`abq kafka up|down|status`: the local single-node KRaft broker."""
+"""`abq kafka up|down|status|reset`: the local single-node KRaft broker."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ def register(sub) -> None:
         help="run a local single-node Apache Kafka broker (KRaft) on 127.0.0.1",
         description="Fetches the broker jars from Maven Central once (cached), then runs Kafka locally.",
     )
-    ksub = p.add_subparsers(dest="kafka_cmd", required=True, metavar="{up,down,status}")
+    ksub = p.add_subparsers(dest="kafka_cmd", required=True, metavar="{up,down,status,reset}")
     for name, help_ in (
-        ("up", "start the broker and wait until it answers"),
-        ("down", "stop the broker"),
+        ("up", "start the broker on the data it has, and wait until it answers"),
+        ("down", "stop the broker; its data stays for the next `up`"),
         ("status", "say whether the broker runs (exit 0 if it does, 3 if not)"),
+        ("reset", "stop the broker and delete its data: topics, queued requests, offsets, configs"),
     ):
         sp = ksub.add_parser(name, help=help_, description=help_)
         sp.add_argument("--port", type=int, default=9092, help="client port on 127.0.0.1 (default 9092)")
@@ -47,6 +48,7 @@ def register(sub) -> None:
                 default=None,
                 help="also open an SSL listener here that requires client certificates (made with openssl)",
             )
+            sp.add_argument("--fresh", action="store_true", help="delete the broker's data first (as `reset`)")
         sp.set_defaults(func=run)
 
 
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.kafka_cmd == "up":
         was = broker.running()
-        bootstrap = broker.start(log=lambda m: print(m, file=sys.stderr))
+        bootstrap = broker.start(log=lambda m: print(m, file=sys.stderr), fresh=args.fresh)
         print(bootstrap)
         print(
             f"{'already running' if was else 'started'}; log {broker.log_file}; stop with `abq kafka down --port {args.port}`",
@@ -87,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
                 f"ABQ_SSL_CAFILE={t.ca} ABQ_SSL_CERTFILE={t.client_cert} ABQ_SSL_KEYFILE={t.client_key}",
                 file=sys.stderr,
             )
+        return 0
+    if args.kafka_cmd == "reset":
+        wiped = broker.reset()
+        print(f"deleted {broker.data_dir}" if wiped else f"no data in {broker.data_dir}")
         return 0
     if args.kafka_cmd == "down":
         stopped = broker.stop()

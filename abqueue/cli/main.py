@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _kafka_without_tracebacks(record: logging.LogRecord) -> bool:
+    """kafka-python logs a refused or dropped connection with its traceback: a stack of its own
+    socket code above the one line that names the problem. Below DEBUG, keep the line."""
+    if record.name.startswith("kafka") and record.exc_info:
+        record.msg = f"{record.getMessage()}: {record.exc_info[1]!r}"
+        record.args, record.exc_info, record.exc_text = None, None, None
+    return True
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -61,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python's INFO is connection chatter
+    if logging.getLogger().level > logging.DEBUG:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_kafka_without_tracebacks)
     try:
         return args.func(args)
     except AbqError as e:  # anything else is a bug: its traceback is printed and the exit code is 1

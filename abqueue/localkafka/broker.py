@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,9 @@ from typing import Any
 from abqueue.errors import AbqError
 
 DATA_DIR_MARKER = ".abqueue-local-kafka"
+# What a restart must reuse to open the same KRaft storage: the cluster id it was formatted with and
+# the controller's port (part of the quorum configuration), plus a fingerprint of the SCRAM users.
+STATE_FILE = "abqueue-broker.json"
 
 
 class BrokerError(AbqError):
@@ -136,8 +140,7 @@ class LocalBroker:
     def running(self) -> bool:
         return self.pid() is not None and _port_open("127.0.0.1", self.port)
 
-    def _write_config(self) -> Path:
-        cport = free_port()
+    def _write_config(self, cport: int) -> Path:
         logs = self.data_dir / "logs"
         listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"]
         props = {
@@ -207,7 +210,10 @@ class LocalBroker:
             *args,
         ]
 
-    def start(self, timeout: float = 90.0, log=print) -> str:
+    def start(self, timeout: float = 90.0, log=print, fresh: bool = False) -> str:
+        """Start the broker on the data it has (a new dir is formatted first); `fresh` wipes it."""
+        if fresh:
+            self.reset()
         if self.running():
             return self.bootstrap
         for port in (self.port, self.sasl_port, self.ssl_port):
@@ -216,32 +222,24 @@ class LocalBroker:
                     f"port {port} is taken by another process; pick a free one with --port/--sasl-port/--ssl-port or stop that process"
                 )
         jars = fetch_jars(self.cache_dir, log=log)
-        # Every start formats afresh: a dev broker's controller port changes per start, and KRaft
-        # storage from another quorum configuration would refuse to start. Only a directory this
-        # class made (it holds the marker) is ever wiped: --data-dir may point anywhere.
-        marker = self.data_dir / DATA_DIR_MARKER
-        if self.data_dir.exists() and any(self.data_dir.iterdir()) and not marker.exists():
-            raise BrokerError(
-                f"data dir {self.data_dir} is not empty and was not made by abqueue; pass an empty or new --data-dir"
-            )
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-        self.data_dir.mkdir(parents=True)
-        marker.write_text("made by abqueue's local broker; wiped at every start\n")
-        cfg = self._write_config()
-        cluster_id = new_cluster_id()
-        scram = []
-        for user, pw in (self.sasl_users or {}).items() if self.sasl_port else ():
-            for mech in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
-                scram += ["--add-scram", f"{mech}=[name={user},password={pw}]"]
-        fmt = subprocess.run(
-            self._java(jars, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg), *scram),
-            capture_output=True,
-            text=True,
-        )
-        if fmt.returncode != 0:
-            raise BrokerError(
-                f"formatting KRaft storage failed: {(fmt.stderr or fmt.stdout).strip().splitlines()[-1:]}; see {self.log_file}"
-            )
+        state = None if fresh else self._stored_state()
+        if state is None:
+            cfg = self._format(jars)
+        else:
+            # Topics, committed offsets, live configs and rollout state are all in the storage kept
+            # here; it opens only with the quorum configuration it was formatted with.
+            if state["users"] != self._users_fingerprint():
+                raise BrokerError(
+                    f"the SASL users differ from those {self.data_dir} was made with; start with the same "
+                    "--sasl-user flags, or `abq kafka up --fresh` to wipe the data and start over"
+                )
+            if _port_open("127.0.0.1", state["controller_port"]):
+                raise BrokerError(
+                    f"port {state['controller_port']}, the controller port kept in {self.data_dir}, is taken by "
+                    "another process; stop it, or `abq kafka up --fresh` to wipe the data and start over"
+                )
+            cfg = self._write_config(state["controller_port"])
+            log(f"reusing the data in {self.data_dir} (wipe it with `abq kafka reset`)")
         out = open(self.data_dir / "broker.out", "ab")  # noqa: SIM115 (the broker process writes to it)
         proc = subprocess.Popen(
             self._java(jars, "kafka.Kafka", str(cfg)),
@@ -276,6 +274,63 @@ class LocalBroker:
             return False
         finally:
             admin.close()
+
+    def _stored_state(self) -> dict | None:
+        """What a restart reuses, if this data dir holds formatted storage made here."""
+        marker = self.data_dir / DATA_DIR_MARKER
+        if self.data_dir.exists() and any(self.data_dir.iterdir()) and not marker.exists():
+            raise BrokerError(
+                f"data dir {self.data_dir} is not empty and was not made by abqueue; pass an empty or new --data-dir"
+            )
+        try:
+            state = json.loads((self.data_dir / STATE_FILE).read_text())
+            if (self.data_dir / "logs" / "meta.properties").exists():
+                return state
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def _users_fingerprint(self) -> str:
+        users = sorted((self.sasl_users or {}).items()) if self.sasl_port else []
+        return hashlib.sha256(json.dumps(users).encode()).hexdigest()
+
+    def _format(self, jars: Path) -> Path:
+        """Wipe (only a directory this class made: --data-dir may point anywhere) and format anew."""
+        self.reset()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / DATA_DIR_MARKER).write_text(
+            "made by abqueue's local broker; kept across restarts, wiped by `abq kafka reset` or `up --fresh`\n"
+        )
+        cport = free_port()
+        cfg = self._write_config(cport)
+        cluster_id = new_cluster_id()
+        scram = []
+        for user, pw in (self.sasl_users or {}).items() if self.sasl_port else ():
+            for mech in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                scram += ["--add-scram", f"{mech}=[name={user},password={pw}]"]
+        fmt = subprocess.run(
+            self._java(jars, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg), *scram),
+            capture_output=True,
+            text=True,
+        )
+        if fmt.returncode != 0:
+            raise BrokerError(
+                f"formatting KRaft storage failed: {(fmt.stderr or fmt.stdout).strip().splitlines()[-1:]}; see {self.log_file}"
+            )
+        state = {"cluster_id": cluster_id, "controller_port": cport, "users": self._users_fingerprint()}
+        (self.data_dir / STATE_FILE).write_text(json.dumps(state))
+        return cfg
+
+    def reset(self) -> bool:
+        """Stop the broker and delete its data; False if there was none. Only a directory this class
+        made (it holds the marker) is ever deleted."""
+        self.stop()
+        if not self.data_dir.exists() or not any(self.data_dir.iterdir()):
+            return False
+        if not (self.data_dir / DATA_DIR_MARKER).exists():
+            raise BrokerError(f"data dir {self.data_dir} was not made by abqueue; it is left as it is")
+        shutil.rmtree(self.data_dir)
+        return True
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the broker cleanly (SIGTERM, then SIGKILL after `timeout`). False if none was running."""

@@ -6,6 +6,7 @@ The shared types live in `base`; `factory.make_engine` picks an engine from a va
 from workers.engines.base import (
     Completion,
     Engine,
+    EngineDead,
     EngineError,
     Rejection,
     Result,
@@ -15,6 +16,7 @@ from workers.engines.base import (
 )
 
 __all__ = [
+    "EngineDead",
     "Completion",
     "Engine",
     "EngineError",

@@ -25,6 +25,11 @@ class TransientEngineError(EngineError):
     """The engine failed for a passing reason (out of memory under load, a restart); retry."""
 
 
+class EngineDead(EngineError):
+    """The engine itself is gone (vLLM's EngineDeadError): every later request would fail too. The
+    worker stops instead of answering its backlog with errors; a healthy replica serves it."""
+
+
 @dataclass
 class Completion:
     outputs: list[str] = field(default_factory=list)

@@ -9,7 +9,7 @@ import threading
 import time
 
 from schemas import ConfigError, InferenceRequest
-from workers.engines.base import Completion, Rejection, TransientEngineError
+from workers.engines.base import Completion, EngineDead, Rejection, TransientEngineError
 
 
 def _fraction(text: str) -> float:
@@ -24,6 +24,7 @@ class EchoEngine:
       ms_per_token        time per output word after that, so longer answers finish later
       error_rate          share of requests (chosen by id, so stable) answered with an engine error
       transient_failures  the first N calls raise a transient error (exercises retries)
+      dies_after          after N requests the engine is dead: every later call fails with EngineDead
       batching            continuous (default: each request finishes on its own time) or static
     """
 
@@ -34,13 +35,14 @@ class EchoEngine:
         ms_per_token: float = 0.0,
         error_rate: float = 0.0,
         transient_failures: int = 0,
+        dies_after: int | None = None,
         batching: str = "continuous",
         **unknown,
     ):
         if unknown:
             raise ConfigError(
                 f"echo engine does not take {', '.join(sorted(unknown))}; it takes latency_ms, "
-                "ms_per_token, error_rate, transient_failures, batching"
+                "ms_per_token, error_rate, transient_failures, dies_after, batching"
             )
         if not 0.0 <= error_rate <= 1.0:
             raise ConfigError(f"echo engine error_rate {error_rate} is outside [0, 1]")
@@ -52,6 +54,7 @@ class EchoEngine:
         self.per_token_s = ms_per_token / 1000
         self.error_rate = error_rate
         self._transient_left = transient_failures
+        self._lives_left = dies_after
         self._due: list = []  # heap of (due, seq, request, first_token_at, done)
         self._seq = itertools.count()
         self._wake = threading.Condition()
@@ -63,6 +66,16 @@ class EchoEngine:
 
     def warm_up(self) -> None:
         pass
+
+    def _dead(self, n: int) -> bool:
+        """Counts n more requests against dies_after; True once the engine is dead."""
+        if self._lives_left is None:
+            return False
+        if self._lives_left < n:
+            self._lives_left = 0
+            return True
+        self._lives_left -= n
+        return False
 
     def _transient(self) -> bool:
         if self._transient_left > 0:
@@ -85,6 +98,8 @@ class EchoEngine:
 
     # static batching
     def generate(self, requests: list[InferenceRequest]) -> list[Completion]:
+        if self._dead(len(requests)):
+            raise EngineDead("echo engine: rehearsed engine death (dies_after)")
         if self._transient():
             raise TransientEngineError("echo engine: rehearsed transient failure")
         if self.latency_s:
@@ -97,6 +112,9 @@ class EchoEngine:
 
     # continuous batching: every request finishes on its own schedule, in a timer thread
     def submit(self, request: InferenceRequest, done) -> None:
+        if self._dead(1):
+            done(EngineDead("echo engine: rehearsed engine death (dies_after)"))
+            return
         if self._transient():
             done(TransientEngineError("echo engine: rehearsed transient failure"))
             return

@@ -101,10 +101,14 @@ class AsyncVllmEngine(PromptPrep):
                 prompt, sampling_params(request, final_only=True), request_id=f"{request.id}-{next(self._ids)}", **extra
             ):
                 final = out
+            # Reading the output is inside the try too: whatever fails, the request is answered once,
+            # or it would stay in flight for ever and hold its partition's commit point.
+            result: Completion | Exception = (
+                completion(final) if final is not None else Completion.failed("vLLM returned no output")
+            )
         except Exception as e:
-            done(engine_failure(e))
-            return
-        done(completion(final) if final is not None else Completion.failed("vLLM returned no output"))
+            result = engine_failure(e)
+        done(result)
 
     def warm_up(self) -> None:
         finished = threading.Event()

@@ -9,10 +9,11 @@ import os
 from typing import Any
 
 from schemas import ConfigError, InferenceRequest
-from workers.engines.base import Completion, EngineError, Rejection, TransientEngineError
+from workers.engines.base import Completion, EngineDead, EngineError, Rejection, TransientEngineError
 
 # Exceptions that say the engine (not the request) is in trouble: worth a retry, or a restart.
-TRANSIENT_ERRORS = ("OutOfMemoryError", "EngineDeadError", "EngineGenerateError")
+# Exceptions that say the engine (not the request) is in trouble and may recover: worth a retry.
+TRANSIENT_ERRORS = ("OutOfMemoryError", "EngineGenerateError")
 
 
 def _looks_like_path(model: str) -> bool:
@@ -116,6 +117,11 @@ def sampling_params(r: InferenceRequest, final_only: bool = False):
 
 def completion(out) -> Completion:
     samples = sorted(out.outputs, key=lambda o: o.index)
+    # vLLM ends a sequence it gave up on with "abort" or "error": that is a failure to answer, never
+    # a short success, whichever sample it hit.
+    failed = [o.finish_reason for o in samples if o.finish_reason in ("abort", "error")]
+    if failed:
+        return Completion.failed(f"vLLM ended {len(failed)} of {len(samples)} samples with finish_reason {failed[0]!r}")
     stats = getattr(out, "metrics", None)
     first = None
     if stats is not None and getattr(stats, "first_token_latency", None) and getattr(stats, "arrival_time", None):
@@ -130,6 +136,8 @@ def completion(out) -> Completion:
 
 
 def engine_failure(e: BaseException) -> EngineError:
+    if type(e).__name__ == "EngineDeadError":  # the engine core process is gone: it will not come back
+        return EngineDead(f"vLLM: {type(e).__name__}: {e}")
     if type(e).__name__ in TRANSIENT_ERRORS:
         return TransientEngineError(f"vLLM: {type(e).__name__}: {e}")
     return EngineError(f"vLLM: {type(e).__name__}: {e}")

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 
 from workers.backoff import delay_s
-from workers.engines.base import Result, TransientEngineError
+from workers.engines.base import EngineDead, Result, TransientEngineError
 from workers.middleware import Middleware
 from workers.runners import Done, EngineCall
 
@@ -70,7 +70,10 @@ class Retries(Middleware):
                     by_error.setdefault(id(e), (e, []))[1].append(i)
                 for error, idx in by_error.values():
                     again = [requests[i] for i in idx]
-                    if isinstance(error, TransientEngineError) and tries < self.attempts:
+                    if isinstance(error, EngineDead):  # nothing to retry or split: the engine is gone
+                        for i in idx:
+                            done(i, error)
+                    elif isinstance(error, TransientEngineError) and tries < self.attempts:
                         wait = delay_s(tries, self.backoff_s, self.max_backoff_s)
                         log.warning(
                             "engine: %s; retrying %d request(s) in %.1fs (attempt %d of %d)",

@@ -87,4 +87,7 @@ class Producer(Protocol):
 
     def abort_transaction(self) -> None: ...
 
+    def fatal_error(self) -> Exception | None:
+        """The error that ended this transactional producer for good (fenced), if any."""
+
     def close(self, timeout: float = 10.0) -> None: ...

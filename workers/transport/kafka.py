@@ -148,5 +148,13 @@ class KafkaProducerTransport:
     def abort_transaction(self) -> None:
         self._producer.abort_transaction()
 
+    def fatal_error(self) -> Exception | None:
+        # kafka-python reports a fenced producer as a generic KafkaError on every later call; the
+        # fatal error itself is kept by its transaction manager.
+        manager = getattr(self._producer, "_transaction_manager", None)
+        if manager is None or not manager.has_fatal_error():
+            return None
+        return manager._last_error
+
     def close(self, timeout: float = 10.0) -> None:
         self._producer.close(timeout=timeout)

@@ -18,7 +18,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from kafka import TopicPartition
-from kafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError, UnknownTopicOrPartitionError
+from kafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    ProducerFencedError,
+    UnknownTopicOrPartitionError,
+)
 
 from abqueue.kafka.topics import DEFAULT_MAX_MESSAGE_BYTES, record_size
 from workers.transport import Offsets
@@ -55,6 +61,7 @@ class StubBroker:
         self._send_faults: list[tuple[str | None, KafkaError]] = []
         self._transaction_faults: list[KafkaError] = []
         self.refused = 0  # sends not acknowledged so far
+        self.unreachable = False  # while True, listing topics fails as an admin client would
 
     # -- what tests set up and read --------------------------------------------------------------
     def create_topic(self, name: str, partitions: int = 1, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
@@ -243,6 +250,7 @@ class StubProducer:
     def __init__(self, broker: StubBroker, transactional_id: str | None = None):
         self.broker, self.transactional_id = broker, transactional_id
         self._transaction: list[tuple[str, bytes | None, bytes, list]] | None = None
+        self._fatal: KafkaError | None = None
         self._offsets: tuple[Any, Offsets] | None = None
         self.transactions = {"committed": 0, "aborted": 0}
 
@@ -259,13 +267,28 @@ class StubProducer:
         return {t: self.broker._max_bytes.get(t, DEFAULT_MAX_MESSAGE_BYTES) for t in topics}
 
     def topic_names(self) -> set[str]:
+        if self.broker.unreachable:
+            raise KafkaTimeoutError("stub: the broker does not answer")
         with self.broker._lock:
             return set(self.broker._logs)
+
+    def fence(self) -> None:
+        """Another producer took this transactional id: every transactional call fails from now on,
+        as kafka-python's do (a generic KafkaError naming the fatal error)."""
+        self._fatal = ProducerFencedError()
+
+    def fatal_error(self) -> KafkaError | None:
+        return self._fatal
+
+    def _check(self) -> None:
+        if self._fatal is not None:
+            raise KafkaError(f"Cannot execute transactional method because we are in an error state: {self._fatal!r}")
 
     def init_transactions(self) -> None:
         assert self.transactional_id, "a transactional producer needs a transactional id"
 
     def begin_transaction(self) -> None:
+        self._check()
         assert self._transaction is None, "a transaction is already open"
         self._transaction, self._offsets = [], None
 
@@ -273,6 +296,7 @@ class StubProducer:
         self._offsets = (group_metadata, dict(offsets))
 
     def commit_transaction(self) -> None:
+        self._check()
         assert self._transaction is not None, "no open transaction"
         if (error := self.broker._transaction_fault()) is not None:
             raise error
@@ -288,6 +312,7 @@ class StubProducer:
         self.transactions["committed"] += 1
 
     def abort_transaction(self) -> None:
+        self._check()
         self._transaction, self._offsets = None, None
         self.transactions["aborted"] += 1
 

@@ -1,0 +1,48 @@
+"""The engines' adapters on their own: what vLLM's outputs become, without starting vLLM."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from workers.engines.vllm_common import completion
+
+
+def _output(*reasons: str):
+    samples = [SimpleNamespace(index=i, text=f"s{i}", token_ids=[1, 2], finish_reason=r) for i, r in enumerate(reasons)]
+    return SimpleNamespace(outputs=samples, prompt_token_ids=[5, 6, 7], metrics=None)
+
+
+def test_a_finished_vllm_output_becomes_a_completion():
+    c = completion(_output("stop", "length"))
+    assert c.error is None and c.outputs == ["s0", "s1"] and c.finish_reason == "stop"
+    assert (c.prompt_tokens, c.completion_tokens) == (3, 4)
+
+
+@pytest.mark.parametrize("reasons", [("abort",), ("error",), ("stop", "abort"), ("length", "error")])
+def test_an_aborted_or_failed_vllm_output_is_an_engine_error_not_a_success(reasons):
+    c = completion(_output(*reasons))
+    assert c.error is not None and c.error.code == "engine_error"
+    assert c.finish_reason == "error" and c.outputs == []
+    assert reasons[-1] in c.error.message
+
+
+def test_the_continuous_vllm_adapter_answers_even_when_reading_vllm_s_output_fails(monkeypatch):
+    import asyncio
+    import itertools
+
+    from schemas import InferenceRequest
+    from workers.engines import vllm_async
+    from workers.engines.vllm_async import AsyncVllmEngine
+
+    class Broken:
+        async def generate(self, prompt, params, request_id, **kw):
+            yield SimpleNamespace(outputs=None, prompt_token_ids=[1])  # an output the adapter cannot read
+
+    monkeypatch.setattr(vllm_async, "sampling_params", lambda request, final_only=False: None)
+    engine = AsyncVllmEngine.__new__(AsyncVllmEngine)  # the adapter alone, no engine behind it
+    engine.llm, engine._use_priority, engine._ids = Broken(), False, itertools.count()
+    results = []
+    request = InferenceRequest(experiment="e", routing_key="k", prompt="p")
+    asyncio.run(engine._run(request, None, results.append))
+    assert len(results) == 1, "the request was never answered: it would hold its partition's commit point"
+    assert isinstance(results[0], Exception)
