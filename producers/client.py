@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
 
 from abqueue.errors import AbqError
 from abqueue.kafka import KafkaSettings
@@ -16,7 +18,8 @@ class ReplyTimeout(AbqError, TimeoutError):
 
 
 class AbqClient:
-    """One experiment's producer plus a listener on its responses (or a `reply_to`) topic."""
+    """One experiment's producer plus a listener on its responses (or a `reply_to`) topic. One
+    client may be shared by threads: `submit` and `wait` hand each caller its own replies."""
 
     def __init__(
         self,
@@ -38,6 +41,10 @@ class AbqClient:
         # The publisher first: it creates the experiment's topics, the responses topic among them.
         self.publisher = RequestPublisher(settings, experiment, create_topics, follow=self.follower)
         self.listener = ResponseListener(settings, reply_topic or experiment.response_topic, start_offsets)
+        self._reading = threading.Lock()  # one thread reads the listener at a time
+        self._state = threading.Lock()
+        self._waiting: Counter[str] = Counter()  # ids callers wait for now
+        self._arrived: dict[str, Reply] = {}  # their replies, read by another caller's thread
 
     def submit(self, request: InferenceRequest, timeout: float = 60.0, traceparent: str | None = None) -> Reply:
         """Publish one request and block until its response arrives (or ReplyTimeout)."""
@@ -52,18 +59,45 @@ class AbqClient:
         return replies[request.id]
 
     def wait(self, ids: set[str], timeout: float, on_reply=None) -> dict[str, Reply]:
-        """Collect replies for `ids` until all came or `timeout` passed; the first reply per id wins."""
-        pending, got = set(ids), {}
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            for reply in self.listener.poll(timeout_ms=100):
-                rid = reply.response.request_id
-                if rid in pending:
-                    pending.discard(rid)
-                    got[rid] = reply
-                    if on_reply:
-                        on_reply(reply)
+        """Collect replies for `ids` until all came or `timeout` passed; the first reply per id wins.
+        Safe to call from several threads at once: one of them reads the listener at a time and
+        keeps the replies the others wait for, so no caller takes another's reply."""
+        pending, got = set(ids), dict[str, Reply]()
+        with self._state:
+            self._waiting.update(pending)
+        try:
+            deadline = time.monotonic() + timeout
+            while pending:
+                self._collect(pending, got, on_reply)
+                if not pending or time.monotonic() >= deadline:
+                    break
+                if self._reading.acquire(timeout=0.1):  # kafka-python's consumer is not thread-safe
+                    try:
+                        for reply in self.listener.poll(timeout_ms=100):
+                            with self._state:
+                                rid = reply.response.request_id
+                                if self._waiting[rid] and rid not in self._arrived:
+                                    self._arrived[rid] = reply
+                    finally:
+                        self._reading.release()
+            self._collect(pending, got, on_reply)
+        finally:
+            with self._state:
+                self._waiting.subtract(ids)
+                for rid in ids:
+                    if self._waiting[rid] <= 0:
+                        del self._waiting[rid]
+                        self._arrived.pop(rid, None)
         return got
+
+    def _collect(self, pending: set[str], got: dict[str, Reply], on_reply) -> None:
+        with self._state:
+            mine = [self._arrived.pop(rid) for rid in list(pending) if rid in self._arrived]
+        for reply in mine:
+            pending.discard(reply.response.request_id)
+            got[reply.response.request_id] = reply
+            if on_reply:
+                on_reply(reply)
 
     def close(self) -> None:
         if self.follower:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,8 +31,18 @@ class ResponseListener:
     `start_offsets`), so no response that comes after can be missed.
     """
 
-    def __init__(self, settings: KafkaSettings, topic: str, start_offsets: dict[int, int] | None = None):
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        topic: str,
+        start_offsets: dict[int, int] | None = None,
+        partitions_every_s: float = 10.0,
+    ):
+        """partitions_every_s: how often to look for partitions added to the topic since (a new
+        partition is read from its beginning: all of it came after this listener started)."""
         self.topic = topic
+        self.partitions_every_s = partitions_every_s
+        self._looked_at = time.monotonic()
         # read_committed: an exactly-once worker's responses count once their transaction commits;
         # responses of at-least-once workers are not transactional and read as soon as they land.
         self._consumer = consumer(
@@ -56,7 +67,26 @@ class ResponseListener:
     def end_offsets(self) -> dict[int, int]:
         return {tp.partition: off for tp, off in self._consumer.end_offsets(self._tps).items()}
 
+    def _take_new_partitions(self) -> None:
+        if time.monotonic() - self._looked_at < self.partitions_every_s:
+            return
+        self._looked_at = time.monotonic()
+        self._consumer.topics()  # a metadata request: the cached metadata would not show new partitions
+        known = {tp.partition for tp in self._tps}
+        new = [TopicPartition(self.topic, p) for p in sorted(self._consumer.partitions_for_topic(self.topic) or ())
+               if p not in known]  # fmt: skip
+        if not new:
+            return
+        positions = {tp: self._consumer.position(tp) for tp in self._tps}
+        self._tps += new
+        self._consumer.assign(self._tps)  # replaces the assignment: positions are restored below
+        for tp, pos in positions.items():
+            self._consumer.seek(tp, pos)
+        self._consumer.seek_to_beginning(*new)
+        log.info("reading %d partitions added to %s", len(new), self.topic)
+
     def poll(self, timeout_ms: int = 200) -> Iterator[Reply]:
+        self._take_new_partitions()
         for records in self._consumer.poll(timeout_ms=timeout_ms).values():
             for r in records:
                 try:

@@ -168,3 +168,15 @@ def test_dashboard_and_alerts_use_only_metrics_the_worker_exports():
     rules = _doc(files, "PrometheusRule")["spec"]["groups"][0]["rules"]
     used |= {m for r in rules for m in re.findall(r"abq_[a-z_]+", r["expr"])}
     assert used and used <= exported, used - exported
+
+
+def test_the_worker_drains_for_the_variant_s_drain_seconds_inside_the_pod_s_grace_period():
+    from abqueue.cli.main import build_parser
+
+    exp, files = _rendered()
+    for v in exp.variants:
+        pod = _doc(files, "Deployment", v.name)["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        args = build_parser().parse_args(["worker", *container["args"]])  # the worker's own parser accepts them
+        assert args.drain_seconds == v.scaling.drain_seconds
+        assert pod["terminationGracePeriodSeconds"] == v.scaling.drain_seconds + 30

@@ -46,3 +46,24 @@ def test_the_continuous_vllm_adapter_answers_even_when_reading_vllm_s_output_fai
     asyncio.run(engine._run(request, None, results.append))
     assert len(results) == 1, "the request was never answered: it would hold its partition's commit point"
     assert isinstance(results[0], Exception)
+
+
+def test_requests_sharing_a_caller_chosen_id_keep_their_own_prompts(monkeypatch):
+    from schemas import InferenceRequest
+    from workers.engines import vllm_common
+
+    class Words:  # a tokenizer: one id per word
+        chat_template = None
+
+        def encode(self, text, add_special_tokens=True):
+            return [len(w) for w in text.split()]
+
+    monkeypatch.setattr(vllm_common, "sampling_params", lambda request, final_only=False: None)
+    prep = vllm_common.PromptPrep()
+    prep.tokenizer, prep.max_model_len = Words(), 1000
+    prep._init_prep()
+    # Two callers both chose id "request-1" (OpenAI batch files do); admitted together.
+    first = InferenceRequest(id="request-1", experiment="e", routing_key="a", prompt="one two three")
+    second = InferenceRequest(id="request-1", experiment="e", routing_key="b", prompt="seventeen")
+    assert prep.check(first) is None and prep.check(second) is None
+    assert prep.token_ids(first) == [3, 3, 5] and prep.token_ids(second) == [9]

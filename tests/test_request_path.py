@@ -134,3 +134,56 @@ def test_transient_engine_failures_are_retried_and_bad_requests_get_error_respon
     assert all(e.error.code == "engine_error" and "rehearsed failure" in e.error.message for e in errors)
     # Exactly the requests the engine fails by id; the one transient failure was retried, not answered.
     assert {e.request_id for e in errors} == {i for i in ids if _fraction(i) < 0.3}
+
+
+def test_one_client_shared_by_threads_hands_each_caller_its_own_reply(settings, experiment, thread_worker):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def caller(client, k):
+        out = []
+        for i in range(5):
+            req = InferenceRequest(experiment=experiment.name, routing_key=f"t{k}-{i}", prompt=f"thread {k} asks {i}")
+            out.append((req.prompt, client.submit(req, timeout=30).response))
+        return out
+
+    with (
+        thread_worker(experiment, "a"),
+        thread_worker(experiment, "b"),
+        AbqClient(settings, experiment) as client,
+        ThreadPoolExecutor(8) as pool,
+    ):
+        results = [r for part in pool.map(lambda k: caller(client, k), range(8)) for r in part]
+    assert len(results) == 40
+    assert all(resp.ok and resp.outputs == [prompt] for prompt, resp in results)
+
+
+def test_the_response_listener_reads_partitions_added_after_it_started(settings, experiment):
+    from kafka import KafkaProducer
+    from kafka.admin import NewPartitions
+
+    from abqueue.kafka import admin_client
+    from producers.replies import ResponseListener
+    from schemas import InferenceResponse, encode
+
+    topic = experiment.response_topic
+    listener = ResponseListener(settings, topic, partitions_every_s=0.2)
+    try:
+        before = sum(end_offsets(settings, topic).values())
+        admin = admin_client(settings)
+        try:
+            admin.create_partitions({topic: NewPartitions(total_count=4)})
+        finally:
+            admin.close()
+        response = InferenceResponse(
+            request_id="on-a-new-partition", experiment=experiment.name, variant="a", model="m", outputs=["x"],
+            finish_reason="stop", timings={"enqueued": 1.0, "dequeued": 1.0, "finished": 2.0}, worker_id="w",
+        )  # fmt: skip
+        p = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+        p.send(topic, value=encode(response), partition=3).get(timeout=10)
+        p.close()
+        got, deadline = [], time.monotonic() + 15
+        while not got and time.monotonic() < deadline:
+            got = [r for r in listener.poll(timeout_ms=200) if r.response.request_id == "on-a-new-partition"]
+        assert before == 0 and [r.partition for r in got] == [3]
+    finally:
+        listener.close()

@@ -158,3 +158,41 @@ def test_abq_rollout_rolls_back_a_slow_candidate_on_the_p95_guardrail_and_exits_
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )  # fmt: skip
     assert status.returncode == 0 and "rolled_back" in status.stdout, status.stdout + status.stderr
+
+
+def test_stage_statistics_keep_up_with_more_than_one_poll_of_responses_a_tick():
+    from types import SimpleNamespace
+
+    from test_report import _responses
+
+    from abqueue.control.rollout import StageStats
+    from schemas import encode
+
+    exp = _experiment(0.0)
+    responses = [encode(r) for r in _responses(exp, "candidate", 1500, lambda i: 1.0, errors=15)]
+
+    class Busy:  # 1,500 responses waiting: three polls' worth
+        def __init__(self):
+            self.left = [SimpleNamespace(value=v) for v in responses]
+
+        def poll(self, timeout_ms):
+            batch, self.left = self.left[:500], self.left[500:]
+            return {"tp": batch} if batch else {}
+
+    stats = StageStats.__new__(StageStats)  # the counting alone, no consumer behind it
+    stats.since, stats.latency, stats.errors, stats._seen, stats._c = 0.0, {}, {}, set(), Busy()
+    stats.poll()
+    assert stats.count("candidate") == 1500 and stats.errors["candidate"] == 15
+
+
+def test_an_abort_is_not_lost_when_the_controller_saves_its_state_after_it(settings):
+    from abqueue.control.rollout import save_state
+
+    exp = _experiment(0.0)
+    live_config.apply(settings, exp)
+    controller = RolloutController(settings, _state(exp, [10, 100], duration=600), exp, tick_s=0.1)
+    _run_until(controller, lambda: controller.state.stage_started_at > 0, 10, "the first stage")
+    request(settings, exp.name, "abort")
+    save_state(settings, controller.state)  # the controller's own save, a moment after the operator's abort
+    _run_until(controller, lambda: controller.state.status == "aborted", 10, "the abort")
+    assert _weight(settings, exp) == 0 and load_state(settings, exp.name).status == "aborted"

@@ -494,3 +494,19 @@ def test_a_dead_engine_stops_the_worker_without_answering_or_committing_the_rest
     responses = w.responses()
     assert [r.request_id for r in responses] == [r.id for r in sent[:3]] and all(r.ok for r in responses)
     assert w.committed() == {tp: 3}, "committed past requests the dead engine never answered"
+
+
+def test_a_draining_worker_still_takes_part_in_a_rebalance(stub_worker):
+    exp, engine = new_experiment(partitions=1), ManualEngine()
+    tp = TopicPartition(exp.request_topic("a"), 0)
+    with stub_worker(exp, engine=engine, drain_timeout_s=30) as w:
+        slow = w.send(prompt="slow")
+        engine.wait_running(1)
+        w.worker.stop()  # draining: waits for `slow`
+        w.consumer.rebalance(revoke={tp}, assign=set())  # the group moves the partition meanwhile
+        w.broker.wait_for(lambda: tp not in w.consumer.assignment(), what="the revocation during the drain")
+        assert w.thread.is_alive()
+        sent_more = w.send(prompt="fetched by no one here")
+        engine.finish(slow.id)  # its partition has moved: the new owner answers it
+        w.thread.join(5)
+    assert w.responses() == [] and sent_more.id not in {r.id for r, _ in engine.running.values()}

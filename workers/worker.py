@@ -220,6 +220,7 @@ class Worker:
                 self._heartbeat = time.monotonic()
                 if self.stopping:
                     drain_until = drain_until or time.monotonic() + self.drain_timeout_s
+                    self._stay_in_group()
                     if not self.inflight or time.monotonic() > drain_until:
                         self._deliver(runner.take(0))
                         self.delivery.drain()
@@ -245,6 +246,13 @@ class Worker:
         self.consumer.close()
         self.engine.close()
         log.info("worker %s stopped after %d deliveries", self.worker_id, self.batches)
+
+    def _stay_in_group(self) -> None:
+        """While draining, poll with every partition paused: nothing new is fetched, but the worker
+        still answers a rebalance, which would otherwise wait for it up to max.poll.interval.ms."""
+        if assigned := self.consumer.assignment():
+            self.consumer.pause(*assigned)
+        self.consumer.poll(timeout_ms=0, max_records=1)
 
     # -- in: poll and admit ----------------------------------------------------------------------
     def _admit(self, runner: Runner) -> None:

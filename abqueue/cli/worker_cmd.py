@@ -55,6 +55,13 @@ def register(sub) -> None:
     )
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz on this port")
     p.add_argument("--worker-id", default=None, help="id in responses and logs (default host-pid)")
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=120.0,
+        help="on SIGTERM, how long to let the engine finish what it has before leaving (default 120; "
+        "`abq deploy render` sets the variant's scaling.drain_seconds, inside the pod's grace period)",
+    )
     p.add_argument("--engine-attempts", type=int, default=3, help="tries for transient engine errors (default 3)")
     p.add_argument(
         "--max-poll-interval-ms", type=int, default=300_000, help="longest batch before the group evicts the worker"
@@ -71,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1 or args.max_wait_ms < 0 or (args.max_inflight is not None and args.max_inflight < 1):
         raise UsageError("--max-batch and --max-inflight must be >= 1 and --max-wait-ms >= 0")
+    if args.drain_seconds <= 0:
+        raise UsageError("--drain-seconds must be > 0; the pod's grace period should exceed it")
     if not 0 < args.low_priority_share <= 0.5:
         raise UsageError("--low-priority-share must be in (0, 0.5]; e.g. 0.1 gives lower levels one slot in ten")
     settings = options.kafka_settings(args)
@@ -100,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         low_priority_share=args.low_priority_share,
         middleware=default_middleware(engine_attempts=args.engine_attempts),
         follow=follower,
+        drain_timeout_s=args.drain_seconds,
     )
     if server:
         server.worker = worker

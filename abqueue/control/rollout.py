@@ -52,11 +52,28 @@ class RolloutState(BaseModel):
     stage_started_at: float = 0.0
     status: Status = "running"
     requested: Literal["pause", "resume", "abort"] | None = None
+    # When the last command acted on was given; a new rollout ignores commands given before it began.
+    command_at: float = Field(default_factory=time.time)
     reason: str | None = None
     history: list[str] = Field(default_factory=list)
 
 
+class RolloutCommand(BaseModel):
+    """An operator's pause, resume or abort. Kept under a key of its own, so that the controller's
+    saves of its state (stage changes) can never overwrite a command given meanwhile."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    what: Literal["pause", "resume", "abort"]
+    at: float
+
+
 ROLLOUTS: KeyedStore[RolloutState] = KeyedStore(ROLLOUT_TOPIC, RolloutState)
+COMMANDS: KeyedStore[RolloutCommand] = KeyedStore(ROLLOUT_TOPIC, RolloutCommand)
+
+
+def _command_key(experiment: str) -> str:
+    return f"{experiment}/command"
 
 
 def load_state(settings: KafkaSettings, experiment: str) -> RolloutState | None:
@@ -102,21 +119,30 @@ class StageStats:
                 self._c.seek_to_end(tp)
         self._seen: set[str] = set()
 
-    def poll(self) -> None:
-        for recs in self._c.poll(timeout_ms=100).values():
-            for r in recs:
-                try:
-                    resp = InferenceResponse.model_validate_json(r.value)
-                except ValueError:
-                    continue
-                if resp.timings.enqueued < self.since or resp.request_id in self._seen:
-                    continue
-                self._seen.add(resp.request_id)
-                self.latency.setdefault(resp.variant, [])
-                if resp.ok:
-                    self.latency[resp.variant].append(resp.timings.finished - resp.timings.enqueued)
-                else:
-                    self.errors[resp.variant] = self.errors.get(resp.variant, 0) + 1
+    def poll(self, most_s: float = 5.0) -> None:
+        """Reads every response that has arrived (a poll brings at most 500; above 500 responses a
+        second one poll per tick would fall ever further behind), for at most `most_s` a tick."""
+        until, wait_ms = time.monotonic() + most_s, 100
+        while batch := self._c.poll(timeout_ms=wait_ms):
+            self._take([r for recs in batch.values() for r in recs])
+            if time.monotonic() > until:
+                break
+            wait_ms = 0
+
+    def _take(self, records) -> None:
+        for r in records:
+            try:
+                resp = InferenceResponse.model_validate_json(r.value)
+            except ValueError:
+                continue
+            if resp.timings.enqueued < self.since or resp.request_id in self._seen:
+                continue
+            self._seen.add(resp.request_id)
+            self.latency.setdefault(resp.variant, [])
+            if resp.ok:
+                self.latency[resp.variant].append(resp.timings.finished - resp.timings.enqueued)
+            else:
+                self.errors[resp.variant] = self.errors.get(resp.variant, 0) + 1
 
     def count(self, variant: str) -> int:
         return len(self.latency.get(variant, [])) + self.errors.get(variant, 0)
@@ -201,9 +227,9 @@ class RolloutController:
             self._restart_stats()  # resumed after a restart: the stage's responses are read again
         while self.state.status in ("running", "paused") and not until():
             time.sleep(self.tick_s)
-            stored = load_state(self.settings, self.state.experiment)
-            if stored and stored.requested and stored.requested != self.state.requested:
-                self.state.requested = stored.requested
+            command = COMMANDS.latest(self.settings, _command_key(self.state.experiment))
+            if command is not None and command.at > self.state.command_at:
+                self.state.requested, self.state.command_at = command.what, command.at
             req = self.state.requested
             if req == "abort":
                 self._finish("aborted", "aborted by an operator", 0.0)
@@ -239,6 +265,5 @@ def request(settings: KafkaSettings, experiment: str, what: Literal["pause", "re
     state = load_state(settings, experiment)
     if state is None or state.status not in ("running", "paused"):
         raise ConfigError(f"no rollout of {experiment} is running; `abq rollout start` begins one")
-    state.requested = what
-    save_state(settings, state)
+    COMMANDS.put(settings, _command_key(experiment), RolloutCommand(what=what, at=time.time()))
     return state

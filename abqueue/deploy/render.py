@@ -86,7 +86,8 @@ def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
     v = exp.variant(variant)
     d, sc = v.deploy, v.scaling
     labels = _labels(exp, variant)
-    args = ["--config", f"{CONFIG_DIR}/experiment.yaml", "--variant", variant]
+    # The worker drains for as long as the pod's grace period allows (drain_seconds + 30 for the rest).
+    args = ["--config", f"{CONFIG_DIR}/experiment.yaml", "--variant", variant, "--drain-seconds", str(sc.drain_seconds)]
     if d.max_inflight:
         args += ["--max-inflight", str(d.max_inflight)]
     requests = {"cpu": d.cpu, "memory": d.memory}

@@ -7,12 +7,19 @@ import time
 
 from kafka import TopicPartition
 
+from abqueue.errors import AbqError
 from abqueue.kafka.clients import consumer
 from abqueue.kafka.settings import KafkaSettings
 
 
+class PartialRead(AbqError):
+    """A topic could not be read to its end: what was read is not handed out as if it were all."""
+
+
 def read_to_end(settings: KafkaSettings, topic: str, timeout_s: float = 30.0) -> list:
-    """The topic's records in partition order; [] if it does not exist. Stops at `timeout_s`."""
+    """The topic's records in partition order; [] if it does not exist. However large the topic, the
+    read goes on while records keep coming; it fails (PartialRead) only when none came for
+    `timeout_s` before the end was reached."""
     c = consumer(settings, group_id=None, isolation_level="read_committed")
     try:
         tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
@@ -21,10 +28,18 @@ def read_to_end(settings: KafkaSettings, topic: str, timeout_s: float = 30.0) ->
         c.assign(tps)
         c.seek_to_beginning(*tps)
         ends = c.end_offsets(tps)
-        out, deadline = [], time.monotonic() + timeout_s
-        while any(c.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
+        out: list = []
+        last_progress = time.monotonic()
+        while any(c.position(tp) < ends[tp] for tp in tps):
+            if time.monotonic() - last_progress > timeout_s:
+                total = sum(ends.values())
+                raise PartialRead(
+                    f"read {len(out)} of about {total} records of topic {topic}, then nothing for {timeout_s:.0f}s; "
+                    "check that the broker answers and retry"
+                )
             for recs in c.poll(timeout_ms=200).values():
                 out.extend(recs)
+                last_progress = time.monotonic()
         return out
     finally:
         c.close()

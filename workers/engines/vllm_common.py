@@ -55,14 +55,16 @@ def import_vllm():
 
 
 class PromptPrep:
-    """Tokenises once in check() and reuses the ids when the request runs."""
+    """Tokenises once in check() and reuses the ids when the request runs. The cache is keyed by the
+    request object the worker holds for one delivery, never by the caller-chosen id: two requests
+    with the same id admitted together must each run their own prompt."""
 
     tokenizer: Any = None
     max_model_len = 0
     model = ""
 
     def _init_prep(self) -> None:
-        self._token_ids: dict[str, list[int]] = {}
+        self._token_ids: dict[int, tuple[InferenceRequest, list[int]]] = {}
 
     def _render(self, request: InferenceRequest) -> list[int]:
         if request.messages is not None:
@@ -89,14 +91,19 @@ class PromptPrep:
                 f"prompt of {len(ids)} tokens plus max_tokens {request.max_tokens} exceeds the model's "
                 f"context of {self.max_model_len} tokens; shorten the prompt or lower max_tokens",
             )
-        self._token_ids[request.id] = ids
+        self._token_ids[id(request)] = (request, ids)
         return None
+
+    def token_ids(self, request: InferenceRequest) -> list[int]:
+        """The ids check() made for this very request object (rendered again if it made none)."""
+        cached = self._token_ids.pop(id(request), None)
+        # The object must be the same one: an id() can be reused once a request is gone.
+        return cached[1] if cached is not None and cached[0] is request else self._render(request)
 
     def prompt(self, request: InferenceRequest):
         from vllm.inputs import TokensPrompt
 
-        ids = self._token_ids.pop(request.id, None) or self._render(request)
-        return TokensPrompt(prompt_token_ids=ids)
+        return TokensPrompt(prompt_token_ids=self.token_ids(request))
 
 
 def sampling_params(r: InferenceRequest, final_only: bool = False):
