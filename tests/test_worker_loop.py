@@ -60,6 +60,17 @@ class ManualEngine:
             request, done = self.running.pop(key)
         done(Completion(outputs=[request.prompt], finish_reason="stop", prompt_tokens=1, completion_tokens=1))
 
+    def serve_until(self, done, what: str, timeout: float = 5.0) -> None:
+        """Finishes whatever reaches the engine until `done()` holds, or fails naming `what`."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
+            with self.cond:
+                self.cond.wait_for(lambda: self.running, 0.1)
+                running = [r for r, _ in self.running.values()]
+            for r in running:
+                self.finish(r.id)
+
     def close(self) -> None:
         pass
 
@@ -406,17 +417,8 @@ def test_a_rewound_partition_is_fetched_again_even_if_it_was_paused(stub_worker)
         engine.wait_running(2)
         w.broker.wait_for(lambda: w.consumer.paused(), what="the full level paused")
         w.broker.fail_transactions(1)
-        answered: set[str] = set()
-        deadline = time.monotonic() + 5
-        while len(answered) < 10:
-            assert time.monotonic() < deadline, f"{len(answered)} of 10 answered: the rewound partition stalled"
-            with engine.cond:
-                engine.cond.wait_for(lambda: engine.running, 0.2)
-                running = [r for r, _ in engine.running.values()]
-            for r in running:
-                engine.finish(r.id)
-            answered = {r.request_id for r in w.responses()}
-    assert answered == {r.id for r in sent}
+        engine.serve_until(lambda: len(w.responses()) >= 10, "all 10 answered (the rewound partition stalled)")
+    assert {r.request_id for r in w.responses()} == {r.id for r in sent}
     assert w.producer.transactions["aborted"] == 1
 
 
@@ -466,14 +468,7 @@ def test_responses_held_behind_a_slow_first_request_count_against_the_engine_s_r
             w.broker.wait_for(lambda beat=beat: w.worker._heartbeat > beat, what="a pass of the loop")
         assert [r.prompt for r, _ in engine.running.values()] == ["slow"]
         engine.finish(slow.id)
-        deadline = time.monotonic() + 5
-        while len(w.responses()) < 8:
-            assert time.monotonic() < deadline, f"{len(w.responses())} of 8 answered"
-            with engine.cond:
-                engine.cond.wait_for(lambda: engine.running, 0.1)
-                running = [r for r, _ in engine.running.values()]
-            for r in running:
-                engine.finish(r.id)
+        engine.serve_until(lambda: len(w.responses()) >= 8, "all 8 answered")
     assert len(w.responses()) == 8
 
 
