@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 from abqueue.errors import AbqError
 from abqueue.kafka import KafkaSettings
@@ -48,9 +50,10 @@ class AbqClient:
 
     def submit(self, request: InferenceRequest, timeout: float = 60.0, traceparent: str | None = None) -> Reply:
         """Publish one request and block until its response arrives (or ReplyTimeout)."""
-        request, future = self.publisher.publish(request, traceparent)
-        future.get(timeout=timeout)
-        replies = self.wait({request.id}, timeout)
+        with self.expecting({request.id}):  # before publishing: another thread may read the reply first
+            request, future = self.publisher.publish(request, traceparent)
+            future.get(timeout=timeout)
+            replies = self.wait({request.id}, timeout)
         if request.id not in replies:
             raise ReplyTimeout(
                 f"no response for request {request.id} within {timeout:g}s; is a worker running for "
@@ -58,14 +61,28 @@ class AbqClient:
             )
         return replies[request.id]
 
+    @contextlib.contextmanager
+    def expecting(self, ids: set[str]) -> Iterator[None]:
+        """Keep replies for `ids` that another thread reads. Threads that publish themselves and
+        then `wait` publish inside this, so that a reply arriving before their `wait` is kept."""
+        with self._state:
+            self._waiting.update(ids)
+        try:
+            yield
+        finally:
+            with self._state:
+                self._waiting.subtract(ids)
+                for rid in ids:
+                    if self._waiting[rid] <= 0:
+                        del self._waiting[rid]
+                        self._arrived.pop(rid, None)
+
     def wait(self, ids: set[str], timeout: float, on_reply=None) -> dict[str, Reply]:
         """Collect replies for `ids` until all came or `timeout` passed; the first reply per id wins.
         Safe to call from several threads at once: one of them reads the listener at a time and
         keeps the replies the others wait for, so no caller takes another's reply."""
         pending, got = set(ids), dict[str, Reply]()
-        with self._state:
-            self._waiting.update(pending)
-        try:
+        with self.expecting(set(ids)):
             deadline = time.monotonic() + timeout
             while pending:
                 self._collect(pending, got, on_reply)
@@ -81,13 +98,6 @@ class AbqClient:
                     finally:
                         self._reading.release()
             self._collect(pending, got, on_reply)
-        finally:
-            with self._state:
-                self._waiting.subtract(ids)
-                for rid in ids:
-                    if self._waiting[rid] <= 0:
-                        del self._waiting[rid]
-                        self._arrived.pop(rid, None)
         return got
 
     def _collect(self, pending: set[str], got: dict[str, Reply], on_reply) -> None:
