@@ -172,7 +172,6 @@ def test_vllm_worker_serves_dead_letters_and_survives_a_kill_9_or_drains_on_sigt
             point = committed(settings, exp.consumer_group("tiny"), exp.request_topic("tiny"))[0]
             assert len(answered) >= with_engine > 0
             assert set(answered) == {rid for rid, off in offset_of.items() if off < point}
-            return
         else:
             partial: dict = {}
             deadline = time.monotonic() + 120
@@ -186,6 +185,6 @@ def test_vllm_worker_serves_dead_letters_and_survives_a_kill_9_or_drains_on_sigt
             spawn_worker(exp, "tiny", "--engine", "echo", "--model", "replacement")
             got = client.wait(more - set(partial), timeout=120)
             assert set(partial) | set(got) == more, f"{len(more - set(partial) - set(got))} requests lost"
-    topic = exp.request_topic("tiny")
-    wait_until(lambda: committed(settings, exp.consumer_group("tiny"), topic) == end_offsets(settings, topic), 30,
-               "commits to the end")  # fmt: skip
+            topic = exp.request_topic("tiny")
+            wait_until(lambda: committed(settings, exp.consumer_group("tiny"), topic) == end_offsets(settings, topic),
+                       30, "commits to the end")  # fmt: skip

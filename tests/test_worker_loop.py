@@ -445,7 +445,7 @@ def test_a_broker_outage_while_checking_a_reply_topic_is_ridden_out(stub_worker)
     w.broker.unreachable = True  # the sink has not listed topics yet: its first look fails
     with w:
         sent = w.send(reply_to=f"abq.{exp.name}.replies.me")
-        w.broker.wait_for(lambda: w.worker.delivery.holding, what="the response held for a retry")
+        w.broker.wait_for(lambda: w.worker.delivery.unsent, what="the response held for a retry")
         assert w.thread.is_alive(), "the worker died of a broker outage"
         w.broker.unreachable = False
         (response,) = w.wait_responses(1)

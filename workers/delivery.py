@@ -59,10 +59,6 @@ class Delivery:
             self.tracker.add(_tp(m), m.record.offset)
 
     @property
-    def holding(self) -> bool:
-        return bool(self._held)
-
-    @property
     def unsent(self) -> int:
         """Finished requests whose responses are kept here, not yet safe in Kafka: they take room
         from the engine, so that memory stays bounded however slowly publishing goes."""

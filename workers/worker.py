@@ -257,7 +257,7 @@ class Worker:
     # -- in: poll and admit ----------------------------------------------------------------------
     def _admit(self, runner: Runner) -> None:
         self.admission.apply_pauses(self.consumer)
-        idle = not (self.inflight or len(self.admission) or self._decided or self.delivery.holding)
+        idle = not (self.inflight or len(self.admission) or self._decided or self.delivery.unsent)
         # Never more than the emptiest-but-not-full level can take, so no level's buffer overflows;
         # with every level full all partitions are paused and the poll only keeps the group alive.
         max_records = max(1, min(self.max_batch, self.admission.room()))
