@@ -82,6 +82,8 @@ class RequestPublisher:
         """Send without waiting; returns the assigned request and the send's future."""
         experiment = self.experiment  # one version for the whole call, whatever the follower does meanwhile
         request = self.assign(request, experiment)
+        if request.reply_to and (refused := experiment.reply_to_refusal(request.reply_to)):
+            raise ConfigError(refused)  # workers would refuse it too, after a trip through the queue
         variant = request.variant
         assert variant is not None, "assign() sets the variant"
         topic = experiment.request_topic(variant, request.priority)

@@ -13,11 +13,24 @@ from schemas.response import InferenceResponse
 class SchemaError(AbqError, ValueError):
     """A record that is not a valid message. `reason` is a DeadLetter reason code."""
 
-    def __init__(self, reason: str, detail: str, request_id: str | None = None):
+    def __init__(self, reason: str, detail: str, address: dict[str, str] | None = None):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
-        self.request_id = request_id
+        self.address = address or {}
+
+    @property
+    def request_id(self) -> str | None:
+        return self.address.get("id")
+
+
+# Where an invalid request can still be answered: the fields a caller waits on, where they are
+# readable strings of the lengths the contract allows (whatever else is wrong with the record).
+_ADDRESS_FIELDS = {"id": 256, "routing_key": 512, "reply_to": 249}
+
+
+def _address(obj: dict) -> dict[str, str]:
+    return {f: v for f, n in _ADDRESS_FIELDS.items() if isinstance(v := obj.get(f), str) and 0 < len(v) <= n}
 
 
 def encode(message: BaseModel) -> bytes:
@@ -44,7 +57,6 @@ def decode_request(data: bytes) -> InferenceRequest:
         raise SchemaError("not_json", f"record is not JSON: {e}") from None
     if not isinstance(obj, dict):
         raise SchemaError("invalid_schema", f"record is JSON {type(obj).__name__}, expected an object")
-    rid = obj.get("id") if isinstance(obj.get("id"), str) else None
     try:
         return InferenceRequest.model_validate(obj)
     except ValidationError as e:
@@ -52,7 +64,7 @@ def decode_request(data: bytes) -> InferenceRequest:
         # its values are not, and that is what an operator looking at the dead-letter topic wants to know.
         fields = {str(err["loc"][0]) for err in e.errors() if err["loc"]}
         reason = "invalid_params" if fields and fields <= _PARAM_FIELDS else "invalid_schema"
-        raise SchemaError(reason, describe(e, limit=5), rid) from None
+        raise SchemaError(reason, describe(e, limit=5), _address(obj)) from None
 
 
 def decode_response(data: bytes) -> InferenceResponse:

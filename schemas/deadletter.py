@@ -16,6 +16,7 @@ DeadLetterReason = Literal[
     "invalid_params",
     "oversized_prompt",
     "unsupported",
+    "reply_to_refused",
 ]
 
 

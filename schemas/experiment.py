@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -159,6 +160,10 @@ class ExperimentConfig(BaseModel):
     partitions: int = Field(default=6, ge=1, le=1000, description="partitions of each variant's topic")
     replication_factor: int = Field(default=1, ge=1, le=10)
     overrides: list[SegmentOverride] = Field(default_factory=list, description="checked in order, before the weights")
+    reply_topics: list[str] = Field(
+        default_factory=list,
+        description="topics a request may name as reply_to (fnmatch patterns); empty: abq.<name>.replies.*",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
@@ -237,6 +242,30 @@ class ExperimentConfig(BaseModel):
     @property
     def deadletter_topic(self) -> str:
         return f"{TOPIC_PREFIX}.{self.name}.deadletter"
+
+    @property
+    def reply_topic_patterns(self) -> list[str]:
+        return self.reply_topics or [f"{TOPIC_PREFIX}.{self.name}.replies.*"]
+
+    def reply_to_refusal(self, topic: str) -> str | None:
+        """Why a request may not name `topic` as its reply_to, or None if it may. A reply topic is
+        written by workers on a caller's say-so, so only the experiment's own reply topics qualify:
+        never Kafka's internal topics nor abqueue's request, config, rollout or dead-letter topics,
+        whatever the patterns say."""
+        if topic == self.response_topic:
+            return None
+        patterns = ", ".join(self.reply_topic_patterns)
+        rule = f"experiment {self.name} allows reply topics matching {patterns} (reply_topics in its config)"
+        internal = topic.startswith("__") or (
+            topic.startswith(f"{TOPIC_PREFIX}.")
+            and not topic.endswith(".responses")
+            and not fnmatch.fnmatchcase(topic, f"{TOPIC_PREFIX}.*.replies.*")
+        )
+        if internal:
+            return f"reply_to {topic} is an internal topic, never a reply topic; {rule}"
+        if not any(fnmatch.fnmatchcase(topic, p) for p in self.reply_topic_patterns):
+            return f"reply_to {topic} is not allowed: {rule}"
+        return None
 
     def partitions_for(self, variant: str) -> int:
         """A variant's request topics have at least as many partitions as it may have workers:

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 # Error codes a caller can act on; `message` carries the detail. `too_large`: the response would not
-# fit the responses topic's max.message.bytes (lower n or max_tokens).
+# fit the responses topic's max.message.bytes (lower n or max_tokens). `invalid_request`: the request was
+# dead-lettered (the message starts with the dead letter's reason).
 ErrorCode = Literal["expired", "engine_error", "invalid_request", "too_large", "internal"]
 
 
@@ -70,3 +71,9 @@ class InferenceResponse(BaseModel):
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def counts_for_variant(self) -> bool:
+        """False for an `invalid_request` answer: the caller's input was refused before any engine
+        saw it, which says nothing about the variant; analysis and rollouts leave these out."""
+        return self.error is None or self.error.code != "invalid_request"

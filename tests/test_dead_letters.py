@@ -88,7 +88,7 @@ def test_records_kafka_would_refuse_are_made_to_fit_instead_of_blocking_the_part
         routing_key="u2",
         variant="a",
         prompt="still answered",
-        reply_to=f"{exp.name}.no-such-topic",
+        reply_to=f"abq.{exp.name}.replies.no-such-topic",
     )
     after = InferenceRequest(experiment=exp.name, routing_key="u3", variant="a", prompt="served after")
     garbage = b"\xff" * 1_000_000  # accepted by the request topic, too big once base64'd into a dead letter
@@ -109,3 +109,105 @@ def test_records_kafka_would_refuse_are_made_to_fit_instead_of_blocking_the_part
     [letter] = dead_letters(settings, exp.deadletter_topic, expect=1)
     assert letter.reason == "not_json" and letter.original_value_truncated
     assert 500_000 < len(letter.original_value()) < 1_000_000 and garbage.startswith(letter.original_value())
+
+
+def test_bad_requests_are_answered_with_the_reason_and_reply_to_reaches_only_allowed_topics(settings, thread_worker):
+    """A caller whose request is dead-lettered gets an `invalid_request` answer at once, naming the
+    reason, instead of waiting out its timeout; a `reply_to` outside the experiment's reply topics
+    (by default abq.<experiment>.replies.*) is refused before anything is written there."""
+    from kafka_helpers import end_offsets, responses
+
+    from abqueue.kafka import admin_client
+
+    exp = ExperimentConfig(
+        name=f"rt{__import__('uuid').uuid4().hex[:8]}",
+        partitions=1,
+        variants=[{"name": "a", "weight": 100, "max_tokens_limit": 64}],
+    )
+    ensure_topics(settings, exp)
+    allowed, victim = f"abq.{exp.name}.replies.me", f"{exp.name}.victim"
+    admin = admin_client(settings)
+    admin.create_topics({t: {"num_partitions": 1, "replication_factor": 1} for t in (allowed, victim)})
+    admin.close()
+
+    def req(rid, max_tokens=16, **kw):
+        return InferenceRequest(
+            id=rid, experiment=exp.name, routing_key=rid, variant="a", prompt=rid, max_tokens=max_tokens, **kw
+        )
+
+    records = {
+        "too-many-tokens": encode(req("too-many-tokens", max_tokens=65, reply_to=allowed)),
+        "into-config": encode(req("into-config", reply_to="abq.experiments")),
+        "into-victim": encode(req("into-victim", reply_to=victim)),
+        "unknown-field": orjson.dumps(
+            {
+                "id": "unknown-field",
+                "experiment": exp.name,
+                "routing_key": "u",
+                "variant": "a",
+                "prompt": "p",
+                "colour": 1,
+            }
+        ),
+        "allowed": encode(req("allowed", reply_to=allowed)),
+    }
+    config_end = end_offsets(settings, "abq.experiments") if "abq.experiments" in _topics(settings) else None
+    p = producer(settings)
+    for value in [*records.values(), b"not json, no id"]:
+        p.send(exp.request_topic("a"), key=b"k", value=value)
+    p.flush()
+    p.close()
+    with AbqClient(settings, exp) as client:
+        client.listener._consumer.seek_to_beginning()
+        with thread_worker(exp, "a"):
+            got = client.wait(set(records), timeout=30)
+    assert set(got) == set(records), f"no answer for {set(records) - set(got)}"
+    assert got["allowed"].response.ok
+    for rid in set(records) - {"allowed"}:
+        err = got[rid].response.error
+        assert err is not None and err.code == "invalid_request", (rid, got[rid].response)
+    assert "max_tokens 65 exceeds" in got["too-many-tokens"].response.error.message
+    assert "colour" in got["unknown-field"].response.error.message
+    for rid in ("into-config", "into-victim"):
+        message = got[rid].response.error.message
+        assert "reply_to_refused" in message and f"abq.{exp.name}.replies.*" in message, message
+
+    # Nothing reached the refused topics; the allowed one got both answers meant for it.
+    assert end_offsets(settings, victim) == {0: 0}
+    if config_end is not None:
+        assert end_offsets(settings, "abq.experiments") == config_end
+    to_allowed = {r.request_id: r for r in responses(settings, allowed, expect=2)}
+    assert set(to_allowed) == {"allowed", "too-many-tokens"}
+    letters = {dl.request_id: dl.reason for dl in dead_letters(settings, exp.deadletter_topic, expect=5)}
+    assert letters == {
+        "too-many-tokens": "invalid_params",
+        "into-config": "reply_to_refused",
+        "into-victim": "reply_to_refused",
+        "unknown-field": "invalid_schema",
+        None: "not_json",
+    }
+
+
+def _topics(settings) -> set[str]:
+    from abqueue.kafka import admin_client
+
+    admin = admin_client(settings)
+    try:
+        return set(admin.list_topics())
+    finally:
+        admin.close()
+
+
+def test_a_producer_refuses_a_reply_to_the_experiment_does_not_allow(settings):
+    from producers.publisher import RequestPublisher
+    from schemas import ConfigError
+
+    exp = ExperimentConfig(name=f"rp{__import__('uuid').uuid4().hex[:8]}", variants=[{"name": "a", "weight": 100}])
+    publisher = RequestPublisher(settings, exp)
+    try:
+        with __import__("pytest").raises(ConfigError, match=r"reply_to abq\.rollouts .*reply_topics"):
+            publisher.publish(
+                InferenceRequest(experiment=exp.name, routing_key="u", prompt="p", reply_to="abq.rollouts")
+            )
+    finally:
+        publisher.close()

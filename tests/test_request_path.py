@@ -76,7 +76,7 @@ def test_traceparent_travels_from_producer_to_response(settings, experiment, thr
 def test_reply_to_topic_gets_the_response_too(settings, experiment, thread_worker):
     from abqueue.kafka import admin_client
 
-    reply_topic = f"{experiment.name}.replies"
+    reply_topic = f"abq.{experiment.name}.replies.me"
     admin = admin_client(settings)
     admin.create_topics({reply_topic: {"num_partitions": 1, "replication_factor": 1}}, wait_for_metadata=True)
     admin.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kafka.consumer.fetcher import ConsumerRecord
 
@@ -12,6 +13,9 @@ from schemas import DeadLetter, ErrorInfo, InferenceRequest, InferenceResponse, 
 from schemas.deadletter import DeadLetterReason
 from schemas.response import FinishReason
 from workers.engines.base import Completion, EngineDead
+
+if TYPE_CHECKING:
+    from workers.worker import Worker
 
 
 @dataclass
@@ -24,6 +28,8 @@ class Message:
     started: float | None = None  # when the engine took it
     completion: Completion | None = None  # what the engine made of it
     engine_dead: EngineDead | None = None  # the engine died with it: no answer, the offset stays unanswered
+    address: dict[str, str] = field(default_factory=dict)  # id, routing_key, reply_to of an undecodable request
+    reply_to: str | None = None  # a reply topic validation allowed; the sink writes nowhere else
 
     @property
     def done(self) -> bool:
@@ -38,7 +44,9 @@ class Message:
     def traceparent(self) -> str | None:
         return tracing.header_value(self.record.headers)
 
-    def reject(self, reason: DeadLetterReason, detail: str, worker_id: str) -> None:
+    def reject(self, reason: DeadLetterReason, detail: str, worker: Worker) -> None:
+        """Dead-letter the record; a caller whose request id can be read is answered at once with an
+        `invalid_request` error naming the reason, rather than waiting out its timeout."""
         r = self.record
         self.dead_letter = DeadLetter(
             reason=reason,
@@ -48,9 +56,28 @@ class Message:
             source_offset=r.offset,
             original_key_b64=DeadLetter.b64(r.key),
             original_value_b64=DeadLetter.b64(r.value or b"") or "",
-            request_id=self.request.id if self.request else None,
-            worker_id=worker_id,
+            request_id=self.request_id,
+            worker_id=worker.worker_id,
         )
+        if reason == "reply_to_refused":
+            self.reply_to = None
+        if self.request_id is not None:
+            self.answer(
+                variant=worker.variant.name,
+                model=worker.engine.model,
+                worker_id=worker.worker_id,
+                finish_reason="error",
+                error=ErrorInfo(code="invalid_request", message=f"{reason}: {detail}"),
+                experiment=worker.experiment.name,
+            )
+
+    @property
+    def request_id(self) -> str | None:
+        return self.request.id if self.request else self.address.get("id")
+
+    @property
+    def routing_key(self) -> str | None:
+        return self.request.routing_key if self.request else self.address.get("routing_key")
 
     def answer(
         self,
@@ -63,22 +90,24 @@ class Message:
         usage: Usage | None = None,
         first_token: float | None = None,
         error: ErrorInfo | None = None,
+        experiment: str = "",
     ) -> None:
-        req = self.request
-        assert req is not None, "only a decoded request is answered"
+        """experiment: what an undecodable request is answered as (its own claim is not trusted)."""
+        req, rid = self.request, self.request_id
+        assert rid is not None, "only a request whose id can be read is answered"
         finished = time.time()
         usage = usage or Usage()
         ttft = tpot = None
-        if first_token is not None and self.started is not None:
+        if first_token is not None and self.started is not None and req is not None:
             ttft = max(0.0, first_token - self.started)
             per_sample = usage.completion_tokens / max(1, req.n)
             if per_sample > 1:
                 tpot = max(0.0, finished - first_token) / (per_sample - 1)
         self.response = InferenceResponse(
-            request_id=req.id,
-            experiment=req.experiment,
+            request_id=rid,
+            experiment=req.experiment if req else experiment,
             variant=variant,
-            assigned_by=req.assigned_by,
+            assigned_by=req.assigned_by if req else None,
             model=model,
             outputs=outputs or [],
             finish_reason=finish_reason,

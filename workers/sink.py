@@ -70,7 +70,7 @@ class ResponseSink:
         if size > limit:
             log.warning(
                 "response to %s is %d bytes, over %s's limit of %d; sending an error instead",
-                m.request.id,
+                m.response.request_id,
                 size,
                 self.response_topic,
                 limit,
@@ -106,23 +106,23 @@ class ResponseSink:
         for m in batch:
             if m.dead_letter is not None:
                 yield self.deadletter_topic, m.record.key, self._fit_dead_letter(m), []
+            if m.response is None:
                 continue
-            req = m.request
-            headers = [("abq-request-id", req.id.encode())]
+            headers = [("abq-request-id", m.response.request_id.encode())]
             child = tracing.child_of(m.traceparent)
             if child:
                 headers.append((tracing.HEADER, child.encode("ascii")))
-            key = req.routing_key.encode()
+            key = (m.routing_key or m.response.request_id).encode()
             value = self._fit_response(m, key, headers)
             yield self.response_topic, key, value, headers
-            if req.reply_to and req.reply_to != self.response_topic:
-                if self._topic_exists(req.reply_to):
-                    yield req.reply_to, key, value, headers
+            if m.reply_to and m.reply_to != self.response_topic:
+                if self._topic_exists(m.reply_to):
+                    yield m.reply_to, key, value, headers
                 else:
                     log.warning(
                         "reply_to topic %s of request %s does not exist; the response went to %s only",
-                        req.reply_to,
-                        req.id,
+                        m.reply_to,
+                        m.response.request_id,
                         self.response_topic,
                     )
 

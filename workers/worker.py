@@ -276,7 +276,7 @@ class Worker:
                 m.reject(
                     "unsupported",
                     "the worker could not prepare this request (a middleware failed; see its log)",
-                    self.worker_id,
+                    self,
                 )
         self._decided += [m for m in chosen if m.done]
         todo = [m for m in chosen if not m.done]

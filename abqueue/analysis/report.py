@@ -69,7 +69,7 @@ def load(
         fb = []
     first: dict[tuple[str, str], InferenceResponse] = {}
     for r in resp:
-        if r.experiment == exp.name:
+        if r.experiment == exp.name and r.counts_for_variant:
             # At-least-once delivery: the first response per request counts (per variant: a shadow
             # answers the same request id).
             first.setdefault((r.request_id, r.variant), r)

@@ -135,7 +135,7 @@ class StageStats:
                 resp = InferenceResponse.model_validate_json(r.value)
             except ValueError:
                 continue
-            if resp.timings.enqueued < self.since or resp.request_id in self._seen:
+            if resp.timings.enqueued < self.since or resp.request_id in self._seen or not resp.counts_for_variant:
                 continue
             self._seen.add(resp.request_id)
             self.latency.setdefault(resp.variant, [])

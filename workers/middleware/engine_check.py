@@ -18,8 +18,8 @@ class EngineCheck(Middleware):
                 m.reject(
                     "unsupported",
                     f"the engine could not prepare this request: {type(e).__name__}: {e}"[:1000],
-                    worker.worker_id,
+                    worker,
                 )
                 continue
             if rejection is not None:
-                m.reject(rejection.reason, rejection.detail, worker.worker_id)
+                m.reject(rejection.reason, rejection.detail, worker)

@@ -1,4 +1,6 @@
-"""Validation: decode and check every record; what cannot be served goes to the dead-letter topic."""
+"""Validation: decode and check every record; what cannot be served goes to the dead-letter topic
+(and, where its id can be read, an `invalid_request` answer to its caller). It is also the one gate
+for `reply_to`: the sink writes a copy only where this middleware allowed it."""
 
 from __future__ import annotations
 
@@ -15,36 +17,51 @@ class Validation(Middleware):
             try:
                 m.request = decode_request(m.record.value or b"")
             except SchemaError as e:
-                m.reject(e.reason, e.detail, worker.worker_id)
+                m.address = e.address
+                self._allow_reply(m, exp, e.address.get("reply_to"))
+                m.reject(e.reason, e.detail, worker)
                 continue
             req = m.request
+            refused = self._allow_reply(m, exp, req.reply_to) if req.experiment == exp.name else None
             if req.experiment != exp.name:
                 m.reject(
                     "wrong_experiment",
                     f"request is for experiment {req.experiment!r}, this topic serves {exp.name!r}",
-                    worker.worker_id,
+                    worker,
                 )
+            elif refused is not None:
+                m.reject("reply_to_refused", refused, worker)
             elif req.variant is None:
                 m.reject(
                     "wrong_variant",
                     "request has no variant; publish it through an abqueue producer, which assigns one",
-                    worker.worker_id,
+                    worker,
                 )
             elif req.variant != variant.name:
                 m.reject(
                     "wrong_variant",
                     f"request is for variant {req.variant!r}, this topic serves {variant.name!r}",
-                    worker.worker_id,
+                    worker,
                 )
             elif req.max_tokens > variant.max_tokens_limit:
                 m.reject(
                     "invalid_params",
                     f"max_tokens {req.max_tokens} exceeds the variant's limit of {variant.max_tokens_limit}",
-                    worker.worker_id,
+                    worker,
                 )
             elif req.prompt_chars() > variant.max_prompt_chars:
                 m.reject(
                     "oversized_prompt",
                     f"prompt of {req.prompt_chars()} characters exceeds the variant's limit of {variant.max_prompt_chars}",
-                    worker.worker_id,
+                    worker,
                 )
+
+    @staticmethod
+    def _allow_reply(m, exp, topic: str | None) -> str | None:
+        """Sets m.reply_to where the experiment allows `topic`; returns why not otherwise."""
+        if not topic or topic == exp.response_topic:
+            return None
+        refused = exp.reply_to_refusal(topic)
+        if refused is None:
+            m.reply_to = topic
+        return refused
