@@ -17,6 +17,7 @@ DeadLetterReason = Literal[
     "oversized_prompt",
     "unsupported",
     "reply_to_refused",
+    "invalid_header",
 ]
 
 

@@ -211,3 +211,53 @@ def test_a_producer_refuses_a_reply_to_the_experiment_does_not_allow(settings):
             )
     finally:
         publisher.close()
+
+
+class _RawHeaderKey(str):
+    """A header key kafka-python sends as these bytes, whatever they are (its producer only sends UTF-8)."""
+
+    def __new__(cls, raw: bytes):
+        key = super().__new__(cls, "raw")
+        key.raw = raw
+        return key
+
+    def encode(self, *args, **kwargs) -> bytes:  # type: ignore[override]
+        return self.raw
+
+
+def test_a_header_key_that_is_not_utf8_is_dead_lettered_and_the_partition_moves_on(settings, thread_worker):
+    """kafka-python decodes header keys strictly inside poll(); one such record used to stop the worker
+    and every replacement at the same offset."""
+    from kafka_helpers import committed, wait_until
+
+    exp = ExperimentConfig(
+        name=f"hk{__import__('uuid').uuid4().hex[:8]}", partitions=1, variants=[{"name": "a", "weight": 100}]
+    )
+    ensure_topics(settings, exp)
+
+    def req(rid):
+        return InferenceRequest(id=rid, experiment=exp.name, routing_key=rid, variant="a", prompt=rid, max_tokens=8)
+
+    p = producer(settings)
+    p.send(exp.request_topic("a"), key=b"k", value=encode(req("before")))
+    p.send(
+        exp.request_topic("a"), key=b"k", value=encode(req("hostile")), headers=[(_RawHeaderKey(b"\xff\xfeid"), b"v")]
+    )
+    p.send(exp.request_topic("a"), key=b"k", value=encode(req("after")))
+    p.flush()
+    p.close()
+    with AbqClient(settings, exp) as client:
+        client.listener._consumer.seek_to_beginning()
+        with thread_worker(exp, "a") as worker:
+            got = client.wait({"before", "hostile", "after"}, timeout=30)
+            wait_until(
+                lambda: committed(settings, exp.consumer_group("a"), exp.request_topic("a")) == {0: 3},
+                15,
+                "commit to the end",
+            )
+            assert not worker.stopping
+    assert got["before"].response.ok and got["after"].response.ok
+    err = got["hostile"].response.error
+    assert err.code == "invalid_request" and "invalid_header" in err.message and r"\xff\xfeid" in err.message
+    [letter] = dead_letters(settings, exp.deadletter_topic, expect=1)
+    assert letter.reason == "invalid_header" and letter.request_id == "hostile" and letter.source_offset == 1

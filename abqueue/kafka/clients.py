@@ -9,6 +9,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
 from abqueue.errors import AbqError
+from abqueue.kafka.header_keys import read_unreadable_header_keys
 from abqueue.kafka.settings import KafkaSettings
 
 
@@ -66,6 +67,7 @@ def producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
 
 
 def consumer(settings: KafkaSettings, *topics: str, **overrides: Any) -> KafkaConsumer:
+    read_unreadable_header_keys()  # one record with a non-UTF-8 header key must not stop every poll
     return _build(
         KafkaConsumer, settings, {"enable_auto_commit": False, "auto_offset_reset": "earliest"}, overrides, *topics
     )

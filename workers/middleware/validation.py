@@ -4,6 +4,7 @@ for `reply_to`: the sink writes a copy only where this middleware allowed it."""
 
 from __future__ import annotations
 
+from abqueue.kafka.header_keys import unreadable_header_keys
 from schemas import SchemaError, decode_request
 from workers.middleware import Middleware
 
@@ -23,7 +24,13 @@ class Validation(Middleware):
                 continue
             req = m.request
             refused = self._allow_reply(m, exp, req.reply_to) if req.experiment == exp.name else None
-            if req.experiment != exp.name:
+            if unreadable := unreadable_header_keys(m.record.headers):
+                m.reject(
+                    "invalid_header",
+                    f"header key {unreadable[0]!r} is not UTF-8; Kafka header keys are strings",
+                    worker,
+                )
+            elif req.experiment != exp.name:
                 m.reject(
                     "wrong_experiment",
                     f"request is for experiment {req.experiment!r}, this topic serves {exp.name!r}",
