@@ -137,7 +137,7 @@ def measure(settings, addr, args, delivery: str) -> dict:
             sent = set()
             t0 = time.perf_counter()
             for i in range(args.requests):
-                req, _ = client.publisher.publish(request(exp, 100_000 + i))
+                req, _ = client.publish(request(exp, 100_000 + i))
                 sent.add(req.id)
             client.publisher.flush()
             done = client.wait(sent, timeout=600)

@@ -45,9 +45,7 @@ def main() -> int:
         with AbqClient(settings, exp) as client:
             ids = set()
             for i in range(args.requests):
-                req, _ = client.publisher.publish(
-                    InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=f"r {i}")
-                )
+                req, _ = client.publish(InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=f"r {i}"))
                 ids.add(req.id)
             client.publisher.flush()
             worker = start_worker(exp, addr, "a", *flags)

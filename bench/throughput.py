@@ -148,7 +148,7 @@ def through_kafka(
             sent, done = {}, {}
             t0 = time.perf_counter()
             for i, text in enumerate(texts):
-                r, _ = client.publisher.publish(req(i, text))
+                r, _ = client.publish(req(i, text))
                 sent[r.id] = time.perf_counter()
             client.publisher.flush()
             client.wait(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 
@@ -21,7 +22,11 @@ class ReplyTimeout(AbqError, TimeoutError):
 
 class AbqClient:
     """One experiment's producer plus a listener on its responses (or a `reply_to`) topic. One
-    client may be shared by threads: `submit` and `wait` hand each caller its own replies."""
+    client may be shared by threads: `submit` and `wait` hand each caller its own replies.
+
+    Request ids are the caller's to choose, so two callers can use the same ones (two batch jobs
+    numbering lines 1..N). Every request a client publishes carries its `caller_tag`, which workers
+    copy to the response, and a client takes only responses with its own tag."""
 
     def __init__(
         self,
@@ -31,9 +36,15 @@ class AbqClient:
         start_offsets: dict[int, int] | None = None,
         create_topics: bool = True,
         follow: bool = False,
+        tag: str | None = None,
+        accept_untagged: bool = False,
     ):
-        """follow: take weights, overrides and new variants from the live config topic as they are applied."""
+        """follow: take weights, overrides and new variants from the live config topic as they are applied.
+        tag: this client's caller_tag (a fresh random one by default; a batch job keeps one across reruns).
+        accept_untagged: also take responses without a tag, to requests published by other means."""
         self.experiment = experiment
+        self.tag = tag or uuid.uuid4().hex
+        self.accept_untagged = accept_untagged
         self.follower = None
         if follow:
             from abqueue.control.live_config import ConfigFollower
@@ -51,7 +62,7 @@ class AbqClient:
     def submit(self, request: InferenceRequest, timeout: float = 60.0, traceparent: str | None = None) -> Reply:
         """Publish one request and block until its response arrives (or ReplyTimeout)."""
         with self.expecting({request.id}):  # before publishing: another thread may read the reply first
-            request, future = self.publisher.publish(request, traceparent)
+            request, future = self.publish(request, traceparent)
             future.get(timeout=timeout)
             replies = self.wait({request.id}, timeout)
         if request.id not in replies:
@@ -60,6 +71,14 @@ class AbqClient:
                 f"variant {request.variant} (`abq worker --variant {request.variant}`)?"
             )
         return replies[request.id]
+
+    def publish(self, request: InferenceRequest, traceparent: str | None = None):
+        """Publish without waiting, tagged as this client's; returns the assigned request and the send's future."""
+        return self.publisher.publish(request.model_copy(update={"caller_tag": self.tag}), traceparent)
+
+    def mine(self, reply: Reply) -> bool:
+        tag = reply.response.caller_tag
+        return tag == self.tag or (tag is None and self.accept_untagged)
 
     @contextlib.contextmanager
     def expecting(self, ids: set[str]) -> Iterator[None]:
@@ -91,6 +110,8 @@ class AbqClient:
                 if self._reading.acquire(timeout=0.1):  # kafka-python's consumer is not thread-safe
                     try:
                         for reply in self.listener.poll(timeout_ms=100):
+                            if not self.mine(reply):
+                                continue
                             with self._state:
                                 rid = reply.response.request_id
                                 if self._waiting[rid] and rid not in self._arrived:

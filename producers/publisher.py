@@ -71,7 +71,12 @@ class RequestPublisher:
                 f"{experiment.name!r}; pass the matching --config"
             )
         if request.variant is not None:
-            experiment.variant(request.variant)  # raises ConfigError naming the known variants
+            pinned = experiment.variant(request.variant)  # raises ConfigError naming the known variants
+            if pinned.shadow_of is not None:
+                raise ConfigError(
+                    f"request {request.id} is pinned to {pinned.name!r}, a shadow of {pinned.shadow_of!r} whose "
+                    f"answers no caller receives; pin it to {pinned.shadow_of!r} (its requests are copied to the shadow)"
+                )
             return request if request.assigned_by else request.model_copy(update={"assigned_by": "pinned"})
         variant, by = assign(experiment, request.routing_key, request.metadata)
         return request.model_copy(update={"variant": variant, "assigned_by": by})

@@ -26,7 +26,7 @@ class SchemaError(AbqError, ValueError):
 
 # Where an invalid request can still be answered: the fields a caller waits on, where they are
 # readable strings of the lengths the contract allows (whatever else is wrong with the record).
-_ADDRESS_FIELDS = {"id": 256, "routing_key": 512, "reply_to": 249}
+_ADDRESS_FIELDS = {"id": 256, "routing_key": 512, "reply_to": 249, "caller_tag": 64}
 
 
 def _address(obj: dict) -> dict[str, str]:

@@ -53,6 +53,12 @@ class InferenceRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_N)
     deadline: float | None = Field(default=None, description="absolute Unix time in seconds")
     reply_to: str | None = Field(default=None, max_length=249, description="extra topic for the response")
+    caller_tag: str | None = Field(
+        default=None,
+        max_length=64,
+        description="set by the client that waits for the answer and copied to the response, so that a client "
+        "takes only answers meant for it even where another caller uses the same ids",
+    )
     priority: Priority = Field(default="normal", description="high, normal or batch; higher levels are served first")
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time, description="Unix time in seconds")

@@ -61,6 +61,7 @@ class InferenceResponse(BaseModel):
     timings: Timings
     worker_id: str
     error: ErrorInfo | None = None
+    caller_tag: str | None = Field(default=None, description="copied from the request")
 
     @model_validator(mode="after")
     def _outputs_or_error(self) -> InferenceResponse:

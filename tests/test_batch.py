@@ -12,7 +12,7 @@ from conftest import REPO, abq_cmd, new_experiment, write_config
 from kafka_helpers import committed, end_offsets, wait_until
 
 from abqueue.kafka import ensure_topics
-from producers.batch import BatchInputError, read_items
+from producers.batch import BatchInputError, scan_input
 
 
 def _openai_lines(n, start=0):
@@ -143,7 +143,7 @@ def test_duplicate_ids_are_refused_up_front_with_their_line_numbers(tmp_path):
     inp = tmp_path / "dup.jsonl"
     _write(inp, [{"id": "x", "prompt": "1"}, {"id": "y", "prompt": "2"}, {"id": "x", "prompt": "3"}])
     with pytest.raises(BatchInputError, match=r"duplicate ids: 'x' on lines 1, 3"):
-        read_items(inp, new_experiment())
+        scan_input(inp)
 
 
 def test_a_line_too_large_for_the_topic_goes_to_the_errors_file_and_the_rest_runs(
@@ -179,3 +179,119 @@ def test_rate_flag_spaces_submissions(settings, kafka_bootstrap, thread_worker, 
     # nine intervals, not ten, less the millisecond resolution.
     sent = sorted(line["timings"]["enqueued"] for line in _lines(out))
     assert len(sent) == 11 and sent[-1] - sent[0] >= 0.9 - 0.002
+
+
+def test_lines_that_can_never_finish_go_to_the_errors_file_with_their_line_numbers(
+    settings, kafka_bootstrap, thread_worker, tmp_path
+):
+    """A line for another experiment, an unknown variant or a shadow variant used to abort every rerun
+    at that line (or wait forever for an answer no caller ever gets)."""
+    exp = new_experiment(variants=(("a", 100), ("s", 0)))
+    exp.variants[1].shadow_of = "a"
+    ensure_topics(settings, exp)
+    cfg = write_config(exp, tmp_path)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(
+        inp,
+        [
+            {"id": "ok-1", "prompt": "one"},
+            {"id": "other", "experiment": "nope", "prompt": "x"},
+            {"id": "ghost", "variant": "zzz", "prompt": "x"},
+            {"id": "shadowed", "variant": "s", "prompt": "x"},
+            {"id": "elsewhere", "prompt": "x", "reply_to": "abq.experiments"},
+            {"id": "ok-2", "prompt": "two"},
+        ],
+    )
+    with thread_worker(exp, "a"):
+        code, stdout, stderr = _run_batch(kafka_bootstrap, cfg, inp, out, "--no-progress", "--timeout", "30")
+    assert code == 0, stderr
+    assert "2 ok" in stdout and "4 invalid" in stdout and "0 missing" in stdout, stdout
+    errors = {e["key"]: e for e in _lines(tmp_path / "out.errors.jsonl")}
+    assert set(errors) == {"other", "ghost", "shadowed", "elsewhere"}
+    assert [errors[k]["line"] for k in ("other", "ghost", "shadowed", "elsewhere")] == [2, 3, 4, 5]
+    assert "'nope'" in errors["other"]["error"]["message"]
+    assert "'zzz'" in errors["ghost"]["error"]["message"]
+    assert "shadow" in errors["shadowed"]["error"]["message"]
+    assert "reply_to abq.experiments" in errors["elsewhere"]["error"]["message"]
+
+
+def test_reply_to_sends_the_results_there(settings, kafka_bootstrap, thread_worker, tmp_path):
+    """--reply-to used to listen on the topic without asking workers to write there."""
+    from kafka_helpers import responses
+
+    from abqueue.kafka import admin_client
+
+    exp = new_experiment(variants=(("a", 100),))
+    ensure_topics(settings, exp)
+    replies = f"abq.{exp.name}.replies.batch"
+    admin = admin_client(settings)
+    admin.create_topics({replies: {"num_partitions": 2, "replication_factor": 1}})
+    admin.close()
+    cfg = write_config(exp, tmp_path)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(inp, [{"id": f"r{i}", "prompt": f"reply {i}"} for i in range(5)])
+    with thread_worker(exp, "a"):
+        code, stdout, stderr = _run_batch(
+            kafka_bootstrap, cfg, inp, out, "--no-progress", "--timeout", "30", "--reply-to", replies
+        )
+    assert code == 0 and "5 ok" in stdout, (stdout, stderr)
+    assert {r.request_id for r in responses(settings, replies, expect=5)} == {f"r{i}" for i in range(5)}
+
+
+def test_a_torn_last_line_is_repaired_on_resume(settings, kafka_bootstrap, thread_worker, tmp_path):
+    """kill -9 mid-write leaves half a line; the next result used to be appended to it, so that id was
+    resubmitted on every rerun and the file could not be read."""
+    exp = new_experiment(variants=(("a", 100),))
+    ensure_topics(settings, exp)
+    cfg = write_config(exp, tmp_path)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(inp, [{"id": f"t{i}", "prompt": f"torn {i}"} for i in range(4)])
+    whole = orjson.dumps({"request_id": "t0", "outputs": ["torn 0"]}) + b"\n"
+    out.write_bytes(whole + b'{"request_id": "t1", "outp')
+    with thread_worker(exp, "a"):
+        code, stdout, stderr = _run_batch(kafka_bootstrap, cfg, inp, out, "--no-progress", "--timeout", "30")
+    assert code == 0, stderr
+    assert "1 already done" in stdout and "3 submitted" in stdout, stdout
+    assert Counter(line["request_id"] for line in _lines(out)) == {f"t{i}": 1 for i in range(4)}
+
+
+def test_two_jobs_with_the_same_ids_each_get_their_own_results(settings, kafka_bootstrap, thread_worker, tmp_path):
+    """Both jobs read the same responses topic; ids 1..N collide, and each must keep only its own answers."""
+    exp = new_experiment(variants=(("a", 100),))
+    ensure_topics(settings, exp)
+    cfg = write_config(exp, tmp_path)
+    jobs = {}
+    for name in ("left", "right"):
+        inp = tmp_path / f"{name}.jsonl"
+        _write(inp, [{"id": str(i), "prompt": f"{name} {i}"} for i in range(40)])
+        jobs[name] = (inp, tmp_path / f"{name}.out.jsonl")
+    with thread_worker(exp, "a"):
+        procs = {
+            name: _run_batch(kafka_bootstrap, cfg, inp, out, "--no-progress", "--timeout", "60", wait=False)
+            for name, (inp, out) in jobs.items()
+        }
+        for proc in procs.values():
+            _, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == 0, stderr.decode()
+    for name, (_, out) in jobs.items():
+        got = {line["request_id"]: line["outputs"] for line in _lines(out)}
+        assert got == {str(i): [f"{name} {i}"] for i in range(40)}, name
+
+
+def test_a_rerun_waits_for_what_is_queued_instead_of_submitting_it_again(settings, kafka_bootstrap, tmp_path):
+    """With no worker, a rerun used to submit everything still queued again (double the GPU work);
+    and --max-pending bounds what one job keeps in flight, and so its memory."""
+    exp = new_experiment(variants=(("a", 100),))
+    ensure_topics(settings, exp)
+    cfg = write_config(exp, tmp_path)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(inp, [{"id": f"q{i}", "prompt": f"queued {i}"} for i in range(30)])
+    code, stdout, _ = _run_batch(
+        kafka_bootstrap, cfg, inp, out, "--no-progress", "--timeout", "2", "--max-pending", "12"
+    )
+    assert code == 1 and "12 submitted" in stdout and "30 missing" in stdout, stdout
+    code, stdout, _ = _run_batch(
+        kafka_bootstrap, cfg, inp, out, "--no-progress", "--timeout", "2", "--max-pending", "12"
+    )
+    assert code == 1 and "0 submitted" in stdout, stdout
+    assert sum(end_offsets(settings, exp.request_topic("a", "batch")).values()) == 12

@@ -10,10 +10,10 @@ from producers.replies import Reply
 from schemas import InferenceRequest, InferenceResponse
 
 
-def _reply(rid: str) -> Reply:
+def _reply(rid: str, tag: str | None = "me", output: str = "x") -> Reply:
     response = InferenceResponse(
-        request_id=rid, experiment="e", variant="a", model="m", outputs=["x"], finish_reason="stop",
-        timings={"enqueued": 1.0, "dequeued": 1.0, "finished": 2.0}, worker_id="w",
+        request_id=rid, experiment="e", variant="a", model="m", outputs=[output], finish_reason="stop",
+        timings={"enqueued": 1.0, "dequeued": 1.0, "finished": 2.0}, worker_id="w", caller_tag=tag,
     )  # fmt: skip
     return Reply(response, None, 0, 0)
 
@@ -33,14 +33,11 @@ def test_a_reply_read_by_another_thread_before_its_caller_waits_is_kept_for_it()
 
     class Publisher:  # the reply comes back at once, and is read by the other thread before submit waits
         def publish(self, request, traceparent=None):
-            arrived.put(_reply(request.id))
+            arrived.put(_reply(request.id, request.caller_tag))
             assert handed_out.wait(5), "the other thread did not read the reply"
             return request, SimpleNamespace(get=lambda timeout=None: None)
 
-    client = AbqClient.__new__(AbqClient)  # the reply bookkeeping alone: no Kafka behind it
-    client.listener, client.publisher = Listener(), Publisher()
-    client._reading, client._state = threading.Lock(), threading.Lock()
-    client._waiting, client._arrived = Counter(), {}
+    client = _bookkeeping(Listener(), Publisher())
     other = threading.Thread(target=client.wait, args=({"theirs"}, 5.0))
     other.start()
     reply = client.submit(InferenceRequest(id="mine", experiment="e", routing_key="k", prompt="p"), timeout=5)
@@ -48,3 +45,28 @@ def test_a_reply_read_by_another_thread_before_its_caller_waits_is_kept_for_it()
     other.join(5)
     assert reply.response.request_id == "mine"
     assert not client._waiting and not client._arrived  # nothing kept once nobody waits
+
+
+def _bookkeeping(listener, publisher) -> AbqClient:
+    client = AbqClient.__new__(AbqClient)  # the reply bookkeeping alone: no Kafka behind it
+    client.listener, client.publisher = listener, publisher
+    client._reading, client._state = threading.Lock(), threading.Lock()
+    client._waiting, client._arrived = Counter(), {}
+    client.tag, client.accept_untagged = "me", False
+    return client
+
+
+def test_a_client_takes_only_replies_tagged_for_it():
+    """Another caller used the same id: its answer (another tag, or none) is not this client's."""
+
+    class Listener:
+        def poll(self, timeout_ms=100):
+            yield _reply("1", tag="someone-else", output="theirs")
+            yield _reply("1", tag=None, output="untagged")
+            yield _reply("1", tag="me", output="mine")
+
+    client = _bookkeeping(Listener(), None)
+    got = client.wait({"1"}, timeout=2)
+    assert got["1"].response.outputs == ["mine"]
+    client.accept_untagged = True
+    assert client.wait({"1"}, timeout=2)["1"].response.outputs == ["untagged"]

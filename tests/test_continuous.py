@@ -20,7 +20,7 @@ def _publish(client, exp, n, prefix="r", words=lambda i: 1, partitions=None, **f
     ids, sends = [], []
     for i in range(n):
         prompt = " ".join([f"{prefix}{i}"] * words(i))
-        req, future = client.publisher.publish(
+        req, future = client.publish(
             InferenceRequest(experiment=exp.name, routing_key=f"{prefix}{i}", prompt=prompt, **fields)
         )
         ids.append(req.id)

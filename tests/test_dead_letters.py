@@ -50,7 +50,7 @@ def test_garbage_wrong_schema_and_oversized_records_are_dead_lettered_and_valid_
     p.flush()
     p.close()
 
-    with AbqClient(settings, exp) as client:
+    with AbqClient(settings, exp, accept_untagged=True) as client:
         client.listener._consumer.seek_to_beginning()
         with thread_worker(exp, "a", max_batch=4) as worker:
             got = client.wait(set(good_ids), timeout=30)
@@ -97,7 +97,7 @@ def test_records_kafka_would_refuse_are_made_to_fit_instead_of_blocking_the_part
         p.send(exp.request_topic("a"), key=b"k", value=value)
     p.flush()
     p.close()
-    with AbqClient(settings, exp) as client:
+    with AbqClient(settings, exp, accept_untagged=True) as client:
         client.listener._consumer.seek_to_beginning()
         with thread_worker(exp, "a", max_batch=1):
             got = client.wait({huge_response.id, lost_reply_to.id, after.id}, timeout=60)
@@ -157,7 +157,7 @@ def test_bad_requests_are_answered_with_the_reason_and_reply_to_reaches_only_all
         p.send(exp.request_topic("a"), key=b"k", value=value)
     p.flush()
     p.close()
-    with AbqClient(settings, exp) as client:
+    with AbqClient(settings, exp, accept_untagged=True) as client:
         client.listener._consumer.seek_to_beginning()
         with thread_worker(exp, "a"):
             got = client.wait(set(records), timeout=30)
@@ -246,7 +246,7 @@ def test_a_header_key_that_is_not_utf8_is_dead_lettered_and_the_partition_moves_
     p.send(exp.request_topic("a"), key=b"k", value=encode(req("after")))
     p.flush()
     p.close()
-    with AbqClient(settings, exp) as client:
+    with AbqClient(settings, exp, accept_untagged=True) as client:
         client.listener._consumer.seek_to_beginning()
         with thread_worker(exp, "a") as worker:
             got = client.wait({"before", "hostile", "after"}, timeout=30)

@@ -85,7 +85,7 @@ def test_a_new_variant_gets_its_topics_and_traffic_without_a_restart(settings):
             assert set(grown.request_topics("b").values()) <= set(admin.list_topics())
         finally:
             admin.close()
-        req, fut = client.publisher.publish(InferenceRequest(experiment=exp.name, routing_key="k", prompt="x"))
+        req, fut = client.publish(InferenceRequest(experiment=exp.name, routing_key="k", prompt="x"))
         routed = [
             client.publisher.assign(InferenceRequest(experiment=exp.name, routing_key=f"k{i}", prompt="x"))
             for i in range(200)
@@ -182,9 +182,7 @@ def test_a_shadow_variant_answers_copies_apart_and_callers_only_see_the_real_ans
     ids = []
     with thread_worker(exp, "control"), thread_worker(exp, "shadow"), AbqClient(settings, exp) as client:
         for i in range(200):
-            req, _ = client.publisher.publish(
-                InferenceRequest(experiment=exp.name, routing_key=f"user-{i}", prompt="hi")
-            )
+            req, _ = client.publish(InferenceRequest(experiment=exp.name, routing_key=f"user-{i}", prompt="hi"))
             ids.append(req.id)
         client.publisher.flush()
         seen = []
@@ -255,9 +253,7 @@ def test_a_following_worker_applies_new_limits_without_a_restart(settings):
             )
             live_config.apply(settings, tighter)
             wait_until(lambda: worker.variant.max_prompt_chars == 100, 5, "the new limit in the worker")
-            req, fut = client.publisher.publish(
-                InferenceRequest(experiment=exp.name, routing_key="u", prompt=long_prompt)
-            )
+            req, fut = client.publish(InferenceRequest(experiment=exp.name, routing_key="u", prompt=long_prompt))
             fut.get(timeout=10)
             letters = dead_letters(settings, exp.deadletter_topic, expect=1, timeout=20)
     finally:

@@ -25,7 +25,7 @@ def test_n_requests_over_two_variants_get_exactly_n_responses_from_the_assigned_
     ):
         sent = {}
         for i in range(n):
-            req, _ = client.publisher.publish(
+            req, _ = client.publish(
                 InferenceRequest(
                     experiment=experiment.name,
                     routing_key=f"user-{i % users}",
@@ -97,12 +97,12 @@ def test_oversized_request_is_refused_at_the_producer_with_a_clear_error(setting
         AbqClient(settings, experiment) as client,
         pytest.raises(RequestTooLarge, match=r"accepts at most 1048588 \(max.message.bytes\); shorten the prompt"),
     ):
-        client.publisher.publish(InferenceRequest(experiment=experiment.name, routing_key="u", prompt="x" * 1_100_000))
+        client.publish(InferenceRequest(experiment=experiment.name, routing_key="u", prompt="x" * 1_100_000))
 
 
 def test_expired_requests_get_an_expired_error_response(settings, experiment, thread_worker):
     with AbqClient(settings, experiment) as client:
-        req, fut = client.publisher.publish(
+        req, fut = client.publish(
             InferenceRequest(
                 experiment=experiment.name, routing_key="late", prompt="too late", deadline=time.time() + 0.2
             )
@@ -122,9 +122,7 @@ def test_transient_engine_failures_are_retried_and_bad_requests_get_error_respon
     with thread_worker(exp, "a", max_batch=8), AbqClient(settings, exp) as client:
         ids = set()
         for i in range(40):
-            req, _ = client.publisher.publish(
-                InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=f"p {i}")
-            )
+            req, _ = client.publish(InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=f"p {i}"))
             ids.add(req.id)
         client.publisher.flush()
         got = client.wait(ids, timeout=60)

@@ -28,9 +28,7 @@ def test_worker_survives_a_broker_that_stops_answering_for_12_seconds(tmp_path):
         ):
             ids = set()
             for i in range(300):
-                req, _ = client.publisher.publish(
-                    InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=f"p {i}")
-                )
+                req, _ = client.publish(InferenceRequest(experiment=exp.name, routing_key=f"u{i}", prompt=f"p {i}"))
                 ids.add(req.id)
             client.publisher.flush()
             got = {}

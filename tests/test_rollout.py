@@ -25,7 +25,7 @@ class Traffic:
     def _run(self):
         i = 0
         while not self.stop.is_set():
-            self.client.publisher.publish(
+            self.client.publish(
                 InferenceRequest(experiment=self.exp.name, routing_key=f"user-{i}", prompt="hello there")
             )
             i += 1

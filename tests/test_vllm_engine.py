@@ -108,7 +108,7 @@ def test_vllm_worker_serves_dead_letters_and_survives_a_kill_9_or_drains_on_sigt
     sampler.start()
     with AbqClient(settings, exp) as client:
         for r in reqs:
-            client.publisher.publish(r)
+            client.publish(r)
         client.publisher.flush()
         got = client.wait({r.id for r in reqs[:3]}, timeout=300)
     sampling.set()
@@ -153,7 +153,7 @@ def test_vllm_worker_serves_dead_letters_and_survives_a_kill_9_or_drains_on_sigt
     with AbqClient(settings, exp) as client:
         more, offset_of = set(), {}
         for i in range(40):  # several batches of --max-batch 8: SIGTERM meets work with the engine
-            req, sent = client.publisher.publish(
+            req, sent = client.publish(
                 InferenceRequest(experiment=exp.name, routing_key=f"d{i}", prompt=f"request {i}", max_tokens=48)
             )
             more.add(req.id)

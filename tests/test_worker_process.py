@@ -16,7 +16,7 @@ from schemas import InferenceRequest
 def _publish(client, exp, n, prefix="r"):
     ids = []
     for i in range(n):
-        req, _ = client.publisher.publish(
+        req, _ = client.publish(
             InferenceRequest(experiment=exp.name, routing_key=f"{prefix}{i}", prompt=f"{prefix} {i}")
         )
         ids.append(req.id)

@@ -123,6 +123,7 @@ class Message:
             ),
             worker_id=worker_id,
             error=error,
+            caller_tag=req.caller_tag if req else self.address.get("caller_tag"),
         )
 
     def answer_completion(self, *, variant: str, model: str, worker_id: str) -> None:

@@ -28,7 +28,20 @@ def register(sub) -> None:
         "--timeout", type=float, default=600.0, help="seconds to wait for results after the last submit (default 600)"
     )
     p.add_argument(
-        "--reply-to", default=None, help="read results from this topic instead of the experiment's responses topic"
+        "--reply-to",
+        default=None,
+        help="have workers write results to this topic too (one of the experiment's reply_topics) and read them there",
+    )
+    p.add_argument(
+        "--max-pending",
+        type=int,
+        default=10_000,
+        help="requests submitted and not yet answered at most; bounds the job's memory (default 10000)",
+    )
+    p.add_argument(
+        "--resubmit",
+        action="store_true",
+        help="submit again what an earlier run had in Kafka but got no result for (e.g. its topic was emptied)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     options.add_kafka_flags(p)
@@ -42,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"input {args.input} does not exist; pass a JSONL file")
     if args.rate is not None and args.rate <= 0:
         raise UsageError("--rate must be > 0")
+    if args.max_pending < 1:
+        raise UsageError("--max-pending must be at least 1")
     job = BatchJob(
         options.kafka_settings(args),
         options.experiment(args),
@@ -52,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         reply_topic=args.reply_to,
         progress=not args.no_progress,
+        max_pending=args.max_pending,
+        resubmit=args.resubmit,
     )
     s = job.run()
     print(summary_line(s, args.out))

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                 prompt=f"request {i}: tell user {i % args.users} something about queues",
                 max_tokens=16,
             )
-            req, _ = client.publisher.publish(req)
+            req, _ = client.publish(req)
             sent_at[req.id] = time.monotonic()
         client.publisher.flush()
         latencies: dict[str, list[float]] = {v.name: [] for v in exp.variants}
