@@ -31,6 +31,9 @@ class DeadLetter(BaseModel):
     source_partition: int
     source_offset: int
     original_key_b64: str | None = None
+    original_key_truncated: bool = Field(
+        default=False, description="true when only the key's first bytes are kept (here and as the record's key)"
+    )
     original_value_b64: str = Field(description="the record's value exactly as consumed, base64")
     original_value_truncated: bool = Field(
         default=False, description="true when only the value's first bytes are kept, to fit the dead-letter topic"

@@ -62,6 +62,9 @@ class InferenceResponse(BaseModel):
     worker_id: str
     error: ErrorInfo | None = None
     caller_tag: str | None = Field(default=None, description="copied from the request")
+    reply_error: str | None = Field(
+        default=None, description="why the request's reply_to did not get a copy; this response is the only one"
+    )
 
     @model_validator(mode="after")
     def _outputs_or_error(self) -> InferenceResponse:

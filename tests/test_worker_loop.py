@@ -505,3 +505,80 @@ def test_a_draining_worker_still_takes_part_in_a_rebalance(stub_worker):
         engine.finish(slow.id)  # its partition has moved: the new owner answers it
         w.thread.join(5)
     assert w.responses() == [] and sent_more.id not in {r.id for r, _ in engine.running.values()}
+
+
+def test_an_acknowledged_response_is_never_sent_again_while_its_reply_copy_fails(stub_worker):
+    """A publish that half failed used to be redone whole every cycle: the acknowledged response
+    went out again each time, while the partition stayed uncommitted."""
+    exp = new_experiment(partitions=1)
+    tp = TopicPartition(exp.request_topic("a"), 0)
+    replies = f"abq.{exp.name}.replies.me"
+    w = stub_worker(exp)
+    w.broker.create_topic(replies)
+    with w:
+        w.worker.delivery.sink.attempts = 1
+        w.broker.fail_sends(times=1000, topic=replies)
+        first = w.send(prompt="first", reply_to=replies)
+        w.broker.wait_for(lambda: w.broker.refused >= 4, what="the reply copy tried again")
+        later = [w.send(prompt=f"later {i}") for i in range(3)]
+        w.wait_responses(4)
+        assert w.committed().get(tp, 0) == 0, "committed past a reply copy Kafka did not take"
+        w.broker.clear_faults()
+        w.broker.wait_for(lambda: w.committed().get(tp) == 4, what="commit once the copy landed")
+    ids = Counter(r.request_id for r in w.responses())
+    assert ids == Counter([first.id] + [r.id for r in later]), "a response went out more than once"
+    assert len(w.broker.records(replies)) == 1
+
+
+def test_a_reply_topic_that_is_gone_or_too_small_never_stalls_the_partition(stub_worker):
+    """The caller learns why on the responses topic (reply_error); the partition moves on."""
+    exp = new_experiment(partitions=1)
+    tp = TopicPartition(exp.request_topic("a"), 0)
+    small, doomed = f"abq.{exp.name}.replies.small", f"abq.{exp.name}.replies.doomed"
+    w = stub_worker(exp)
+    w.broker.create_topic(small, max_message_bytes=200)
+    w.broker.create_topic(doomed)
+    with w:
+        to_small = w.send(prompt="a response larger than two hundred bytes", reply_to=small)
+        before = w.send(prompt="before", reply_to=doomed)
+        w.wait_responses(2)
+        w.broker.delete_topic(doomed)  # after first use: the sink has seen it exist
+        after = w.send(prompt="after", reply_to=doomed)
+        w.wait_responses(3)
+        w.broker.wait_for(lambda: w.committed().get(tp) == 3, what="the partition committed to its end")
+    got = {r.request_id: r for r in w.responses()}
+    assert set(got) == {to_small.id, before.id, after.id} and len(w.responses()) == 3
+    assert all(r.ok for r in got.values())
+    assert "max.message.bytes" in got[to_small.id].reply_error and small in got[to_small.id].reply_error
+    assert got[before.id].reply_error is None
+    assert w.broker.records(small) == []
+
+
+def test_a_dead_letter_with_a_huge_key_is_made_to_fit(stub_worker):
+    exp = new_experiment(partitions=1)
+    tp = TopicPartition(exp.request_topic("a"), 0)
+    with stub_worker(exp) as w:
+        w.broker.produce(exp.request_topic("a"), b"not json", key=b"k" * 900_000)
+        w.send(prompt="next")
+        w.wait_responses(1)
+        w.broker.wait_for(lambda: w.committed().get(tp) == 2, what="the partition moved on")
+    [letter] = w.dead_letters()
+    assert letter.reason == "not_json" and letter.original_key_truncated
+
+
+def test_exactly_once_gets_past_a_reply_topic_deleted_after_first_use(stub_worker):
+    """The same record used to abort every transaction until the topic list went stale (30 s)."""
+    exp = new_experiment(partitions=1)
+    tp = TopicPartition(exp.request_topic("a"), 0)
+    doomed = f"abq.{exp.name}.replies.doomed"
+    w = stub_worker(exp, delivery="exactly-once")
+    w.broker.create_topic(doomed)
+    with w:
+        w.send(prompt="before", reply_to=doomed)
+        w.wait_responses(1)
+        w.broker.delete_topic(doomed)
+        after = w.send(prompt="after", reply_to=doomed)
+        w.broker.wait_for(lambda: w.committed().get(tp) == 2, timeout=3, what="the transaction past the gone topic")
+    got = {r.request_id: r for r in w.responses()}
+    assert f"reply_to topic {doomed} does not exist" in got[after.id].reply_error
+    assert w.producer.transactions["aborted"] == 1

@@ -103,10 +103,12 @@ class AtLeastOnce(Delivery):
         try:
             self.sink.publish(ready)
         except PublishFailed as e:
-            # Nothing is committed past these records; keep them and publish again shortly.
-            log.error("could not publish %d responses (%s); retrying in %.1fs", len(ready), e, self.retry_after_s)
-            self._held, self._retry_at = ready, time.monotonic() + self.retry_after_s
-            return []
+            # Nothing is committed past the messages still out; they are tried again shortly, and
+            # only with what Kafka has not acknowledged of them. The rest counts as answered.
+            log.error("could not publish %d responses (%s); retrying in %.1fs", len(e.messages), e, self.retry_after_s)
+            self._held, self._retry_at = e.messages, time.monotonic() + self.retry_after_s
+            out = {id(m) for m in e.messages}
+            ready = [m for m in ready if id(m) not in out]
         for m in ready:
             self.tracker.answer(_tp(m), m.record.offset)
         _, points = self.tracker.release()

@@ -30,6 +30,7 @@ class Message:
     engine_dead: EngineDead | None = None  # the engine died with it: no answer, the offset stays unanswered
     address: dict[str, str] = field(default_factory=dict)  # id, routing_key, reply_to of an undecodable request
     reply_to: str | None = None  # a reply topic validation allowed; the sink writes nowhere else
+    outbox: list | None = None  # records of its answer Kafka has not acknowledged yet (built at first publish)
 
     @property
     def done(self) -> bool:

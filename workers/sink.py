@@ -3,7 +3,9 @@
 A record Kafka would refuse for good must not come back forever (the batch would be rewound and
 retried without end), so what cannot fit its topic is made to fit first: a response too large
 becomes a `too_large` error response, a dead letter keeps only the first bytes of the original
-value, and a `reply_to` topic that does not exist is skipped (the responses topic still gets it).
+key and value, and a `reply_to` topic that does not exist or is too small gets no copy (the response
+on the responses topic says why, in `reply_error`). A failure stays with its record: what Kafka
+acknowledged is never sent again.
 """
 
 from __future__ import annotations
@@ -11,7 +13,13 @@ from __future__ import annotations
 import logging
 import time
 
-from kafka.errors import KafkaError, ProducerFencedError
+from kafka.errors import (
+    InvalidTopicError,
+    KafkaError,
+    ProducerFencedError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 
 from abqueue.errors import AbqError
 from abqueue.kafka import RECORD_OVERHEAD, record_size, tracing
@@ -25,7 +33,9 @@ TOPIC_LIST_TTL_S = 30.0
 
 
 class PublishFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, messages: list | None = None):
+        super().__init__(message)
+        self.messages = messages or []  # those with records still unacknowledged
 
 
 class Fenced(AbqError):
@@ -34,6 +44,12 @@ class Fenced(AbqError):
 
 class TransactionFailed(RuntimeError):
     """The transaction was aborted: none of its responses or offsets count; consume them again."""
+
+
+Rec = tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]  # topic, key, value, headers
+
+DEAD_LETTER_KEY_BYTES = 1024  # a dead letter's record key: the original's first bytes at most
+REPLY_COPY_GONE = (UnknownTopicOrPartitionError, InvalidTopicError, TopicAuthorizationFailedError)
 
 
 class ResponseSink:
@@ -54,14 +70,20 @@ class ResponseSink:
         self._topics: set[str] = set()
         self._topics_at = float("-inf")
 
-    def _topic_exists(self, topic: str) -> bool:
-        if topic not in self._topics and time.monotonic() - self._topics_at > TOPIC_LIST_TTL_S:
+    def _topic_exists(self, topic: str, fresh: bool = False) -> bool:
+        # Listed again every TTL whatever it says, so a reply topic deleted after first use is noticed.
+        if fresh or time.monotonic() - self._topics_at > TOPIC_LIST_TTL_S:
             try:
                 self._topics = self._producer.topic_names()
             except Exception as e:  # a broker outage: publish again later, like an unacknowledged send
                 raise PublishFailed(f"could not list topics to check reply_to {topic}: {e}") from e
             self._topics_at = time.monotonic()
         return topic in self._topics
+
+    def _limit(self, topic: str) -> int:
+        if topic not in self._limits:
+            self._limits.update(self._producer.max_message_bytes([topic]))
+        return self._limits[topic]
 
     def _fit_response(self, m, key: bytes, headers) -> bytes:
         value = encode(m.response)
@@ -89,70 +111,135 @@ class ResponseSink:
             value = encode(m.response)
         return value
 
-    def _fit_dead_letter(self, m) -> bytes:
+    def _fit_dead_letter(self, m) -> tuple[bytes | None, bytes]:
+        key = m.record.key
+        if key is not None and len(key) > DEAD_LETTER_KEY_BYTES:
+            key = key[:DEAD_LETTER_KEY_BYTES]
         value = encode(m.dead_letter)
-        limit = self._limits[self.deadletter_topic] - RECORD_OVERHEAD - len(m.record.key or b"")
+        limit = self._limits[self.deadletter_topic] - RECORD_OVERHEAD - len(key or b"")
         if len(value) > limit:
-            original = m.dead_letter.original_value()
+            letter = m.dead_letter
+            if m.record.key is not None and len(m.record.key) > DEAD_LETTER_KEY_BYTES:
+                letter = letter.model_copy(
+                    update={"original_key_b64": DeadLetter.b64(key), "original_key_truncated": True}
+                )
+            original = letter.original_value()
+            rest = len(encode(letter)) - len(letter.original_value_b64)
             # base64 makes 3 bytes into 4: keep what fits of the original, beside the rest of the letter.
-            keep = max(0, (limit - (len(value) - len(m.dead_letter.original_value_b64))) * 3 // 4 - 3)
-            m.dead_letter = m.dead_letter.model_copy(
-                update={"original_value_b64": DeadLetter.b64(original[:keep]), "original_value_truncated": True}
-            )
-            value = encode(m.dead_letter)
-        return value
+            keep = max(0, (limit - rest) * 3 // 4 - 3)
+            if keep < len(original):
+                letter = letter.model_copy(
+                    update={"original_value_b64": DeadLetter.b64(original[:keep]), "original_value_truncated": True}
+                )
+            m.dead_letter = letter
+            value = encode(letter)
+        return key, value
 
-    def _records(self, batch):
-        for m in batch:
-            if m.dead_letter is not None:
-                yield self.deadletter_topic, m.record.key, self._fit_dead_letter(m), []
-            if m.response is None:
-                continue
-            headers = [("abq-request-id", m.response.request_id.encode())]
-            child = tracing.child_of(m.traceparent)
-            if child:
-                headers.append((tracing.HEADER, child.encode("ascii")))
-            key = (m.routing_key or m.response.request_id).encode()
+    def _reply_problem(self, topic: str, size: int) -> str | None:
+        """Why a copy cannot go to `topic` (allowed by validation), or None."""
+        if not self._topic_exists(topic):
+            return f"reply_to topic {topic} does not exist; create it before naming it"
+        limit = self._limit(topic)
+        if size > limit:
+            return f"the response of {size} bytes exceeds reply_to topic {topic}'s max.message.bytes of {limit}"
+        return None
+
+    def records(self, m) -> list[Rec]:
+        """What Kafka must acknowledge before `m` counts as answered."""
+        recs: list[Rec] = []
+        if m.dead_letter is not None:
+            recs.append((self.deadletter_topic, *self._fit_dead_letter(m), []))
+        if m.response is None:
+            return recs
+        headers = [("abq-request-id", m.response.request_id.encode())]
+        child = tracing.child_of(m.traceparent)
+        if child:
+            headers.append((tracing.HEADER, child.encode("ascii")))
+        key = (m.routing_key or m.response.request_id).encode()
+        value = self._fit_response(m, key, headers)
+        if m.reply_to and m.reply_to != self.response_topic:
+            problem = self._reply_problem(m.reply_to, record_size(key, value, headers))
+            if problem is None:
+                return [*recs, (self.response_topic, key, value, headers), (m.reply_to, key, value, headers)]
+            log.warning(
+                "request %s: %s; the response goes to %s only", m.response.request_id, problem, self.response_topic
+            )
+            m.reply_to = None
+            m.response = m.response.model_copy(update={"reply_error": problem})
             value = self._fit_response(m, key, headers)
-            yield self.response_topic, key, value, headers
-            if m.reply_to and m.reply_to != self.response_topic:
-                if self._topic_exists(m.reply_to):
-                    yield m.reply_to, key, value, headers
-                else:
-                    log.warning(
-                        "reply_to topic %s of request %s does not exist; the response went to %s only",
-                        m.reply_to,
-                        m.response.request_id,
-                        self.response_topic,
-                    )
+        return [*recs, (self.response_topic, key, value, headers)]
 
     def publish(self, batch) -> None:
-        """Returns once every record is acknowledged (acks=all); raises PublishFailed otherwise."""
-        pending = list(self._records(batch))
+        """Returns once every record of every message is acknowledged (acks=all). Each message keeps
+        in `outbox` what Kafka has not acknowledged yet, so a record is never sent again once it was;
+        raises PublishFailed naming the messages that still have records out."""
+
+        def unsent() -> list:
+            return [m for m in batch if m.outbox is None or m.outbox]
+
+        try:
+            for m in batch:
+                if m.outbox is None:
+                    m.outbox = self.records(m)
+        except PublishFailed as e:  # could not check a reply topic: nothing of these went out
+            raise PublishFailed(str(e), unsent()) from e
 
         def send_all():
-            nonlocal pending
-            futures = [(rec, self._producer.send(*rec)) for rec in pending]
+            sent = []
+            for m in batch:
+                for rec in m.outbox:
+                    try:
+                        sent.append((m, rec, self._producer.send(*rec)))
+                    except KafkaError as e:  # e.g. no metadata for the topic within max.block.ms
+                        sent.append((m, rec, _Failed(e)))
             self._producer.flush(timeout=self.ack_timeout_s)
-            failed = []
-            for rec, fut in futures:
+            errors = []
+            for m, rec, fut in sent:
                 try:
                     fut.get(timeout=self.ack_timeout_s)
+                    m.outbox.remove(rec)
                 except KafkaError as e:
-                    failed.append((rec, e))
-            if failed:
-                pending = [rec for rec, _ in failed]
-                raise PublishFailed(f"{len(failed)} of {len(futures)} records not acknowledged: {failed[0][1]}")
+                    if rec[0] == m.reply_to and self._copy_gone(m, e):
+                        m.outbox.remove(rec)
+                    else:
+                        errors.append(e)
+            if errors:
+                failed = unsent()
+                raise PublishFailed(
+                    f"{len(errors)} records of {len(failed)} messages not acknowledged: {errors[0]}", failed
+                )
 
         try:
             retrying("publish", PublishFailed, self.attempts)(send_all)
         except PublishFailed:
             raise
         except KafkaError as e:
-            raise PublishFailed(str(e)) from e
+            raise PublishFailed(str(e), unsent()) from e
+
+    def _copy_gone(self, m, error: KafkaError) -> bool:
+        """A reply copy that can never be delivered (its topic deleted since it was checked) is given
+        up: the response is safe on the responses topic, and a copy is no reason to stall a partition."""
+        try:
+            gone = isinstance(error, REPLY_COPY_GONE) or not self._topic_exists(m.reply_to, fresh=True)
+        except PublishFailed:
+            return False
+        if gone:
+            log.warning("request %s: reply_to topic %s refused its copy (%s); it was dropped, the response "
+                        "is on %s", m.response.request_id, m.reply_to, error, self.response_topic)  # fmt: skip
+        return gone
 
     def close(self, timeout: float = 10.0) -> None:
         self._producer.close(timeout=timeout)
+
+
+class _Failed:
+    """A send that failed before it had a future."""
+
+    def __init__(self, error: KafkaError):
+        self.error = error
+
+    def get(self, timeout: float | None = None):
+        raise self.error
 
 
 class TransactionalSink(ResponseSink):
@@ -168,7 +255,7 @@ class TransactionalSink(ResponseSink):
         p = self._producer
         try:
             p.begin_transaction()
-            futures = [p.send(*rec) for rec in self._records(batch)]
+            futures = [p.send(*rec) for m in batch for rec in self.records(m)]
             p.send_offsets_to_transaction(offsets, group_metadata)
             p.commit_transaction()
             for f in futures:
@@ -185,4 +272,7 @@ class TransactionalSink(ResponseSink):
                 p.abort_transaction()
             except KafkaError:
                 pass
+            # A reply topic deleted since it was listed fails every transaction that names it: list
+            # the topics afresh before the next one, which then leaves that copy out.
+            self._topics_at = float("-inf")
             raise TransactionFailed(f"{type(e).__name__}: {e}") from e

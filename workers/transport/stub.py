@@ -87,6 +87,11 @@ class StubBroker:
             self._lock.notify_all()
             return record
 
+    def delete_topic(self, name: str) -> None:
+        with self._lock:
+            self._logs.pop(name, None)
+            self._max_bytes.pop(name, None)
+
     def records(self, topic: str) -> list[StubRecord]:
         with self._lock:
             return [r for part in self._logs.get(topic, []) for r in part]
