@@ -92,6 +92,11 @@ class DeployConfig(BaseModel):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     max_inflight: int | None = Field(default=None, ge=1, description="the worker's --max-inflight")
+    delivery: Literal["at-least-once", "exactly-once"] = Field(
+        default="at-least-once",
+        description="the worker's --delivery; exactly-once runs as a StatefulSet, so that each replica slot keeps "
+        "its transactional id and a replacement fences its predecessor's open transaction",
+    )
 
 
 class PriceConfig(BaseModel):

@@ -180,3 +180,27 @@ def test_the_worker_drains_for_the_variant_s_drain_seconds_inside_the_pod_s_grac
         args = build_parser().parse_args(["worker", *container["args"]])  # the worker's own parser accepts them
         assert args.drain_seconds == v.scaling.drain_seconds
         assert pod["terminationGracePeriodSeconds"] == v.scaling.drain_seconds + 30
+
+
+def test_an_exactly_once_variant_runs_as_a_statefulset_whose_slots_keep_their_transactional_ids():
+    """A Deployment's replacement pod has a new name, so a new transactional id: it never fences the
+    killed pod's open transaction, and read_committed readers stall until that times out."""
+    exp = load_experiment(EXAMPLE)
+    v = exp.variants[0]
+    v.deploy.delivery = "exactly-once"
+    files = render(exp, Target())
+    validate_files(files)
+    sts, so = _doc(files, "StatefulSet", v.name), _doc(files, "ScaledObject", v.name)
+    assert so["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": sts["metadata"]["name"],
+    }
+    assert sts["spec"]["podManagementPolicy"] == "Parallel" and sts["spec"]["serviceName"]
+    c = sts["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][c["args"].index("--delivery") + 1] == "exactly-once"
+    assert c["args"][c["args"].index("--worker-id") + 1] == "$(POD_NAME)"
+    pod_name = next(e for e in c["env"] if e["name"] == "POD_NAME")
+    assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    other = _doc(files, "Deployment", exp.variants[1].name)  # at-least-once stays a Deployment
+    assert "--delivery" not in other["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -82,6 +82,10 @@ def _kafka_env(t: Target) -> list[dict]:
     return env
 
 
+def workload_kind(v) -> str:
+    return "StatefulSet" if v.deploy.delivery == "exactly-once" else "Deployment"
+
+
 def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
     v = exp.variant(variant)
     d, sc = v.deploy, v.scaling
@@ -90,6 +94,13 @@ def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
     args = ["--config", f"{CONFIG_DIR}/experiment.yaml", "--variant", variant, "--drain-seconds", str(sc.drain_seconds)]
     if d.max_inflight:
         args += ["--max-inflight", str(d.max_inflight)]
+    env = _kafka_env(t) + [{"name": "ABQ_LOG_LEVEL", "value": "INFO"}]
+    if d.delivery == "exactly-once":
+        # The transactional id is "<group>.<worker id>": a StatefulSet pod's name is its slot
+        # (name-0, name-1, ...), the same for its replacement, whose first transaction then fences
+        # the old pod's open one instead of leaving read_committed readers stalled until it times out.
+        args += ["--delivery", "exactly-once", "--worker-id", "$(POD_NAME)"]
+        env.insert(0, {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     requests = {"cpu": d.cpu, "memory": d.memory}
     limits = {"memory": d.memory}
     if d.gpus:
@@ -107,9 +118,15 @@ def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
         mounts.append({"name": "models", "mountPath": "/models", "readOnly": True})
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": t.models_pvc, "readOnly": True}})
     probe = {"httpGet": {"path": "/healthz", "port": "metrics"}}
+    if d.delivery == "exactly-once":
+        # Parallel: KEDA scales slots up and down together, not one at a time in order.
+        rollout = {"serviceName": _name(exp.name, variant), "podManagementPolicy": "Parallel",
+                   "updateStrategy": {"type": "RollingUpdate"}}  # fmt: skip
+    else:
+        rollout = {"strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}}
     return {
         "apiVersion": "apps/v1",
-        "kind": "Deployment",
+        "kind": workload_kind(v),
         "metadata": {
             "name": _name(exp.name, variant),
             "namespace": t.namespace,
@@ -118,7 +135,7 @@ def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
         "spec": {
             "replicas": sc.min_replicas,  # KEDA owns the count from here
             "selector": {"matchLabels": labels},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            **rollout,
             "template": {
                 "metadata": {
                     "labels": labels,
@@ -147,7 +164,7 @@ def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
                             "image": t.image,
                             "imagePullPolicy": "IfNotPresent",
                             "args": args,
-                            "env": _kafka_env(t) + [{"name": "ABQ_LOG_LEVEL", "value": "INFO"}],
+                            "env": env,
                             "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
                             # Model loading and warm-up can take minutes: liveness waits for startup.
                             "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": 90},
@@ -214,7 +231,11 @@ def scaled_object(exp: ExperimentConfig, variant: str, t: Target) -> dict:
         "kind": "ScaledObject",
         "metadata": {"name": _name(exp.name, variant), "namespace": t.namespace, "labels": _labels(exp, variant)},
         "spec": {
-            "scaleTargetRef": {"name": _name(exp.name, variant)},
+            "scaleTargetRef": {
+                "apiVersion": "apps/v1",
+                "kind": workload_kind(exp.variant(variant)),
+                "name": _name(exp.name, variant),
+            },  # fmt: skip
             "pollingInterval": sc.polling_interval,
             "cooldownPeriod": sc.cooldown_period,
             "minReplicaCount": sc.min_replicas,
