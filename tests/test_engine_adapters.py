@@ -67,3 +67,43 @@ def test_requests_sharing_a_caller_chosen_id_keep_their_own_prompts(monkeypatch)
     second = InferenceRequest(id="request-1", experiment="e", routing_key="b", prompt="seventeen")
     assert prep.check(first) is None and prep.check(second) is None
     assert prep.token_ids(first) == [3, 3, 5] and prep.token_ids(second) == [9]
+
+
+def test_aborting_a_request_cancels_its_vllm_generate_and_never_answers_it(monkeypatch):
+    """AsyncLLM.generate aborts the request in the engine (and frees its KV cache) when cancelled."""
+    import asyncio
+    import itertools
+    import threading
+
+    from schemas import InferenceRequest
+    from workers.engines import vllm_async
+    from workers.engines.vllm_async import AsyncVllmEngine
+
+    started, cancelled = threading.Event(), threading.Event()
+
+    class Stuck:
+        async def generate(self, prompt, params, request_id, **kw):
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            yield  # an async generator that never yields an output
+
+    monkeypatch.setattr(vllm_async, "sampling_params", lambda request, final_only=False: None)
+    engine = AsyncVllmEngine.__new__(AsyncVllmEngine)
+    engine.llm, engine._use_priority, engine._ids, engine._running = Stuck(), False, itertools.count(), {}
+    engine.prompt = lambda request: None
+    engine._loop = asyncio.new_event_loop()
+    threading.Thread(target=engine._loop.run_forever, daemon=True).start()
+    try:
+        results = []
+        request = InferenceRequest(experiment="e", routing_key="k", prompt="p")
+        engine.submit(request, results.append)
+        assert started.wait(5)
+        engine.abort(request)
+        assert cancelled.wait(5), "generate() was not cancelled"
+        assert results == [] and engine._running == {}
+    finally:
+        engine._loop.call_soon_threadsafe(engine._loop.stop)

@@ -34,6 +34,7 @@ class ManualEngine:
         self.running: dict[int, tuple] = {}  # submission number -> (request, done)
         self._seq = itertools.count()
         self.most_running = 0
+        self.aborted: list[str] = []
 
     def check(self, request):
         return None
@@ -53,6 +54,13 @@ class ManualEngine:
                 f"{len(self.running)} requests with the engine, expected {n}"
             )
             return [r for r, _ in self.running.values()]
+
+    def abort(self, request) -> None:
+        with self.cond:
+            for key, (r, _) in list(self.running.items()):
+                if r is request:
+                    del self.running[key]
+                    self.aborted.append(request.id)
 
     def finish(self, request_id: str) -> None:
         with self.cond:
@@ -582,3 +590,24 @@ def test_exactly_once_gets_past_a_reply_topic_deleted_after_first_use(stub_worke
     got = {r.request_id: r for r in w.responses()}
     assert f"reply_to topic {doomed} does not exist" in got[after.id].reply_error
     assert w.producer.transactions["aborted"] == 1
+
+
+def test_a_request_the_engine_never_answers_times_out_and_stops_holding_its_partition(stub_worker):
+    """Without a per-request timeout one stuck request held its partition's commit point, and an
+    engine slot, for as long as the worker lived."""
+    from workers.middleware.engine_timeout import EngineTimeout
+
+    exp, engine = new_experiment(partitions=1), ManualEngine()
+    tp = TopicPartition(exp.request_topic("a"), 0)
+    middleware = [*fast_middleware()[:-1], EngineTimeout(0.3), fast_middleware()[-1]]
+    with stub_worker(exp, engine=engine, middleware=middleware) as w:
+        stuck, quick = w.send(prompt="stuck"), w.send(prompt="quick")
+        engine.wait_running(2)
+        engine.finish(quick.id)
+        w.broker.wait_for(lambda: w.committed().get(tp) == 2, what="the commit past the stuck request")
+        assert w.worker.inflight == 0
+    got = {r.request_id: r for r in w.responses()}
+    assert got[quick.id].ok
+    err = got[stuck.id].error
+    assert err.code == "engine_error" and "0.3s" in err.message and "--request-timeout" in err.message
+    assert engine.aborted == [stuck.id]

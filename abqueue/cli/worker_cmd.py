@@ -64,6 +64,13 @@ def register(sub) -> None:
     )
     p.add_argument("--engine-attempts", type=int, default=3, help="tries for transient engine errors (default 3)")
     p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds the engine may take over one request, retries included, before it is aborted and answered "
+        "with engine_error; 0 turns it off (default 600)",
+    )
+    p.add_argument(
         "--max-poll-interval-ms", type=int, default=300_000, help="longest batch before the group evicts the worker"
     )
     options.add_kafka_flags(p)
@@ -82,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--drain-seconds must be > 0; the pod's grace period should exceed it")
     if not 0 < args.low_priority_share <= 0.5:
         raise UsageError("--low-priority-share must be in (0, 0.5]; e.g. 0.1 gives lower levels one slot in ten")
+    if args.request_timeout < 0:
+        raise UsageError("--request-timeout must be >= 0 seconds (0 turns it off)")
     settings = options.kafka_settings(args)
     exp = options.experiment(args)
     variant = exp.variant(args.variant)
@@ -107,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_inflight=args.max_inflight,
         low_priority_share=args.low_priority_share,
-        middleware=default_middleware(engine_attempts=args.engine_attempts),
+        middleware=default_middleware(engine_attempts=args.engine_attempts, request_timeout_s=args.request_timeout),
         follow=follower,
         drain_timeout_s=args.drain_seconds,
     )

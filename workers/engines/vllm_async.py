@@ -8,6 +8,7 @@ so the worker loop keeps polling and publishing while the engine generates.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -86,11 +87,20 @@ class AsyncVllmEngine(PromptPrep):
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.model_config.max_model_len
         self._ids = itertools.count()
+        self._running: dict[int, concurrent.futures.Future] = {}  # by request object: ids are the caller's
         self._init_prep()
 
     def submit(self, request: InferenceRequest, done) -> None:
         prompt = self.prompt(request)
-        asyncio.run_coroutine_threadsafe(self._run(request, prompt, done), self._loop)
+        running = asyncio.run_coroutine_threadsafe(self._run(request, prompt, done), self._loop)
+        self._running[id(request)] = running
+        running.add_done_callback(lambda _: self._running.pop(id(request), None))
+
+    def abort(self, request: InferenceRequest) -> None:
+        """Cancel the request's generate(): AsyncLLM aborts it and frees its KV cache; `done` is not called."""
+        running = self._running.get(id(request))
+        if running is not None:
+            running.cancel()
 
     async def _run(self, request: InferenceRequest, prompt, done) -> None:
         final = None

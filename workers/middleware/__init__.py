@@ -69,10 +69,11 @@ def wrap_engine(middleware: list[Middleware], worker: Worker, call: EngineCall) 
     return call
 
 
-def default_middleware(engine_attempts: int = 3) -> list[Middleware]:
+def default_middleware(engine_attempts: int = 3, request_timeout_s: float | None = 600.0) -> list[Middleware]:
     from workers.middleware.deadline import Deadline
     from workers.middleware.draining import Draining
     from workers.middleware.engine_check import EngineCheck
+    from workers.middleware.engine_timeout import EngineTimeout
     from workers.middleware.metrics import Metrics
     from workers.middleware.retries import Retries
     from workers.middleware.validation import Validation
@@ -83,5 +84,6 @@ def default_middleware(engine_attempts: int = 3) -> list[Middleware]:
         Validation(),
         Deadline(),
         EngineCheck(),
+        EngineTimeout(request_timeout_s),  # outside Retries: the bound covers every attempt
         Retries(attempts=engine_attempts),
     ]

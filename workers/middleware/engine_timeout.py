@@ -1,0 +1,96 @@
+"""EngineTimeout: a request the engine has not answered within `seconds` (retries included) is
+answered with an `engine_error` and aborted in the engine where the engine can abort. One stuck
+request must not hold its partition's commit point, nor an engine slot, for as long as the worker
+lives. A later answer from the engine is ignored (the runner takes one answer per request)."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from workers.engines.base import EngineError
+from workers.middleware import Middleware
+from workers.runners import Done, EngineCall
+
+log = logging.getLogger(__name__)
+
+
+class EngineTimedOut(EngineError):
+    pass
+
+
+class _Deadlines:
+    """One thread for every pending deadline (a timer thread per request would be one per slot)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def at(self, when: float, fn: Callable[[], None]) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (when, next(self._seq), fn))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="abq-engine-timeouts", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                _, _, fn = heapq.heappop(self._heap)
+            try:
+                fn()
+            except Exception:
+                log.exception("an engine timeout failed to fire")
+
+
+class EngineTimeout(Middleware):
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self._deadlines = _Deadlines()
+
+    def wrap_engine(self, worker, call: EngineCall) -> EngineCall:
+        if not self.seconds:
+            return call
+        seconds = self.seconds
+
+        def timed(requests, done: Done) -> None:
+            answered = [False] * len(requests)
+            lock = threading.Lock()
+
+            def once(i: int, result) -> bool:
+                with lock:
+                    if answered[i]:
+                        return False
+                    answered[i] = True
+                done(i, result)
+                return True
+
+            def expire(i: int) -> None:
+                if answered[i]:
+                    return
+                abort = getattr(worker.engine, "abort", None)
+                if abort is not None:
+                    try:
+                        abort(requests[i])
+                    except Exception:
+                        log.exception("could not abort request %s in the engine", requests[i].id)
+                error = EngineTimedOut(
+                    f"the engine did not answer within {seconds:g}s (--request-timeout); the request was aborted"
+                )
+                if once(i, error):
+                    log.error("request %s: %s", requests[i].id, error)
+
+            # One deadline per call, not per request: what waits in the heap grows with calls, not requests.
+            self._deadlines.at(time.monotonic() + seconds, lambda: [expire(i) for i in range(len(requests))])
+            call(requests, lambda i, result: once(i, result))
+
+        return timed
