@@ -90,7 +90,15 @@ class EngineTimeout(Middleware):
                     log.error("request %s: %s", requests[i].id, error)
 
             # One deadline per call, not per request: what waits in the heap grows with calls, not requests.
-            self._deadlines.at(time.monotonic() + seconds, lambda: [expire(i) for i in range(len(requests))])
-            call(requests, lambda i, result: once(i, result))
+            def expire_all() -> None:
+                for i in range(len(requests)):
+                    expire(i)
+
+            self._deadlines.at(time.monotonic() + seconds, expire_all)
+
+            def answer(i: int, result) -> None:
+                once(i, result)
+
+            call(requests, answer)
 
         return timed
