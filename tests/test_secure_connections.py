@@ -104,3 +104,45 @@ def test_tls_without_a_client_certificate_is_refused_in_one_line(sasl_broker):
     assert len(errors) == 1, r.stderr
     assert "refused or did not understand this client (protocol SSL" in errors[0]
     assert "Traceback" not in r.stderr
+
+
+def test_passwords_never_reach_a_log_a_command_line_or_a_world_readable_file(sasl_broker, caplog, monkeypatch):
+    import logging
+    import stat
+
+    from abqueue.kafka import admin_client
+    from abqueue.localkafka import broker as local
+
+    # abqueue used as a library, logging at DEBUG: kafka-python logs the admin client's whole config.
+    with caplog.at_level(logging.DEBUG, logger="kafka"):
+        admin_client(_sasl(sasl_broker, "SCRAM-SHA-512")).close()
+    assert caplog.records and not [r for r in caplog.records if PASSWORD in r.getMessage()]
+
+    for name in ("server.properties", local.STATE_FILE):
+        mode = (sasl_broker.data_dir / name).stat().st_mode
+        assert not mode & (stat.S_IRWXG | stat.S_IRWXO), f"{name} is readable by others: {oct(mode)}"
+
+    # Formatting storage runs a Java tool: its command line is visible to every user of the machine.
+    commands = []
+
+    def run(cmd, **kw):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "stopped here by the test")
+
+    monkeypatch.setattr(local.subprocess, "run", run)
+    fresh = LocalBroker(port=free_port(), sasl_port=free_port(), sasl_users={USER: PASSWORD},
+                        data_dir=sasl_broker.data_dir.parent / "format-only")  # fmt: skip
+    with pytest.raises(local.BrokerError):
+        fresh._format(local.fetch_jars(fresh.cache_dir, log=lambda *a: None))
+    assert commands and not [c for c in commands if PASSWORD in " ".join(c)]
+
+
+def test_local_broker_users_can_come_from_the_environment_instead_of_the_command_line(monkeypatch):
+    from abqueue.cli.kafka_cmd import sasl_users
+    from abqueue.cli.main import build_parser
+
+    monkeypatch.setenv("ABQ_KAFKA_SASL_USERS", "svc:one,ops:two")
+    args = build_parser().parse_args(["kafka", "up", "--sasl-port", "9093"])
+    assert sasl_users(args) == ["svc:one", "ops:two"]
+    args = build_parser().parse_args(["kafka", "up", "--sasl-port", "9093", "--sasl-user", "cli:three"])
+    assert sasl_users(args) == ["cli:three"]  # the flag wins, as everywhere

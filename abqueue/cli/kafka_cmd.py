@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from abqueue.errors import UsageError
@@ -38,9 +39,10 @@ def register(sub) -> None:
             sp.add_argument(
                 "--sasl-user",
                 action="append",
-                default=[],
+                default=None,
                 metavar="NAME:PASSWORD",
-                help="a user of the SASL listener, repeatable",
+                help="a user of the SASL listener, repeatable; the command line shows in `ps`, so prefer "
+                "ABQ_KAFKA_SASL_USERS=NAME:PASSWORD[,NAME:PASSWORD...]",
             )
             sp.add_argument(
                 "--ssl-port",
@@ -52,9 +54,16 @@ def register(sub) -> None:
         sp.set_defaults(func=run)
 
 
+def sasl_users(args: argparse.Namespace) -> list[str]:
+    given = getattr(args, "sasl_user", None)
+    if given is not None:
+        return given
+    return [u for u in os.environ.get("ABQ_KAFKA_SASL_USERS", "").split(",") if u] if hasattr(args, "sasl_user") else []
+
+
 def run(args: argparse.Namespace) -> int:
     users = {}
-    for item in getattr(args, "sasl_user", []):
+    for item in sasl_users(args):
         name, sep, password = item.partition(":")
         if not sep or not name or not password:
             raise UsageError(f"--sasl-user {name or item!r} is not NAME:PASSWORD")

@@ -10,6 +10,7 @@ from kafka.errors import KafkaError
 
 from abqueue.errors import AbqError
 from abqueue.kafka.header_keys import read_unreadable_header_keys
+from abqueue.kafka.redact import redact
 from abqueue.kafka.settings import KafkaSettings
 
 
@@ -53,6 +54,7 @@ def check_reachable(settings: KafkaSettings, timeout: float = 5.0) -> None:
 def _build(cls, settings: KafkaSettings, defaults: dict[str, Any], overrides: dict[str, Any], *topics: str):
     check_reachable(settings)
     cfg = {"bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS, **defaults, **settings.client_config(), **overrides}
+    redact(cfg.get("sasl_plain_password"), cfg.get("ssl_password"))
     try:
         return cls(*topics, **cfg)
     except (KafkaError, OSError):

@@ -191,7 +191,7 @@ class LocalBroker:
         props["listeners"] = ",".join([*listeners, f"CONTROLLER://127.0.0.1:{cport}"])
         props["advertised.listeners"] = ",".join(listeners)
         cfg = self.data_dir / "server.properties"
-        cfg.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        _write_private(cfg, "".join(f"{k}={v}\n" for k, v in props.items()))  # PLAIN's passwords are in it
         return cfg
 
     def _java(self, jars: Path, main: str, *args: str) -> list[str]:
@@ -223,6 +223,7 @@ class LocalBroker:
                 )
         jars = fetch_jars(self.cache_dir, log=log)
         state = None if fresh else self._stored_state()
+        formatted = state is None
         if state is None:
             cfg = self._format(jars)
         else:
@@ -254,6 +255,12 @@ class LocalBroker:
             if proc.poll() is not None:
                 raise BrokerError(f"the broker exited with code {proc.returncode} during start-up; see {self.log_file}")
             if _port_open("127.0.0.1", self.port) and self._answers_metadata():
+                if formatted:
+                    try:
+                        self._add_scram_users()
+                    except Exception:
+                        self.stop()
+                        raise
                 return self.bootstrap
             time.sleep(0.3)
         self.stop()
@@ -298,18 +305,17 @@ class LocalBroker:
         """Wipe (only a directory this class made: --data-dir may point anywhere) and format anew."""
         self.reset()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)  # its files hold the SASL users' passwords and the TLS keys
         (self.data_dir / DATA_DIR_MARKER).write_text(
             "made by abqueue's local broker; kept across restarts, wiped by `abq kafka reset` or `up --fresh`\n"
         )
         cport = free_port()
         cfg = self._write_config(cport)
         cluster_id = new_cluster_id()
-        scram = []
-        for user, pw in (self.sasl_users or {}).items() if self.sasl_port else ():
-            for mech in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
-                scram += ["--add-scram", f"{mech}=[name={user},password={pw}]"]
+        # No --add-scram: a command line is visible to every user of the machine. The SCRAM users
+        # are added once the broker runs (add_scram_users), through the admin API.
         fmt = subprocess.run(
-            self._java(jars, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg), *scram),
+            self._java(jars, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(cfg)),
             capture_output=True,
             text=True,
         )
@@ -318,8 +324,29 @@ class LocalBroker:
                 f"formatting KRaft storage failed: {(fmt.stderr or fmt.stdout).strip().splitlines()[-1:]}; see {self.log_file}"
             )
         state = {"cluster_id": cluster_id, "controller_port": cport, "users": self._users_fingerprint()}
-        (self.data_dir / STATE_FILE).write_text(json.dumps(state))
+        _write_private(self.data_dir / STATE_FILE, json.dumps(state))
         return cfg
+
+    def _add_scram_users(self) -> None:
+        """SCRAM credentials for the SASL users (PLAIN reads them from server.properties); stored in
+        the cluster's metadata, so kept across restarts."""
+        from kafka import KafkaAdminClient
+        from kafka.admin import ScramMechanism, UserScramCredentialUpsertion
+
+        users = (self.sasl_users or {}) if self.sasl_port else {}
+        if not users:
+            return
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+        errors: dict[str, str] = {}
+        try:
+            # One request per mechanism: the broker refuses two changes to one user in a request.
+            for mech in (ScramMechanism.SCRAM_SHA_256, ScramMechanism.SCRAM_SHA_512):
+                upserts = [UserScramCredentialUpsertion(user, mech, pw) for user, pw in users.items()]
+                errors |= {u: e for u, e in admin.alter_user_scram_credentials(upserts).items() if e}
+        finally:
+            admin.close()
+        if errors:
+            raise BrokerError(f"could not add SCRAM users {sorted(errors)}: {next(iter(errors.values()))}")
 
     def reset(self) -> bool:
         """Stop the broker and delete its data; False if there was none. Only a directory this class
@@ -361,3 +388,11 @@ def _reap(pid: int) -> bool:
         return done == pid
     except ChildProcessError:
         return False
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it may hold passwords), whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
+        f.write(text)
