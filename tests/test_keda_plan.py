@@ -101,6 +101,16 @@ CASES = [
     ),
     ("activation threshold is strict", {"activationLagThreshold": "5"}, 0, 5, [P(5, 0)], (5, False, 0)),
     ("inactive keeps minReplicas", {"activationLagThreshold": "5"}, 2, 5, [P(3, 0)], (3, False, 2)),
+    # KEDA leaves a ScaledObject with minReplicaCount >= 1 to the HPA whether or not it is active: the
+    # activation threshold only decides 0 <-> 1 (keda docs: "ignored when minReplicaCount >= 1").
+    (
+        "inactive with minReplicas 1: the HPA scales on the metric",
+        {"lagThreshold": 10, "activationLagThreshold": "50"},
+        1,
+        10,
+        [P(40, 0), P(0, 0), P(0, 0), P(0, 0)],
+        (40, False, 4),
+    ),
     (
         "active with a zero metric still wakes one",
         {"lagThreshold": 10, "excludePersistentLag": "true"},
@@ -182,6 +192,26 @@ def test_settings_keda_refuses_are_refused():
         plan_situation({"variants": {"v": {"trigger": {"lagThreshold": 0}, "partitions": [P(1, 0)]}}})
 
 
+@pytest.mark.parametrize(
+    "version,expected_lag",
+    [("2.21", [20, 0, 7]), ("2.20", [100, 50, 7]), (None, [20, 0, 7])],  # None: the default, the current release
+)
+def test_an_uncommitted_partition_under_earliest_counts_what_keda_s_version_counts(version, expected_lag):
+    """KEDA 2.21 (kedacore/keda#7937) counts log end minus log start, not retention-deleted records."""
+    parts = [
+        {"latest": 100, "log_start": 80, "committed": -1},
+        {"latest": 50, "log_start": 50, "committed": -1},  # nothing retained: nothing to consume
+        {"latest": 7, "log_start": 0, "committed": -1},
+    ]
+    situation = {
+        "variants": {"v": {"trigger": {"offsetResetPolicy": "earliest"}, "maxReplicas": 3, "partitions": parts}}
+    }
+    if version:
+        situation["kedaVersion"] = version
+    v = plan_situation(situation)["variants"]["v"]
+    assert [p["lag"] for p in v["triggers"][0]["partitions"]] == expected_lag
+
+
 def test_offline_plan_command_prints_json(tmp_path):
     situation = {
         "variants": {
@@ -224,12 +254,18 @@ def test_live_plan_reads_lag_of_a_real_consumer_group(settings, kafka_bootstrap,
     ensure_topics(settings, exp)
     topic = exp.request_topic("a")
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
-    for p, n in ((0, 12), (1, 7)):
+    for p, n in ((0, 12), (1, 9)):
         for _ in range(n):
             producer.send(topic, value=b"x", partition=p)
     producer.flush()
     producer.close()
-    # A real group commits: partition 0 at 4 (lag 8), partition 1 nothing (earliest: lag 7).
+    # Retention (here: deleteRecords) dropped partition 1's first 2 records: KEDA 2.21 does not count them.
+    from abqueue.kafka import admin_client
+
+    admin = admin_client(settings)
+    admin.delete_records({TopicPartition(topic, 1): 2})
+    admin.close()
+    # A real group commits: partition 0 at 4 (lag 8), partition 1 nothing (earliest: 9 less 2 deleted).
     c = consumer(settings, group_id=exp.consumer_group("a"))
     c.assign([TopicPartition(topic, 0)])
     c.commit({TopicPartition(topic, 0): OffsetAndMetadata(4, "", -1)})

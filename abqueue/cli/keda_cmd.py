@@ -32,6 +32,12 @@ def register(sub) -> None:
     )
     plan.add_argument("--format", choices=["table", "json"], default="table")
     plan.add_argument(
+        "--keda-version",
+        default=None,
+        help="the KEDA release you run, where its rules differ (default: the situation's kedaVersion, else "
+        "the current release, 2.21)",
+    )
+    plan.add_argument(
         "--watch",
         type=float,
         default=None,
@@ -105,6 +111,8 @@ def run_plan(args: argparse.Namespace) -> int:
             ) from None
         except orjson.JSONDecodeError as e:
             raise UsageError(f"situation file {args.input} is not valid JSON: {e}") from None
+        if args.keda_version:
+            situation["kedaVersion"] = args.keda_version
         _print_plan(plan_situation(situation), args.format)
         return 0
     settings = options.kafka_settings(args)
@@ -112,6 +120,8 @@ def run_plan(args: argparse.Namespace) -> int:
     previous = None
     while True:
         situation = read_situation(settings, exp, previous)
+        if args.keda_version:
+            situation["kedaVersion"] = args.keda_version
         _print_plan(plan_situation(situation), args.format, exp)
         if args.watch is None:
             return 0

@@ -1,9 +1,11 @@
 """What KEDA's Kafka scaler and the HPA make of a consumer group's offsets, rule for rule.
 
-Rules as in KEDA's pkg/scalers/kafka_scaler.go (kedacore/keda main at 8b4f083, v2.20.x) and the
-HPA's replica calculator (kubernetes pkg/controller/podautoscaler): per-partition lag with invalid
-(uncommitted) offsets under each offsetResetPolicy, persistent lag, the cap from the partition
-count, activation, then the HPA's ceil(metric / lagThreshold) within its tolerance and min/max.
+Rules as in KEDA's pkg/scalers/kafka_scaler.go (kedacore/keda v2.20.x, and v2.21's change for
+uncommitted partitions, kedacore/keda#7937) and the HPA's replica calculator (kubernetes
+pkg/controller/podautoscaler): per-partition lag with invalid (uncommitted) offsets under each
+offsetResetPolicy, persistent lag, the cap from the partition count, activation, then the HPA's
+ceil(metric / lagThreshold) within its tolerance and min/max. Where KEDA's versions differ, the plan
+follows the version the user runs (`kedaVersion`, by default the current release).
 """
 
 from __future__ import annotations
@@ -16,6 +18,17 @@ from abqueue.errors import AbqError
 
 INVALID_OFFSET = -1
 HPA_TOLERANCE = 0.1
+DEFAULT_KEDA_VERSION = "2.21"  # the current KEDA release
+
+
+def keda_version(text: str | None) -> tuple[int, int]:
+    raw = (text or DEFAULT_KEDA_VERSION).strip().removeprefix("v")
+    try:
+        major, minor = (int(x) for x in raw.split(".")[:2])
+    except ValueError:
+        raise TriggerError(f"KEDA version {text!r} is not MAJOR.MINOR, e.g. {DEFAULT_KEDA_VERSION}") from None
+    return major, minor
+
 
 # KEDA's metadata names and defaults for the Kafka trigger.
 TRIGGER_DEFAULTS = {
@@ -41,6 +54,7 @@ class Partition:
     committed: int = INVALID_OFFSET
     previous_committed: int | None = None  # at KEDA's previous poll; None on the first
     topic: str | None = None
+    log_start: int = 0  # the earliest offset retention kept
 
 
 @dataclass
@@ -96,11 +110,13 @@ def trigger_settings(metadata: dict) -> dict:
     return out
 
 
-def partition_lag(p: Partition, s: dict) -> PartitionLag:
+def partition_lag(p: Partition, s: dict, version: tuple[int, int]) -> PartitionLag:
     if p.committed == INVALID_OFFSET:
         # Nothing committed yet: "latest" would start at the end (lag 1 keeps the group awake),
-        # "earliest" at the beginning (the whole log); scaleToZeroOnInvalidOffset makes both 0.
-        lag = 0 if s["scaleToZeroOnInvalidOffset"] else (1 if s["offsetResetPolicy"] == "latest" else p.latest)
+        # "earliest" at the beginning: the whole log before KEDA 2.21, what retention kept since
+        # (#7937); scaleToZeroOnInvalidOffset makes both 0.
+        whole = p.latest - p.log_start if version >= (2, 21) else p.latest
+        lag = 0 if s["scaleToZeroOnInvalidOffset"] else (1 if s["offsetResetPolicy"] == "latest" else whole)
         return PartitionLag(p.partition, lag, lag, False, True, p.topic)
     lag = p.latest - p.committed  # not clamped per partition, as KEDA does
     persistent = (
@@ -121,9 +137,9 @@ def _even_distribution(total: int, partitions: int, threshold: int) -> int:
     return partitions * threshold
 
 
-def plan_trigger(metadata: dict, partitions: list[Partition]) -> TriggerPlan:
+def plan_trigger(metadata: dict, partitions: list[Partition], version: tuple[int, int] | None = None) -> TriggerPlan:
     s = trigger_settings(metadata)
-    lags = [partition_lag(p, s) for p in partitions]
+    lags = [partition_lag(p, s, version or keda_version(None)) for p in partitions]
     total = sum(pl.lag for pl in lags)
     threshold = s["lagThreshold"]
     metric, cap = total, None
@@ -151,10 +167,12 @@ def hpa_replicas(metric: int, threshold: int, current: int | None) -> int:
 def desired_replicas(
     triggers: list[TriggerPlan], min_replicas: int, max_replicas: int, current: int | None = None
 ) -> int:
-    """KEDA activates from zero and returns to zero (minReplicas 0); in between the HPA takes the
-    largest count any trigger asks for, within [max(min, 1), max]."""
-    if not any(t.active for t in triggers):
-        return min_replicas
+    """With minReplicas 0, KEDA activates from zero and returns to zero, and in between the HPA takes
+    the largest count any trigger asks for, within [1, max]. With minReplicas >= 1 activation plays
+    no part (KEDA's docs: the activation value is ignored): the HPA scales on the metric, within
+    [min, max], active or not."""
+    if min_replicas == 0 and not any(t.active for t in triggers):
+        return 0
     wanted = max(hpa_replicas(t.lag_metric, t.settings["lagThreshold"], current) for t in triggers)
     return min(max_replicas, max(wanted, min_replicas, 1))
 

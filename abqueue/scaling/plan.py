@@ -8,7 +8,14 @@ import logging
 from kafka import TopicPartition
 
 from abqueue.kafka import KafkaSettings, admin_client, consumer
-from abqueue.scaling.kafka_scaler import Partition, TriggerError, desired_replicas, plan_trigger, warnings
+from abqueue.scaling.kafka_scaler import (
+    Partition,
+    TriggerError,
+    desired_replicas,
+    keda_version,
+    plan_trigger,
+    warnings,
+)
 from schemas import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -25,6 +32,7 @@ def _partitions(raw: list[dict], topic: str | None = None) -> list[Partition]:
                     committed=int(p.get("committed", -1)),
                     previous_committed=None if p.get("previous_committed") is None else int(p["previous_committed"]),
                     topic=p.get("topic", topic),
+                    log_start=int(p.get("log_start", 0)),
                 )
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -34,7 +42,7 @@ def _partitions(raw: list[dict], topic: str | None = None) -> list[Partition]:
     return out
 
 
-def plan_variant(name: str, spec: dict) -> dict:
+def plan_variant(name: str, spec: dict, version: tuple[int, int] | None = None) -> dict:
     """spec: {trigger: {KEDA metadata}, minReplicas, maxReplicas, partitions: [...], currentReplicas?,
     maxInflight?, cooldownPeriod?, drainSeconds?}, or `triggers: [{metadata, partitions}]` for several."""
     triggers_in = spec.get("triggers") or [
@@ -46,7 +54,7 @@ def plan_variant(name: str, spec: dict) -> dict:
     plans = []
     for t in triggers_in:
         meta = t.get("metadata", {})
-        plans.append(plan_trigger(meta, _partitions(t.get("partitions", []), meta.get("topic"))))
+        plans.append(plan_trigger(meta, _partitions(t.get("partitions", []), meta.get("topic")), version))
     current = spec.get("currentReplicas")
     desired = desired_replicas(plans, lo, hi, current)
     return {
@@ -93,7 +101,8 @@ def plan_situation(situation: dict) -> dict:
         raise TriggerError(
             'the situation needs a \'variants\' object: {"variants": {"NAME": {"trigger": {...}, "partitions": [...]}}}'
         )
-    return {"variants": {name: plan_variant(name, spec) for name, spec in variants.items()}}
+    version = keda_version(situation.get("kedaVersion"))
+    return {"variants": {name: plan_variant(name, spec, version) for name, spec in variants.items()}}
 
 
 def trigger_metadata(experiment: ExperimentConfig, variant: str, topic: str) -> dict:
@@ -137,6 +146,7 @@ def read_situation(settings: KafkaSettings, experiment: ExperimentConfig, previo
                     continue
                 tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic) or ())]
                 ends = reader.end_offsets(tps)
+                starts = reader.beginning_offsets(tps)  # KEDA 2.21 counts an uncommitted partition from here
                 prev = {}
                 if previous:
                     for t in previous["variants"].get(v.name, {}).get("triggers", []):
@@ -149,6 +159,7 @@ def read_situation(settings: KafkaSettings, experiment: ExperimentConfig, previo
                             {
                                 "partition": tp.partition,
                                 "latest": ends[tp],
+                                "log_start": starts[tp],
                                 "committed": committed.get(tp, -1),
                                 "previous_committed": prev.get(tp.partition),
                             }
