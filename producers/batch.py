@@ -3,10 +3,10 @@ failures to a separate file, a rate limit, progress, and resume by rerunning the
 
 The input is streamed, never held: memory grows with what is in flight (at most `max_pending`
 requests), plus an 8-byte fingerprint per line (about 60 bytes in a Python set) for the duplicate
-and already-done checks (bench/batch_memory.py). A job keeps,
-beside its output, a state file: where the responses topic stood when it started, its caller tag
-(so that it takes only its own answers), and up to which line Kafka has acknowledged its requests,
-so that a rerun collects those answers instead of submitting them again.
+and already-done checks (bench/batch_memory.py). A job keeps, beside its output, a state file:
+where the responses topic stood when it started, its caller tag (so that it takes only its own
+answers), and up to which line Kafka has acknowledged its requests, so that a rerun collects those
+answers instead of submitting them again.
 """
 
 from __future__ import annotations
