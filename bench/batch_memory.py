@@ -18,8 +18,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from producers.batch import _item, _lines, scan_input  # noqa: E402
-from schemas import ExperimentConfig  # noqa: E402
+from producers.batch import _item, _lines, scan_input
+from schemas import ExperimentConfig
 
 
 def main() -> int:

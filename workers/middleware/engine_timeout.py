@@ -52,6 +52,29 @@ class _Deadlines:
                 log.exception("an engine timeout failed to fire")
 
 
+class _Call:
+    """One engine call's requests until each is answered once (by the engine or by the deadline).
+    Once all are, it lets go of them: the deadline waiting in the heap holds nothing large."""
+
+    def __init__(self, requests: list, done: Done):
+        self.requests: list | None = requests
+        self.answered = [False] * len(requests)
+        self.left = len(requests)
+        self._done = done
+        self._lock = threading.Lock()
+
+    def answer(self, i: int, result) -> bool:
+        with self._lock:
+            if self.answered[i]:
+                return False
+            self.answered[i] = True
+            self.left -= 1
+            if not self.left:
+                self.requests = None
+        self._done(i, result)
+        return True
+
+
 class EngineTimeout(Middleware):
     def __init__(self, seconds: float | None):
         self.seconds = seconds
@@ -62,42 +85,30 @@ class EngineTimeout(Middleware):
             return call
         seconds = self.seconds
 
-        def timed(requests, done: Done) -> None:
-            answered = [False] * len(requests)
-            lock = threading.Lock()
-
-            def once(i: int, result) -> bool:
-                with lock:
-                    if answered[i]:
-                        return False
-                    answered[i] = True
-                done(i, result)
-                return True
-
-            def expire(i: int) -> None:
-                if answered[i]:
-                    return
+        def expire(c: _Call) -> None:
+            requests = c.requests
+            for i, request in enumerate(requests or ()):
+                if c.answered[i]:
+                    continue
                 abort = getattr(worker.engine, "abort", None)
                 if abort is not None:
                     try:
-                        abort(requests[i])
+                        abort(request)
                     except Exception:
-                        log.exception("could not abort request %s in the engine", requests[i].id)
+                        log.exception("could not abort request %s in the engine", request.id)
                 error = EngineTimedOut(
                     f"the engine did not answer within {seconds:g}s (--request-timeout); the request was aborted"
                 )
-                if once(i, error):
-                    log.error("request %s: %s", requests[i].id, error)
+                if c.answer(i, error):
+                    log.error("request %s: %s", request.id, error)
 
+        def timed(requests, done: Done) -> None:
+            c = _Call(requests, done)
             # One deadline per call, not per request: what waits in the heap grows with calls, not requests.
-            def expire_all() -> None:
-                for i in range(len(requests)):
-                    expire(i)
-
-            self._deadlines.at(time.monotonic() + seconds, expire_all)
+            self._deadlines.at(time.monotonic() + seconds, lambda: expire(c))
 
             def answer(i: int, result) -> None:
-                once(i, result)
+                c.answer(i, result)
 
             call(requests, answer)
 
