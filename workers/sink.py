@@ -82,7 +82,10 @@ class ResponseSink:
 
     def _limit(self, topic: str) -> int:
         if topic not in self._limits:
-            self._limits.update(self._producer.max_message_bytes([topic]))
+            try:
+                self._limits.update(self._producer.max_message_bytes([topic]))
+            except Exception as e:  # a broker outage, as in _topic_exists
+                raise PublishFailed(f"could not read reply_to {topic}'s max.message.bytes: {e}") from e
         return self._limits[topic]
 
     def _fit_response(self, m, key: bytes, headers) -> bytes:
