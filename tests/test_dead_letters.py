@@ -1,6 +1,7 @@
 """Bad input goes to the dead-letter topic with its original bytes and a reason; the worker keeps serving."""
 
 import orjson
+from fuzz_harness import RawHeaderKey
 from kafka_helpers import dead_letters
 
 from abqueue.kafka import ensure_topics, producer
@@ -213,18 +214,6 @@ def test_a_producer_refuses_a_reply_to_the_experiment_does_not_allow(settings):
         publisher.close()
 
 
-class _RawHeaderKey(str):
-    """A header key kafka-python sends as these bytes, whatever they are (its producer only sends UTF-8)."""
-
-    def __new__(cls, raw: bytes):
-        key = super().__new__(cls, "raw")
-        key.raw = raw
-        return key
-
-    def encode(self, *args, **kwargs) -> bytes:  # type: ignore[override]
-        return self.raw
-
-
 def test_a_header_key_that_is_not_utf8_is_dead_lettered_and_the_partition_moves_on(settings, thread_worker):
     """kafka-python decodes header keys strictly inside poll(); one such record used to stop the worker
     and every replacement at the same offset."""
@@ -241,7 +230,7 @@ def test_a_header_key_that_is_not_utf8_is_dead_lettered_and_the_partition_moves_
     p = producer(settings)
     p.send(exp.request_topic("a"), key=b"k", value=encode(req("before")))
     p.send(
-        exp.request_topic("a"), key=b"k", value=encode(req("hostile")), headers=[(_RawHeaderKey(b"\xff\xfeid"), b"v")]
+        exp.request_topic("a"), key=b"k", value=encode(req("hostile")), headers=[(RawHeaderKey(b"\xff\xfeid"), b"v")]
     )
     p.send(exp.request_topic("a"), key=b"k", value=encode(req("after")))
     p.flush()
