@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import orjson
 from pydantic import BaseModel, ValidationError
 
@@ -37,13 +39,23 @@ def encode(message: BaseModel) -> bytes:
     return orjson.dumps(message.model_dump(mode="json", exclude_none=True))
 
 
-def describe(err: ValidationError, limit: int = 1, whole: str = "(record)") -> str:
-    """One line of a validation error: `field.path: message` for the first `limit` problems."""
+def describe(
+    err: ValidationError, limit: int = 1, whole: str | None = "(record)", known: set[str] = frozenset()
+) -> str:
+    """One line of a validation error: `field.path: message` for the first `limit` problems, unknown
+    keys first (a misspelt key also makes its real one look missing), each with the closest of
+    `known` names. `whole`: what to call the top level (None: no prefix for its errors)."""
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     parts = []
-    for e in err.errors()[:limit]:
+    for e in errors[:limit]:
         loc = ".".join(str(p) for p in e["loc"]) or whole
-        parts.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
-    more = len(err.errors()) - limit
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden" and e["loc"]:
+            key = str(e["loc"][-1])
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            msg = f"unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = len(errors) - limit
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 

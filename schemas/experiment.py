@@ -298,13 +298,24 @@ def load_experiment(path: str | Path | None) -> ExperimentConfig:
     if path is None:
         return demo_experiment()
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"experiment config {p} is a directory; pass the YAML file in it with --config")
     try:
         raw = yaml.safe_load(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"experiment config {p} does not exist; pass an existing YAML file with --config") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"experiment config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"experiment config {p} is not valid YAML{where}: {problem}") from None
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"experiment config {p}: {describe(e, whole='(top level)')}") from None
+        raise ConfigError(f"experiment config {p}: {describe(e, whole='(top level)', known=config_keys())}") from None
+
+
+def config_keys() -> set[str]:
+    """Every key an experiment config may have, at any depth: for 'did you mean' on a misspelt one."""
+    models = [ExperimentConfig, VariantConfig, VllmSettings, ScalingConfig, DeployConfig, PriceConfig, SegmentOverride]
+    return {name for m in models for name in m.model_fields}

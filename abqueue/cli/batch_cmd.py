@@ -15,7 +15,10 @@ def register(sub) -> None:
         "batch",
         help="submit a JSONL file of requests; results to a JSONL file; resumable",
         description="Accepts abqueue request lines or OpenAI Batch lines ({custom_id, method, url, body}). "
-        "Rerun the same command to resume: ids that already have a result are skipped.",
+        "Rerun the same command to resume: ids that already have a result are skipped. Exit 0: every line "
+        "has a result; exit 1: some got none in time (rerun to collect them); exit 2: a usage or connection "
+        "error; exit 3: every line is done but some could not be submitted (see the errors file); "
+        "exit 130: interrupted (rerun to resume).",
     )
     options.add_experiment_flags(p)
     p.add_argument("input", type=Path, help="input JSONL")
@@ -70,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         max_pending=args.max_pending,
         resubmit=args.resubmit,
     )
+    args.interrupt_hint = f"results so far are in {args.out}; rerun the same command to resume"
     s = job.run()
     print(summary_line(s, args.out))
     if s.missing:
@@ -78,4 +82,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    if s.invalid:
+        print(f"abq: {s.invalid} lines could not be submitted; their reasons are in {job.errors_path}", file=sys.stderr)
+        return 3
     return 0

@@ -29,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="abq", description="Queue-based LLM inference for A/B-tested model rollouts, on Kafka and vLLM."
     )
     p.add_argument(
-        "--log-level", default=os.environ.get("ABQ_LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING (env ABQ_LOG_LEVEL)"
+        "--log-level",
+        type=_log_level,
+        default=os.environ.get("ABQ_LOG_LEVEL", "INFO"),
+        help=f"{', '.join(LOG_LEVELS)} (env ABQ_LOG_LEVEL)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (
@@ -50,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
 def _kafka_without_tracebacks(record: logging.LogRecord) -> bool:
     """kafka-python logs a refused or dropped connection with its traceback: a stack of its own
     socket code above the one line that names the problem. Below DEBUG, keep the line."""
@@ -65,19 +77,42 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse's own errors (usage and one line) and --help
+        return int(e.code or 0)
+    # An env ABQ_LOG_LEVEL is not checked by argparse's type when it is the default.
+    level = args.log_level if args.log_level in LOG_LEVELS else _checked_env_level(parser, args.log_level)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python's INFO is connection chatter
     if logging.getLogger().level > logging.DEBUG:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_kafka_without_tracebacks)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a reader that went away shows here
+        return code
     except AbqError as e:  # anything else is a bug: its traceback is printed and the exit code is 1
         print(f"abq: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = getattr(args, "interrupt_hint", None)
+        print(f"abq: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `abq ... | head`: the reader has what it wanted. Quietly, as a shell reports SIGPIPE; stdout
+        # goes to /dev/null so that Python's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _checked_env_level(parser: argparse.ArgumentParser, level: str) -> str:
+    try:
+        return _log_level(level)
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"ABQ_LOG_LEVEL: {e}")
+        raise  # parser.error exits
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def typed(model: type[M], what: str, **fields: Any) -> M:
     try:
         return model(**fields)
     except ValidationError as e:
-        raise UsageError(f"{what}: {describe(e, whole=what)}") from None
+        raise UsageError(f"{what}: {describe(e, whole=None)}") from None
 
 
 def kafka_settings(args: argparse.Namespace) -> KafkaSettings:

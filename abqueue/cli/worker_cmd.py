@@ -96,7 +96,14 @@ def run(args: argparse.Namespace) -> int:
     variant = exp.variant(args.variant)
     logging.getLogger(__name__).info("connecting: %s", settings.describe())
     # Probes answer from the start: alive while the engine loads, ready once it has answered a request.
-    server = serve(None, args.metrics_port) if args.metrics_port is not None else None
+    server = None
+    if args.metrics_port is not None:
+        try:
+            server = serve(None, args.metrics_port)
+        except OSError as e:
+            raise UsageError(
+                f"--metrics-port {args.metrics_port} is in use by another process ({e.strerror}); pick a free port"
+            ) from None
     engine = make_engine(variant, args.engine, args.model, options.engine_args(args))
     follower = None
     if args.follow:

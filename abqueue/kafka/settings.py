@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +15,12 @@ DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 class KafkaSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ABQ_", extra="ignore")
 
-    bootstrap_servers: str = Field(default=DEFAULT_BOOTSTRAP, description="host:port[,host:port...]")
+    # ABQ_BOOTSTRAP_SERVERS wins (the settings source), then KAFKA_BOOTSTRAP_SERVERS, which CI
+    # systems and testcontainers set, then the local broker's address.
+    bootstrap_servers: str = Field(
+        default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or DEFAULT_BOOTSTRAP,
+        description="host:port[,host:port...]",
+    )
     client_id: str = "abqueue"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None

@@ -1,0 +1,127 @@
+"""A new user's first hour: what they run, and what they see when they get it wrong (issue 12).
+Each test runs the command a user runs and checks the one line they get."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+from conftest import REPO, abq_cmd
+
+
+def abq(*args, env=None, timeout=120, **kw):
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    return subprocess.run(abq_cmd(*args), capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env, **kw)
+
+
+def one_line_error(r, code: int = 2) -> str:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("abq: ")]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_a_directory_given_as_the_config_is_one_line(tmp_path):
+    line = one_line_error(abq("worker", "--variant", "a", "--config", str(tmp_path)))
+    assert "is a directory" in line and "YAML file" in line
+
+
+def test_a_yaml_error_keeps_its_line_and_column(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("name: x\nvariants:\n  - name: a\n    weight: [100\n")
+    line = one_line_error(abq("worker", "--variant", "a", "--config", str(cfg)))
+    assert "not valid YAML" in line and "line 5" in line, line
+
+
+def test_a_misspelt_key_is_named_with_the_closest_known_one(tmp_path):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("name: x\nvariants:\n  - name: a\n    wieght: 100\n")
+    line = one_line_error(abq("worker", "--variant", "a", "--config", str(cfg)))
+    assert "unknown key 'wieght'" in line and "did you mean 'weight'" in line, line
+
+
+def test_an_unknown_log_level_is_one_line():
+    r = abq("--log-level", "LOUD", "schemas", "check")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "LOUD" in r.stderr and "DEBUG, INFO, WARNING, ERROR" in r.stderr, r.stderr
+
+
+def test_a_metrics_port_in_use_is_one_line(kafka_bootstrap):
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = abq("worker", "--variant", "a", "--metrics-port", str(port), "--bootstrap-servers", kafka_bootstrap)
+    line = one_line_error(r)
+    assert f"--metrics-port {port} is in use" in line, line
+
+
+def test_settings_errors_name_the_settings_once():
+    line = one_line_error(abq("worker", "--variant", "a", env={"ABQ_SECURITY_PROTOCOL": "SASL_SSL"}))
+    assert line.count("Kafka settings") <= 1, line
+
+
+def test_kafka_bootstrap_servers_is_honoured_by_every_command_after_abq_s_own():
+    env = {"ABQ_BOOTSTRAP_SERVERS": None, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}
+    line = one_line_error(abq("submit", "--routing-key", "u", "--prompt", "p", env=env))
+    assert "127.0.0.1:1" in line, line
+    env = {"ABQ_BOOTSTRAP_SERVERS": "127.0.0.1:2", "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}
+    assert "127.0.0.1:2" in one_line_error(abq("submit", "--routing-key", "u", "--prompt", "p", env=env))
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    # abq experiment show | head: the reader goes away while abq still writes.
+    situation = {
+        "variants": {f"v{i}": {"trigger": {}, "maxReplicas": 2, "partitions": [{"latest": 5}]} for i in range(3000)}
+    }
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(situation))
+    proc = subprocess.Popen(
+        abq_cmd("keda", "plan", "--input", str(path), "--format", "json"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    proc.stdout.read(100)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in stderr and "Broken pipe" not in stderr, stderr
+    assert proc.returncode == 141
+
+
+def test_ctrl_c_ends_in_one_line_and_a_batch_says_how_to_resume(kafka_bootstrap, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"c{i}", "prompt": "p"}) + "\n" for i in range(5)))
+    env = {**os.environ, "ABQ_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    proc = subprocess.Popen(
+        abq_cmd("batch", str(inp), "--out", str(out), "--no-progress", "--timeout", "60"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=env, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "out.jsonl.state.json").exists():  # it has started waiting for results
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+        time.sleep(0.1)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    [line] = [x for x in stderr.splitlines() if x.startswith("abq: ")]
+    assert "interrupted" in line and "rerun the same command to resume" in line, line
+
+
+def test_a_batch_with_invalid_lines_exits_with_its_own_code(kafka_bootstrap, thread_worker, settings, tmp_path):
+    from conftest import new_experiment, write_config
+
+    from abqueue.kafka import ensure_topics
+
+    exp = new_experiment(variants=(("a", 100),))
+    ensure_topics(settings, exp)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": "ok", "prompt": "p"}) + "\nnot json\n")
+    with thread_worker(exp, "a"):
+        r = abq("batch", "--config", str(write_config(exp, tmp_path)), str(inp), "--out", str(out), "--no-progress",
+                env={"ABQ_BOOTSTRAP_SERVERS": kafka_bootstrap})  # fmt: skip
+    assert r.returncode == 3 and "1 invalid" in r.stdout, (r.stdout, r.stderr)
+    assert "exit 3" in abq("batch", "--help").stdout.replace("\n", " ")
