@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Collection
 
 import orjson
 from pydantic import BaseModel, ValidationError

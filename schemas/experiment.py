@@ -317,5 +317,7 @@ def load_experiment(path: str | Path | None) -> ExperimentConfig:
 
 def config_keys() -> set[str]:
     """Every key an experiment config may have, at any depth: for 'did you mean' on a misspelt one."""
-    models = [ExperimentConfig, VariantConfig, VllmSettings, ScalingConfig, DeployConfig, PriceConfig, SegmentOverride]
+    models: list[type[BaseModel]] = [
+        ExperimentConfig, VariantConfig, VllmSettings, ScalingConfig, DeployConfig, PriceConfig, SegmentOverride,
+    ]  # fmt: skip
     return {name for m in models for name in m.model_fields}
