@@ -40,9 +40,7 @@ def encode(message: BaseModel) -> bytes:
     return orjson.dumps(message.model_dump(mode="json", exclude_none=True))
 
 
-def describe(
-    err: ValidationError, limit: int = 1, whole: str | None = "(record)", known: set[str] = frozenset()
-) -> str:
+def describe(err: ValidationError, limit: int = 1, whole: str | None = "(record)", known: Collection[str] = ()) -> str:
     """One line of a validation error: `field.path: message` for the first `limit` problems, unknown
     keys first (a misspelt key also makes its real one look missing), each with the closest of
     `known` names. `whole`: what to call the top level (None: no prefix for its errors)."""
