@@ -192,8 +192,16 @@ def test_kafka_up_status_down(tmp_path):
         assert abq("kafka", "status", "--port", port, "--data-dir", data).returncode == 0
         again = abq("kafka", "up", "--port", port, "--data-dir", data)
         assert again.returncode == 0 and "already running" in again.stderr
+        # The hint `up` prints is the command that stops it; a `down` that misses it says so (issue 12).
+        hint = up.stderr.split("stop with `", 1)[1].split("`", 1)[0]
+        assert hint == f"abq kafka down --port {port} --data-dir {data}", up.stderr
+        missed = abq("kafka", "down", "--port", port)
+        assert missed.returncode == 2 and f"something listens on port {port}" in missed.stderr, missed.stderr
+        assert "--data-dir" in missed.stderr and "Traceback" not in missed.stderr
     finally:
-        down = abq("kafka", "down", "--port", port, "--data-dir", data)
+        down = (
+            abq(*hint.split()[1:]) if "hint" in locals() else abq("kafka", "down", "--port", port, "--data-dir", data)
+        )
     assert down.returncode == 0 and "stopped" in down.stdout
     status = abq("kafka", "status", "--port", port, "--data-dir", data)
     assert status.returncode == 3 and "not running" in status.stdout

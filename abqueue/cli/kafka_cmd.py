@@ -8,6 +8,7 @@ import sys
 
 from abqueue.errors import UsageError
 from abqueue.localkafka import LocalBroker
+from abqueue.localkafka.broker import port_open
 
 
 def register(sub) -> None:
@@ -82,8 +83,10 @@ def run(args: argparse.Namespace) -> int:
         was = broker.running()
         bootstrap = broker.start(log=lambda m: print(m, file=sys.stderr), fresh=args.fresh)
         print(bootstrap)
+        where = f" --data-dir {args.data_dir}" if args.data_dir else ""
         print(
-            f"{'already running' if was else 'started'}; log {broker.log_file}; stop with `abq kafka down --port {args.port}`",
+            f"{'already running' if was else 'started'}; log {broker.log_file}; "
+            f"stop with `abq kafka down --port {args.port}{where}`",
             file=sys.stderr,
         )
         if broker.sasl_port:
@@ -105,6 +108,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.kafka_cmd == "down":
         stopped = broker.stop()
+        if not stopped and port_open("127.0.0.1", args.port):
+            # A broker started with another --data-dir: its pid is kept there, not here.
+            raise UsageError(
+                f"no broker of data dir {broker.data_dir} runs, but something listens on port {args.port}; if "
+                "`abq kafka up --data-dir DIR` started it, stop it with `abq kafka down --port "
+                f"{args.port} --data-dir DIR`"
+            )
         print(f"stopped broker on {broker.bootstrap}" if stopped else f"no broker was running on {broker.bootstrap}")
         return 0
     if broker.running():

@@ -78,7 +78,7 @@ def new_cluster_id() -> str:
             return cid
 
 
-def _port_open(host: str, port: int) -> bool:
+def port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
@@ -138,7 +138,7 @@ class LocalBroker:
         return pid if b"kafka.Kafka" in cmdline else None
 
     def running(self) -> bool:
-        return self.pid() is not None and _port_open("127.0.0.1", self.port)
+        return self.pid() is not None and port_open("127.0.0.1", self.port)
 
     def _write_config(self, cport: int) -> Path:
         logs = self.data_dir / "logs"
@@ -217,7 +217,7 @@ class LocalBroker:
         if self.running():
             return self.bootstrap
         for port in (self.port, self.sasl_port, self.ssl_port):
-            if port and _port_open("127.0.0.1", port):
+            if port and port_open("127.0.0.1", port):
                 raise BrokerError(
                     f"port {port} is taken by another process; pick a free one with --port/--sasl-port/--ssl-port or stop that process"
                 )
@@ -234,7 +234,7 @@ class LocalBroker:
                     f"the SASL users differ from those {self.data_dir} was made with; start with the same "
                     "--sasl-user flags, or `abq kafka up --fresh` to wipe the data and start over"
                 )
-            if _port_open("127.0.0.1", state["controller_port"]):
+            if port_open("127.0.0.1", state["controller_port"]):
                 raise BrokerError(
                     f"port {state['controller_port']}, the controller port kept in {self.data_dir}, is taken by "
                     "another process; stop it, or `abq kafka up --fresh` to wipe the data and start over"
@@ -254,7 +254,7 @@ class LocalBroker:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise BrokerError(f"the broker exited with code {proc.returncode} during start-up; see {self.log_file}")
-            if _port_open("127.0.0.1", self.port) and self._answers_metadata():
+            if port_open("127.0.0.1", self.port) and self._answers_metadata():
                 if formatted:
                     try:
                         self._add_scram_users()
