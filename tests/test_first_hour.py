@@ -125,3 +125,33 @@ def test_a_batch_with_invalid_lines_exits_with_its_own_code(kafka_bootstrap, thr
                 env={"ABQ_BOOTSTRAP_SERVERS": kafka_bootstrap})  # fmt: skip
     assert r.returncode == 3 and "1 invalid" in r.stdout, (r.stdout, r.stderr)
     assert "exit 3" in abq("batch", "--help").stdout.replace("\n", " ")
+
+
+def test_simulate_reads_the_arrival_times_of_past_responses(tmp_path):
+    """The README suggests replaying past responses (their timings.enqueued); only top-level keys were read."""
+    results = tmp_path / "results.jsonl"
+    lines = [
+        {"request_id": f"r{i}", "timings": {"enqueued": 1_700_000_000 + i // 3, "finished": 1_700_000_001 + i}}
+        for i in range(30)
+    ]
+    results.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = abq("keda", "simulate", "--trace", str(results), "--per-replica-rps", "5", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["summaries"][0]["arrived"] == 30
+    custom = tmp_path / "custom.jsonl"
+    custom.write_text("".join(json.dumps({"meta": {"at": 100 + i}}) + "\n" for i in range(7)))
+    r = abq(
+        "keda",
+        "simulate",
+        "--trace",
+        str(custom),
+        "--time-field",
+        "meta.at",
+        "--per-replica-rps",
+        "5",
+        "--format",
+        "json",
+    )
+    assert r.returncode == 0 and json.loads(r.stdout)["summaries"][0]["arrived"] == 7, r.stderr
+    line = one_line_error(abq("keda", "simulate", "--trace", str(custom), "--per-replica-rps", "5"))
+    assert "--time-field" in line

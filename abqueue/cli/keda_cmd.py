@@ -53,9 +53,17 @@ def register(sub) -> None:
         description="Reports backlog, wait percentiles, replicas and GPU-hours; --sweep compares settings.",
     )
     src = sim.add_mutually_exclusive_group(required=True)
-    src.add_argument("--trace", type=Path, help="arrival timestamps, CSV (first or 'timestamp' column) or JSONL")
+    src.add_argument(
+        "--trace",
+        type=Path,
+        help="arrival timestamps: CSV (first or 'timestamp' column) or JSONL (timestamp, ts, enqueued, or the "
+        "enqueued time of abqueue responses and OpenAI Batch output, e.g. abq batch results)",
+    )
     src.add_argument("--profile", help="burst:N@T | step:R1,R2@T | diurnal:PEAK[,PERIOD] (requests/s)")
     sim.add_argument("--duration", type=int, default=3600, help="seconds of synthetic profile (default 3600)")
+    sim.add_argument(
+        "--time-field", default=None, metavar="PATH", help="JSONL traces: the dotted path of each line's time"
+    )
     sim.add_argument(
         "--config", default=None, help="take the scaling settings of --variant from this experiment config"
     )
@@ -208,7 +216,7 @@ def _settings(args: argparse.Namespace):
 def run_simulate(args: argparse.Namespace) -> int:
     from abqueue.scaling.simulate import profile, read_trace, sweep
 
-    arrivals = read_trace(args.trace) if args.trace else profile(args.profile, args.duration)
+    arrivals = read_trace(args.trace, args.time_field) if args.trace else profile(args.profile, args.duration)
     name, values = None, []
     if args.sweep:
         name, sep, rest = args.sweep.partition("=")

@@ -198,17 +198,34 @@ def _from_rates(rates: list[float]) -> list[int]:
     return out
 
 
-def read_trace(path: Path) -> list[int]:
+# Where JSONL lines keep their time, tried in order: plain traces, then abqueue responses (abq batch
+# output, abq report input), then OpenAI Batch output lines.
+TIME_FIELDS = ("timestamp", "ts", "enqueued", "timings.enqueued", "response.body.created")
+
+
+def _field(obj, path: str):
+    for part in path.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            return None
+        obj = obj[part]
+    return obj
+
+
+def read_trace(path: Path, time_field: str | None = None) -> list[int]:
     """Arrival timestamps (seconds; Unix or relative) from CSV (first column, or a `timestamp`
-    column) or JSONL (`timestamp`, `ts` or `enqueued`), binned per second from the first one."""
+    column) or JSONL (`time_field`, a dotted path, or the first of TIME_FIELDS a line has), binned
+    per second from the first one."""
     stamps: list[float] = []
+    fields = (time_field,) if time_field else TIME_FIELDS
     if path.suffix == ".jsonl":
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
                 obj = orjson.loads(line)
-                value = next((obj[k] for k in ("timestamp", "ts", "enqueued") if k in obj), None)
+                value = next((v for f in fields if (v := _field(obj, f)) is not None), None)
                 if value is None:
-                    raise UsageError(f"{path}:{n} has no timestamp, ts or enqueued field")
+                    raise UsageError(
+                        f"{path}:{n} has no {' or '.join(fields)} field; name the field with --time-field PATH"
+                    )
                 stamps.append(float(value))
     else:
         with path.open() as f:
