@@ -74,7 +74,16 @@ _STATUS = {"expired": 408, "invalid_request": 400, "too_large": 413, "engine_err
 
 
 def output_line(custom_id: str, resp: InferenceResponse, url: str) -> dict[str, Any]:
-    """One OpenAI batch output line for a response (a failed one carries an error body)."""
+    """One OpenAI batch output line for a response (a failed one carries an error body). The line
+    also keeps abqueue's whole response under `abq` (tools that read OpenAI's format ignore keys
+    they do not know), so that `abq report --input` can analyse it: variant, timings, usage."""
+    return {**_openai_line(custom_id, resp, url), ABQ_KEY: resp.model_dump(mode="json", exclude_none=True)}
+
+
+ABQ_KEY = "abq"
+
+
+def _openai_line(custom_id: str, resp: InferenceResponse, url: str) -> dict[str, Any]:
     line_id = f"batch_req_{uuid.uuid4().hex}"
     if resp.error is not None:
         return {

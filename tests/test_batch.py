@@ -113,6 +113,13 @@ def test_interrupted_batch_resumes_and_the_output_has_each_id_exactly_once(
     # A third run finds nothing to do and writes nothing twice.
     code, stdout, _ = _run_batch(kafka_bootstrap, cfg, inp, out, "--no-progress")
     assert code == 0 and "61 already done" in stdout and len(_lines(out)) == 60
+    # The README offers OpenAI-format results to `abq report --input` (issue 12: it refused them).
+    report = subprocess.run(
+        abq_cmd("report", "--config", str(cfg), "--input", str(out), "--format", "json"),
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert orjson.loads(report.stdout)["variants"]["a"]["count"] == 60
 
 
 def test_results_that_arrived_survive_a_timeout_and_a_rerun_collects_the_rest(

@@ -20,6 +20,7 @@ from abqueue.analysis import stats
 from abqueue.errors import UsageError
 from abqueue.kafka import KafkaSettings
 from abqueue.kafka.reader import read_to_end
+from producers.progress import Progress
 from schemas import ExperimentConfig, Feedback, InferenceResponse
 
 
@@ -41,15 +42,40 @@ def read_topic(settings: KafkaSettings | None, topic: str, parse, timeout_s: flo
 
 
 def read_jsonl(path: Path, model) -> list:
+    """Every line of `path` as `model`. Responses may also be `abq batch` output in OpenAI's format,
+    which keeps abqueue's response under `abq`. Long files show progress on stderr."""
+    from producers.openai_batch import ABQ_KEY
+
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(model.model_validate_json(line))
-        except ValueError as e:
-            raise UsageError(f"{path}:{n} is not a {model.__name__}: {str(e).splitlines()[0]}") from None
+    size = max(1, path.stat().st_size)
+    progress = Progress(size, f"reading {path.name}") if size > PROGRESS_ABOVE_BYTES else None
+    done = 0
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            done += len(line)
+            if progress and n % 10_000 == 0:
+                progress.update(done)
+            if not line.strip():
+                continue
+            try:
+                obj = orjson.loads(line) if model is InferenceResponse and b'"custom_id"' in line else None
+                if obj is None:
+                    out.append(model.model_validate_json(line))
+                elif ABQ_KEY in obj:
+                    out.append(model.model_validate(obj[ABQ_KEY]))
+            except ValueError as e:  # orjson's and pydantic's errors both are
+                raise UsageError(f"{path}:{n} is not {model.__name__} JSON: {str(e).splitlines()[0]}") from None
+            if obj is not None and ABQ_KEY not in obj:
+                raise UsageError(
+                    f"{path}:{n} is an OpenAI Batch output line without abqueue's response (key {ABQ_KEY!r}); "
+                    "rerun `abq batch` with this version to analyse its results"
+                )
+    if progress:
+        progress.finish(size, f"{len(out)} records")
     return out
+
+
+PROGRESS_ABOVE_BYTES = 20_000_000  # about 20k responses: reading takes seconds from here
 
 
 def load(

@@ -200,7 +200,7 @@ def _from_rates(rates: list[float]) -> list[int]:
 
 # Where JSONL lines keep their time, tried in order: plain traces, then abqueue responses (abq batch
 # output, abq report input), then OpenAI Batch output lines.
-TIME_FIELDS = ("timestamp", "ts", "enqueued", "timings.enqueued", "response.body.created")
+TIME_FIELDS = ("timestamp", "ts", "enqueued", "timings.enqueued", "abq.timings.enqueued")
 
 
 def _field(obj, path: str):
