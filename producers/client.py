@@ -6,6 +6,7 @@ import contextlib
 import threading
 import time
 import uuid
+from typing import Literal
 from collections import Counter
 from collections.abc import Iterator
 
@@ -75,6 +76,22 @@ class AbqClient:
     def publish(self, request: InferenceRequest, traceparent: str | None = None):
         """Publish without waiting, tagged as this client's; returns the assigned request and the send's future."""
         return self.publisher.publish(request.model_copy(update={"caller_tag": self.tag}), traceparent)
+
+    def feedback(
+        self,
+        request_id: str,
+        thumbs: Literal["up", "down"] | None = None,
+        score: float | None = None,
+        comment: str | None = None,
+    ) -> None:
+        """Record what the user thought of a response (thumbs "up"/"down", a score, or both)."""
+        from producers.feedback import publish_feedback
+        from schemas import Feedback
+
+        fb = Feedback(
+            request_id=request_id, experiment=self.experiment.name, thumbs=thumbs, score=score, comment=comment
+        )
+        publish_feedback(self.publisher.settings, self.experiment, fb)
 
     def mine(self, reply: Reply) -> bool:
         tag = reply.response.caller_tag

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from schemas.deadletter import DeadLetter
 from schemas.experiment import ExperimentConfig
+from schemas.feedback import Feedback
 from schemas.request import InferenceRequest
 from schemas.response import InferenceResponse
 
@@ -16,6 +17,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "inference_request": InferenceRequest,
     "inference_response": InferenceResponse,
     "dead_letter": DeadLetter,
+    "feedback": Feedback,
     "experiment_config": ExperimentConfig,
 }
 DEFAULT_DIR = Path(__file__).parent / "jsonschema"

@@ -155,3 +155,38 @@ def test_simulate_reads_the_arrival_times_of_past_responses(tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["summaries"][0]["arrived"] == 7, r.stderr
     line = one_line_error(abq("keda", "simulate", "--trace", str(custom), "--per-replica-rps", "5"))
     assert "--time-field" in line
+
+
+def test_feedback_is_one_command_and_its_file_needs_no_experiment(settings, kafka_bootstrap, tmp_path):
+    from conftest import new_experiment, write_config
+    from kafka_helpers import read_all
+
+    from abqueue.kafka import ensure_topics
+    from schemas import Feedback
+
+    exp = new_experiment(variants=(("a", 100),))
+    ensure_topics(settings, exp)
+    cfg = write_config(exp, tmp_path)
+    env = {"ABQ_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    r = abq(
+        "feedback", "--config", str(cfg), "--request-id", "r1", "--thumbs", "down", "--comment", "too long", env=env
+    )
+    assert r.returncode == 0, r.stderr
+    [record] = read_all(settings, exp.feedback_topic, expect=1)
+    fb = Feedback.model_validate_json(record.value)
+    assert (fb.request_id, fb.experiment, fb.thumbs, fb.comment) == ("r1", exp.name, "down", "too long")
+    assert record.key == b"r1"
+    line = one_line_error(abq("feedback", "--config", str(cfg), "--request-id", "r1", env=env))
+    assert "--thumbs" in line and "--score" in line
+    # A feedback file written by hand, without the experiment, is read as the report's experiment's.
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text(json.dumps({
+        "request_id": "r1", "experiment": exp.name, "variant": "a", "model": "m", "outputs": ["x"],
+        "finish_reason": "stop", "timings": {"enqueued": 1.0, "dequeued": 1.0, "finished": 2.0}, "worker_id": "w",
+    }) + "\n")  # fmt: skip
+    feedback = tmp_path / "feedback.jsonl"
+    feedback.write_text(json.dumps({"request_id": "r1", "thumbs": "down"}) + "\n")
+    r = abq("report", "--config", str(cfg), "--input", str(responses), "--feedback", str(feedback), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["variants"]["a"]["thumbs_up_rate"] == 0.0
+    assert (REPO / "schemas" / "jsonschema" / "feedback.schema.json").exists()

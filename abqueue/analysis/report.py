@@ -41,9 +41,10 @@ def read_topic(settings: KafkaSettings | None, topic: str, parse, timeout_s: flo
     return out
 
 
-def read_jsonl(path: Path, model) -> list:
-    """Every line of `path` as `model`. Responses may also be `abq batch` output in OpenAI's format,
-    which keeps abqueue's response under `abq`. Long files show progress on stderr."""
+def read_jsonl(path: Path, model, defaults: dict | None = None) -> list:
+    """Every line of `path` as `model` (`defaults` fill fields a line leaves out, e.g. the experiment
+    of hand-written feedback). Responses may also be `abq batch` output in OpenAI's format, which
+    keeps abqueue's response under `abq`. Long files show progress on stderr."""
     from producers.openai_batch import ABQ_KEY
 
     out = []
@@ -59,7 +60,9 @@ def read_jsonl(path: Path, model) -> list:
                 continue
             try:
                 obj = orjson.loads(line) if model is InferenceResponse and b'"custom_id"' in line else None
-                if obj is None:
+                if obj is None and defaults:
+                    out.append(model.model_validate({**defaults, **orjson.loads(line)}))
+                elif obj is None:
                     out.append(model.model_validate_json(line))
                 elif ABQ_KEY in obj:
                     out.append(model.model_validate(obj[ABQ_KEY]))
@@ -88,7 +91,7 @@ def load(
         if any(v.shadow_of for v in exp.variants):
             resp += read_topic(settings, exp.shadow_response_topic, InferenceResponse.model_validate_json)
     if feedback is not None:
-        fb = read_jsonl(feedback, Feedback)
+        fb = read_jsonl(feedback, Feedback, defaults={"experiment": exp.name})
     elif responses is None:
         fb = read_topic(settings, exp.feedback_topic, Feedback.model_validate_json)
     else:
