@@ -6,9 +6,9 @@ import contextlib
 import threading
 import time
 import uuid
-from typing import Literal
 from collections import Counter
 from collections.abc import Iterator
+from typing import Literal
 
 from abqueue.errors import AbqError
 from abqueue.kafka import KafkaSettings

@@ -14,13 +14,15 @@ from schemas import load_experiment
 
 EXAMPLE = REPO / "examples" / "experiment.yaml"
 FLAGS = [
+    "--bootstrap-servers",
+    "kafka-kafka-bootstrap.kafka:9093",
     "--security-protocol",
     "SASL_SSL",
     "--sasl-mechanism",
     "SCRAM-SHA-512",
     "--sasl-secret",
     "abq-kafka-user",
-    "--tls-secret",
+    "--tls-ca-secret",
     "abq-kafka-ca",
     "--models-pvc",
     "models",
@@ -35,7 +37,8 @@ def _rendered():
             security_protocol="SASL_SSL",
             sasl_mechanism="SCRAM-SHA-512",
             sasl_secret="abq-kafka-user",
-            tls_secret="abq-kafka-ca",
+            tls_ca_secret="abq-kafka-ca",
+            bootstrap_servers="kafka-kafka-bootstrap.kafka:9093",
             models_pvc="models",
         ),
     )
@@ -120,7 +123,7 @@ def test_workers_scale_on_their_own_lag_and_drain_before_they_go():
 
 def test_checked_in_manifests_are_what_the_example_renders(tmp_path):
     out = subprocess.run(
-        abq_cmd("deploy", "render", "--experiment", str(EXAMPLE), "--out", str(tmp_path), *FLAGS),
+        abq_cmd("deploy", "render", "--config", str(EXAMPLE), "--out", str(tmp_path), *FLAGS),
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -130,7 +133,7 @@ def test_checked_in_manifests_are_what_the_example_renders(tmp_path):
         fresh = {p.name: p.read_text() for p in (tmp_path / sub).glob("*.*")}
         checked_in = {p.name: p.read_text() for p in (REPO / sub).glob("*.*")}
         assert fresh == checked_in, (
-            f"{sub}/ is stale: rerun abq deploy render --experiment examples/experiment.yaml --out . {' '.join(FLAGS)}"
+            f"{sub}/ is stale: rerun abq deploy render --config examples/experiment.yaml --out . {' '.join(FLAGS)}"
         )
         kustomization = yaml.safe_load(fresh["kustomization.yaml"])
         assert sorted(kustomization["resources"]) == sorted(
@@ -204,3 +207,34 @@ def test_an_exactly_once_variant_runs_as_a_statefulset_whose_slots_keep_their_tr
     assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     other = _doc(files, "Deployment", exp.variants[1].name)  # at-least-once stays a Deployment
     assert "--delivery" not in other["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_a_ca_only_secret_is_trusted_without_asking_for_a_client_certificate():
+    """The README's example (SASL_SSL with a CA Secret) used to make pods that exit: the worker and
+    the TriggerAuthentication also asked the CA Secret for tls.crt and tls.key."""
+    exp = load_experiment(EXAMPLE)
+    ca_only = render(exp, Target(security_protocol="SSL", tls_ca_secret="kafka-ca", bootstrap_servers="k:9093"))
+    validate_files(ca_only)
+    c = _doc(ca_only, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["ABQ_SSL_CAFILE"].endswith("ca.crt") and "ABQ_SSL_CERTFILE" not in env and "ABQ_SSL_KEYFILE" not in env
+    auth = _doc(ca_only, "TriggerAuthentication")["spec"]["secretTargetRef"]
+    assert [(a["parameter"], a["name"], a["key"]) for a in auth] == [("ca", "kafka-ca", "ca.crt")]
+    mtls = render(
+        exp,
+        Target(security_protocol="SSL", tls_ca_secret="kafka-ca", tls_client_secret="me", bootstrap_servers="k:9093"),
+    )
+    validate_files(mtls)
+    c = _doc(mtls, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["ABQ_SSL_CERTFILE"].endswith("tls.crt") and env["ABQ_SSL_KEYFILE"].endswith("tls.key")
+    auth = _doc(mtls, "TriggerAuthentication")["spec"]["secretTargetRef"]
+    assert {(a["parameter"], a["name"]) for a in auth} == {("ca", "kafka-ca"), ("cert", "me"), ("key", "me")}
+
+
+def test_render_needs_the_bootstrap_servers_rather_than_baking_in_a_guess(tmp_path):
+    out = subprocess.run(
+        abq_cmd("deploy", "render", "--config", str(EXAMPLE), "--out", str(tmp_path)),
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--bootstrap-servers" in out.stderr and "Traceback" not in out.stderr

@@ -16,11 +16,15 @@ def register(sub) -> None:
         help="write OUT/k8s and OUT/keda (kustomize) from the experiment config",
         description="Each file is validated against the Kubernetes, KEDA and Strimzi schemas before it is written.",
     )
-    r.add_argument("--experiment", dest="config", required=True, metavar="FILE", help="experiment config YAML")
+    r.add_argument("--config", required=True, metavar="FILE", help="experiment config YAML")
     r.add_argument("--out", type=Path, default=Path("."), help="directory to write k8s/ and keda/ into (default .)")
     r.add_argument("--namespace", default="abqueue")
     r.add_argument("--image", default="abqueue-worker:latest", help="the worker image (see Dockerfile)")
-    r.add_argument("--bootstrap-servers", default="kafka-kafka-bootstrap.kafka:9092")
+    r.add_argument(
+        "--bootstrap-servers",
+        required=True,
+        help="the brokers as pods reach them, e.g. kafka-kafka-bootstrap.kafka:9093 (Strimzi: CLUSTER-kafka-bootstrap.NAMESPACE)",
+    )
     r.add_argument("--kafka-cluster", default="kafka", help="Strimzi Kafka cluster name (strimzi.io/cluster label)")
     r.add_argument(
         "--kafka-namespace", default=None, help="namespace Strimzi's topic operator watches (default --namespace)"
@@ -30,7 +34,14 @@ def register(sub) -> None:
     )
     r.add_argument("--sasl-mechanism", default=None, choices=["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
     r.add_argument("--sasl-secret", default=None, help="Secret with keys username and password")
-    r.add_argument("--tls-secret", default=None, help="Secret with ca.crt (and tls.crt, tls.key for mTLS)")
+    r.add_argument(
+        "--tls-ca-secret", default=None, help="Secret with ca.crt: the CA that signed the brokers' certificates"
+    )
+    r.add_argument(
+        "--tls-client-secret",
+        default=None,
+        help="Secret with tls.crt and tls.key: the client certificate for mTLS (Strimzi's KafkaUser with tls auth)",
+    )
     r.add_argument("--models-pvc", default=None, help="PersistentVolumeClaim mounted read-only at /models")
     r.add_argument(
         "--slo-success", type=float, default=0.995, help="success-rate SLO for the burn-rate alerts (default 0.995)"
@@ -54,6 +65,8 @@ def run_render(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--sasl-secret needs --security-protocol SASL_PLAINTEXT or SASL_SSL, not {args.security_protocol}"
         )
+    if args.tls_client_secret and args.security_protocol not in ("SSL", "SASL_SSL"):
+        raise UsageError(f"--tls-client-secret needs --security-protocol SSL or SASL_SSL, not {args.security_protocol}")
     if not 0 < args.slo_success < 1:
         raise UsageError("--slo-success must be between 0 and 1, e.g. 0.995")
     target = Target(
@@ -65,7 +78,8 @@ def run_render(args: argparse.Namespace) -> int:
         security_protocol=args.security_protocol,
         sasl_mechanism=args.sasl_mechanism,
         sasl_secret=args.sasl_secret,
-        tls_secret=args.tls_secret,
+        tls_ca_secret=args.tls_ca_secret,
+        tls_client_secret=args.tls_client_secret,
         models_pvc=args.models_pvc,
         slo_success=args.slo_success,
         slo_p95_seconds=args.slo_p95_seconds,

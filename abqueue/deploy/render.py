@@ -34,7 +34,8 @@ class Target:
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_secret: str | None = None  # keys: username, password
-    tls_secret: str | None = None  # keys: ca.crt, and tls.crt + tls.key for mTLS
+    tls_ca_secret: str | None = None  # key ca.crt: the CA the brokers' certificates are checked against
+    tls_client_secret: str | None = None  # keys tls.crt + tls.key: the client certificate, for mTLS
     models_pvc: str | None = None  # mounted read-only at /models
     slo_success: float = 0.995
     slo_p95_seconds: float = 30.0
@@ -73,11 +74,12 @@ def _kafka_env(t: Target) -> list[dict]:
             {"name": "ABQ_SASL_USERNAME", "valueFrom": {"secretKeyRef": {"name": t.sasl_secret, "key": "username"}}},
             {"name": "ABQ_SASL_PASSWORD", "valueFrom": {"secretKeyRef": {"name": t.sasl_secret, "key": "password"}}},
         ]
-    if t.tls_secret:
+    if t.tls_ca_secret:
+        env.append({"name": "ABQ_SSL_CAFILE", "value": f"{TLS_DIR}/ca/ca.crt"})
+    if t.tls_client_secret:
         env += [
-            {"name": "ABQ_SSL_CAFILE", "value": f"{TLS_DIR}/ca.crt"},
-            {"name": "ABQ_SSL_CERTFILE", "value": f"{TLS_DIR}/tls.crt"},
-            {"name": "ABQ_SSL_KEYFILE", "value": f"{TLS_DIR}/tls.key"},
+            {"name": "ABQ_SSL_CERTFILE", "value": f"{TLS_DIR}/client/tls.crt"},
+            {"name": "ABQ_SSL_KEYFILE", "value": f"{TLS_DIR}/client/tls.key"},
         ]
     return env
 
@@ -111,9 +113,10 @@ def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
         # vLLM's workers share tensors through /dev/shm; the container default is 64 MiB.
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
     ]
-    if t.tls_secret:
-        mounts.append({"name": "kafka-tls", "mountPath": TLS_DIR, "readOnly": True})
-        volumes.append({"name": "kafka-tls", "secret": {"secretName": t.tls_secret}})
+    for part, secret in (("ca", t.tls_ca_secret), ("client", t.tls_client_secret)):
+        if secret:
+            mounts.append({"name": f"kafka-tls-{part}", "mountPath": f"{TLS_DIR}/{part}", "readOnly": True})
+            volumes.append({"name": f"kafka-tls-{part}", "secret": {"secretName": secret}})
     if t.models_pvc:
         mounts.append({"name": "models", "mountPath": "/models", "readOnly": True})
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": t.models_pvc, "readOnly": True}})
@@ -200,7 +203,8 @@ def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
 
 def scaled_object(exp: ExperimentConfig, variant: str, t: Target) -> dict:
     sc = exp.variant(variant).scaling
-    auth = {"authenticationRef": {"name": _name(exp.name, "kafka-auth")}} if (t.sasl_secret or t.tls_secret) else {}
+    secured = t.sasl_secret or t.tls_ca_secret or t.tls_client_secret
+    auth = {"authenticationRef": {"name": _name(exp.name, "kafka-auth")}} if secured else {}
     triggers = []
     for level, topic in exp.request_topics(variant).items():
         meta = {
@@ -210,7 +214,7 @@ def scaled_object(exp: ExperimentConfig, variant: str, t: Target) -> dict:
         meta["bootstrapServers"] = t.bootstrap_servers
         if t.sasl_secret:
             meta["sasl"] = KEDA_SASL[(t.sasl_mechanism or "SCRAM-SHA-512").upper()]
-        if t.tls_secret or t.security_protocol in ("SSL", "SASL_SSL"):
+        if t.tls_ca_secret or t.tls_client_secret or t.security_protocol in ("SSL", "SASL_SSL"):
             meta["tls"] = "enable"
         triggers.append({"type": "kafka", "name": f"lag-{level}", "metadata": meta, **auth})
     if t.prometheus_server:
@@ -271,11 +275,12 @@ def trigger_authentication(exp: ExperimentConfig, t: Target) -> dict | None:
             {"parameter": "username", "name": t.sasl_secret, "key": "username"},
             {"parameter": "password", "name": t.sasl_secret, "key": "password"},
         ]
-    if t.tls_secret:
+    if t.tls_ca_secret:
+        refs.append({"parameter": "ca", "name": t.tls_ca_secret, "key": "ca.crt"})
+    if t.tls_client_secret:
         refs += [
-            {"parameter": "ca", "name": t.tls_secret, "key": "ca.crt"},
-            {"parameter": "cert", "name": t.tls_secret, "key": "tls.crt"},
-            {"parameter": "key", "name": t.tls_secret, "key": "tls.key"},
+            {"parameter": "cert", "name": t.tls_client_secret, "key": "tls.crt"},
+            {"parameter": "key", "name": t.tls_client_secret, "key": "tls.key"},
         ]
     if not refs:
         return None
