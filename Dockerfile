@@ -31,4 +31,4 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9400/healthz', timeout=4)"]
 
 ENTRYPOINT ["abq", "worker", "--metrics-port", "9400"]
-CMD ["--config", "/etc/abqueue/experiment.yaml", "--variant", "control"]
+CMD ["--config", "/etc/abqueue/experiment.yaml", "--variant", "@control"]

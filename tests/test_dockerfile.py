@@ -32,6 +32,16 @@ def test_entrypoint_and_cmd_parse_as_an_abq_worker_command_line():
     assert entry[:2] == ["abq", "worker"]
     args = build_parser().parse_args(entry[1:] + cmd)
     assert args.command == "worker" and args.variant and args.config
+    # The default command names a variant every config has (issue 12: "control" was not one): run it
+    # against the example config, with the config path swapped in and the echo engine (no model
+    # here); it gets as far as the broker.
+    argv = [str(REPO / "examples" / "experiment.yaml") if a == args.config else a for a in entry[1:] + cmd]
+    argv[argv.index("--metrics-port") + 1] = "0"
+    r = subprocess.run(
+        [sys.executable, "-m", "abqueue.cli.main", *argv, "--engine", "echo", "--bootstrap-servers", "127.0.0.1:1"],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and "no Kafka broker answers at 127.0.0.1:1" in r.stderr, r.stderr
     # The port the worker serves is the one exposed and the one the health check asks.
     assert _instruction("EXPOSE").split()[0] == str(args.metrics_port)
     assert f"127.0.0.1:{args.metrics_port}/healthz" in _instruction("HEALTHCHECK")

@@ -38,7 +38,19 @@ def add_experiment_flags(p: argparse.ArgumentParser, need_variant: bool = False)
     p.add_argument("--config", default=None, help="experiment config YAML (default: the built-in 'demo' experiment)")
     p.add_argument("--experiment", default=None, help="experiment name; must match the config's name")
     if need_variant:
-        p.add_argument("--variant", required=True, help="the variant this process serves")
+        p.add_argument(
+            "--variant",
+            required=True,
+            help=f"the variant this process serves ({CONTROL}: the config's control variant)",
+        )
+
+
+CONTROL = "@control"
+
+
+def variant_name(exp: ExperimentConfig, name: str) -> str:
+    """`name`, or the config's control variant for @control (what the worker image runs by default)."""
+    return exp.control_variant if name == CONTROL else exp.variant(name).name
 
 
 def typed(model: type[M], what: str, **fields: Any) -> M:

@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--request-timeout must be >= 0 seconds (0 turns it off)")
     settings = options.kafka_settings(args)
     exp = options.experiment(args)
+    args.variant = options.variant_name(exp, args.variant)
     variant = exp.variant(args.variant)
     logging.getLogger(__name__).info("connecting: %s", settings.describe())
     # Probes answer from the start: alive while the engine loads, ready once it has answered a request.
