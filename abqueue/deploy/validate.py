@@ -37,8 +37,13 @@ def _crd_schemas() -> dict[tuple[str, str], dict]:
 
 def validate_document(doc: dict) -> None:
     """Raises ManifestError naming the resource and the first problem."""
-    import jsonschema
-    import kubernetes_validate
+    try:
+        import jsonschema
+        import kubernetes_validate
+    except ModuleNotFoundError as e:
+        raise ManifestError(
+            f"validating manifests needs {e.name}, from the deploy extra: pip install 'abqueue[deploy]'"
+        ) from None
 
     key = (doc.get("apiVersion"), doc.get("kind"))
     name = f"{key[1]} {doc.get('metadata', {}).get('name')}"
