@@ -40,9 +40,9 @@ def validate_document(doc: dict) -> None:
     try:
         import jsonschema
         import kubernetes_validate
-    except ModuleNotFoundError as e:
+    except ModuleNotFoundError as missing:
         raise ManifestError(
-            f"validating manifests needs {e.name}, from the deploy extra: pip install 'abqueue[deploy]'"
+            f"validating manifests needs {missing.name}, from the deploy extra: pip install 'abqueue[deploy]'"
         ) from None
 
     key = (doc.get("apiVersion"), doc.get("kind"))
