@@ -293,17 +293,18 @@ def demo_experiment() -> ExperimentConfig:
     )
 
 
-def load_experiment(path: str | Path | None) -> ExperimentConfig:
-    """Read an experiment from YAML; None gives the built-in demo. Errors are one-line ConfigErrors."""
+def load_experiment(path: str | Path | None, given_as: str = "with --config") -> ExperimentConfig:
+    """Read an experiment from YAML; None gives the built-in demo. Errors are one-line ConfigErrors;
+    `given_as` says how the command takes the file, for the fix they name."""
     if path is None:
         return demo_experiment()
     p = Path(path)
     if p.is_dir():
-        raise ConfigError(f"experiment config {p} is a directory; pass the YAML file in it with --config")
+        raise ConfigError(f"experiment config {p} is a directory; pass the YAML file in it {given_as}")
     try:
         raw = yaml.safe_load(p.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"experiment config {p} does not exist; pass an existing YAML file with --config") from None
+        raise ConfigError(f"experiment config {p} does not exist; pass an existing YAML file {given_as}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -190,3 +190,34 @@ def test_feedback_is_one_command_and_its_file_needs_no_experiment(settings, kafk
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["variants"]["a"]["thumbs_up_rate"] == 0.0
     assert (REPO / "schemas" / "jsonschema" / "feedback.schema.json").exists()
+
+
+def _walk(parser, path=()):
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk(sub, (*path, name))
+
+
+def test_one_vocabulary_across_commands():
+    """--config is always a YAML file and --experiment always a name; every command that publishes
+    requests can set what the request contract allows (priority, metadata)."""
+    from abqueue.cli.main import build_parser
+
+    for path, parser in _walk(build_parser()):
+        for action in parser._actions:
+            if "--config" in action.option_strings:
+                assert "YAML" in (action.help or ""), (path, action.help)
+            if "--experiment" in action.option_strings:
+                assert "name" in (action.help or "") and action.metavar != "FILE", (path, action.help)
+    submit = dict(_walk(build_parser()))[("submit",)]
+    flags = {f for a in submit._actions for f in a.option_strings}
+    assert {"--priority", "--metadata"} <= flags
+
+
+def test_a_missing_config_file_names_how_this_command_takes_it(tmp_path):
+    line = one_line_error(abq("experiment", "apply", str(tmp_path / "nope.yaml")))
+    assert "does not exist" in line and "--config" not in line, line

@@ -38,7 +38,9 @@ def run_apply(args: argparse.Namespace) -> int:
     from abqueue.control import live_config
     from schemas import load_experiment
 
-    exp = load_experiment(args.file)  # refuses an invalid config with one line, before anything is sent
+    exp = load_experiment(
+        args.file, given_as="as FILE"
+    )  # refuses an invalid config with one line, before anything is sent
     settings = options.kafka_settings(args)
     prev = live_config.current(settings, exp.name)
     if prev is not None and prev.experiment == exp:

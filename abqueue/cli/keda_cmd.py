@@ -64,9 +64,7 @@ def register(sub) -> None:
     sim.add_argument(
         "--time-field", default=None, metavar="PATH", help="JSONL traces: the dotted path of each line's time"
     )
-    sim.add_argument(
-        "--config", default=None, help="take the scaling settings of --variant from this experiment config"
-    )
+    sim.add_argument("--config", default=None, help="experiment config YAML to take --variant's scaling settings from")
     sim.add_argument("--variant", default=None)
     sim.add_argument("--per-replica-rps", type=float, default=None, help="requests/s one replica serves")
     sim.add_argument(

@@ -56,7 +56,7 @@ def register(sub) -> None:
         ("status", "print the rollout's state"),
     ):
         a = rsub.add_parser(action, help=help_)
-        a.add_argument("--experiment", required=True)
+        a.add_argument("--experiment", required=True, help="the experiment's name")
         options.add_kafka_flags(a)
         a.set_defaults(func=run_request, action=action)
 

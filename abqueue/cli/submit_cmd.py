@@ -9,6 +9,7 @@ import orjson
 
 from abqueue.cli import options
 from abqueue.errors import UsageError
+from schemas.request import PRIORITIES
 
 
 def register(sub) -> None:
@@ -34,7 +35,17 @@ def register(sub) -> None:
     p.add_argument(
         "--deadline-s", type=float, default=None, help="give up (expired) if not started within this many seconds"
     )
-    p.add_argument("--reply-to", default=None, help="also publish the response to this topic")
+    p.add_argument(
+        "--reply-to",
+        default=None,
+        help="also publish the response to this topic (one of the experiment's reply_topics)",
+    )
+    p.add_argument("--priority", choices=PRIORITIES, default="normal", help="high, normal or batch (default normal)")
+    p.add_argument(
+        "--metadata",
+        default=None,
+        help='free JSON object kept with the request; segment overrides match on it, e.g. {"tier": "beta"}',
+    )
     p.add_argument("--traceparent", default=None, help="W3C traceparent to continue (default: a new trace)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the response (default 60)")
     options.add_kafka_flags(p)
@@ -58,7 +69,13 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         n=args.n,
         reply_to=args.reply_to,
+        priority=args.priority,
     )
+    if args.metadata is not None:
+        try:
+            fields["metadata"] = orjson.loads(args.metadata)
+        except orjson.JSONDecodeError as e:
+            raise UsageError(f'--metadata is not JSON ({e}); pass an object like \'{{"tier": "beta"}}\'') from None
     if args.id:
         fields["id"] = args.id
     if args.deadline_s is not None:
