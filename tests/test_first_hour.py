@@ -221,3 +221,9 @@ def test_one_vocabulary_across_commands():
 def test_a_missing_config_file_names_how_this_command_takes_it(tmp_path):
     line = one_line_error(abq("experiment", "apply", str(tmp_path / "nope.yaml")))
     assert "does not exist" in line and "--config" not in line, line
+
+
+def test_the_demo_shows_a_dash_not_nan_for_a_variant_with_no_requests():
+    from abqueue.cli.demo_cmd import _ms
+
+    assert _ms([], 95).strip() == "-" and _ms([0.25], 95).strip() == "250.0"

@@ -150,10 +150,17 @@ def run(args: argparse.Namespace) -> int:
         share = 100.0 * len(lat) / max(1, len(got))
         print(
             f"{v.name:<10}{v.weight:>7g}%{len(lat):>8}{share:>7.1f}%{errors[v.name]:>8}"
-            f"{percentile(lat, 50) * 1000:>10.1f}{percentile(lat, 95) * 1000:>10.1f}{percentile(lat, 99) * 1000:>10.1f}"
+            f"{_ms(lat, 50)}{_ms(lat, 95)}{_ms(lat, 99)}"
         )
     missing = len(sent_at) - len(got)
     if missing:
         print(f"abq: {missing} requests got no response within {args.timeout:g}s", file=sys.stderr)
         return 1
     return 0
+
+
+def _ms(latencies: list[float], q: float) -> str:
+    """A latency column: '-' for a variant that got no requests (not nan)."""
+    from abqueue.analysis.stats import percentile
+
+    return f"{percentile(latencies, q) * 1000:>10.1f}" if latencies else f"{'-':>10}"
