@@ -53,7 +53,6 @@ def _wait_ready(ports: list[int], procs: list[subprocess.Popen], timeout: float)
 
 
 def run(args: argparse.Namespace) -> int:
-    from abqueue.analysis.stats import percentile
     from abqueue.localkafka import LocalBroker
     from abqueue.localkafka.broker import free_port
     from producers import AbqClient
