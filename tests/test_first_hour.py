@@ -227,3 +227,17 @@ def test_the_demo_shows_a_dash_not_nan_for_a_variant_with_no_requests():
     from abqueue.cli.demo_cmd import _ms
 
     assert _ms([], 95).strip() == "-" and _ms([0.25], 95).strip() == "250.0"
+
+
+def test_repeated_log_lines_are_folded_with_a_count():
+    import logging
+
+    from abqueue.cli.main import FoldRepeats
+
+    fold, shown = FoldRepeats(window_s=30), []
+    for i, t in enumerate([0, 1, 2, 3, 31, 32]):
+        record = logging.LogRecord("kafka.net", logging.WARNING, "f", 1, "retry %d failed", (i,), None)
+        record.created = 1000 + t
+        if fold.filter(record):
+            shown.append(record.getMessage())
+    assert shown == ["retry 0 failed", "retry 4 failed (3 more like this in the last 31s)"]

@@ -73,6 +73,35 @@ def _kafka_without_tracebacks(record: logging.LogRecord) -> bool:
     return True
 
 
+class FoldRepeats(logging.Filter):
+    """A message logged again and again (kafka-python retrying a handshake, a worker whose broker is
+    gone) is shown once per `window_s`, then with how many were folded, so that the line that names
+    the problem is not buried. Repeats are the same logger, level and message template."""
+
+    def __init__(self, window_s: float = 30.0):
+        super().__init__()
+        self.window_s = window_s
+        self._seen: dict[tuple, tuple[float, int]] = {}  # key -> (when last shown, folded since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.CRITICAL:
+            return True
+        key = (record.name, record.levelno, record.msg if isinstance(record.msg, str) else repr(record.msg))
+        now = record.created
+        shown, folded = self._seen.get(key, (float("-inf"), 0))
+        if now - shown < self.window_s:
+            self._seen[key] = (shown, folded + 1)
+            return False
+        if folded:
+            record.msg = f"{record.getMessage()} ({folded} more like this in the last {now - shown:.0f}s)"
+            record.args = None
+        self._seen[key] = (now, 0)
+        if len(self._seen) > 10_000:  # bounded: drop the oldest keys
+            for old in sorted(self._seen, key=lambda k: self._seen[k][0])[:5_000]:
+                del self._seen[old]
+        return True
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -87,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     # An env ABQ_LOG_LEVEL is not checked by argparse's type when it is the default.
     level = args.log_level if args.log_level in LOG_LEVELS else _checked_env_level(parser, args.log_level)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python's INFO is connection chatter
+    # kafka-python's INFO is connection chatter; and it must not speak below the level asked for.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
     if logging.getLogger().level > logging.DEBUG:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_kafka_without_tracebacks)
+            handler.addFilter(FoldRepeats())
     try:
         code = args.func(args)
         sys.stdout.flush()  # inside the try: a reader that went away shows here
