@@ -161,9 +161,14 @@ def test_vllm_worker_serves_dead_letters_and_survives_a_kill_9_or_drains_on_sigt
         client.publisher.flush()
         offset_of = {rid: sent.get(timeout=10).offset for rid, sent in offset_of.items()}
         if engine == "vllm-batch":
-            wait_until(lambda: _values(_get(port, "/metrics")[1]).get("abq_inflight_requests", 0) > 0, 60,
-                       "requests with the engine")  # fmt: skip
-            with_engine = _values(_get(port, "/metrics")[1])["abq_inflight_requests"]
+            seen: dict[str, float] = {}
+
+            def inflight() -> bool:  # one read, kept: a second could already see the batch finished
+                seen["n"] = _values(_get(port, "/metrics")[1]).get("abq_inflight_requests", 0)
+                return seen["n"] > 0
+
+            wait_until(inflight, 60, "requests with the engine")
+            with_engine = seen["n"]
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=120) == 0, proc.log_path.read_text()[-3000:]
             answered = client.wait(more, timeout=10)
