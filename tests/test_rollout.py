@@ -151,6 +151,7 @@ def test_abq_rollout_rolls_back_a_slow_candidate_on_the_p95_guardrail_and_exits_
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 1, out.stderr
     assert "rollout rolled_back: p95 latency of candidate" in out.stdout, out.stdout
+    assert "stage 1/2 (20%): candidate " in out.stdout, out.stdout  # a progress line per check, not silence
     assert "over the guardrail 3x" in out.stdout
     assert _weight(settings, exp) == 0 and load_state(settings, exp.name).status == "rolled_back"
     status = subprocess.run(
@@ -196,3 +197,42 @@ def test_an_abort_is_not_lost_when_the_controller_saves_its_state_after_it(setti
     save_state(settings, controller.state)  # the controller's own save, a moment after the operator's abort
     _run_until(controller, lambda: controller.state.status == "aborted", 10, "the abort")
     assert _weight(settings, exp) == 0 and load_state(settings, exp.name).status == "aborted"
+
+
+def _abq(*args, bootstrap):
+    return subprocess.run(
+        abq_cmd(*args, "--bootstrap-servers", bootstrap), capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+
+
+def test_commands_know_whether_a_controller_is_alive(settings, kafka_bootstrap):
+    """Issue 12: `abort` said "the controller acts within a second" with none running, and `status`
+    kept saying "running". With no controller alive, an abort acts at once by itself; pause and
+    resume are recorded and say that nothing acts on them yet; status says who is (not) running."""
+    from abqueue.control.rollout import save_state
+
+    exp = _experiment(0.0)
+    live_config.apply(settings, exp)
+    live_config.apply(settings, live_config.current(settings, exp.name).experiment.model_copy(update={
+        "variants": [exp.variants[0].model_copy(update={"weight": 80}), exp.variants[1].model_copy(update={"weight": 20})]
+    }))  # fmt: skip
+    save_state(settings, _state(exp, [20, 100]).model_copy(update={"stage_started_at": time.time()}))
+    status = _abq("rollout", "status", "--experiment", exp.name, bootstrap=kafka_bootstrap)
+    assert status.returncode == 0 and "no controller is running" in status.stdout, status.stdout
+    paused = _abq("rollout", "pause", "--experiment", exp.name, bootstrap=kafka_bootstrap)
+    assert paused.returncode == 3 and "no controller is running" in paused.stdout and "rollout start" in paused.stdout
+    aborted = _abq("rollout", "abort", "--experiment", exp.name, bootstrap=kafka_bootstrap)
+    assert aborted.returncode == 0 and "aborted here" in aborted.stdout, aborted.stdout + aborted.stderr
+    assert _weight(settings, exp) == 0 and load_state(settings, exp.name).status == "aborted"
+
+
+def test_status_shows_the_controller_the_samples_and_the_time_left(settings, kafka_bootstrap):
+    exp = _experiment(0.0)
+    live_config.apply(settings, exp)
+    controller = RolloutController(settings, _state(exp, [10, 100], duration=600), exp, tick_s=0.1)
+    _run_until(controller, lambda: controller.state.stage_started_at > 0 and time.time() - controller.state.stage_started_at > 1,
+               10, "a second of the first stage")  # fmt: skip
+    status = _abq("rollout", "status", "--experiment", exp.name, bootstrap=kafka_bootstrap)
+    out = status.stdout
+    assert "controller alive" in out and "candidate 0/25 samples" in out and "left in the stage" in out, out
+    assert "error rate" in out and "max 5.0%" in out and "p95" in out, out

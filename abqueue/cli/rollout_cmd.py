@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
+import time
 
 from abqueue.cli import options
 from abqueue.errors import UsageError
@@ -102,13 +102,13 @@ def run_start(args: argparse.Namespace) -> int:
             guardrails=guardrails,
         )
         print(f"rolling out {args.candidate} through {', '.join(f'{x:g}%' for x in stages)}")
-    final = RolloutController(settings, state, base).run()
+    final = RolloutController(settings, state, base, progress=lambda line: print(line, flush=True)).run()
     print(f"rollout {final.status}: {final.reason or ''}".rstrip(": "))
     return 0 if final.status == "completed" else 1
 
 
 def run_request(args: argparse.Namespace) -> int:
-    from abqueue.control.rollout import load_state, request
+    from abqueue.control.rollout import abort_here, alive, heartbeat, load_state, request
 
     settings = options.kafka_settings(args)
     if args.action == "status":
@@ -120,10 +120,44 @@ def run_request(args: argparse.Namespace) -> int:
             f"{state.experiment}: {state.candidate} {state.status} at stage {state.stage + 1}/{len(state.stages)} "
             f"({state.stages[state.stage]:g}%){': ' + state.reason if state.reason else ''}"
         )
+        if state.status in ("running", "paused"):
+            print(_controller_line(heartbeat(settings, state.experiment), state))
         for line in state.history:
             print(f"  {line}")
         return 0
     state = request(settings, args.experiment, args.action)
-    print(f"{args.action} requested for the rollout of {state.candidate}; the controller acts within a second")
-    sys.stdout.flush()
-    return 0
+    beat = heartbeat(settings, args.experiment)
+    if alive(beat):
+        print(f"{args.action} requested for the rollout of {state.candidate}; its controller acts within a second")
+        return 0
+    gone = _last_seen(beat)
+    if args.action == "abort":
+        abort_here(settings, state, f"aborted by an operator while no controller was running ({gone})")
+        print(f"no controller is running ({gone}); aborted here: {state.candidate} is back at 0%")
+        return 0
+    print(
+        f"{args.action} recorded, but no controller is running ({gone}); it takes effect when "
+        f"`abq rollout start --config FILE --candidate {state.candidate}` resumes the rollout"
+    )
+    return 3
+
+
+def _last_seen(beat) -> str:
+    return f"last seen {time.time() - beat.at:.0f}s ago" if beat else "none has run"
+
+
+def _controller_line(beat, state) -> str:
+    from abqueue.control.rollout import alive, human_duration
+
+    if not alive(beat):
+        return f"  no controller is running ({_last_seen(beat)}); `abq rollout start` resumes it"
+    cand, ctl, g = state.candidate, state.control, state.guardrails
+    p95 = beat.p95_s
+    ratio = f"{p95[cand] / p95[ctl]:.2f}" if cand in p95 and ctl in p95 and p95[ctl] else "n/a"
+    return (
+        f"  controller alive ({beat.controller}, {time.time() - beat.at:.0f}s ago): {cand} "
+        f"{beat.samples.get(cand, 0)}/{g.min_samples} samples, {ctl} {beat.samples.get(ctl, 0)}; "
+        f"error rate {beat.error_rate.get(cand, 0.0):.1%} (max {g.max_error_rate:.1%}), "
+        f"p95 ratio {ratio} (max {g.max_p95_ratio:g}); {human_duration(max(0.0, beat.stage_ends_at - time.time()))} "
+        "left in the stage"
+    )

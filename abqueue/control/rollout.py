@@ -13,6 +13,8 @@ Guardrails are judged on the responses enqueued since the stage began:
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from typing import Literal
 
@@ -68,12 +70,42 @@ class RolloutCommand(BaseModel):
     at: float
 
 
+class RolloutHeartbeat(BaseModel):
+    """What a running controller sees, put every few seconds under a key of its own: commands and
+    `status` know from it whether a controller is alive, and show the stage's numbers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    at: float
+    controller: str  # host-pid
+    stage: int
+    stage_ends_at: float
+    samples: dict[str, int] = Field(default_factory=dict)
+    error_rate: dict[str, float] = Field(default_factory=dict)
+    p95_s: dict[str, float] = Field(default_factory=dict)
+
+
 ROLLOUTS: KeyedStore[RolloutState] = KeyedStore(ROLLOUT_TOPIC, RolloutState)
 COMMANDS: KeyedStore[RolloutCommand] = KeyedStore(ROLLOUT_TOPIC, RolloutCommand)
+HEARTBEATS: KeyedStore[RolloutHeartbeat] = KeyedStore(ROLLOUT_TOPIC, RolloutHeartbeat)
+HEARTBEAT_EVERY_S = 5.0
+HEARTBEAT_STALE_S = 20.0  # a controller not heard from for this long is taken for gone
 
 
 def _command_key(experiment: str) -> str:
     return f"{experiment}/command"
+
+
+def _heartbeat_key(experiment: str) -> str:
+    return f"{experiment}/heartbeat"
+
+
+def heartbeat(settings: KafkaSettings, experiment: str) -> RolloutHeartbeat | None:
+    return HEARTBEATS.latest(settings, _heartbeat_key(experiment))
+
+
+def alive(beat: RolloutHeartbeat | None, now: float | None = None) -> bool:
+    return beat is not None and (now or time.time()) - beat.at < HEARTBEAT_STALE_S
 
 
 def load_state(settings: KafkaSettings, experiment: str) -> RolloutState | None:
@@ -184,9 +216,40 @@ def verdict(state: RolloutState, st: StageStats, now: float) -> tuple[str, str]:
 
 
 class RolloutController:
-    def __init__(self, settings: KafkaSettings, state: RolloutState, base: ExperimentConfig, tick_s: float = 1.0):
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        state: RolloutState,
+        base: ExperimentConfig,
+        tick_s: float = 1.0,
+        progress=None,
+        progress_every_s: float = 10.0,
+    ):
+        """progress: called with one line about the stage at its first check and every
+        `progress_every_s` after (`abq rollout start` prints it)."""
         self.settings, self.state, self.base, self.tick_s = settings, state, base, tick_s
         self._stats: StageStats | None = None
+        self._progress, self._progress_every_s = progress, progress_every_s
+        self._said_at = self._beat_at = float("-inf")
+        self._name = f"{socket.gethostname()}-{os.getpid()}"
+
+    def _report(self, now: float, why: str) -> None:
+        st, state = self._stats, self.state
+        if st is None:
+            return
+        variants = (state.candidate, state.control)
+        if now - self._beat_at >= HEARTBEAT_EVERY_S:
+            self._beat_at = now
+            HEARTBEATS.put(self.settings, _heartbeat_key(state.experiment), RolloutHeartbeat(
+                at=now, controller=self._name, stage=state.stage,
+                stage_ends_at=state.stage_started_at + state.stage_duration_s,
+                samples={v: st.count(v) for v in variants},
+                error_rate={v: st.error_rate(v) for v in variants},
+                p95_s={v: p for v in variants if (p := st.p95(v)) == p},  # nan (no samples) left out
+            ))  # fmt: skip
+        if self._progress and now - self._said_at >= self._progress_every_s:
+            self._said_at = now
+            self._progress(stage_line(state, st, now) + ("" if why == "stage time not over" else f"; {why}"))
 
     def _set_weight(self, percent: float, why: str) -> None:
         live = live_config.current(self.settings, self.base.name)
@@ -245,8 +308,10 @@ class RolloutController:
             assert self._stats is not None
             self._stats.poll()
             if self.state.status == "paused":
+                self._report(time.time(), "paused")
                 continue
             action, why = verdict(self.state, self._stats, time.time())
+            self._report(time.time(), why)
             if action == "rollback":
                 self._finish("rolled_back", why, 0.0)
             elif action == "advance":
@@ -261,9 +326,41 @@ class RolloutController:
         return self.state
 
 
+def stage_line(state: RolloutState, st: StageStats, now: float) -> str:
+    g, cand, ctl = state.guardrails, state.candidate, state.control
+    ratio = st.p95(cand) / st.p95(ctl) if st.count(cand) and st.count(ctl) else float("nan")
+    left = max(0.0, state.stage_started_at + state.stage_duration_s - now)
+    return (
+        f"stage {state.stage + 1}/{len(state.stages)} ({state.stages[state.stage]:g}%): {cand} "
+        f"{st.count(cand)}/{g.min_samples} samples, {ctl} {st.count(ctl)}; error rate {st.error_rate(cand):.1%} "
+        f"(max {g.max_error_rate:.1%}), p95 ratio {ratio:.2f} (max {g.max_p95_ratio:g}); "
+        f"{human_duration(left)} left in the stage"
+    )
+
+
+def human_duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
 def request(settings: KafkaSettings, experiment: str, what: Literal["pause", "resume", "abort"]) -> RolloutState:
     state = load_state(settings, experiment)
     if state is None or state.status not in ("running", "paused"):
         raise ConfigError(f"no rollout of {experiment} is running; `abq rollout start` begins one")
     COMMANDS.put(settings, _command_key(experiment), RolloutCommand(what=what, at=time.time()))
+    return state
+
+
+def abort_here(settings: KafkaSettings, state: RolloutState, reason: str) -> RolloutState:
+    """Abort with no controller alive to do it: the candidate back to 0% and the state aborted."""
+    live = live_config.current(settings, state.experiment)
+    if live is not None:
+        live_config.apply(
+            settings,
+            with_weight(live.experiment, state.candidate, state.control, 0.0),
+            comment=f"rollout aborted: {reason}",
+        )
+    state = state.model_copy(update={"status": "aborted", "reason": reason, "requested": None})
+    state.history.append(f"{time.strftime('%H:%M:%S')} aborted: {reason}")
+    save_state(settings, state)
     return state
