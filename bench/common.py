@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -16,14 +17,42 @@ from abqueue.analysis.stats import percentile  # noqa: F401 (the one percentile:
 from abqueue.localkafka import LocalBroker
 from abqueue.localkafka.broker import free_port
 
+_CREATED: list[str] = []  # topic-name prefixes of what this run made on a broker it did not start
+
 
 def bootstrap():
-    """(address, broker we started or None): ABQ_/KAFKA_BOOTSTRAP_SERVERS if set, else a local broker."""
+    """(address, broker we started or None): ABQ_/KAFKA_BOOTSTRAP_SERVERS if set, else a local broker.
+    On a broker the benchmark did not start, the topics it made (see `leave_no_trace`) are deleted
+    at exit."""
     addr = os.environ.get("ABQ_BOOTSTRAP_SERVERS") or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if addr:
+        atexit.register(_delete_created, addr)
         return addr, None
     broker = LocalBroker(port=free_port(), data_dir=Path("/tmp") / f"abq-bench-{uuid.uuid4().hex[:6]}")
     return broker.start(log=lambda m: print(m, file=sys.stderr)), broker
+
+
+def leave_no_trace(*prefixes: str) -> None:
+    """Delete topics starting with these prefixes at exit, on a broker this run did not start."""
+    _CREATED.extend(prefixes)
+
+
+def _delete_created(addr: str) -> None:
+    if not _CREATED:
+        return
+    from abqueue.kafka import KafkaSettings, admin_client
+
+    try:
+        admin = admin_client(KafkaSettings(bootstrap_servers=addr))
+        try:
+            doomed = [t for t in admin.list_topics() if t.startswith(tuple(_CREATED))]
+            if doomed:
+                admin.delete_topics(doomed)
+                print(f"deleted the {len(doomed)} topics this benchmark made", file=sys.stderr)
+        finally:
+            admin.close()
+    except Exception as e:  # cleanup must not hide the figures printed above
+        print(f"could not delete this benchmark's topics ({e}); they start with {', '.join(_CREATED)}", file=sys.stderr)
 
 
 def start_worker(exp, bootstrap_servers: str, variant: str, *flags: str) -> subprocess.Popen:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import bootstrap
+from common import bootstrap, leave_no_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -37,6 +37,7 @@ def main() -> int:
     args = ap.parse_args()
     addr, broker = bootstrap()
     target = FuzzTarget(KafkaSettings(bootstrap_servers=addr))
+    leave_no_trace(f"abq.{target.exp.name}.")
     t0 = time.monotonic()
     try:
 

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import Counter
 
-from common import bootstrap, start_worker
+from common import bootstrap, leave_no_trace, start_worker
 
 from abqueue.kafka import KafkaSettings, ensure_topics
 from producers import AbqClient
@@ -38,6 +38,7 @@ def main() -> int:
         variants=[{"name": "a", "weight": 100, "engine": "echo", "engine_args": {"latency_ms": args.latency_ms}}],
     )
     ensure_topics(settings, exp)
+    leave_no_trace(f"abq.{exp.name}.")
     flags = ("--max-inflight", str(args.max_inflight))
     responses: Counter[str] = Counter()
     kills = 0

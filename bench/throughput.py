@@ -32,7 +32,7 @@ from pathlib import Path
 
 import orjson
 import yaml
-from common import bootstrap, free_port, percentile, start_worker
+from common import bootstrap, free_port, leave_no_trace, percentile, start_worker
 
 from abqueue.kafka import KafkaSettings, ensure_topics
 from producers import AbqClient
@@ -125,6 +125,7 @@ def through_kafka(
         ],
     )
     ensure_topics(settings, exp)
+    leave_no_trace(f"abq.{exp.name}.")
     port = free_port()
     worker = start_worker(exp, addr, "v", "--max-inflight", str(max_inflight), "--metrics-port", str(port))
     try:
