@@ -1,4 +1,4 @@
-"""`abq deploy render`: the manifests validate against the Kubernetes, KEDA and Strimzi schemas; an
+"""`abq deploy render`: the manifests validate against the Kubernetes, KEDA, Strimzi and prometheus-operator schemas; an
 invalid one is caught; the checked-in k8s/ and keda/ are exactly what the example config renders."""
 
 import copy
@@ -73,6 +73,9 @@ def test_every_rendered_resource_validates():
         ("ScaledObject", lambda d: d["spec"]["triggers"][0].pop("type"), "type"),
         ("KafkaTopic", lambda d: d["spec"].update(partitions="eight"), "partitions"),
         ("TriggerAuthentication", lambda d: d["spec"]["secretTargetRef"][0].pop("key"), "key"),
+        # prometheus-operator's own CRDs: a field of the wrong type, not only a missing one, is caught.
+        ("ServiceMonitor", lambda d: d["spec"]["endpoints"][0].update(interval=30), "interval"),
+        ("PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][0].update(**{"for": 5}), "for"),
     ],
 )
 def test_an_invalid_manifest_is_caught(kind, mutate, problem):

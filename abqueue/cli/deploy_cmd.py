@@ -14,7 +14,8 @@ def register(sub) -> None:
     r = dsub.add_parser(
         "render",
         help="write OUT/k8s and OUT/keda (kustomize) from the experiment config",
-        description="Each file is validated against the Kubernetes, KEDA and Strimzi schemas before it is written.",
+        description="Each file is validated against the Kubernetes, KEDA, Strimzi and prometheus-operator schemas "
+        "before it is written.",
     )
     r.add_argument("--config", required=True, metavar="FILE", help="experiment config YAML")
     r.add_argument("--out", type=Path, default=Path("."), help="directory to write k8s/ and keda/ into (default .)")
