@@ -23,6 +23,9 @@ def target(request):
     print(f"\nfuzz: {t.records} records, outcomes {dict(t.outcomes)}")
 
 
+# The worker runs in threads of this process, where kafka-python draws backoff jitter from `random`
+# while hypothesis draws a batch; hypothesis takes that for a strategy using `random` and warns.
+@pytest.mark.filterwarnings("ignore:Do not use the `random` module:hypothesis.errors.HypothesisDeprecationWarning")
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
