@@ -241,3 +241,13 @@ def test_repeated_log_lines_are_folded_with_a_count():
         if fold.filter(record):
             shown.append(record.getMessage())
     assert shown == ["retry 0 failed", "retry 4 failed (3 more like this in the last 31s)"]
+
+
+def test_the_demo_checks_the_kafka_settings_before_starting_a_broker():
+    from abqueue.localkafka.broker import free_port, port_open
+
+    port = free_port()
+    r = abq("demo", "--port", str(port), env={"ABQ_SECURITY_PROTOCOL": "SASL_SSL", "ABQ_BOOTSTRAP_SERVERS": None,
+                                              "KAFKA_BOOTSTRAP_SERVERS": None})  # fmt: skip
+    assert "needs ABQ_SASL_MECHANISM" in one_line_error(r)
+    assert "starting local Kafka" not in r.stderr and not port_open("127.0.0.1", port)

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     exp = options.experiment(args)
     options.engine_args(args)  # a malformed --engine-arg fails here, not in every worker
+    options.kafka_settings(args)  # and bad Kafka settings before a broker is started for nothing
     broker = None
     if args.bootstrap_servers is None and "ABQ_BOOTSTRAP_SERVERS" not in os.environ:
         # Like the tests, the demo runs on a cluster named by KAFKA_BOOTSTRAP_SERVERS when one is.
