@@ -147,17 +147,9 @@ def _last_seen(beat) -> str:
 
 
 def _controller_line(beat, state) -> str:
-    from abqueue.control.rollout import alive, human_duration
+    from abqueue.control.rollout import alive, stage_numbers
 
     if not alive(beat):
         return f"  no controller is running ({_last_seen(beat)}); `abq rollout start` resumes it"
-    cand, ctl, g = state.candidate, state.control, state.guardrails
-    p95 = beat.p95_s
-    ratio = f"{p95[cand] / p95[ctl]:.2f}" if cand in p95 and ctl in p95 and p95[ctl] else "n/a"
-    return (
-        f"  controller alive ({beat.controller}, {time.time() - beat.at:.0f}s ago): {cand} "
-        f"{beat.samples.get(cand, 0)}/{g.min_samples} samples, {ctl} {beat.samples.get(ctl, 0)}; "
-        f"error rate {beat.error_rate.get(cand, 0.0):.1%} (max {g.max_error_rate:.1%}), "
-        f"p95 ratio {ratio} (max {g.max_p95_ratio:g}); {human_duration(max(0.0, beat.stage_ends_at - time.time()))} "
-        "left in the stage"
-    )
+    now = time.time()
+    return f"  controller alive ({beat.controller}, {now - beat.at:.0f}s ago): {stage_numbers(state, beat, now)}"

@@ -238,18 +238,22 @@ class RolloutController:
         if st is None:
             return
         variants = (state.candidate, state.control)
+        beat = RolloutHeartbeat(
+            at=now, controller=self._name, stage=state.stage,
+            stage_ends_at=state.stage_started_at + state.stage_duration_s,
+            samples={v: st.count(v) for v in variants},
+            error_rate={v: st.error_rate(v) for v in variants},
+            p95_s={v: p for v in variants if (p := st.p95(v)) == p},  # nan (no samples) left out
+        )  # fmt: skip
         if now - self._beat_at >= HEARTBEAT_EVERY_S:
             self._beat_at = now
-            HEARTBEATS.put(self.settings, _heartbeat_key(state.experiment), RolloutHeartbeat(
-                at=now, controller=self._name, stage=state.stage,
-                stage_ends_at=state.stage_started_at + state.stage_duration_s,
-                samples={v: st.count(v) for v in variants},
-                error_rate={v: st.error_rate(v) for v in variants},
-                p95_s={v: p for v in variants if (p := st.p95(v)) == p},  # nan (no samples) left out
-            ))  # fmt: skip
+            HEARTBEATS.put(self.settings, _heartbeat_key(state.experiment), beat)
         if self._progress and now - self._said_at >= self._progress_every_s:
             self._said_at = now
-            self._progress(stage_line(state, st, now) + ("" if why == "stage time not over" else f"; {why}"))
+            stage = f"stage {state.stage + 1}/{len(state.stages)} ({state.stages[state.stage]:g}%): "
+            self._progress(
+                stage + stage_numbers(state, beat, now) + ("" if why == "stage time not over" else f"; {why}")
+            )
 
     def _set_weight(self, percent: float, why: str) -> None:
         live = live_config.current(self.settings, self.base.name)
@@ -326,15 +330,15 @@ class RolloutController:
         return self.state
 
 
-def stage_line(state: RolloutState, st: StageStats, now: float) -> str:
-    g, cand, ctl = state.guardrails, state.candidate, state.control
-    ratio = st.p95(cand) / st.p95(ctl) if st.count(cand) and st.count(ctl) else float("nan")
-    left = max(0.0, state.stage_started_at + state.stage_duration_s - now)
+def stage_numbers(state: RolloutState, beat: RolloutHeartbeat, now: float) -> str:
+    """The stage as a controller sees it: samples, guardrail values and time left (for `start`'s
+    progress lines and `status`)."""
+    g, cand, ctl, p95 = state.guardrails, state.candidate, state.control, beat.p95_s
+    ratio = f"{p95[cand] / p95[ctl]:.2f}" if cand in p95 and ctl in p95 and p95[ctl] else "n/a"
     return (
-        f"stage {state.stage + 1}/{len(state.stages)} ({state.stages[state.stage]:g}%): {cand} "
-        f"{st.count(cand)}/{g.min_samples} samples, {ctl} {st.count(ctl)}; error rate {st.error_rate(cand):.1%} "
-        f"(max {g.max_error_rate:.1%}), p95 ratio {ratio:.2f} (max {g.max_p95_ratio:g}); "
-        f"{human_duration(left)} left in the stage"
+        f"{cand} {beat.samples.get(cand, 0)}/{g.min_samples} samples, {ctl} {beat.samples.get(ctl, 0)}; "
+        f"error rate {beat.error_rate.get(cand, 0.0):.1%} (max {g.max_error_rate:.1%}), p95 ratio {ratio} "
+        f"(max {g.max_p95_ratio:g}); {human_duration(max(0.0, beat.stage_ends_at - now))} left in the stage"
     )
 
 
