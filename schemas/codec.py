@@ -22,10 +22,6 @@ class SchemaError(AbqError, ValueError):
         self.detail = detail
         self.address = address or {}
 
-    @property
-    def request_id(self) -> str | None:
-        return self.address.get("id")
-
 
 # Where an invalid request can still be answered: the fields a caller waits on, where they are
 # readable strings of the lengths the contract allows (whatever else is wrong with the record).
