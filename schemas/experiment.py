@@ -163,7 +163,18 @@ class ExperimentConfig(BaseModel):
     variants: list[VariantConfig] = Field(min_length=1)
     control: str | None = Field(default=None, description="the baseline variant; the first one if unset")
     partitions: int = Field(default=6, ge=1, le=1000, description="partitions of each variant's topic")
-    replication_factor: int = Field(default=1, ge=1, le=10)
+    replication_factor: int | None = Field(
+        default=None,
+        ge=1,
+        le=10,
+        description="copies of each topic abqueue creates; unset: 3 on a cluster of three or more brokers, else 1",
+    )
+    min_insync_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        le=10,
+        description="copies a write must reach before it counts (with acks=all); unset: 2 with 3+ replicas, else 1",
+    )
     overrides: list[SegmentOverride] = Field(default_factory=list, description="checked in order, before the weights")
     reply_topics: list[str] = Field(
         default_factory=list,
@@ -196,6 +207,11 @@ class ExperimentConfig(BaseModel):
                 raise ValueError(
                     f"shadow variant {v.name!r} copies {v.shadow_of!r}, itself a shadow; copy a serving variant"
                 )
+        if self.min_insync_replicas and self.min_insync_replicas > (self.replication_factor or 3):
+            raise ValueError(
+                f"min_insync_replicas {self.min_insync_replicas} is more than replication_factor "
+                f"{self.replication_factor or 3}: no write could ever succeed; lower it"
+            )
         for o in self.overrides:
             if o.variant not in names:
                 raise ValueError(f"override {o.name!r} sends to variant {o.variant!r}, which is not one of {names}")

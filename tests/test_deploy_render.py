@@ -18,10 +18,8 @@ FLAGS = [
     "kafka-kafka-bootstrap.kafka:9093",
     "--security-protocol",
     "SASL_SSL",
-    "--sasl-mechanism",
-    "SCRAM-SHA-512",
-    "--sasl-secret",
-    "abq-kafka-user",
+    "--kafka-users",
+    "scram-sha-512",
     "--tls-ca-secret",
     "abq-kafka-ca",
     "--models-pvc",
@@ -241,3 +239,77 @@ def test_render_needs_the_bootstrap_servers_rather_than_baking_in_a_guess(tmp_pa
         capture_output=True, text=True, cwd=REPO,
     )  # fmt: skip
     assert out.returncode == 2 and "--bootstrap-servers" in out.stderr and "Traceback" not in out.stderr
+
+
+def _with_users(kind="scram-sha-512"):
+    exp = load_experiment(EXAMPLE)
+    files = render(
+        exp,
+        Target(
+            security_protocol="SASL_SSL" if kind != "tls" else "SSL",
+            tls_ca_secret="abq-kafka-ca",
+            kafka_users=kind,
+            clients=["web", "nightly"],
+        ),
+    )
+    return exp, files
+
+
+def _acls(files, user):
+    doc = next(d for d in files["k8s/kafkausers.yaml"] if d["metadata"]["name"] == user)
+    return {
+        (a["resource"]["type"], a["resource"].get("name"), a["resource"].get("patternType"), op)
+        for a in doc["spec"]["authorization"]["acls"]
+        for op in a["operations"]
+    }
+
+
+@pytest.mark.parametrize("kind", ["scram-sha-512", "tls"])
+def test_kafka_users_validate_against_strimzi_s_crd_and_each_role_gets_only_its_acls(kind):
+    exp, files = _with_users(kind)
+    validate_files(files)
+    users = {d["metadata"]["name"]: d for d in files["k8s/kafkausers.yaml"]}
+    assert set(users) == {
+        "abq-chat-producer-web",
+        "abq-chat-producer-nightly",
+        "abq-chat-worker-base",
+        "abq-chat-worker-candidate",
+        "abq-chat-operator",
+        "abq-chat-keda",
+    }
+    assert {d["spec"]["authentication"]["type"] for d in users.values()} == {kind}
+    web = _acls(files, "abq-chat-producer-web")
+    assert ("topic", "abq.chat.base.requests", "literal", "Write") in web
+    assert ("topic", "abq.chat.replies.web.", "prefix", "Read") in web
+    assert not {a for a in web if a[1] == "abq.chat.replies.nightly." or a[1] == exp.response_topic}
+    assert not {a for a in web if a[1] == "abq.experiments" and a[3] != "Read" and a[3] != "Describe"}
+    worker = _acls(files, "abq-chat-worker-base")
+    assert ("group", "abq.chat.base.workers", "literal", "Read") in worker
+    assert ("transactionalId", "abq.chat.base.workers.", "prefix", "Write") in worker
+    assert not {a for a in worker if a[3] in ("AlterConfigs", "Alter", "Create", "Delete", "All")}
+    assert not {a for a in worker if "candidate" in (a[1] or "")}  # not the other variant's requests
+    assert {a[3] for a in _acls(files, "abq-chat-keda")} == {"Describe"}
+    # Each worker uses its own user's Secret, as Strimzi names it.
+    env = {e["name"]: e for e in _doc(files, "Deployment", "base")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    if kind == "tls":
+        volumes = _doc(files, "Deployment", "base")["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "kafka-tls-client", "secret": {"secretName": "abq-chat-worker-base"}} in volumes
+        assert env["ABQ_SSL_CERTFILE"]["value"].endswith("/client/user.crt")
+    else:
+        assert env["ABQ_SASL_USERNAME"]["value"] == "abq-chat-worker-base"
+        assert env["ABQ_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "abq-chat-worker-base",
+            "key": "password",
+        }
+        auth = _doc(files, "TriggerAuthentication")["spec"]
+        assert {"parameter": "password", "name": "abq-chat-keda", "key": "password"} in auth["secretTargetRef"]
+        assert auth["configMapTargetRef"] == [{"parameter": "username", "name": "abq-chat-kafka-users", "key": "keda"}]
+
+
+def test_an_invalid_kafka_user_is_caught():
+    _, files = _with_users()
+    doc = copy.deepcopy(files["k8s/kafkausers.yaml"][0])
+    validate_document(doc)
+    doc["spec"]["authorization"]["acls"][0]["operations"] = ["Frobnicate"]
+    with pytest.raises(ManifestError, match="operations"):
+        validate_document(doc)

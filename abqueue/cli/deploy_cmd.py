@@ -43,6 +43,21 @@ def register(sub) -> None:
         default=None,
         help="Secret with tls.crt and tls.key: the client certificate for mTLS (Strimzi's KafkaUser with tls auth)",
     )
+    r.add_argument(
+        "--kafka-users",
+        default=None,
+        choices=["scram-sha-512", "tls"],
+        help="also write a Strimzi KafkaUser per role (producer, worker, operator, KEDA) with only the ACLs it needs; "
+        "each pod uses the Secret Strimzi makes for its user",
+    )
+    r.add_argument(
+        "--client",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a producer user per client (service or batch job), repeatable (default: app); it may read only its "
+        "own reply topics abq.EXPERIMENT.replies.NAME.*",
+    )
     r.add_argument("--models-pvc", default=None, help="PersistentVolumeClaim mounted read-only at /models")
     r.add_argument(
         "--slo-success", type=float, default=0.995, help="success-rate SLO for the burn-rate alerts (default 0.995)"
@@ -68,6 +83,16 @@ def run_render(args: argparse.Namespace) -> int:
         )
     if args.tls_client_secret and args.security_protocol not in ("SSL", "SASL_SSL"):
         raise UsageError(f"--tls-client-secret needs --security-protocol SSL or SASL_SSL, not {args.security_protocol}")
+    if args.kafka_users and (args.sasl_secret or args.tls_client_secret):
+        raise UsageError("--kafka-users gives every pod its own user's Secret; drop --sasl-secret/--tls-client-secret")
+    if args.kafka_users == "scram-sha-512" and not args.security_protocol.startswith("SASL"):
+        raise UsageError(
+            f"--kafka-users scram-sha-512 needs --security-protocol SASL_SSL or SASL_PLAINTEXT, not {args.security_protocol}"
+        )
+    if args.kafka_users == "tls" and args.security_protocol != "SSL":
+        raise UsageError(f"--kafka-users tls needs --security-protocol SSL, not {args.security_protocol}")
+    if args.client and not args.kafka_users:
+        raise UsageError("--client names producer users; it needs --kafka-users scram-sha-512 or tls")
     if not 0 < args.slo_success < 1:
         raise UsageError("--slo-success must be between 0 and 1, e.g. 0.995")
     target = Target(
@@ -85,6 +110,8 @@ def run_render(args: argparse.Namespace) -> int:
         slo_success=args.slo_success,
         slo_p95_seconds=args.slo_p95_seconds,
         prometheus_server=args.prometheus_server,
+        kafka_users=args.kafka_users,
+        clients=args.client or ["app"],
     )
     files = render(exp, target)
     n = validate_files(files)

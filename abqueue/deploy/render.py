@@ -13,6 +13,8 @@ import orjson
 import yaml
 
 from abqueue.deploy.dashboard import dashboard
+from abqueue.kafka import acls
+from abqueue.kafka.replication import resolve as resolve_replication
 from abqueue.scaling.plan import trigger_metadata
 from schemas import ExperimentConfig
 
@@ -41,6 +43,25 @@ class Target:
     slo_p95_seconds: float = 30.0
     prometheus_server: str | None = None  # adds a trigger on the engine's waiting requests
     extra_labels: dict[str, str] = field(default_factory=dict)
+    # A Strimzi KafkaUser per role (scram-sha-512 or tls) with only the ACLs the role needs; each
+    # pod then uses the Secret Strimzi makes for its own user instead of sasl_secret/tls_client_secret.
+    kafka_users: str | None = None
+    clients: list[str] = field(default_factory=lambda: ["app"])  # producer users, one per client
+
+
+def _user_secret_env(t: Target, user: str) -> list[dict]:
+    """Credentials from the Secret Strimzi makes for `user` (named as the user; a SCRAM one holds
+    `password` and `sasl.jaas.config`, no username: the user name is the KafkaUser's name)."""
+    if t.kafka_users == "tls":
+        return [
+            {"name": "ABQ_SSL_CERTFILE", "value": f"{TLS_DIR}/client/user.crt"},
+            {"name": "ABQ_SSL_KEYFILE", "value": f"{TLS_DIR}/client/user.key"},
+        ]
+    return [
+        {"name": "ABQ_SASL_MECHANISM", "value": "SCRAM-SHA-512"},
+        {"name": "ABQ_SASL_USERNAME", "value": user},
+        {"name": "ABQ_SASL_PASSWORD", "valueFrom": {"secretKeyRef": {"name": user, "key": "password"}}},
+    ]
 
 
 def _name(*parts: str) -> str:
@@ -63,19 +84,21 @@ def _config_yaml(exp: ExperimentConfig) -> str:
     return yaml.safe_dump(exp.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
 
 
-def _kafka_env(t: Target) -> list[dict]:
+def _kafka_env(t: Target, user: str | None = None) -> list[dict]:
     env: list[dict] = [
         {"name": "ABQ_BOOTSTRAP_SERVERS", "value": t.bootstrap_servers},
         {"name": "ABQ_SECURITY_PROTOCOL", "value": t.security_protocol},
     ]
+    if t.tls_ca_secret:
+        env.append({"name": "ABQ_SSL_CAFILE", "value": f"{TLS_DIR}/ca/ca.crt"})
+    if t.kafka_users and user:
+        return env + _user_secret_env(t, user)
     if t.sasl_secret:
         env += [
             {"name": "ABQ_SASL_MECHANISM", "value": t.sasl_mechanism or "SCRAM-SHA-512"},
             {"name": "ABQ_SASL_USERNAME", "valueFrom": {"secretKeyRef": {"name": t.sasl_secret, "key": "username"}}},
             {"name": "ABQ_SASL_PASSWORD", "valueFrom": {"secretKeyRef": {"name": t.sasl_secret, "key": "password"}}},
         ]
-    if t.tls_ca_secret:
-        env.append({"name": "ABQ_SSL_CAFILE", "value": f"{TLS_DIR}/ca/ca.crt"})
     if t.tls_client_secret:
         env += [
             {"name": "ABQ_SSL_CERTFILE", "value": f"{TLS_DIR}/client/tls.crt"},
@@ -96,7 +119,8 @@ def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
     args = ["--config", f"{CONFIG_DIR}/experiment.yaml", "--variant", variant, "--drain-seconds", str(sc.drain_seconds)]
     if d.max_inflight:
         args += ["--max-inflight", str(d.max_inflight)]
-    env = _kafka_env(t) + [{"name": "ABQ_LOG_LEVEL", "value": "INFO"}]
+    user = acls.user_name(exp, "worker", variant)
+    env = _kafka_env(t, user) + [{"name": "ABQ_LOG_LEVEL", "value": "INFO"}]
     if d.delivery == "exactly-once":
         # The transactional id is "<group>.<worker id>": a StatefulSet pod's name is its slot
         # (name-0, name-1, ...), the same for its replacement, whose first transaction then fences
@@ -113,7 +137,8 @@ def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
         # vLLM's workers share tensors through /dev/shm; the container default is 64 MiB.
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
     ]
-    for part, secret in (("ca", t.tls_ca_secret), ("client", t.tls_client_secret)):
+    client_secret = user if t.kafka_users == "tls" else t.tls_client_secret
+    for part, secret in (("ca", t.tls_ca_secret), ("client", client_secret)):
         if secret:
             mounts.append({"name": f"kafka-tls-{part}", "mountPath": f"{TLS_DIR}/{part}", "readOnly": True})
             volumes.append({"name": f"kafka-tls-{part}", "secret": {"secretName": secret}})
@@ -203,7 +228,7 @@ def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
 
 def scaled_object(exp: ExperimentConfig, variant: str, t: Target) -> dict:
     sc = exp.variant(variant).scaling
-    secured = t.sasl_secret or t.tls_ca_secret or t.tls_client_secret
+    secured = t.sasl_secret or t.tls_ca_secret or t.tls_client_secret or t.kafka_users
     auth = {"authenticationRef": {"name": _name(exp.name, "kafka-auth")}} if secured else {}
     triggers = []
     for level, topic in exp.request_topics(variant).items():
@@ -212,9 +237,16 @@ def scaled_object(exp: ExperimentConfig, variant: str, t: Target) -> dict:
             for k, v in trigger_metadata(exp, variant, topic).items()
         }
         meta["bootstrapServers"] = t.bootstrap_servers
-        if t.sasl_secret:
+        if t.kafka_users == "scram-sha-512":
+            meta["sasl"] = KEDA_SASL["SCRAM-SHA-512"]
+        elif t.sasl_secret:
             meta["sasl"] = KEDA_SASL[(t.sasl_mechanism or "SCRAM-SHA-512").upper()]
-        if t.tls_ca_secret or t.tls_client_secret or t.security_protocol in ("SSL", "SASL_SSL"):
+        if (
+            t.tls_ca_secret
+            or t.tls_client_secret
+            or t.kafka_users == "tls"
+            or t.security_protocol in ("SSL", "SASL_SSL")
+        ):
             meta["tls"] = "enable"
         triggers.append({"type": "kafka", "name": f"lag-{level}", "metadata": meta, **auth})
     if t.prometheus_server:
@@ -270,29 +302,67 @@ def scaled_object(exp: ExperimentConfig, variant: str, t: Target) -> dict:
 
 def trigger_authentication(exp: ExperimentConfig, t: Target) -> dict | None:
     refs = []
-    if t.sasl_secret:
+    from_config_maps = []
+    keda_user = acls.user_name(exp, "keda")
+    if t.kafka_users == "scram-sha-512":
+        # Strimzi's Secret has no username key; the user name comes from the users ConfigMap.
+        refs.append({"parameter": "password", "name": keda_user, "key": "password"})
+        from_config_maps.append({"parameter": "username", "name": _name(exp.name, "kafka-users"), "key": "keda"})
+    elif t.kafka_users == "tls":
+        refs += [
+            {"parameter": "cert", "name": keda_user, "key": "user.crt"},
+            {"parameter": "key", "name": keda_user, "key": "user.key"},
+        ]
+    elif t.sasl_secret:
         refs += [
             {"parameter": "username", "name": t.sasl_secret, "key": "username"},
             {"parameter": "password", "name": t.sasl_secret, "key": "password"},
         ]
     if t.tls_ca_secret:
         refs.append({"parameter": "ca", "name": t.tls_ca_secret, "key": "ca.crt"})
-    if t.tls_client_secret:
+    if t.tls_client_secret and not t.kafka_users:
         refs += [
             {"parameter": "cert", "name": t.tls_client_secret, "key": "tls.crt"},
             {"parameter": "key", "name": t.tls_client_secret, "key": "tls.key"},
         ]
     if not refs:
         return None
+    spec: dict = {"secretTargetRef": refs}
+    if from_config_maps:
+        spec["configMapTargetRef"] = from_config_maps
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "TriggerAuthentication",
         "metadata": {"name": _name(exp.name, "kafka-auth"), "namespace": t.namespace},
-        "spec": {"secretTargetRef": refs},
+        "spec": spec,
     }
 
 
+def kafka_users(exp: ExperimentConfig, t: Target) -> list[dict]:
+    """One Strimzi KafkaUser per role, each allowed only what its role needs (abqueue.kafka.acls);
+    Strimzi makes a Secret of the same name with the user's password or certificate."""
+    return [
+        {
+            "apiVersion": "kafka.strimzi.io/v1",
+            "kind": "KafkaUser",
+            "metadata": {
+                "name": p.user,
+                "namespace": t.kafka_namespace or t.namespace,
+                "labels": {"strimzi.io/cluster": t.kafka_cluster, "abqueue.io/role": p.role, **_labels(exp)},
+            },
+            "spec": {
+                "authentication": {"type": t.kafka_users},
+                "authorization": {"type": "simple", "acls": [g.strimzi() for g in p.grants]},
+            },
+        }
+        for p in acls.principals(exp, t.clients)
+    ]
+
+
 def kafka_topics(exp: ExperimentConfig, t: Target) -> list[dict]:
+    # A Strimzi cluster is a production one: unset replication means three copies, two in sync.
+    want = resolve_replication(exp.replication_factor, exp.min_insync_replicas, brokers=None)
+
     def topic(name: str, partitions: int, retention_ms: int) -> dict:
         return {
             "apiVersion": "kafka.strimzi.io/v1",
@@ -305,8 +375,8 @@ def kafka_topics(exp: ExperimentConfig, t: Target) -> list[dict]:
             "spec": {
                 "topicName": name,
                 "partitions": partitions,
-                "replicas": exp.replication_factor,
-                "config": {"retention.ms": retention_ms, "min.insync.replicas": min(2, exp.replication_factor)},
+                "replicas": want.factor,
+                "config": {"retention.ms": retention_ms, "min.insync.replicas": want.min_insync},
             },
         }
 
@@ -451,6 +521,27 @@ def render(exp: ExperimentConfig, t: Target) -> dict[str, list[dict]]:
             }
         ],
         "kafkatopics.yaml": kafka_topics(exp, t),
+        **(
+            {
+                "kafkausers.yaml": kafka_users(exp, t),
+                # Who is who, for KEDA's TriggerAuthentication (the username is not in Strimzi's Secret)
+                # and for people: role -> Kafka user name. No secret in it.
+                "kafka-users-configmap.yaml": [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "ConfigMap",
+                        "metadata": {
+                            "name": _name(exp.name, "kafka-users"),
+                            "namespace": t.namespace,
+                            "labels": labels,
+                        },
+                        "data": {p.key: p.user for p in acls.principals(exp, t.clients)},
+                    }
+                ],
+            }
+            if t.kafka_users
+            else {}
+        ),
         "prometheusrule.yaml": [prometheus_rule(exp, t)],
         # Grafana's dashboard sidecar loads ConfigMaps with this label; the JSON is also written on
         # its own (grafana-dashboard.json) for importing by hand.

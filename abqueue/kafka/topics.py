@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 
 from kafka.admin import ConfigResource, ConfigResourceType
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
+from abqueue.kafka import replication
 from abqueue.kafka.clients import admin_client
 from abqueue.kafka.settings import KafkaSettings
 from schemas.experiment import ExperimentConfig
@@ -26,25 +27,39 @@ def record_size(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]
     return len(key or b"") + len(value) + sum(len(k) + len(v) for k, v in headers) + RECORD_OVERHEAD
 
 
+def _presence(admin, topics: list[str]) -> tuple[list[str], list[str]]:
+    """(existing, missing) among `topics`. A topic this principal may not describe is in neither:
+    Kafka answers TOPIC_AUTHORIZATION_FAILED whether or not it exists, and it is not this
+    principal's to create or use (a worker's view of another variant's topics, under ACLs)."""
+    existing, missing = [], []
+    for t in admin.describe_topics(topics):
+        if t["error_code"] == 0:
+            existing.append(t["name"])
+        elif t["error_code"] == UnknownTopicOrPartitionError.errno:
+            missing.append(t["name"])
+    return sorted(existing), sorted(missing)
+
+
 def ensure_topic(
     settings: KafkaSettings,
     name: str,
     partitions: int = 1,
-    replication_factor: int = 1,
     configs: dict[str, str] | None = None,
 ) -> bool:
-    """Create one topic unless it exists; True if this call created it."""
+    """Create one topic unless it exists, replicated as the cluster's size calls for; True if this
+    call created it."""
     admin = admin_client(settings)
     try:
-        if name in set(admin.list_topics()):
+        if not _presence(admin, [name])[1]:
             return False
+        want = replication.default_replication(replication.cluster_brokers(admin))
         try:
             admin.create_topics(
                 {
                     name: {
                         "num_partitions": partitions,
-                        "replication_factor": replication_factor,
-                        "configs": configs or {},
+                        "replication_factor": want.factor,
+                        "configs": {**want.topic_configs(), **(configs or {})},
                     }
                 },
                 wait_for_metadata=True,
@@ -58,10 +73,11 @@ def ensure_topic(
 
 
 def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list[str]:
-    """Create the experiment's topics that do not exist yet; returns the ones created."""
+    """Create the experiment's topics that do not exist yet; returns the ones created. Existing
+    topics replicated less than configured are logged as a warning, never silently accepted."""
     admin = admin_client(settings)
     try:
-        existing = set(admin.list_topics())
+        want = replication.for_experiment(admin, experiment.replication_factor, experiment.min_insync_replicas)
         wanted: dict[str, dict] = {}
         for v in experiment.variants:
             # The configured count; `abq deploy render` raises it to max_replicas in the KafkaTopics.
@@ -72,11 +88,10 @@ def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list
         wanted[experiment.feedback_topic] = {"num_partitions": experiment.partitions}
         if any(v.shadow_of for v in experiment.variants):
             wanted[experiment.shadow_response_topic] = {"num_partitions": experiment.partitions}
-        missing = {
-            t: {**o, "replication_factor": experiment.replication_factor}
-            for t, o in wanted.items()
-            if t not in existing
-        }
+        existing, absent = _presence(admin, list(wanted))
+        missing = {t: {**wanted[t], "replication_factor": want.factor, "configs": want.topic_configs()} for t in absent}
+        for line in replication.weaker_topics(admin, existing, want):
+            log.warning("%s", line)
         if missing:
             try:
                 admin.create_topics(missing, wait_for_metadata=True)

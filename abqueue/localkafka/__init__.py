@@ -1,5 +1,6 @@
-"""A real single-node Apache Kafka (KRaft) broker on 127.0.0.1, from Maven Central jars."""
+"""Real Apache Kafka (KRaft) on 127.0.0.1, one node or a replicated cluster, from Maven Central jars."""
 
 from abqueue.localkafka.broker import BrokerError, LocalBroker, default_cache_dir
+from abqueue.localkafka.cluster import LocalCluster
 
-__all__ = ["BrokerError", "LocalBroker", "default_cache_dir"]
+__all__ = ["BrokerError", "LocalBroker", "LocalCluster", "default_cache_dir"]

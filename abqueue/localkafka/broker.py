@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,6 +25,10 @@ DATA_DIR_MARKER = ".abqueue-local-kafka"
 # What a restart must reuse to open the same KRaft storage: the cluster id it was formatted with and
 # the controller's port (part of the quorum configuration), plus a fingerprint of the SCRAM users.
 STATE_FILE = "abqueue-broker.json"
+
+
+ADMIN_USER = "admin"
+_SCRAM_JAAS = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
 
 
 class BrokerError(AbqError):
@@ -92,7 +98,10 @@ def free_port() -> int:
 
 @dataclass
 class LocalBroker:
-    """One combined broker+controller. State (pid file, log, data) lives in `data_dir`."""
+    """One combined broker+controller. State (pid file, log, data) lives in `data_dir`.
+
+    Alone it is a one-node cluster; LocalCluster makes several of them one quorum by giving each its
+    node id, the voters (node id -> controller port) and the cluster id before they are formatted."""
 
     port: int = 9092
     data_dir: Path = None  # type: ignore[assignment]  # default: under cache_dir, set in __post_init__
@@ -105,11 +114,21 @@ class LocalBroker:
     # A third, SSL listener that requires client certificates (mTLS), with certificates made at
     # start in DATA_DIR/tls (see tls_files after start).
     ssl_port: int | None = None
+    node_id: int = 1
+    voters: dict[int, int] | None = None  # node id -> controller port; None: this node alone
+    cluster_id: str | None = None  # None: a new one when formatting
+    tls_dir: Path | None = None  # where the TLS files are made; shared by a cluster's nodes
+    # Access control: the client port speaks SASL only, KRaft's StandardAuthorizer allows only what
+    # ACLs grant, and a super user `admin` (PLAIN, password made here, kept in the state file) runs
+    # the brokers' own traffic and creates users and ACLs (`abq kafka acl`).
+    acl: bool = False
+    admin_password: str | None = None
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir or default_cache_dir())
         self.data_dir = Path(self.data_dir or self.cache_dir / f"kafka-{self.port}")
         self.tls_files: Any = None  # TlsFiles, made when TLS is asked for
+        self.process: subprocess.Popen | None = None  # set by launch() in this process
 
     @property
     def bootstrap(self) -> str:
@@ -140,30 +159,71 @@ class LocalBroker:
     def running(self) -> bool:
         return self.pid() is not None and port_open("127.0.0.1", self.port)
 
+    def admin_config(self) -> dict[str, Any]:
+        """kafka-python keyword arguments for this node's admin connection."""
+        cfg: dict[str, Any] = {"bootstrap_servers": self.bootstrap}
+        if self.acl:
+            # PLAIN in the clear, on the loopback, to bootstrap the SCRAM users: nothing to warn about.
+            logging.getLogger("kafka.net.sasl.plain").setLevel(logging.ERROR)
+            cfg |= {
+                "security_protocol": "SASL_PLAINTEXT",
+                "sasl_mechanism": "PLAIN",
+                "sasl_plain_username": ADMIN_USER,
+                "sasl_plain_password": self.admin_password,
+            }
+        return cfg
+
+    def _acl_props(self) -> dict[str, str]:
+        admin = f'username="{ADMIN_USER}" password="{self.admin_password}" user_{ADMIN_USER}="{self.admin_password}"'
+        plain = f"org.apache.kafka.common.security.plain.PlainLoginModule required {admin};"
+        return {
+            "inter.broker.listener.name": "SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
+            "sasl.mechanism.inter.broker.protocol": "PLAIN",
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config": plain,
+            "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config": _SCRAM_JAAS,
+            "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config": _SCRAM_JAAS,
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config": plain,
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": f"User:{ADMIN_USER}",
+            "allow.everyone.if.no.acl.found": "false",
+        }
+
     def _write_config(self, cport: int) -> Path:
         logs = self.data_dir / "logs"
-        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"]
+        listeners = [f"{'SASL_PLAINTEXT' if self.acl else 'PLAINTEXT'}://127.0.0.1:{self.port}"]
+        voters = self.voters or {self.node_id: cport}
+        # Kafka's own topics (offsets, transactions) as production runs them once there are three
+        # nodes: a copy on each, and a write needs two of them, so one node can fail without loss.
+        replicas, min_isr = str(min(3, len(voters))), "2" if len(voters) >= 3 else "1"
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{cport}",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": ",".join(f"{n}@127.0.0.1:{p}" for n, p in sorted(voters.items())),
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL",
+            "listener.security.protocol.map": f"CONTROLLER:{'SASL_PLAINTEXT' if self.acl else 'PLAINTEXT'},"
+            "PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(logs),
             "num.partitions": "1",
-            "offsets.topic.replication.factor": "1",
+            "offsets.topic.replication.factor": replicas,
             "offsets.topic.num.partitions": "4",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": min_isr,
             "transaction.state.log.num.partitions": "4",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": min_isr,
+            "default.replication.factor": replicas,
+            "min.insync.replicas": min_isr,
             # A single-node dev broker: a consumer joining should not wait for others that never come.
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "false",
         }
-        if self.sasl_port:
+        if self.acl:
+            props.update(self._acl_props())
+        elif self.sasl_port:
             listeners.append(f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}")
             users = " ".join(f'user_{u}="{pw}"' for u, pw in (self.sasl_users or {}).items())
             props["sasl.enabled.mechanisms"] = "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512"
@@ -171,13 +231,11 @@ class LocalBroker:
                 f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
             )
             for mech in ("scram-sha-256", "scram-sha-512"):
-                props[f"listener.name.sasl_plaintext.{mech}.sasl.jaas.config"] = (
-                    "org.apache.kafka.common.security.scram.ScramLoginModule required;"
-                )
+                props[f"listener.name.sasl_plaintext.{mech}.sasl.jaas.config"] = _SCRAM_JAAS
         if self.ssl_port:
             from abqueue.localkafka.tls import make_tls_files
 
-            self.tls_files = make_tls_files(self.data_dir / "tls")
+            self.tls_files = make_tls_files(self.tls_dir or self.data_dir / "tls")
             listeners.append(f"SSL://127.0.0.1:{self.ssl_port}")
             props.update(
                 {
@@ -216,14 +274,21 @@ class LocalBroker:
             self.reset()
         if self.running():
             return self.bootstrap
+        formatted = self.launch(log=log)
+        self.wait_ready(timeout, add_users=formatted)
+        return self.bootstrap
+
+    def launch(self, log=print) -> bool:
+        """Start the process without waiting for it to answer; True if its storage was formatted now.
+        A node of a cluster answers only once a majority of the quorum runs, so a cluster launches
+        every node before it waits for any."""
         for port in (self.port, self.sasl_port, self.ssl_port):
             if port and port_open("127.0.0.1", port):
                 raise BrokerError(
                     f"port {port} is taken by another process; pick a free one with --port/--sasl-port/--ssl-port or stop that process"
                 )
         jars = fetch_jars(self.cache_dir, log=log)
-        state = None if fresh else self._stored_state()
-        formatted = state is None
+        state = self._stored_state()
         if state is None:
             cfg = self._format(jars)
         else:
@@ -239,39 +304,63 @@ class LocalBroker:
                     f"port {state['controller_port']}, the controller port kept in {self.data_dir}, is taken by "
                     "another process; stop it, or `abq kafka up --fresh` to wipe the data and start over"
                 )
+            if bool(state.get("acl")) != self.acl:
+                raise BrokerError(
+                    f"{self.data_dir} was made {'with' if state.get('acl') else 'without'} --acl; start it the same "
+                    "way, or `abq kafka up --fresh` to wipe the data and start over"
+                )
+            self.admin_password = state.get("admin_password")
+            self.voters = {int(n): p for n, p in state.get("voters", {}).items()} or None
+            self.node_id = state.get("node_id", self.node_id)
             cfg = self._write_config(state["controller_port"])
-            log(f"reusing the data in {self.data_dir} (wipe it with `abq kafka reset`)")
+            if self.node_id == 1:
+                log(f"reusing the data in {self.data_dir} (wipe it with `abq kafka reset`)")
         out = open(self.data_dir / "broker.out", "ab")  # noqa: SIM115 (the broker process writes to it)
-        proc = subprocess.Popen(
+        self.process = subprocess.Popen(
             self._java(jars, "kafka.Kafka", str(cfg)),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # outlives `abq kafka up`; `abq kafka down` stops it
         )
-        self.pid_file.write_text(str(proc.pid))
+        self.pid_file.write_text(str(self.process.pid))
+        return state is None
+
+    def wait_ready(self, timeout: float = 90.0, add_users: bool = False) -> None:
+        """Wait until the launched broker answers metadata requests; stop it if it never does."""
+        proc = self.process
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
+            if proc is not None and proc.poll() is not None:
                 raise BrokerError(f"the broker exited with code {proc.returncode} during start-up; see {self.log_file}")
             if port_open("127.0.0.1", self.port) and self._answers_metadata():
-                if formatted:
+                if add_users:
                     try:
                         self._add_scram_users()
                     except Exception:
                         self.stop()
                         raise
-                return self.bootstrap
+                return
             time.sleep(0.3)
         self.stop()
         raise BrokerError(f"the broker did not answer within {timeout:.0f}s; see {self.log_file}")
+
+    def send_signal(self, sig: int) -> None:
+        """Send a signal to the broker process (tests and the chaos soak: SIGKILL, SIGSTOP, SIGCONT)."""
+        pid = self.pid()
+        if pid is None:
+            raise BrokerError(f"no broker of {self.data_dir} runs")
+        os.kill(pid, sig)
+        if sig == signal.SIGKILL:
+            _wait_gone(pid, 10.0)
+            self.pid_file.unlink(missing_ok=True)
 
     def _answers_metadata(self) -> bool:
         from kafka import KafkaAdminClient
         from kafka.errors import KafkaError
 
         try:
-            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=3000)
+            admin = KafkaAdminClient(**self.admin_config(), request_timeout_ms=3000)
         except (KafkaError, OSError):
             return False
         try:
@@ -298,7 +387,7 @@ class LocalBroker:
         return None
 
     def _users_fingerprint(self) -> str:
-        users = sorted((self.sasl_users or {}).items()) if self.sasl_port else []
+        users = sorted((self.sasl_users or {}).items()) if self.sasl_port or self.acl else []
         return hashlib.sha256(json.dumps(users).encode()).hexdigest()
 
     def _format(self, jars: Path) -> Path:
@@ -309,9 +398,11 @@ class LocalBroker:
         (self.data_dir / DATA_DIR_MARKER).write_text(
             "made by abqueue's local broker; kept across restarts, wiped by `abq kafka reset` or `up --fresh`\n"
         )
-        cport = free_port()
+        if self.acl and not self.admin_password:
+            self.admin_password = secrets.token_urlsafe(24)
+        cport = (self.voters or {}).get(self.node_id) or free_port()
         cfg = self._write_config(cport)
-        cluster_id = new_cluster_id()
+        cluster_id = self.cluster_id or new_cluster_id()
         # No --add-scram: a command line is visible to every user of the machine. The SCRAM users
         # are added once the broker runs (add_scram_users), through the admin API.
         fmt = subprocess.run(
@@ -323,20 +414,30 @@ class LocalBroker:
             raise BrokerError(
                 f"formatting KRaft storage failed: {(fmt.stderr or fmt.stdout).strip().splitlines()[-1:]}; see {self.log_file}"
             )
-        state = {"cluster_id": cluster_id, "controller_port": cport, "users": self._users_fingerprint()}
+        state = {
+            "cluster_id": cluster_id,
+            "controller_port": cport,
+            "users": self._users_fingerprint(),
+            "node_id": self.node_id,
+            "voters": self.voters or {},
+            "acl": self.acl,
+            "admin_password": self.admin_password,  # the file is the owner's alone (0600)
+        }
         _write_private(self.data_dir / STATE_FILE, json.dumps(state))
         return cfg
 
     def _add_scram_users(self) -> None:
         """SCRAM credentials for the SASL users (PLAIN reads them from server.properties); stored in
         the cluster's metadata, so kept across restarts."""
+        self.add_scram_users((self.sasl_users or {}) if self.sasl_port or self.acl else {})
+
+    def add_scram_users(self, users: dict[str, str]) -> None:
         from kafka import KafkaAdminClient
         from kafka.admin import ScramMechanism, UserScramCredentialUpsertion
 
-        users = (self.sasl_users or {}) if self.sasl_port else {}
         if not users:
             return
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+        admin = KafkaAdminClient(**self.admin_config(), request_timeout_ms=10_000)
         errors: dict[str, str] = {}
         try:
             # One request per mechanism: the broker refuses two changes to one user in a request.
@@ -361,24 +462,39 @@ class LocalBroker:
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the broker cleanly (SIGTERM, then SIGKILL after `timeout`). False if none was running."""
-        pid = self.pid()
+        pid = self.terminate()
         if pid is None:
             return False
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            if _reap(pid):
-                break
-            time.sleep(0.2)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            _reap(pid)
-        self.pid_file.unlink(missing_ok=True)
+        self.wait_stopped(pid, timeout)
         return True
+
+    def terminate(self) -> int | None:
+        """Ask the broker to stop without waiting (a cluster asks all its nodes at once: a node left
+        last, alone, would wait for a quorum to let it shut down); its pid, or None if none ran."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)  # a SIGSTOPped broker cannot act on SIGTERM
+            os.kill(pid, signal.SIGTERM)
+        return pid
+
+    def wait_stopped(self, pid: int, timeout: float = 30.0) -> None:
+        if not _wait_gone(pid, timeout):
+            os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 10.0)
+        self.pid_file.unlink(missing_ok=True)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if _reap(pid):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _reap(pid: int) -> bool:
