@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from kafka import TopicPartition
 from pydantic import ValidationError
 
-from abqueue.kafka import KafkaSettings, consumer, tracing
+from abqueue.kafka import KafkaSettings, consumer, topics, tracing
 from schemas import ConfigError, InferenceResponse, decode_response
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,12 @@ class ResponseListener:
         )
         partitions = self._consumer.partitions_for_topic(topic)
         if not partitions:
+            self._consumer.close()
+            if not topics.visible(settings, topic):
+                raise ConfigError(
+                    f"not allowed to read {topic}: user {settings.sasl_username or '(no SASL user)'} has no ACL for it; "
+                    "a producer reads only its own reply topics abq.EXPERIMENT.replies.CLIENT.* (README, Roles and ACLs)"
+                )
             raise ConfigError(
                 f"topic {topic} does not exist; create it, or start a worker of the experiment, which creates its topics"
             )

@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from kafka.errors import AuthorizationError as KafkaAuthorizationError
+
 from abqueue.cli import (
     batch_cmd,
     demo_cmd,
@@ -107,6 +109,21 @@ def _one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
+def refusal(e: KafkaAuthorizationError, args: argparse.Namespace) -> str:
+    user = getattr(args, "sasl_username", None) or os.environ.get("ABQ_SASL_USERNAME") or "(no SASL user)"
+    what = {
+        "TopicAuthorizationFailedError": "access to a topic",
+        "GroupAuthorizationFailedError": "access to a consumer group",
+        "ClusterAuthorizationFailedError": "a cluster-wide operation",
+        "TransactionalIdAuthorizationFailedError": "a transactional id",
+    }.get(type(e).__name__, "the operation")
+    detail = _one_line(e)
+    return (
+        f"Kafka refused {what} to user {user} ({type(e).__name__}{': ' + detail if detail != type(e).__name__ else ''}); "
+        "its role's ACLs do not allow it: run this as a user whose role does (README, Roles and ACLs)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -129,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except AbqError as e:  # anything else is a bug: its traceback is printed and the exit code is 1
         print(f"abq: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KafkaAuthorizationError as e:
+        # The broker's ACLs said no: not a bug, and the fix is the user's role, not this command.
+        print(f"abq: error: {refusal(e, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = getattr(args, "interrupt_hint", None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from kafka.admin import ConfigResource, ConfigResourceType
-from kafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from kafka.errors import TopicAlreadyExistsError, TopicAuthorizationFailedError, UnknownTopicOrPartitionError
 
 from abqueue.kafka import replication
 from abqueue.kafka.clients import admin_client
@@ -38,6 +38,15 @@ def _presence(admin, topics: list[str]) -> tuple[list[str], list[str]]:
         elif t["error_code"] == UnknownTopicOrPartitionError.errno:
             missing.append(t["name"])
     return sorted(existing), sorted(missing)
+
+
+def visible(settings: KafkaSettings, topic: str) -> bool:
+    """False if this principal's ACLs hide `topic` (it may or may not exist: Kafka does not say)."""
+    admin = admin_client(settings)
+    try:
+        return admin.describe_topics([topic])[0]["error_code"] != TopicAuthorizationFailedError.errno
+    finally:
+        admin.close()
 
 
 def ensure_topic(

@@ -1,0 +1,117 @@
+"""Least privilege on a real broker (`abq kafka up --acl`, KRaft's StandardAuthorizer): each role,
+with the ACLs `abq kafka acl` gives it (the same ones the rendered KafkaUsers carry), can do its job
+and is refused what it must not do, in one clear line, and nothing crashes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from conftest import REPO, ThreadWorker, abq_cmd, new_experiment, write_config
+from kafka.admin import ConfigResource, ConfigResourceType
+from pydantic import SecretStr
+
+from abqueue.kafka import KafkaSettings, admin_client, ensure_topic, ensure_topics
+from abqueue.kafka.acls import user_name
+from abqueue.localkafka.broker import free_port
+from abqueue.localkafka.cluster import read_env
+from abqueue.scaling.plan import read_situation
+from producers import AbqClient
+from schemas import ConfigError, InferenceRequest
+
+EXP = new_experiment(variants=(("a", 100),), partitions=2)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    data = tmp_path_factory.mktemp("acl")
+    where = ("--port", str(free_port()), "--data-dir", str(data / "kafka"))
+    cfg = write_config(EXP, data)
+    try:
+        for args in (("up", "--acl"), ("acl", "--config", str(cfg), "--client", "web", "--client", "other")):
+            proc = subprocess.run(abq_cmd("kafka", *args, *where), capture_output=True, text=True, cwd=REPO)
+            assert proc.returncode == 0, proc.stderr
+        yield data / "kafka", cfg
+    finally:
+        subprocess.run(abq_cmd("kafka", "down", *where), capture_output=True, cwd=REPO)
+
+
+def env_of(broker, role: str, name: str | None = None) -> dict[str, str]:
+    path = broker[0] / "users" / f"{user_name(EXP, role, name)}.env"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    return read_env(path)
+
+
+def settings_of(broker, role: str, name: str | None = None) -> KafkaSettings:
+    env = env_of(broker, role, name)
+    return KafkaSettings(
+        bootstrap_servers=env["ABQ_BOOTSTRAP_SERVERS"],
+        security_protocol=env["ABQ_SECURITY_PROTOCOL"],
+        sasl_mechanism=env["ABQ_SASL_MECHANISM"],
+        sasl_username=env["ABQ_SASL_USERNAME"],
+        sasl_password=SecretStr(env["ABQ_SASL_PASSWORD"]),
+    )
+
+
+def abq_as(broker, role: str, *args: str, name: str | None = None) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ABQ_")}, **env_of(broker, role, name)}
+    return subprocess.run(abq_cmd(*args), capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+
+
+def test_no_role_less_client_gets_in(broker):
+    admin_env = read_env(broker[0] / "admin.env")
+    anonymous = KafkaSettings(bootstrap_servers=admin_env["ABQ_BOOTSTRAP_SERVERS"])  # PLAINTEXT: no SASL
+    with pytest.raises(Exception, match="refused or did not understand"):
+        admin_client(anonymous)
+
+
+def test_each_role_does_its_job_and_is_refused_the_rest(broker):
+    operator, worker = settings_of(broker, "operator"), settings_of(broker, "worker", "a")
+    web, keda = settings_of(broker, "producer", "web"), settings_of(broker, "keda")
+    # The operator creates the experiment's topics and publishes its config.
+    assert ensure_topics(operator, EXP)
+    applied = abq_as(broker, "operator", "experiment", "apply", str(broker[1]))
+    assert applied.returncode == 0, applied.stderr
+    # A producer creates its own reply topic; a worker answers there.
+    inbox = f"abq.{EXP.name}.replies.web.inbox"
+    assert ensure_topic(web, inbox, partitions=1)
+    with ThreadWorker(worker, EXP, "a") as running, AbqClient(web, EXP, reply_topic=inbox) as client:
+        ids = set()
+        for i in range(20):
+            req, _ = client.publish(
+                InferenceRequest(experiment=EXP.name, routing_key=f"u{i}", prompt="hi", reply_to=inbox)
+            )
+            ids.add(req.id)
+        assert set(client.wait(ids, timeout=60)) == ids
+        # KEDA reads the lag it scales on.
+        situation = read_situation(keda, EXP)
+        assert situation["variants"]["a"]["triggers"]
+
+        # Refused, each in one line: a producer reading another client's replies or everyone's responses,
+        other = f"abq.{EXP.name}.replies.other.inbox"
+        assert ensure_topic(operator, other, partitions=1)
+        for topic in (other, EXP.response_topic):
+            with pytest.raises(ConfigError, match=f"not allowed to read {topic}"):
+                AbqClient(web, EXP, reply_topic=topic)
+        # a producer writing the experiment's config (a changed one: an unchanged one is not written), a worker too,
+        changed = broker[1].with_name("changed.yaml")
+        write_config(EXP.model_copy(update={"partitions": 3}), broker[1].parent).rename(changed)
+        for role, name in (("producer", "web"), ("worker", "a")):
+            refused = abq_as(broker, role, "experiment", "apply", str(changed), name=name)
+            assert refused.returncode == 2, refused.stderr
+            assert "Traceback" not in refused.stderr
+            (line,) = [x for x in refused.stderr.splitlines() if x.startswith("abq: error:")]
+            assert "abq: error: Kafka refused" in line and user_name(EXP, role, name) in line
+        # a worker altering a topic's configs.
+        admin = admin_client(worker)
+        try:
+            resource = ConfigResource(ConfigResourceType.TOPIC, EXP.response_topic, configs={"retention.ms": "1"})
+            # kafka-python answers per resource instead of raising.
+            assert "TopicAuthorizationFailedError" in admin.alter_configs([resource])["topic"][EXP.response_topic]
+        finally:
+            admin.close()
+        # Nothing crashed: the worker still answers.
+        req, _ = client.publish(InferenceRequest(experiment=EXP.name, routing_key="after", prompt="hi", reply_to=inbox))
+        assert set(client.wait({req.id}, timeout=60)) == {req.id}
+        assert not running.stopping
