@@ -21,9 +21,9 @@ from producers import AbqClient
 from schemas import InferenceRequest, InferenceResponse
 
 MAX_INFLIGHT, MAX_BATCH = 8, 8
-# The documented window (README, "Operations"): per fault, a worker may answer again what it had
-# answered but not yet committed: at most its requests in flight plus one poll batch.
-DUPLICATES_PER_FAULT = MAX_INFLIGHT + MAX_BATCH
+# The documented window (README, "Guarantees"): per fault, a worker may answer again what it had
+# answered but not yet committed: at most two rounds of --max-inflight.
+DUPLICATES_PER_FAULT = 2 * MAX_INFLIGHT
 
 
 def _three_free_ports() -> int:

@@ -249,7 +249,7 @@ class LocalBroker:
         props["listeners"] = ",".join([*listeners, f"CONTROLLER://127.0.0.1:{cport}"])
         props["advertised.listeners"] = ",".join(listeners)
         cfg = self.data_dir / "server.properties"
-        _write_private(cfg, "".join(f"{k}={v}\n" for k, v in props.items()))  # PLAIN's passwords are in it
+        write_private(cfg, "".join(f"{k}={v}\n" for k, v in props.items()))  # PLAIN's passwords are in it
         return cfg
 
     def _java(self, jars: Path, main: str, *args: str) -> list[str]:
@@ -423,7 +423,7 @@ class LocalBroker:
             "acl": self.acl,
             "admin_password": self.admin_password,  # the file is the owner's alone (0600)
         }
-        _write_private(self.data_dir / STATE_FILE, json.dumps(state))
+        write_private(self.data_dir / STATE_FILE, json.dumps(state))
         return cfg
 
     def _add_scram_users(self) -> None:
@@ -506,7 +506,7 @@ def _reap(pid: int) -> bool:
         return False
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Write a file only its owner can read (it may hold passwords), whatever the umask."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

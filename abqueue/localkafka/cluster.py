@@ -16,10 +16,10 @@ from abqueue.localkafka.broker import (
     DATA_DIR_MARKER,
     BrokerError,
     LocalBroker,
-    _write_private,
     default_cache_dir,
     free_port,
     new_cluster_id,
+    write_private,
 )
 
 CLUSTER_FILE = "abqueue-cluster.json"
@@ -30,7 +30,7 @@ ADMIN_ENV = "admin.env"
 def write_env(path: Path, env: dict[str, str]) -> None:
     """A file of NAME=value lines for `set -a; . FILE`, readable by its owner alone."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _write_private(path, "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
+    write_private(path, "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
 
 
 def read_env(path: Path) -> dict[str, str]:
@@ -185,7 +185,7 @@ class LocalCluster:
                 "voters": {str(n.node_id): free_port() for n in self.nodes},
                 "admin_password": secrets.token_urlsafe(24) if self.acl else None,
             }
-            _write_private(path, json.dumps(state))
+            write_private(path, json.dumps(state))
         state = json.loads(path.read_text())
         voters = {int(k): v for k, v in state["voters"].items()}
         for n in self.nodes:
