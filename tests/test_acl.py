@@ -95,8 +95,8 @@ def test_each_role_does_its_job_and_is_refused_the_rest(broker):
             with pytest.raises(ConfigError, match=f"not allowed to read {topic}"):
                 AbqClient(web, EXP, reply_topic=topic)
         # a producer writing the experiment's config (a changed one: an unchanged one is not written), a worker too,
-        changed = broker[1].with_name("changed.yaml")
-        write_config(EXP.model_copy(update={"partitions": 3}), broker[1].parent).rename(changed)
+        (broker[1].parent / "changed").mkdir()
+        changed = write_config(EXP.model_copy(update={"partitions": 3}), broker[1].parent / "changed")
         for role, name in (("producer", "web"), ("worker", "a")):
             refused = abq_as(broker, role, "experiment", "apply", str(changed), name=name)
             assert refused.returncode == 2, refused.stderr
@@ -115,3 +115,15 @@ def test_each_role_does_its_job_and_is_refused_the_rest(broker):
         req, _ = client.publish(InferenceRequest(experiment=EXP.name, routing_key="after", prompt="hi", reply_to=inbox))
         assert set(client.wait({req.id}, timeout=60)) == {req.id}
         assert not running.stopping
+
+
+def test_a_worker_with_a_user_of_another_role_stops_with_one_line(broker):
+    # KEDA's user may describe the variant's group but not join it.
+    proc = abq_as(broker, "keda", "worker", "--config", str(broker[1]), "--variant", "a", "--metrics-port", "0")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("abq: error:")]
+    assert line.startswith(
+        f"abq: error: Kafka refused access to a consumer group to user {user_name(EXP, 'keda')} "
+        f"(GroupAuthorizationFailedError: {EXP.consumer_group('a')})"
+    )

@@ -117,9 +117,10 @@ def refusal(e: KafkaAuthorizationError, args: argparse.Namespace) -> str:
         "ClusterAuthorizationFailedError": "a cluster-wide operation",
         "TransactionalIdAuthorizationFailedError": "a transactional id",
     }.get(type(e).__name__, "the operation")
-    detail = _one_line(e)
+    # kafka-python's text is "[Error 30] GroupAuthorizationFailedError: NAME"; the name is what matters.
+    detail = _one_line(e).removeprefix(f"[Error {e.errno}] ").removeprefix(type(e).__name__).lstrip(": ")
     return (
-        f"Kafka refused {what} to user {user} ({type(e).__name__}{': ' + detail if detail != type(e).__name__ else ''}); "
+        f"Kafka refused {what} to user {user} ({type(e).__name__}{': ' + detail if detail else ''}); "
         "its role's ACLs do not allow it: run this as a user whose role does (README, Roles and ACLs)"
     )
 
