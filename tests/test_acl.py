@@ -127,3 +127,12 @@ def test_a_worker_with_a_user_of_another_role_stops_with_one_line(broker):
         f"abq: error: Kafka refused access to a consumer group to user {user_name(EXP, 'keda')} "
         f"(GroupAuthorizationFailedError: {EXP.consumer_group('a')})"
     )
+
+
+def test_status_of_a_broker_with_acls_reads_it_as_the_super_user(broker):
+    from abqueue.localkafka import LocalCluster
+
+    port = int(read_env(broker[0] / "admin.env")["ABQ_BOOTSTRAP_SERVERS"].rpartition(":")[2])
+    st = LocalCluster.kept(port, broker[0]).status()
+    assert [n.running for n in st.nodes] == [True]
+    assert st.controller == 1  # before: read without credentials, no answer, no controller

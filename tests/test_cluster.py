@@ -173,6 +173,7 @@ def test_every_request_is_answered_through(fault, cluster, settings):
         publisher = threading.Thread(target=publish_steadily, daemon=True)
         publisher.start()
         time.sleep(3)
+        assert 0 < len(ids) < 600, "the fault must land mid-stream"
         what = FAULTS[fault](cluster, settings, exp)
         assert sent.wait(180), f"publishing did not finish after the {what}"
         got = client.wait(set(ids), timeout=180)

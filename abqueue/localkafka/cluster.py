@@ -218,16 +218,20 @@ class LocalCluster:
         out = ClusterStatus(nodes)
         up = [n for n in self.nodes if n.running()]
         if up:
-            _describe(",".join(n.bootstrap for n in up), out, default_replication(len(self.nodes)).factor)
+            node = up[0]
+            if self.acl and not node.admin_password and self.admin_env.exists():
+                node.admin_password = read_env(self.admin_env)["ABQ_SASL_PASSWORD"]
+            admin = {**node.admin_config(), "bootstrap_servers": ",".join(n.bootstrap for n in up)}
+            _describe(admin, out, default_replication(len(self.nodes)).factor)
         return out
 
 
-def _describe(bootstrap: str, out: ClusterStatus, default_replicas: int) -> None:
+def _describe(admin_config: dict, out: ClusterStatus, default_replicas: int) -> None:
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        admin = KafkaAdminClient(**admin_config, request_timeout_ms=5000, bootstrap_timeout_ms=5000)
     except (KafkaError, OSError):
         return
     try:
