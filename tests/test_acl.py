@@ -136,3 +136,24 @@ def test_status_of_a_broker_with_acls_reads_it_as_the_super_user(broker):
     st = LocalCluster.kept(port, broker[0]).status()
     assert [n.running for n in st.nodes] == [True]
     assert st.controller == 1  # before: read without credentials, no answer, no controller
+
+
+def test_an_exactly_once_worker_needs_nothing_beyond_its_role(broker):
+    # Its transactional id is "<group>.<worker id>", under the role's transactionalId prefix; its
+    # offsets go through the transaction, under the group's Read.
+    worker, web = settings_of(broker, "worker", "a"), settings_of(broker, "producer", "web")
+    ensure_topics(settings_of(broker, "operator"), EXP)
+    inbox = f"abq.{EXP.name}.replies.web.eos"
+    ensure_topic(web, inbox, partitions=1)
+    with (
+        ThreadWorker(worker, EXP, "a", delivery="exactly-once") as running,
+        AbqClient(web, EXP, reply_topic=inbox) as client,
+    ):
+        ids = {
+            client.publish(InferenceRequest(experiment=EXP.name, routing_key=f"e{i}", prompt="hi", reply_to=inbox))[
+                0
+            ].id
+            for i in range(10)
+        }
+        assert set(client.wait(ids, timeout=60)) == ids
+        assert not running.stopping

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
 
 from abqueue.errors import AbqError
-
-log = logging.getLogger(__name__)
 
 
 class ReplicationError(AbqError):
@@ -21,6 +18,9 @@ class ReplicationError(AbqError):
 class Replication:
     factor: int
     min_insync: int
+
+    def __str__(self) -> str:
+        return f"{self.factor} replicas, min.insync.replicas {self.min_insync}"
 
     def topic_configs(self) -> dict[str, str]:
         return {"min.insync.replicas": str(self.min_insync)}
@@ -55,16 +55,7 @@ def cluster_brokers(admin: KafkaAdminClient) -> int:
 
 
 def for_experiment(admin: KafkaAdminClient, factor: int | None, min_insync: int | None) -> Replication:
-    brokers = cluster_brokers(admin)
-    chosen = resolve(factor, min_insync, brokers)
-    if factor is None or min_insync is None:
-        log.info(
-            "topics get %d replicas, min.insync.replicas %d (default for a %d-broker cluster)",
-            chosen.factor,
-            chosen.min_insync,
-            brokers,
-        )
-    return chosen
+    return resolve(factor, min_insync, cluster_brokers(admin))
 
 
 def weaker_topics(admin: KafkaAdminClient, topics: list[str], want: Replication) -> list[str]:

@@ -75,7 +75,7 @@ def ensure_topic(
             )
         except TopicAlreadyExistsError:
             return False  # another process won the race
-        log.info("created topic %s", name)
+        log.info("created topic %s (%s)", name, want)
         return True
     finally:
         admin.close()
@@ -106,7 +106,8 @@ def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list
                 admin.create_topics(missing, wait_for_metadata=True)
             except TopicAlreadyExistsError:
                 pass  # another process won the race; the topic is there either way
-            log.info("created topics %s", ", ".join(sorted(missing)))
+            # The replication chosen is said where it is used: unset in the config, it follows the cluster's size.
+            log.info("created topics %s (%s)", ", ".join(sorted(missing)), want)
         return sorted(missing)
     finally:
         admin.close()
