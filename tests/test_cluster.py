@@ -101,8 +101,14 @@ def test_topics_get_three_replicas_two_in_sync_and_a_weaker_one_is_reported(clus
             ensure_topics(settings, exp)
         (resp,) = admin.describe_topics([exp.response_topic])
         assert {len(p["replica_nodes"]) for p in resp["partitions"]} == {3}
-        cfg = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, exp.response_topic)])
-        assert cfg["topic"][exp.response_topic]["min.insync.replicas"]["value"] == "2"
+
+        def min_insync():
+            # Asked of any broker: one that has not yet applied the new topic's metadata knows no config.
+            cfg = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, exp.response_topic)])
+            return cfg["topic"][exp.response_topic].get("min.insync.replicas", {}).get("value")
+
+        wait_until(lambda: min_insync() is not None, 10, "the new topic's configs readable")
+        assert min_insync() == "2"
     finally:
         admin.close()
     assert f"{weak} has 1 replicas and min.insync.replicas 2, configured 3 and 2" in caplog.text
