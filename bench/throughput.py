@@ -11,8 +11,12 @@ double as a check that they did the same work.
 
 CPU (default): the tiny random Llama the tests use (vLLM's CPU build; minutes, mostly engine start).
 GPU: --model /path/to/model [--engine-arg gpu_memory_utilization=0.9 ...].
+--engine sim: the GPU-shaped simulated engine (workers/engines/sim.py: Llama-3.1-8B on one H100, 256
+slots) instead of vLLM, so that a machine without a GPU can answer whether the queue keeps a GPU's
+engine full; (b) then runs the worker at its default settings. Defaults 2,000 requests of 256 tokens.
 
 Run:  python bench/throughput.py [--requests 64] [--max-tokens 32] [--sequential 10] [--json out.json]
+      python bench/throughput.py --engine sim
 Uses ABQ_BOOTSTRAP_SERVERS / KAFKA_BOOTSTRAP_SERVERS if set, else starts a local broker.
 """
 
@@ -25,6 +29,7 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -74,6 +79,47 @@ def summarise(latencies: list[float], out_tokens: int, elapsed: float) -> dict:
     }
 
 
+def direct_sim(texts: list[str], max_tokens: int, sequential: int) -> tuple[dict, list[float]]:
+    """(a) for --engine sim: the simulated engine in this process, every request at once."""
+    import threading
+
+    from workers.engines.sim import SimEngine
+
+    engine = SimEngine()
+    try:
+
+        def run(batch: list[str]) -> tuple[list[float], int, float]:
+            finished: dict[int, float] = {}
+            tokens, all_done, lock = [0], threading.Event(), threading.Lock()
+            start = time.perf_counter()
+
+            def done_for(i):
+                def done(c):
+                    with lock:
+                        finished[i] = time.perf_counter()
+                        tokens[0] += c.completion_tokens
+                        if len(finished) == len(batch):
+                            all_done.set()
+
+                return done
+
+            for i, text in enumerate(batch):
+                engine.submit(
+                    InferenceRequest(experiment="sim", routing_key=f"u{i}", prompt=text, max_tokens=max_tokens),
+                    done_for(i),
+                )
+            all_done.wait()
+            return [finished[i] - start for i in range(len(batch))], tokens[0], time.perf_counter() - start
+
+        busy0 = engine.busy_s
+        latencies, tokens, elapsed = run(texts)
+        figures = {**summarise(latencies, tokens, elapsed), "engine_busy_share": (engine.busy_s - busy0) / elapsed}
+        seq = [run([text])[2] for text in texts[:sequential]]
+        return figures, seq
+    finally:
+        engine.close()
+
+
 def direct(
     model: str, engine_args: dict, texts: list[str], max_tokens: int, sequential: int
 ) -> tuple[dict, list[float]]:
@@ -106,8 +152,27 @@ def direct(
     return asyncio.run(run())
 
 
+def _engine_running(port: int) -> float | None:
+    """The worker's abq_engine_running_requests gauge, from its /metrics."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("abq_engine_running_requests{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def through_kafka(
-    addr: str, model: str, engine_args: dict, texts: list[str], max_tokens: int, sequential: int, max_inflight: int
+    addr: str,
+    model: str,
+    engine_args: dict,
+    texts: list[str],
+    max_tokens: int,
+    sequential: int,
+    max_inflight: int | None,
+    engine: str = "vllm",
 ) -> tuple[dict, list[float]]:
     settings = KafkaSettings(bootstrap_servers=addr)
     exp = ExperimentConfig(
@@ -117,7 +182,7 @@ def through_kafka(
             {
                 "name": "v",
                 "weight": 100,
-                "engine": "vllm",
+                "engine": engine,
                 "model": model,
                 "engine_args": engine_args,
                 "max_tokens_limit": max(4096, max_tokens),
@@ -127,7 +192,8 @@ def through_kafka(
     ensure_topics(settings, exp)
     leave_no_trace(f"abq.{exp.name}.")
     port = free_port()
-    worker = start_worker(exp, addr, "v", "--max-inflight", str(max_inflight), "--metrics-port", str(port))
+    flags = ["--max-inflight", str(max_inflight)] if max_inflight else []  # else: the worker's defaults
+    worker = start_worker(exp, addr, "v", *flags, "--metrics-port", str(port))
     try:
         deadline = time.monotonic() + 1200
         while time.monotonic() < deadline:  # engine start is not part of the measurement
@@ -147,6 +213,16 @@ def through_kafka(
 
             client.submit(req(-1, "warm up"), timeout=600)
             sent, done = {}, {}
+            running: list[float] = []
+            sampling = threading.Event()
+
+            def sample():  # how full the engine is kept, from the worker's own gauge
+                while not sampling.wait(0.5):
+                    if (value := _engine_running(port)) is not None:
+                        running.append(value)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
             t0 = time.perf_counter()
             for i, text in enumerate(texts):
                 r, _ = client.publish(req(i, text))
@@ -158,6 +234,7 @@ def through_kafka(
                 on_reply=lambda r: done.__setitem__(r.response.request_id, (time.perf_counter(), r.response)),
             )
             elapsed = time.perf_counter() - t0
+            sampling.set()
             assert len(done) == len(sent), f"only {len(done)} of {len(sent)} responses"
             failed = [resp.error for _, resp in done.values() if not resp.ok]
             assert not failed, f"{len(failed)} requests failed: {failed[0]}"
@@ -179,6 +256,7 @@ def through_kafka(
                 seq.append(time.perf_counter() - start)
         return {
             **summarise(latencies, tokens, elapsed),
+            **({"engine_running_mean": statistics.mean(running)} if running else {}),
             **{f"leg_{k}_ms_p50": 1000 * statistics.median(v) for k, v in legs.items()},
             **{f"leg_{k}_ms_p95": 1000 * percentile(v, 95) for k, v in legs.items()},
         }, seq
@@ -196,16 +274,31 @@ def main() -> int:
     ap.add_argument(
         "--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="vLLM engine argument, repeatable"
     )
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument(
+        "--engine", choices=["vllm", "sim"], default="vllm", help="vllm, or the simulated H100 engine (no compute)"
+    )
+    ap.add_argument("--requests", type=int, default=None, help="default 64 (vllm), 2000 (sim)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="default 32 (vllm), 256 (sim)")
     ap.add_argument("--sequential", type=int, default=10, help="one-at-a-time requests for added latency (0: skip)")
-    ap.add_argument("--max-inflight", type=int, default=256, help="the worker's --max-inflight")
+    ap.add_argument(
+        "--max-inflight",
+        type=int,
+        default=None,
+        help="the worker's --max-inflight (default: 256 with vllm, the worker's own with sim)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
+    sim = args.engine == "sim"
+    args.requests = args.requests or (2000 if sim else 64)
+    args.max_tokens = args.max_tokens or (256 if sim else 32)
+    if not sim and args.max_inflight is None:
+        args.max_inflight = 256
 
     engine_args = {k: yaml.safe_load(v) for k, _, v in (a.partition("=") for a in args.engine_arg)}
     model = args.model
-    if model is None:
+    if sim:
+        model = model or "sim-llama-3.1-8b-h100"
+    elif model is None:
         model = str(make_tiny_model(Path(tempfile.mkdtemp(prefix="abq-tiny-")), args.size))
         engine_args = {**ENGINE_ARGS, **engine_args}
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -214,12 +307,18 @@ def main() -> int:
         # comparison measures CPU starvation of the broker instead of the queue.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")
     texts = prompts(args.requests)
-    print(f"(a) vLLM directly: {args.requests} prompts, max_tokens {args.max_tokens}", file=sys.stderr)
-    a, a_seq = direct(model, engine_args, texts, args.max_tokens, args.sequential)
+    what = "the simulated engine" if sim else "vLLM"
+    print(f"(a) {what} directly: {args.requests} prompts, max_tokens {args.max_tokens}", file=sys.stderr)
+    if sim:
+        a, a_seq = direct_sim(texts, args.max_tokens, args.sequential)
+    else:
+        a, a_seq = direct(model, engine_args, texts, args.max_tokens, args.sequential)
     addr, broker = bootstrap()
     try:
         print("(b) through Kafka and an abq worker", file=sys.stderr)
-        b, b_seq = through_kafka(addr, model, engine_args, texts, args.max_tokens, args.sequential, args.max_inflight)
+        b, b_seq = through_kafka(
+            addr, model, engine_args, texts, args.max_tokens, args.sequential, args.max_inflight, args.engine
+        )
     finally:
         if broker:
             broker.stop()
@@ -235,8 +334,10 @@ def main() -> int:
         figures["low_load_ms_p50_through_kafka"] = 1000 * statistics.median(b_seq)
         figures["added_latency_ms_p50"] = figures["low_load_ms_p50_through_kafka"] - figures["low_load_ms_p50_direct"]
     print(f"\n{'measure':<24}{'(a) direct':>14}{'(b) kafka':>14}{'b/a':>8}")
-    for k in a:
+    for k in (k for k in a if k in b):
         print(f"{k:<24}{a[k]:>14.2f}{b[k]:>14.2f}{b[k] / a[k] if a[k] else float('nan'):>8.3f}")
+    for k in (k for k in [*a, *b] if (k in a) != (k in b)):
+        print(f"{k:<34}{a.get(k, b.get(k)):>14.2f}  ({'a' if k in a else 'b'})")
     for k in (k for k in b if k.startswith("leg_")):
         print(f"{k:<34}{b[k]:>14.2f}")
     if args.sequential:
@@ -249,11 +350,14 @@ def main() -> int:
             f"note: output tokens differ ({a['output_tokens']} vs {b['output_tokens']}); check the engine settings match"
         )
     rerun = f"python bench/throughput.py --requests {args.requests} --max-tokens {args.max_tokens} --sequential {args.sequential}"
-    rerun += (
-        f" --model {args.model}"
-        if args.model
-        else f" --size {args.size}" + "".join(f" --engine-arg {e}" for e in args.engine_arg)
-    )
+    if sim:
+        rerun += " --engine sim" + (f" --max-inflight {args.max_inflight}" if args.max_inflight else "")
+    else:
+        rerun += (
+            f" --model {args.model}"
+            if args.model
+            else f" --size {args.size}" + "".join(f" --engine-arg {e}" for e in args.engine_arg)
+        )
     print(f"\nrerun: {rerun}")
     if args.json:
         args.json.write_text(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())

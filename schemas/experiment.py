@@ -42,7 +42,7 @@ class VllmSettings(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
-ENGINES = ("echo", "vllm", "vllm-batch")
+ENGINES = ("echo", "vllm", "vllm-batch", "sim")
 
 
 class ScalingConfig(BaseModel):
@@ -115,8 +115,10 @@ class VariantConfig(BaseModel):
 
     name: str = Field(pattern=NAME_PATTERN)
     weight: float = Field(ge=0, le=100, description="percent of routing keys; two decimals at most")
-    engine: Literal["echo", "vllm", "vllm-batch"] = Field(
-        default="echo", description="vllm: continuous batching (AsyncLLM); vllm-batch: static batches (LLM.generate)"
+    engine: Literal["echo", "vllm", "vllm-batch", "sim"] = Field(
+        default="echo",
+        description="vllm: continuous batching (AsyncLLM); vllm-batch: static batches (LLM.generate); "
+        "sim: a GPU-shaped simulation for benchmarks (workers/engines/sim.py)",
     )
     model: str = Field(default="echo", description="model name or local path the engine loads")
     vllm: VllmSettings = Field(default_factory=VllmSettings, description="typed vLLM settings")

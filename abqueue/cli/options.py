@@ -12,6 +12,7 @@ from abqueue.errors import UsageError
 from abqueue.kafka import KafkaSettings
 from schemas import ConfigError, ExperimentConfig, load_experiment
 from schemas.codec import describe
+from schemas.experiment import ENGINES
 
 M = TypeVar("M")
 
@@ -91,7 +92,7 @@ _VLLM_FLAGS = [
 def add_engine_flags(p: argparse.ArgumentParser, scope: str) -> None:
     p.add_argument(
         "--engine",
-        choices=["echo", "vllm", "vllm-batch"],
+        choices=list(ENGINES),
         default=None,
         help=f"engine for {scope} (default: the config's); vllm batches continuously, vllm-batch statically",
     )

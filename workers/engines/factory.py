@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from schemas import ConfigError, VariantConfig
+from schemas.experiment import ENGINES
 from workers.engines.base import Engine
-
-ENGINES = ("echo", "vllm", "vllm-batch")
 
 
 def make_engine(
@@ -20,6 +19,10 @@ def make_engine(
         from workers.engines.echo import EchoEngine
 
         return EchoEngine(model=model or variant.model, **args)
+    if kind == "sim":
+        from workers.engines.sim import SimEngine
+
+        return SimEngine(model=model or variant.model, **args)
     if kind in ("vllm", "vllm-batch"):
         # vLLM is imported only when asked for: the echo engine and the CLI run without it.
         from workers.engines.vllm_async import AsyncVllmEngine
