@@ -160,6 +160,8 @@ def test_dashboard_and_alerts_use_only_metrics_the_worker_exports():
         admission=SimpleNamespace(waiting=lambda level: 0),
         startup_seconds=1.0,
         inflight=0,
+        limit=None,
+        max_inflight=512,
     )
     Metrics().before_start(worker)
     exported = {s.name for family in registry.collect() for s in family.samples}

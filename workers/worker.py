@@ -24,6 +24,7 @@ from schemas import ExperimentConfig
 from workers.admission import Admission
 from workers.delivery import Delivery, make_delivery
 from workers.engines.base import Engine
+from workers.inflight import InflightLimit
 from workers.message import Message
 from workers.middleware import Middleware, default_middleware, emit_after, emit_before, wrap_engine
 from workers.runners import Runner, engine_call, make_runner
@@ -37,6 +38,9 @@ class EngineDied(AbqError):
 
 
 IDLE_POLL_MS = 1000
+# The bound on requests with a continuous engine when --max-inflight is not given: it bounds memory
+# (each priority level buffers as many); within it the limit follows the engine (workers/inflight.py).
+DEFAULT_MAX_INFLIGHT = 512
 BUSY_WAIT_S = 0.005  # how long the loop waits for the engine before polling Kafka again
 
 
@@ -68,8 +72,11 @@ class Worker:
         self.delivery = delivery
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
-        # Static batching keeps the next batch filling while one runs; continuous fills the engine.
-        self.max_inflight = max_inflight or (2 * max_batch if engine.batching == "static" else 64)
+        # Static batching keeps the next batch filling while one runs. A continuous engine is handed
+        # what it can run plus a little (workers/inflight.py), at most max_inflight.
+        self.max_inflight = max_inflight or (2 * max_batch if engine.batching == "static" else DEFAULT_MAX_INFLIGHT)
+        self.limit = InflightLimit(self.max_inflight) if engine.batching == "continuous" else None
+        self.completed = 0  # requests the engine has finished
         self.drain_timeout_s = drain_timeout_s
         self.worker_id = worker_id or default_worker_id()
         self.middleware = middleware if middleware is not None else default_middleware()
@@ -227,6 +234,8 @@ class Worker:
                         break
                     self._deliver(runner.take(0.05))
                     continue
+                if self.limit is not None:
+                    self.limit.loop(time.monotonic())
                 self._admit(runner)
                 busy = self.inflight or len(self.admission)
                 self._deliver(runner.take(BUSY_WAIT_S if busy else 0))
@@ -267,6 +276,9 @@ class Worker:
         self.delivery.received(fresh)
         self.admission.add(fresh)
         room = self.max_inflight - self.inflight - self.delivery.unsent
+        if self.limit is not None:
+            stats = getattr(self.engine, "stats", dict)
+            room = min(room, self.limit.update(stats, self.inflight, self.completed, time.monotonic()) - self.inflight)
         if room <= 0 or not len(self.admission):
             return
         chosen = self.admission.pick(room)
@@ -293,6 +305,7 @@ class Worker:
                              "leaves what it has not answered in Kafka", self._engine_dead)  # fmt: skip
                 self.stop()
             finished = [m for m in finished if m.engine_dead is None]
+        self.completed += len(finished)
         for m in finished:
             m.answer_completion(variant=self.variant.name, model=self.engine.model, worker_id=self.worker_id)
         ready, self._decided = self._decided + finished, []

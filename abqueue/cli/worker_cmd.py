@@ -22,7 +22,8 @@ def register(sub) -> None:
         "--max-inflight",
         type=int,
         default=None,
-        help="requests with the engine at most; partitions are paused beyond it (default 64; 2 x --max-batch with static batching)",
+        help="requests with the engine at most, and buffered per priority level; within it a continuous engine gets "
+        "what it can run plus a short queue, read from the engine (default 512; 2 x --max-batch with static batching)",
     )
     p.add_argument(
         "--delivery",

@@ -33,6 +33,7 @@ class EngineStats:
 
     def __init__(self) -> None:
         self.values: dict[str, float] = {}
+        self.capacity: int | None = None  # the scheduler's max_num_seqs: it never runs more at once
 
     def factory(self):
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -41,7 +42,7 @@ class EngineStats:
 
         class Logger(StatLoggerBase):
             def __init__(self, vllm_config, engine_index: int = 0):
-                pass
+                stats.capacity = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", None)
 
             def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
                 if scheduler_stats is not None:
@@ -49,6 +50,7 @@ class EngineStats:
                         "running": scheduler_stats.num_running_reqs,
                         "waiting": scheduler_stats.num_waiting_reqs,
                         "kv_cache_usage": scheduler_stats.kv_cache_usage,
+                        **({"capacity": stats.capacity} if stats.capacity else {}),
                     }
 
             def log_engine_initialized(self):

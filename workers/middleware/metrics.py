@@ -99,6 +99,11 @@ class Metrics(Middleware):
             lambda: worker.startup_seconds or 0,
         )
         gauge("abq_inflight_requests", "Requests with the engine now", lambda: worker.inflight)
+        gauge(
+            "abq_inflight_limit",
+            "Requests the engine may be handed now (adaptive admission, at most --max-inflight)",
+            lambda: worker.limit.current if worker.limit is not None else worker.max_inflight,
+        )
         buffered = Gauge(
             "abq_buffered_requests",
             "Polled requests waiting for the engine, by priority",
