@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -193,3 +194,27 @@ def test_every_request_is_answered_through(fault, cluster, settings):
     print(f"{what}: {len(ids)} requests, all answered, {duplicates} duplicate responses")
     faults = 3 if fault == "rolling-restart" else 1
     assert duplicates <= DUPLICATES_PER_FAULT * faults, f"{duplicates} duplicate responses after the {what}"
+
+
+def test_a_stopped_broker_left_a_zombie_by_a_parent_that_never_reaps_counts_as_gone():
+    # In a container whose PID 1 does not reap, a broker started by `abq kafka up` (which has exited)
+    # stays a zombie after it stops: `down` waited its full timeout for it, then SIGKILLed a corpse.
+    from abqueue.localkafka.broker import _wait_gone
+
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; c = subprocess.Popen(['true']); print(c.pid, flush=True); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        child = int(parent.stdout.readline())
+        start = time.monotonic()
+        assert _wait_gone(child, 5.0)
+        assert time.monotonic() - start < 2
+    finally:
+        parent.kill()
+        parent.wait()

@@ -453,12 +453,7 @@ class LocalBroker:
         """Stop the broker and delete its data; False if there was none. Only a directory this class
         made (it holds the marker) is ever deleted."""
         self.stop()
-        if not self.data_dir.exists() or not any(self.data_dir.iterdir()):
-            return False
-        if not (self.data_dir / DATA_DIR_MARKER).exists():
-            raise BrokerError(f"data dir {self.data_dir} was not made by abqueue; it is left as it is")
-        shutil.rmtree(self.data_dir)
-        return True
+        return wipe(self.data_dir)
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the broker cleanly (SIGTERM, then SIGKILL after `timeout`). False if none was running."""
@@ -484,17 +479,37 @@ class LocalBroker:
         self.pid_file.unlink(missing_ok=True)
 
 
+def wipe(data_dir: Path) -> bool:
+    """Delete a data directory, only one abqueue made (it holds the marker); False if it was empty."""
+    if not data_dir.exists() or not any(data_dir.iterdir()):
+        return False
+    if not (data_dir / DATA_DIR_MARKER).exists():
+        raise BrokerError(f"data dir {data_dir} was not made by abqueue; it is left as it is")
+    shutil.rmtree(data_dir)
+    return True
+
+
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        if _reap(pid):
+        if _reap(pid) or not _alive(pid):
             return True
         time.sleep(0.1)
     return False
+
+
+def _alive(pid: int) -> bool:
+    """A zombie is not alive: a broker that `abq kafka up` started (and then exited) belongs to PID
+    1 once stopped, and a container's PID 1 may never reap it; kill(pid, 0) still finds it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): trust kill(pid, 0)
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _reap(pid: int) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import secrets
 import shlex
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from abqueue.localkafka.broker import (
     default_cache_dir,
     free_port,
     new_cluster_id,
+    wipe,
     write_private,
 )
 
@@ -206,12 +206,7 @@ class LocalCluster:
         if len(self.nodes) == 1:
             return self.nodes[0].reset()
         self.stop()
-        if not self.data_dir.exists() or not any(self.data_dir.iterdir()):
-            return False
-        if not (self.data_dir / DATA_DIR_MARKER).exists():
-            raise BrokerError(f"data dir {self.data_dir} was not made by abqueue; it is left as it is")
-        shutil.rmtree(self.data_dir)
-        return True
+        return wipe(self.data_dir)
 
     def status(self) -> ClusterStatus:
         nodes = [NodeStatus(n.node_id, n.port, n.pid(), n.running()) for n in self.nodes]
