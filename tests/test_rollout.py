@@ -60,14 +60,14 @@ def _experiment(candidate_error_rate: float, candidate_latency_ms: float = 5) ->
 HEALTHY_SAMPLES = 150
 
 
-def _state(exp, stages, duration=1.5, min_samples=25):
+def _state(exp, stages, duration=1.5, min_samples=25, max_p95_ratio=3.0):
     return RolloutState(
         experiment=exp.name,
         candidate="candidate",
         control="control",
         stages=stages,
         stage_duration_s=duration,
-        guardrails=Guardrails(max_error_rate=0.05, max_p95_ratio=3.0, min_samples=min_samples),
+        guardrails=Guardrails(max_error_rate=0.05, max_p95_ratio=max_p95_ratio, min_samples=min_samples),
     )
 
 
@@ -108,7 +108,10 @@ def test_the_controller_resumes_after_a_restart_and_obeys_pause_resume_and_abort
     exp = _experiment(0.0)
     live_config.apply(settings, exp)
     with thread_worker(exp, "control"), thread_worker(exp, "candidate"), Traffic(settings, exp):
-        first = RolloutController(settings, _state(exp, [10, 30, 60, 80, 100], duration=1.0), exp, tick_s=0.3)
+        # The subject is control flow, not guardrails: a p95 ratio over 5 ms latencies, with 25
+        # samples, is scheduling noise on a loaded machine (it rolled this test back once in CI).
+        state = _state(exp, [10, 30, 60, 80, 100], duration=1.0, max_p95_ratio=100.0)
+        first = RolloutController(settings, state, exp, tick_s=0.3)
         _run_until(first, lambda: first.state.stage >= 1, 60, "the second stage")  # then the process "dies"
         stored = load_state(settings, exp.name)
         assert stored.status == "running" and stored.stage == 1 and _weight(settings, exp) == 30
