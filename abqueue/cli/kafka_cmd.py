@@ -219,8 +219,7 @@ def _acl(args: argparse.Namespace, cluster: LocalCluster) -> int:
         raise UsageError(f"no broker of {cluster.data_dir} runs; start it with `abq kafka up`")
     exp = load_experiment(args.config)
     admin_env = read_env(cluster.admin_env)
-    for n in cluster.nodes:
-        n.admin_password = admin_env["ABQ_SASL_PASSWORD"]
+    cluster.load_admin_password()
     principals = acls.principals(exp, args.client or ["app"])
     passwords, files = {}, {}
     for p in principals:

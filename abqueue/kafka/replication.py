@@ -58,17 +58,18 @@ def for_experiment(admin: KafkaAdminClient, factor: int | None, min_insync: int 
     return resolve(factor, min_insync, cluster_brokers(admin))
 
 
-def weaker_topics(admin: KafkaAdminClient, topics: list[str], want: Replication) -> list[str]:
-    """Existing topics with fewer replicas, or a lower min.insync.replicas, than `want`: one line each."""
-    if not topics:
+def weaker_topics(admin: KafkaAdminClient, described: dict[str, dict], want: Replication) -> list[str]:
+    """Existing topics (name -> the metadata describe_topics gave) with fewer replicas, or a lower
+    min.insync.replicas, than `want`: one line each."""
+    if not described:
         return []
     out = []
-    described = {t["name"]: t for t in admin.describe_topics(topics)}
+    topics = sorted(described)
     configs = admin.describe_configs(
         [ConfigResource(ConfigResourceType.TOPIC, t, configs=None) for t in topics], config_filter="all"
     )
     for name in topics:
-        parts = described.get(name, {}).get("partitions") or []
+        parts = described[name].get("partitions") or []
         if not parts:
             continue
         replicas = min(len(p["replica_nodes"]) for p in parts)

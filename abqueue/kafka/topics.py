@@ -27,17 +27,17 @@ def record_size(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]
     return len(key or b"") + len(value) + sum(len(k) + len(v) for k, v in headers) + RECORD_OVERHEAD
 
 
-def _presence(admin, topics: list[str]) -> tuple[list[str], list[str]]:
-    """(existing, missing) among `topics`. A topic this principal may not describe is in neither:
-    Kafka answers TOPIC_AUTHORIZATION_FAILED whether or not it exists, and it is not this
-    principal's to create or use (a worker's view of another variant's topics, under ACLs)."""
-    existing, missing = [], []
+def _presence(admin, topics: list[str]) -> tuple[dict[str, dict], list[str]]:
+    """(existing: name -> its metadata, missing) among `topics`. A topic this principal may not
+    describe is in neither: Kafka answers TOPIC_AUTHORIZATION_FAILED whether or not it exists, and
+    it is not this principal's to create or use (a worker's view of another variant's topics)."""
+    existing, missing = {}, []
     for t in admin.describe_topics(topics):
         if t["error_code"] == 0:
-            existing.append(t["name"])
+            existing[t["name"]] = t
         elif t["error_code"] == UnknownTopicOrPartitionError.errno:
             missing.append(t["name"])
-    return sorted(existing), sorted(missing)
+    return existing, sorted(missing)
 
 
 def visible(settings: KafkaSettings, topic: str) -> bool:
@@ -61,7 +61,7 @@ def ensure_topic(
     try:
         if not _presence(admin, [name])[1]:
             return False
-        want = replication.default_replication(replication.cluster_brokers(admin))
+        want = replication.for_experiment(admin, None, None)  # the cluster's default
         try:
             admin.create_topics(
                 {

@@ -150,6 +150,14 @@ class LocalCluster:
     def admin_env(self) -> Path:
         return self.data_dir / ADMIN_ENV
 
+    def load_admin_password(self) -> None:
+        """Give every node the super user's password kept in admin.env (a cluster that was started by
+        another process: `down`, `status`, `acl`), so their admin connections authenticate."""
+        if self.acl and self.admin_env.exists():
+            password = read_env(self.admin_env)["ABQ_SASL_PASSWORD"]
+            for n in self.nodes:
+                n.admin_password = n.admin_password or password
+
     def client_env(self, user: str, password: str, mechanism: str = "SCRAM-SHA-512") -> dict[str, str]:
         """ABQ_ settings that connect as `user` to this cluster's SASL client ports."""
         return {
@@ -213,10 +221,8 @@ class LocalCluster:
         out = ClusterStatus(nodes)
         up = [n for n in self.nodes if n.running()]
         if up:
-            node = up[0]
-            if self.acl and not node.admin_password and self.admin_env.exists():
-                node.admin_password = read_env(self.admin_env)["ABQ_SASL_PASSWORD"]
-            admin = {**node.admin_config(), "bootstrap_servers": ",".join(n.bootstrap for n in up)}
+            self.load_admin_password()
+            admin = {**up[0].admin_config(), "bootstrap_servers": ",".join(n.bootstrap for n in up)}
             _describe(admin, out, default_replication(len(self.nodes)).factor)
         return out
 
