@@ -55,6 +55,19 @@ def _delete_created(addr: str) -> None:
         print(f"could not delete this benchmark's topics ({e}); they start with {', '.join(_CREATED)}", file=sys.stderr)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc), threads included."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process now (Linux /proc)."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def start_worker(exp, bootstrap_servers: str, variant: str, *flags: str) -> subprocess.Popen:
     cfg = Path("/tmp") / f"{exp.name}.yaml"
     cfg.write_text(yaml.safe_dump(exp.model_dump(mode="json")))

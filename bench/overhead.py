@@ -8,7 +8,7 @@ Reports, in one run on one broker, for at-least-once and for exactly-once delive
     (a consumer that republishes raw records): the floor and ceiling for this client library on this
     machine, so the worker's own share is measured against them in the same run.
 
-Run:  python bench/overhead.py [--requests 3000] [--sequential 200] [--max-inflight 256] [--json out.json]
+Run:  python bench/overhead.py [--requests 3000] [--sequential 200] [--max-inflight N] [--json out.json]
 Uses ABQ_BOOTSTRAP_SERVERS / KAFKA_BOOTSTRAP_SERVERS if set, else starts a local broker.
 """
 
@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import orjson
-from common import bootstrap, leave_no_trace, percentile, start_worker
+from common import bootstrap, cpu_seconds, leave_no_trace, percentile, start_worker
 from kafka import TopicPartition
 
 from abqueue.kafka import KafkaSettings, admin_client, consumer, ensure_topics, producer
@@ -37,9 +37,10 @@ def request(exp, i):
     )
 
 
-def raw_pipe(settings, n, payload: bytes, partitions: int, sequential: int) -> tuple[float, list[float]]:
+def raw_pipe(settings, n, payload: bytes, partitions: int, sequential: int) -> tuple[float, float, list[float]]:
     """Records through Kafka and back with a consumer that republishes them: no decode, no engine.
-    Returns records/s for a backlog of n, and round trips of `sequential` records sent one at a time."""
+    Returns records/s for a backlog of n, the relay's CPU seconds per record, and round trips of
+    `sequential` records sent one at a time."""
     name = f"abq.raw{uuid.uuid4().hex[:8]}"
     leave_no_trace(name)
     admin = admin_client(settings)
@@ -87,19 +88,19 @@ def raw_pipe(settings, n, payload: bytes, partitions: int, sequential: int) -> t
             pass
         if i:  # the first one waits for the relay's group join
             rtts.append(time.perf_counter() - t0)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds(t.pid)
     for i in range(n):
         p.send(f"{name}.in", key=str(i).encode(), value=payload)
     p.flush()
     got = 0
     while got < n:
         got += sum(len(rs) for rs in out_c.poll(timeout_ms=200).values())
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds(t.pid) - cpu
     stop.set()
     t.join()
     p.close()
     out_c.close()
-    return n / elapsed, rtts
+    return n / elapsed, cpu / n, rtts
 
 
 def measure(settings, addr, args, delivery: str) -> dict:
@@ -111,17 +112,9 @@ def measure(settings, addr, args, delivery: str) -> dict:
     )
     ensure_topics(settings, exp)
     leave_no_trace(f"abq.{exp.name}.")
-    worker = start_worker(
-        exp,
-        addr,
-        "a",
-        "--max-batch",
-        str(args.max_batch),
-        "--max-inflight",
-        str(args.max_inflight),
-        "--delivery",
-        delivery,
-    )
+    # The worker runs at its defaults unless the command line says otherwise: defaults are what users get.
+    flags = [f for name in ("max_batch", "max_inflight") if getattr(args, name) for f in worker_flag(args, name)]
+    worker = start_worker(exp, addr, "a", *flags, "--delivery", delivery)
     try:
         with AbqClient(settings, exp) as client:
             # Warm up: the worker joins its group and the first fetches settle.
@@ -137,13 +130,13 @@ def measure(settings, addr, args, delivery: str) -> dict:
                 legs["back_to_caller"].append(now - tm.finished)
 
             sent = set()
-            t0 = time.perf_counter()
+            t0, cpu = time.perf_counter(), cpu_seconds(worker.pid)
             for i in range(args.requests):
                 req, _ = client.publish(request(exp, 100_000 + i))
                 sent.add(req.id)
             client.publisher.flush()
             done = client.wait(sent, timeout=600)
-            elapsed = time.perf_counter() - t0
+            elapsed, cpu = time.perf_counter() - t0, cpu_seconds(worker.pid) - cpu
             assert len(done) == len(sent), f"only {len(done)} of {len(sent)} responses"
     finally:
         worker.terminate()
@@ -154,7 +147,12 @@ def measure(settings, addr, args, delivery: str) -> dict:
         "added_latency_ms_p99": 1000 * percentile(rtts, 99),
         **{f"leg_{k}_ms_p50": 1000 * statistics.median(v) for k, v in legs.items()},
         "requests_per_s": len(done) / elapsed,
+        "cpu_ms_per_request": 1000 * cpu / len(done),
     }
+
+
+def worker_flag(args, name: str) -> list[str]:
+    return [f"--{name.replace('_', '-')}", str(getattr(args, name))]
 
 
 LABELS = {
@@ -165,7 +163,9 @@ LABELS = {
     "leg_in_worker_ms_p50": "leg in the worker ms p50",
     "leg_back_to_caller_ms_p50": "leg back to the caller ms p50",
     "requests_per_s": "one worker draining the backlog requests/s",
+    "cpu_ms_per_request": "worker CPU ms per request (/proc)",
     "to_raw_pipe_ratio": "worker / bare relay",
+    "cpu_to_raw_pipe_ratio": "worker CPU per request / relay CPU per record",
     "added_over_raw_kafka_ms_p50": "added over the bare relay's round trip ms p50",
 }
 
@@ -174,8 +174,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=3000, help="backlog size for the throughput run")
     ap.add_argument("--sequential", type=int, default=200, help="one-at-a-time requests for latency")
-    ap.add_argument("--max-batch", type=int, default=64, help="records per poll")
-    ap.add_argument("--max-inflight", type=int, default=256)
+    ap.add_argument("--max-batch", type=int, default=None, help="the worker's records per poll (default: its own)")
+    ap.add_argument("--max-inflight", type=int, default=None, help="the worker's bound (default: its own)")
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
@@ -187,7 +187,7 @@ def main() -> int:
         payload = orjson.dumps(
             request(ExperimentConfig(name="x", variants=[{"name": "a", "weight": 100}]), 0).model_dump(mode="json")
         )
-        raw_rps, raw_rtts = raw_pipe(settings, args.requests, payload, args.partitions, args.sequential)
+        raw_rps, raw_cpu, raw_rtts = raw_pipe(settings, args.requests, payload, args.partitions, args.sequential)
     finally:
         if broker:
             broker.stop()
@@ -196,6 +196,7 @@ def main() -> int:
     raw_p50 = 1000 * statistics.median(raw_rtts)
     for m in modes.values():
         m["to_raw_pipe_ratio"] = m["requests_per_s"] / raw_rps
+        m["cpu_to_raw_pipe_ratio"] = m["cpu_ms_per_request"] / (1000 * raw_cpu)
         m["added_over_raw_kafka_ms_p50"] = m["added_latency_ms_p50"] - raw_p50
     # The README's table uses these labels, in this order.
     print(f"\n{'measure':<52}{'at-least-once':>15}{'exactly-once':>15}")
@@ -203,15 +204,18 @@ def main() -> int:
         print(f"{LABELS.get(k, k):<52}{alo[k]:>15.3f}{eos[k]:>15.3f}")
     print(f"{'bare relay records/s':<52}{raw_rps:>15.1f}")
     print(f"{'bare relay round trip ms p50':<52}{raw_p50:>15.3f}")
+    print(f"{'bare relay CPU ms per record (/proc)':<52}{1000 * raw_cpu:>15.3f}")
     print(f"{'exactly-once / at-least-once requests/s':<52}{eos['requests_per_s'] / alo['requests_per_s']:>15.3f}")
+    flags = " ".join(f for name in ("max_batch", "max_inflight") if getattr(args, name) for f in worker_flag(args, name))
     print(
         f"\nrerun: python bench/overhead.py --requests {args.requests} --sequential {args.sequential} "
-        f"--max-batch {args.max_batch} --max-inflight {args.max_inflight} --partitions {args.partitions}"
+        f"--partitions {args.partitions} {flags}".rstrip()
     )
     if args.json:
         figures = {
             "modes": modes,
             "raw_kafka_pipe_records_per_s": raw_rps,
+            "raw_kafka_pipe_cpu_ms_per_record": 1000 * raw_cpu,
             "raw_kafka_round_trip_ms_p50": raw_p50,
             "requests": args.requests,
             "sequential": args.sequential,
