@@ -113,8 +113,7 @@ def measure(settings, addr, args, delivery: str) -> dict:
     ensure_topics(settings, exp)
     leave_no_trace(f"abq.{exp.name}.")
     # The worker runs at its defaults unless the command line says otherwise: defaults are what users get.
-    flags = [f for name in ("max_batch", "max_inflight") if getattr(args, name) for f in worker_flag(args, name)]
-    worker = start_worker(exp, addr, "a", *flags, "--delivery", delivery)
+    worker = start_worker(exp, addr, "a", *worker_flags(args), "--delivery", delivery)
     try:
         with AbqClient(settings, exp) as client:
             # Warm up: the worker joins its group and the first fetches settle.
@@ -151,8 +150,14 @@ def measure(settings, addr, args, delivery: str) -> dict:
     }
 
 
-def worker_flag(args, name: str) -> list[str]:
-    return [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+def worker_flags(args) -> list[str]:
+    """The worker settings given on the command line; the rest are the worker's defaults."""
+    return [
+        f
+        for name in ("max_batch", "max_inflight")
+        if getattr(args, name)
+        for f in (f"--{name.replace('_', '-')}", str(getattr(args, name)))
+    ]
 
 
 LABELS = {
@@ -206,10 +211,9 @@ def main() -> int:
     print(f"{'bare relay round trip ms p50':<52}{raw_p50:>15.3f}")
     print(f"{'bare relay CPU ms per record (/proc)':<52}{1000 * raw_cpu:>15.3f}")
     print(f"{'exactly-once / at-least-once requests/s':<52}{eos['requests_per_s'] / alo['requests_per_s']:>15.3f}")
-    flags = " ".join(f for name in ("max_batch", "max_inflight") if getattr(args, name) for f in worker_flag(args, name))
     print(
         f"\nrerun: python bench/overhead.py --requests {args.requests} --sequential {args.sequential} "
-        f"--partitions {args.partitions} {flags}".rstrip()
+        f"--partitions {args.partitions} {' '.join(worker_flags(args))}".rstrip()
     )
     if args.json:
         figures = {
