@@ -2,9 +2,9 @@
 aiokafka's consumer picks its group coordinator once), so the loop never branches on a mode.
 
 Both strategies track offsets per partition (workers/offsets.py) and publish through a sink:
-- AtLeastOnce publishes each response as it finishes, then commits asynchronously up to the lowest
-  offset not yet answered. A crash redoes what was published above the commit point (the duplicate
-  window); nothing below it is ever lost.
+- AtLeastOnce sends each response as it finishes without waiting for it, and once Kafka has
+  acknowledged it commits asynchronously up to the lowest offset not yet answered. A crash redoes
+  what was published above the commit point (the duplicate window); nothing below it is ever lost.
 - ExactlyOnce holds each response until every earlier offset of its partition is answered, then
   commits the responses and their offsets in one Kafka transaction. An aborted transaction rewinds
   its partitions to their last commit.
@@ -23,7 +23,7 @@ from schemas import ConfigError
 from workers.backoff import retrying
 from workers.message import Message
 from workers.offsets import OffsetTracker
-from workers.sink import Fenced, PublishFailed, ResponseSink, TransactionalSink, TransactionFailed
+from workers.sink import Fenced, ResponseSink, TransactionalSink, TransactionFailed
 
 __all__ = ["DELIVERY_MODES", "AtLeastOnce", "Delivery", "ExactlyOnce", "Fenced", "make_delivery"]
 from workers.transport import Consumer, Offsets, Producer
@@ -69,14 +69,12 @@ class Delivery:
         # A revoked partition's records belong to their new owner, which will answer them itself.
         ready = [m for m in self._held + finished if self.tracker.owns(_tp(m), m.record.offset)]
         self._held = []
-        if not ready:
-            return []
-        if time.monotonic() < self._retry_at:
-            self._held = ready
-            return []
+        if ready and time.monotonic() < self._retry_at:
+            self._held, ready = ready, []
         return self._send(ready)
 
     def _send(self, ready: list[Message]) -> list[Message]:
+        """Publish `ready` (maybe none) and return what is now safe in Kafka."""
         raise NotImplementedError
 
     def revoked(self, partitions: set[TopicPartition]) -> Offsets:
@@ -98,22 +96,30 @@ class Delivery:
 
 class AtLeastOnce(Delivery):
     name = "at-least-once"
+    ACK_WAIT_S = 30.0  # how long a stopping worker waits for its last responses to be acknowledged
+
+    def __init__(self, sink: ResponseSink):
+        super().__init__(sink)
+        self._sending: list[Message] = []  # sent, not yet acknowledged
+
+    @property
+    def unsent(self) -> int:
+        return len(self._held) + len(self._sending)
 
     def _send(self, ready: list[Message]) -> list[Message]:
-        try:
-            self.sink.publish(ready)
-        except PublishFailed as e:
-            # Nothing is committed past the messages still out; they are tried again shortly, and
-            # only with what Kafka has not acknowledged of them. The rest counts as answered.
-            log.error("could not publish %d responses (%s); retrying in %.1fs", len(e.messages), e, self.retry_after_s)
-            self._held, self._retry_at = e.messages, time.monotonic() + self.retry_after_s
-            out = {id(m) for m in e.messages}
-            ready = [m for m in ready if id(m) not in out]
-        for m in ready:
+        # The loop never waits for acks=all: what Kafka acknowledged since the last call counts as
+        # answered, and what it refused is tried again shortly with only the records it still owes.
+        sent, unsendable = self.sink.send(ready)
+        acked, refused, self._sending = self.sink.settle(self._sending + sent)
+        if failed := unsendable + refused:
+            log.error("could not publish %d responses (%s); retrying in %.1fs", len(failed), failed[0][1], self.retry_after_s)  # fmt: skip
+            self._held += [m for m, _ in failed]
+            self._retry_at = time.monotonic() + self.retry_after_s
+        for m in acked:
             self.tracker.answer(_tp(m), m.record.offset)
         _, points = self.tracker.release()
         self.commit(points)
-        return ready
+        return acked
 
     def commit(self, points: Offsets, sync: bool = False) -> None:
         """Commit points whose responses are safe. Asynchronous on the hot path: a commit that fails
@@ -155,6 +161,8 @@ class AtLeastOnce(Delivery):
         return points
 
     def drain(self) -> None:
+        self.sink.flush(self.ACK_WAIT_S)
+        self._send([])
         self.tracker.release()
         self.commit(self.tracker.points(), sync=True)
 

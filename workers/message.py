@@ -31,6 +31,7 @@ class Message:
     address: dict[str, str] = field(default_factory=dict)  # id, routing_key, reply_to of an undecodable request
     reply_to: str | None = None  # a reply topic validation allowed; the sink writes nowhere else
     outbox: list | None = None  # records of its answer Kafka has not acknowledged yet (built at first publish)
+    sending: list = field(default_factory=list)  # (record, send result) of the publish in progress
 
     @property
     def done(self) -> bool:

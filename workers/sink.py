@@ -1,4 +1,4 @@
-"""ResponseSink: publishes a batch's responses and dead letters and waits until Kafka has them all.
+"""ResponseSink: publishes responses and dead letters, and tells which of them Kafka has acknowledged.
 
 A record Kafka would refuse for good must not come back forever (the batch would be rewound and
 retried without end), so what cannot fit its topic is made to fit first: a response too large
@@ -24,7 +24,6 @@ from kafka.errors import (
 from abqueue.errors import AbqError
 from abqueue.kafka import RECORD_OVERHEAD, record_size, tracing
 from schemas import DeadLetter, ErrorInfo, encode
-from workers.backoff import retrying
 from workers.transport import Producer
 
 log = logging.getLogger(__name__)
@@ -33,9 +32,7 @@ TOPIC_LIST_TTL_S = 30.0
 
 
 class PublishFailed(RuntimeError):
-    def __init__(self, message: str, messages: list | None = None):
-        super().__init__(message)
-        self.messages = messages or []  # those with records still unacknowledged
+    """A response's records could not be made (a reply topic could not be checked): try again later."""
 
 
 class Fenced(AbqError):
@@ -58,13 +55,9 @@ class ResponseSink:
         producer: Producer,
         response_topic: str,
         deadletter_topic: str,
-        attempts: int = 5,
-        ack_timeout_s: float = 30.0,
     ):
         self.response_topic = response_topic
         self.deadletter_topic = deadletter_topic
-        self.attempts = attempts
-        self.ack_timeout_s = ack_timeout_s
         self._producer = producer
         self._limits = producer.max_message_bytes([response_topic, deadletter_topic])
         self._topics: set[str] = set()
@@ -172,52 +165,59 @@ class ResponseSink:
             value = self._fit_response(m, key, headers)
         return [*recs, (self.response_topic, key, value, headers)]
 
-    def publish(self, batch) -> None:
-        """Returns once every record of every message is acknowledged (acks=all). Each message keeps
-        in `outbox` what Kafka has not acknowledged yet, so a record is never sent again once it was;
-        raises PublishFailed naming the messages that still have records out."""
-
-        def unsent() -> list:
-            return [m for m in batch if m.outbox is None or m.outbox]
-
-        try:
-            for m in batch:
+    def send(self, batch) -> tuple[list, list]:
+        """Sends what Kafka has not acknowledged of each message's answer and returns at once: each
+        message keeps its sends in `sending` until `settle`. Returns (sent, [(message, error)] of
+        those that could not be sent now: a reply topic could not be checked during an outage)."""
+        sent, unsendable = [], []
+        for m in batch:
+            try:
                 if m.outbox is None:
                     m.outbox = self.records(m)
-        except PublishFailed as e:  # could not check a reply topic: nothing of these went out
-            raise PublishFailed(str(e), unsent()) from e
-
-        def send_all():
-            sent = []
-            for m in batch:
-                for rec in m.outbox:
-                    try:
-                        sent.append((m, rec, self._producer.send(*rec)))
-                    except KafkaError as e:  # e.g. no metadata for the topic within max.block.ms
-                        sent.append((m, rec, _Failed(e)))
-            self._producer.flush(timeout=self.ack_timeout_s)
-            errors = []
-            for m, rec, fut in sent:
+            except PublishFailed as e:
+                unsendable.append((m, e))
+                continue
+            m.sending = []
+            for rec in m.outbox:
                 try:
-                    fut.get(timeout=self.ack_timeout_s)
+                    m.sending.append((rec, self._producer.send(*rec)))
+                except KafkaError as e:  # e.g. no metadata for the topic within max.block.ms
+                    m.sending.append((rec, _Failed(e)))
+            sent.append(m)
+        return sent, unsendable
+
+    def settle(self, sending: list) -> tuple[list, list, list]:
+        """(acknowledged, [(message, error)] refused, still out) of messages sent. What Kafka
+        acknowledged leaves the message's outbox and is never sent again; a refused message keeps
+        only the records it still owes."""
+        acked, refused, out = [], [], []
+        for m in sending:
+            if not all(fut.is_done for _, fut in m.sending):
+                out.append(m)
+                continue
+            errors = []
+            for rec, fut in m.sending:
+                try:
+                    fut.get(timeout=0)
                     m.outbox.remove(rec)
                 except KafkaError as e:
                     if rec[0] == m.reply_to and self._copy_gone(m, e):
                         m.outbox.remove(rec)
                     else:
                         errors.append(e)
+            m.sending = []
             if errors:
-                failed = unsent()
-                raise PublishFailed(
-                    f"{len(errors)} records of {len(failed)} messages not acknowledged: {errors[0]}", failed
-                )
+                refused.append((m, errors[0]))
+            else:
+                acked.append(m)
+        return acked, refused, out
 
+    def flush(self, timeout: float) -> None:
+        """Waits up to `timeout` for every send to be acknowledged or to fail."""
         try:
-            retrying("publish", PublishFailed, self.attempts)(send_all)
-        except PublishFailed:
-            raise
+            self._producer.flush(timeout=timeout)
         except KafkaError as e:
-            raise PublishFailed(str(e), unsent()) from e
+            log.warning("responses still unacknowledged after %.0fs: %s", timeout, e)
 
     def _copy_gone(self, m, error: KafkaError) -> bool:
         """A reply copy that can never be delivered (its topic deleted since it was checked) is given
@@ -237,6 +237,8 @@ class ResponseSink:
 
 class _Failed:
     """A send that failed before it had a future."""
+
+    is_done = True
 
     def __init__(self, error: KafkaError):
         self.error = error

@@ -38,6 +38,7 @@ class EngineDied(AbqError):
 
 
 IDLE_POLL_MS = 1000
+ACK_POLL_MS = 2  # while only acknowledgements are awaited
 # The bound on requests with a continuous engine when --max-inflight is not given: it bounds memory
 # (each priority level buffers as many); within it the limit follows the engine (workers/inflight.py).
 DEFAULT_MAX_INFLIGHT = 512
@@ -237,8 +238,7 @@ class Worker:
                 if self.limit is not None:
                     self.limit.loop(time.monotonic())
                 self._admit(runner)
-                busy = self.inflight or len(self.admission)
-                self._deliver(runner.take(BUSY_WAIT_S if busy else 0))
+                self._deliver(runner.take(BUSY_WAIT_S if self.inflight else 0))
         finally:
             emit_after(self.middleware, "after_stop", self)
             self.close()
@@ -266,11 +266,16 @@ class Worker:
     # -- in: poll and admit ----------------------------------------------------------------------
     def _admit(self, runner: Runner) -> None:
         self.admission.apply_pauses(self.consumer)
-        idle = not (self.inflight or len(self.admission) or self._decided or self.delivery.unsent)
+        # Wait where the next event comes from: the engine (no wait here), Kafka's acknowledgements of
+        # what was sent (a short wait: a new request is still taken at once), or new requests.
+        if self.inflight or len(self.admission) or self._decided:
+            wait_ms = 0
+        else:
+            wait_ms = ACK_POLL_MS if self.delivery.unsent else IDLE_POLL_MS
         # Never more than the emptiest-but-not-full level can take, so no level's buffer overflows;
         # with every level full all partitions are paused and the poll only keeps the group alive.
         max_records = max(1, min(self.max_batch, self.admission.room()))
-        polled = self.consumer.poll(timeout_ms=IDLE_POLL_MS if idle else 0, max_records=max_records)
+        polled = self.consumer.poll(timeout_ms=wait_ms, max_records=max_records)
         now = time.time()  # when the worker got the records: after the poll, which may have waited for them
         fresh = [Message(r, dequeued_at=now) for r in polled]
         self.delivery.received(fresh)

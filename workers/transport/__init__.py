@@ -26,6 +26,8 @@ class Record(Protocol):
 
 
 class SendResult(Protocol):
+    is_done: bool  # acknowledged or failed
+
     def get(self, timeout: float | None = None) -> Any: ...
 
 

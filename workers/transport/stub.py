@@ -41,12 +41,22 @@ class StubRecord(NamedTuple):
 
 
 class _Sent:
-    """A send's outcome, like kafka-python's FutureRecordMetadata."""
+    """A send's outcome, like kafka-python's FutureRecordMetadata: done at once, unless the broker
+    holds acknowledgements (`StubBroker.hold_acks`), when it is done once they are let go."""
 
-    def __init__(self, record: StubRecord | None = None, error: KafkaError | None = None):
+    def __init__(self, record: StubRecord | None = None, error: KafkaError | None = None, acked=None):
         self.record, self.error = record, error
+        self._acked: threading.Event | None = acked
+
+    @property
+    def is_done(self) -> bool:
+        return self._acked is None or self._acked.is_set()
 
     def get(self, timeout: float | None = None) -> StubRecord | None:
+        if not self.is_done:
+            assert self._acked is not None
+            if not self._acked.wait(timeout):
+                raise KafkaTimeoutError("stub: not acknowledged within the timeout")
         if self.error is not None:
             raise self.error
         return self.record
@@ -62,6 +72,7 @@ class StubBroker:
         self._transaction_faults: list[KafkaError] = []
         self.refused = 0  # sends not acknowledged so far
         self.unreachable = False  # while True, listing topics fails as an admin client would
+        self._acks: threading.Event | None = None  # while set, sends are written but not yet acknowledged
 
     # -- what tests set up and read --------------------------------------------------------------
     def create_topic(self, name: str, partitions: int = 1, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
@@ -104,6 +115,19 @@ class StubBroker:
         """The next `times` sends (to `topic`, or any) are not acknowledged."""
         with self._lock:
             self._send_faults += [(topic, error or KafkaTimeoutError("stub: not acknowledged"))] * times
+
+    def hold_acks(self) -> None:
+        """From now on sends are written (readers see them) but not acknowledged until `release_acks`,
+        as with a slow ISR under acks=all."""
+        with self._lock:
+            self._acks = threading.Event()
+
+    def release_acks(self) -> None:
+        with self._lock:
+            if self._acks is not None:
+                self._acks.set()
+            self._acks = None
+            self._lock.notify_all()
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -154,8 +178,8 @@ class StubBroker:
     def _append(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> _Sent:
         with self._lock:
             if (error := self._refusal(topic, key, value, headers)) is not None:
-                return _Sent(error=error)
-            return _Sent(self.produce(topic, value, key, headers))
+                return _Sent(error=error, acked=self._acks)
+            return _Sent(self.produce(topic, value, key, headers), acked=self._acks)
 
     def _commit(self, group: str, offsets: Offsets) -> None:
         with self._lock:
@@ -266,7 +290,9 @@ class StubProducer:
         return _Sent()
 
     def flush(self, timeout: float | None = None) -> None:
-        pass
+        acks = self.broker._acks
+        if acks is not None and not acks.wait(timeout):
+            raise KafkaTimeoutError("stub: flush timed out with sends unacknowledged")
 
     def max_message_bytes(self, topics: list[str]) -> dict[str, int]:
         return {t: self.broker._max_bytes.get(t, DEFAULT_MAX_MESSAGE_BYTES) for t in topics}
