@@ -367,6 +367,46 @@ def test_exactly_once_rewinds_an_aborted_transaction_and_answers_each_request_on
     assert w.producer.transactions["aborted"] == aborts
 
 
+def test_one_transaction_carries_every_response_finished_while_the_last_one_committed(stub_worker):
+    """Exactly-once used to commit a transaction per delivery, with the loop waiting on each commit:
+    nothing was polled or handed to the engine meanwhile. Now the loop serves on while a transaction
+    commits, and the next one carries all that finished in the meantime."""
+    exp, engine = new_experiment(partitions=1), ManualEngine()
+    tp = TopicPartition(exp.request_topic("a"), 0)
+    with stub_worker(exp, engine=engine, delivery="exactly-once") as w:
+        w.broker.hold_commits()
+        first = w.send(prompt="first")
+        engine.finish(engine.wait_running(1)[0].id)
+        w.broker.wait_for(lambda: w.broker.committing == 1, what="the first transaction committing")
+        later = [w.send(prompt=f"later {i}") for i in range(4)]
+        for r in engine.wait_running(4):  # the loop took them while the first commit waited
+            engine.finish(r.id)
+        time.sleep(0.05)
+        assert w.responses() == [] and w.committed().get(tp, 0) == 0, "visible before its transaction committed"
+        w.broker.release_commits()
+        w.broker.wait_for(lambda: w.committed().get(tp) == 5, what="all five committed")
+        assert w.producer.transactions["committed"] == 2, "the four later responses took more than one transaction"
+    assert [r.request_id for r in w.responses()] == [first.id] + [r.id for r in later]
+
+
+def test_no_transaction_is_begun_for_offsets_already_in_the_one_committing(stub_worker):
+    """The commit point of the transaction in flight was reported again on every loop, and after
+    it committed a second transaction carried the same offsets and no response: at low load every
+    request cost two transactions."""
+    exp, engine = new_experiment(partitions=1), ManualEngine()
+    tp = TopicPartition(exp.request_topic("a"), 0)
+    with stub_worker(exp, engine=engine, delivery="exactly-once") as w:
+        w.broker.hold_commits()
+        w.send(prompt="only")
+        engine.finish(engine.wait_running(1)[0].id)
+        w.broker.wait_for(lambda: w.broker.committing == 1, what="the transaction committing")
+        time.sleep(0.1)  # the loop comes round while it commits
+        w.broker.release_commits()
+        w.broker.wait_for(lambda: w.committed().get(tp) == 1, what="the commit")
+        time.sleep(0.1)
+        assert w.producer.transactions == {"committed": 1, "aborted": 0}
+
+
 def _probe(port: int, path: str) -> tuple[int, str]:
     import urllib.error
     import urllib.request

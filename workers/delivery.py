@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import cast
 
 from kafka import TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, RetriableError
@@ -82,8 +84,10 @@ class Delivery:
         should start again should it come straight back to this worker."""
         raise NotImplementedError
 
-    def drain(self) -> None:
-        """The worker is stopping: make what was delivered count."""
+    def drain(self) -> list[Message]:
+        """The worker is stopping: make what was delivered count. Returns the messages that became
+        safe in Kafka while draining."""
+        return []
 
     def close(self) -> None:
         self.sink.close()
@@ -160,39 +164,73 @@ class AtLeastOnce(Delivery):
         # paused flag across the rebalance: should one come straight back, start at its commit point.
         return points
 
-    def drain(self) -> None:
+    def drain(self) -> list[Message]:
         self.sink.flush(self.ACK_WAIT_S)
-        self._send([])
+        delivered = self._send([])
         self.tracker.release()
         self.commit(self.tracker.points(), sync=True)
+        return delivered
 
 
 class ExactlyOnce(Delivery):
-    name = "exactly-once"
+    """One transaction commits at a time, in its own thread, while the loop serves on; the next
+    carries every response released meanwhile (group commit). At low load that is one response
+    per transaction, sent at once; under load each covers what finished during the last one."""
 
-    @property
-    def unsent(self) -> int:
-        return len(self._held) + self.tracker.held()  # and those held behind a slower earlier offset
+    name = "exactly-once"
+    TXN_WAIT_S = 30.0  # how long a rebalance or a stopping worker waits for the transaction in flight
 
     def __init__(self, sink: TransactionalSink):
         super().__init__(sink)
         self.sink: TransactionalSink = sink
+        self._released: list[Message] = []  # below their commit point, for the next transaction
+        self._points: Offsets = {}  # commit points moved since the last transaction began
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="abq-transactions")
+        self._txn: tuple[Future, list[Message], Offsets] | None = None  # the transaction in flight
+
+    @property
+    def unsent(self) -> int:
+        in_txn = len(self._txn[1]) if self._txn else 0
+        # ...and those held behind a slower earlier offset, and those waiting for the next transaction
+        return len(self._held) + self.tracker.held() + len(self._released) + in_txn
 
     def _send(self, ready: list[Message]) -> list[Message]:
         for m in ready:
             self.tracker.answer(_tp(m), m.record.offset, m)
         # Only responses below the commit point go out: each transaction's offsets cover exactly them.
         released, points = self.tracker.release()
-        if not points:
+        self._released += cast(list[Message], released)
+        # A point in the transaction in flight is reported again until that commits: not news.
+        in_flight = self._txn[2] if self._txn else {}
+        self._points.update({tp: p for tp, p in points.items() if p > in_flight.get(tp, -1)})
+        delivered = self._settle()
+        if self._txn is None and self._points and time.monotonic() >= self._retry_at:
+            batch, points, self._released, self._points = self._released, self._points, [], {}
+            future = self._committer.submit(
+                self.sink.publish_with_offsets, batch, points, self.consumer.group_metadata()
+            )
+            self._txn = (future, batch, points)
+        return delivered
+
+    def _settle(self) -> list[Message]:
+        """The transaction in flight, if it has ended: its messages if it committed; if it aborted,
+        its partitions start again from their last commit. Fenced is raised: the worker must stop."""
+        if self._txn is None or not self._txn[0].done():
             return []
+        future, batch, points = self._txn
+        self._txn = None
         try:
-            self.sink.publish_with_offsets(released, points, self.consumer.group_metadata())
+            future.result()
         except TransactionFailed as e:
             log.error("transaction aborted (%s); its records will be consumed again", e)
             self._rewind(set(points))
             return []
         self.tracker.mark_committed(points)
-        return released  # type: ignore[return-value]
+        return batch
+
+    def _wait(self) -> None:
+        if self._txn is not None:
+            wait([self._txn[0]], timeout=self.TXN_WAIT_S)
 
     def _rewind(self, partitions: set[TopicPartition]) -> None:
         """Start these partitions again from their last commit: buffered and in-flight work is dropped."""
@@ -205,14 +243,39 @@ class ExactlyOnce(Delivery):
         # again (admission pauses them anew should their level still be full).
         if again := partitions & assigned:
             self.consumer.resume(*again)
+        self._drop(partitions)
         self.tracker.forget(partitions)
         self._retry_at = time.monotonic() + self.retry_after_s
 
+    def _drop(self, partitions: set[TopicPartition]) -> None:
+        """Responses released for these partitions, not yet in a transaction, are redone from their commit point."""
+        self._released = [m for m in self._released if _tp(m) not in partitions]
+        self._points = {tp: p for tp, p in self._points.items() if tp not in partitions}
+
     def revoked(self, partitions: set[TopicPartition]) -> Offsets:
-        # Nothing is committed from here: what is unanswered is redone by the new owner.
+        # Nothing is committed from here: what is unanswered is redone by the new owner. Should a
+        # partition come straight back, it starts where the transaction in flight leaves it, so that
+        # wait is the one wait here (KIP-447 fences it should the new generation come first).
+        if self._txn is not None and set(self._txn[2]) & partitions:
+            self._wait()
+            future, _, points = self._txn
+            if future.done() and future.exception() is None:
+                self.tracker.mark_committed(points)
         restart = self.tracker.restart_points(partitions)
+        self._drop(partitions)
         self._forget(partitions)
         return restart
+
+    def drain(self) -> list[Message]:
+        delivered: list[Message] = []
+        for _ in range(2):  # the transaction in flight, then one for what was released meanwhile
+            self._wait()
+            delivered += self._send([])
+        return delivered
+
+    def close(self) -> None:
+        self._committer.shutdown(wait=True)
+        super().close()
 
 
 DELIVERY_MODES = {"at-least-once": AtLeastOnce, "exactly-once": ExactlyOnce}

@@ -38,7 +38,7 @@ class EngineDied(AbqError):
 
 
 IDLE_POLL_MS = 1000
-ACK_POLL_MS = 2  # while only acknowledgements are awaited
+ACK_POLL_MS = 20  # while only acknowledgements or a transaction are awaited (a new request ends the wait)
 # The bound on requests with a continuous engine when --max-inflight is not given: it bounds memory
 # (each priority level buffers as many); within it the limit follows the engine (workers/inflight.py).
 DEFAULT_MAX_INFLIGHT = 512
@@ -231,7 +231,7 @@ class Worker:
                     self._stay_in_group()
                     if not self.inflight or time.monotonic() > drain_until:
                         self._deliver(runner.take(0))
-                        self.delivery.drain()
+                        self._delivered(self.delivery.drain())
                         break
                     self._deliver(runner.take(0.05))
                     continue
@@ -314,10 +314,12 @@ class Worker:
         for m in finished:
             m.answer_completion(variant=self.variant.name, model=self.engine.model, worker_id=self.worker_id)
         ready, self._decided = self._decided + finished, []
-        delivered = self.delivery.deliver(ready)
-        if delivered:
+        self._delivered(self.delivery.deliver(ready))
+
+    def _delivered(self, safe: list[Message]) -> None:
+        if safe:
             self.batches += 1
-            emit_after(self.middleware, "after_batch", self, delivered)
+            emit_after(self.middleware, "after_batch", self, safe)
 
     # -- rebalances ------------------------------------------------------------------------------
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:

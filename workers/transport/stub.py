@@ -73,6 +73,8 @@ class StubBroker:
         self.refused = 0  # sends not acknowledged so far
         self.unreachable = False  # while True, listing topics fails as an admin client would
         self._acks: threading.Event | None = None  # while set, sends are written but not yet acknowledged
+        self._commits: threading.Event | None = None  # while set, transaction commits wait for it
+        self.committing = 0  # transaction commits waiting now
 
     # -- what tests set up and read --------------------------------------------------------------
     def create_topic(self, name: str, partitions: int = 1, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
@@ -128,6 +130,17 @@ class StubBroker:
                 self._acks.set()
             self._acks = None
             self._lock.notify_all()
+
+    def hold_commits(self) -> None:
+        """From now on a transaction's commit waits until `release_commits`, as a slow coordinator's would."""
+        with self._lock:
+            self._commits = threading.Event()
+
+    def release_commits(self) -> None:
+        with self._lock:
+            if self._commits is not None:
+                self._commits.set()
+            self._commits = None
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -329,6 +342,13 @@ class StubProducer:
     def commit_transaction(self) -> None:
         self._check()
         assert self._transaction is not None, "no open transaction"
+        if (held := self.broker._commits) is not None:
+            with self.broker._lock:
+                self.broker.committing += 1
+                self.broker._lock.notify_all()
+            held.wait()
+            with self.broker._lock:
+                self.broker.committing -= 1
         if (error := self.broker._transaction_fault()) is not None:
             raise error
         with self.broker._lock:  # records and offsets become visible together, or none of them
