@@ -85,6 +85,7 @@ class Metrics(Middleware):
             "abq_last_batch_timestamp_seconds", "When responses were last committed", labels, registry=reg
         )
         self._labels = (worker.experiment.name, worker.variant.name)
+        self._children: dict[tuple, object] = {}
         exp, var = self._labels
         model = worker.engine.model
 
@@ -123,34 +124,41 @@ class Metrics(Middleware):
 
     def wrap_engine(self, worker, call):
         def counted(requests, done):
-            self.batch_size.labels(*self._labels).observe(len(requests))
+            self._child(self.batch_size).observe(len(requests))
             call(requests, done)
 
         return counted
 
+    def _child(self, metric, *values):
+        # labels() takes a lock and builds a key on every call: each labelled child is looked up once.
+        key = (metric, *values)
+        if (found := self._children.get(key)) is None:
+            found = self._children[key] = metric.labels(*self._labels, *values)
+        return found
+
     def after_batch(self, worker, batch) -> None:
         now = time.time()
-        exp, var = self._labels
+        child = self._child
         for m in batch:
-            self.queue_wait.labels(exp, var).observe(max(0.0, m.dequeued_at - m.enqueued_at))
+            child(self.queue_wait).observe(max(0.0, m.dequeued_at - m.enqueued_at))
             if m.dead_letter is not None:
-                self.requests.labels(exp, var, "dead_letter").inc()
-                self.dead_letters.labels(exp, var, m.dead_letter.reason).inc()
+                child(self.requests, "dead_letter").inc()
+                child(self.dead_letters, m.dead_letter.reason).inc()
                 continue
             resp = m.response
             outcome = "ok" if resp.error is None else ("expired" if resp.error.code == "expired" else "error")
-            self.requests.labels(exp, var, outcome).inc()
-            self.e2e.labels(exp, var).observe(max(0.0, now - m.enqueued_at))
+            child(self.requests, outcome).inc()
+            child(self.e2e).observe(max(0.0, now - m.enqueued_at))
             if m.started is None:
                 continue  # answered without the engine (expired)
             t, u, model = resp.timings, resp.usage, resp.model
-            self.engine_time.labels(exp, var, model).observe(max(0.0, t.finished - m.started))
+            child(self.engine_time, model).observe(max(0.0, t.finished - m.started))
             if t.ttft_s is not None:
-                self.ttft.labels(exp, var, model).observe(t.ttft_s)
+                child(self.ttft, model).observe(t.ttft_s)
             if t.tpot_s is not None:
-                self.tpot.labels(exp, var, model).observe(t.tpot_s)
-            self.prompt_tokens.labels(exp, var, model).observe(u.prompt_tokens)
-            self.completion_tokens.labels(exp, var, model).observe(u.completion_tokens)
-            self.tokens.labels(exp, var, model, "prompt").inc(u.prompt_tokens)
-            self.tokens.labels(exp, var, model, "completion").inc(u.completion_tokens)
-        self.last_batch.labels(exp, var).set(now)
+                child(self.tpot, model).observe(t.tpot_s)
+            child(self.prompt_tokens, model).observe(u.prompt_tokens)
+            child(self.completion_tokens, model).observe(u.completion_tokens)
+            child(self.tokens, model, "prompt").inc(u.prompt_tokens)
+            child(self.tokens, model, "completion").inc(u.completion_tokens)
+        child(self.last_batch).set(now)
