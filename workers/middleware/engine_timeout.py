@@ -54,13 +54,14 @@ class _Deadlines:
 
 class _Call:
     """One engine call's requests until each is answered once (by the engine or by the deadline).
-    Once all are, it lets go of them: the deadline waiting in the heap holds nothing large."""
+    Once all are, it lets go of them and of the runner's callback, which holds the call's messages:
+    the deadline waiting in the heap holds nothing large."""
 
     def __init__(self, requests: list, done: Done):
         self.requests: list | None = requests
         self.answered = [False] * len(requests)
         self.left = len(requests)
-        self._done = done
+        self._done: Done | None = done
         self._lock = threading.Lock()
 
     def answer(self, i: int, result) -> bool:
@@ -69,9 +70,11 @@ class _Call:
                 return False
             self.answered[i] = True
             self.left -= 1
+            done = self._done
             if not self.left:
-                self.requests = None
-        self._done(i, result)
+                self.requests, self._done = None, None
+        assert done is not None, "a call with a request unanswered keeps its callback"
+        done(i, result)
         return True
 
 
