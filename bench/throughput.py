@@ -15,8 +15,12 @@ GPU: --model /path/to/model [--engine-arg gpu_memory_utilization=0.9 ...].
 slots) instead of vLLM, so that a machine without a GPU can answer whether the queue keeps a GPU's
 engine full; (b) then runs the worker at its default settings. Defaults 2,000 requests of 256 tokens.
 
+--compare-batching: continuous (`vllm`) against static (`vllm-batch`) batching through Kafka, on
+outputs of varied length (the small random model on CPU).
+
 Run:  python bench/throughput.py [--requests 64] [--max-tokens 32] [--sequential 10] [--json out.json]
       python bench/throughput.py --engine sim
+      python bench/throughput.py --compare-batching [--requests 256] [--max-tokens 48 (the mean)]
 Uses ABQ_BOOTSTRAP_SERVERS / KAFKA_BOOTSTRAP_SERVERS if set, else starts a local broker.
 """
 
@@ -169,11 +173,13 @@ def through_kafka(
     model: str,
     engine_args: dict,
     texts: list[str],
-    max_tokens: int,
+    max_tokens: int | list[int],
     sequential: int,
     max_inflight: int | None,
     engine: str = "vllm",
 ) -> tuple[dict, list[float]]:
+    """max_tokens: one for all, or one per text."""
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(texts)
     settings = KafkaSettings(bootstrap_servers=addr)
     exp = ExperimentConfig(
         name=f"tput{uuid.uuid4().hex[:8]}",
@@ -185,7 +191,7 @@ def through_kafka(
                 "engine": engine,
                 "model": model,
                 "engine_args": engine_args,
-                "max_tokens_limit": max(4096, max_tokens),
+                "max_tokens_limit": max(4096, *lengths),
             }
         ],
     )
@@ -208,7 +214,11 @@ def through_kafka(
 
             def req(i, text):
                 return InferenceRequest(
-                    experiment=exp.name, routing_key=f"u{i}", prompt=text, max_tokens=max_tokens, temperature=0
+                    experiment=exp.name,
+                    routing_key=f"u{i}",
+                    prompt=text,
+                    max_tokens=lengths[i % len(lengths)],
+                    temperature=0,
                 )
 
             client.submit(req(-1, "warm up"), timeout=600)
@@ -265,6 +275,48 @@ def through_kafka(
         worker.wait(timeout=60)
 
 
+def varied_lengths(n: int, mean: int, longest: int, seed: int = 11) -> list[int]:
+    """Output lengths as chat traffic has them: mostly short, a long tail (exponential, 4..longest)."""
+    rnd = random.Random(seed)
+    return [max(4, min(longest, round(rnd.expovariate(1 / mean)))) for _ in range(n)]
+
+
+def compare_batching(args) -> int:
+    """Continuous batching (AsyncLLM: a finished request's slot is refilled at the next step) against
+    static batching (LLM.generate: a batch holds its slots until its longest request ends), each
+    through Kafka and a worker at its defaults, on the same prompts and output lengths."""
+    if args.engine != "vllm" or args.model:
+        raise SystemExit("--compare-batching runs the small random model on vLLM's CPU build; drop --engine/--model")
+    n = args.requests or 256
+    mean = args.max_tokens or 48
+    lengths = varied_lengths(n, mean, longest=176)  # prompt + output stay within max_model_len 256
+    model = str(make_tiny_model(Path(tempfile.mkdtemp(prefix="abq-small-")), "small"))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")
+    texts = prompts(n)
+    addr, broker = bootstrap()
+    results = {}
+    try:
+        for engine in ("vllm", "vllm-batch"):
+            print(f"{engine}: {n} prompts, output lengths mean {statistics.mean(lengths):.0f}, "
+                  f"longest {max(lengths)}", file=sys.stderr)  # fmt: skip
+            results[engine], _ = through_kafka(addr, model, ENGINE_ARGS, texts, lengths, 0, None, engine)
+    finally:
+        if broker:
+            broker.stop()
+    cont, static = results["vllm"], results["vllm-batch"]
+    print(f"\n{'measure':<28}{'continuous':>14}{'static':>14}{'c/s':>8}")
+    for k in ("output_tokens_per_s", "requests_per_s", "latency_ms_p50", "latency_ms_p95", "output_tokens"):
+        print(f"{k:<28}{cont[k]:>14.2f}{static[k]:>14.2f}{cont[k] / static[k]:>8.3f}")
+    ratio = cont["output_tokens_per_s"] / static["output_tokens_per_s"]
+    print(f"continuous / static output tokens/s: {ratio:.3f}")
+    print(f"\nrerun: python bench/throughput.py --compare-batching --requests {n} --max-tokens {mean}")
+    if args.json:
+        figures = {"continuous": cont, "static": static, "ratio_output_tokens_per_s": ratio, "lengths_mean": mean}
+        args.json.write_text(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="local model directory (default: a random Llama made here, for CPU)")
@@ -286,8 +338,16 @@ def main() -> int:
         default=None,
         help="the worker's --max-inflight (default: 256 with vllm, the worker's own with sim)",
     )
+    ap.add_argument(
+        "--compare-batching",
+        action="store_true",
+        help="instead: continuous (vllm) against static (vllm-batch) batching, both through Kafka at the worker's "
+        "defaults, on outputs of varied length (default 256 requests)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
+    if args.compare_batching:
+        return compare_batching(args)
     sim = args.engine == "sim"
     args.requests = args.requests or (2000 if sim else 64)
     args.max_tokens = args.max_tokens or (256 if sim else 32)

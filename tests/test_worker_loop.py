@@ -698,3 +698,20 @@ def test_an_answered_call_leaves_nothing_of_its_messages_waiting_for_its_deadlin
     del messages
     gc.collect()
     assert held() is None, "a deadline still waiting keeps an answered call's messages alive"
+
+
+def test_deadlines_of_answered_calls_do_not_pile_up_until_they_pass():
+    """Every engine call left an entry in the deadline heap for --request-timeout (600 s by default):
+    at thousands of calls a second, hundreds of MB before the first one passed."""
+    from workers.middleware.engine_timeout import EngineTimeout
+
+    mw = EngineTimeout(600)
+
+    def call(requests, done):
+        for i in range(len(requests)):
+            done(i, "answered")
+
+    timed = mw.wrap_engine(worker=None, call=call)
+    for _ in range(20_000):
+        timed(["a request"], lambda i, result: None)
+    assert len(mw._deadlines) <= 2048, f"{len(mw._deadlines)} deadlines kept for 20,000 answered calls"

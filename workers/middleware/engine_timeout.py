@@ -23,35 +23,6 @@ class EngineTimedOut(EngineError):
     pass
 
 
-class _Deadlines:
-    """One thread for every pending deadline (a timer thread per request would be one per slot)."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._seq = itertools.count()
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def at(self, when: float, fn: Callable[[], None]) -> None:
-        with self._cond:
-            heapq.heappush(self._heap, (when, next(self._seq), fn))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="abq-engine-timeouts", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._heap or self._heap[0][0] > time.monotonic():
-                    self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
-                _, _, fn = heapq.heappop(self._heap)
-            try:
-                fn()
-            except Exception:
-                log.exception("an engine timeout failed to fire")
-
-
 class _Call:
     """One engine call's requests until each is answered once (by the engine or by the deadline).
     Once all are, it lets go of them and of the runner's callback, which holds the call's messages:
@@ -76,6 +47,48 @@ class _Call:
         assert done is not None, "a call with a request unanswered keeps its callback"
         done(i, result)
         return True
+
+
+class _Deadlines:
+    """One thread for every pending deadline (a timer thread per request would be one per slot).
+    A call answered in time leaves its entry behind; entries of answered calls are swept out
+    whenever the heap has doubled since the last sweep, so it stays within twice the calls still
+    unanswered (plus a floor), whatever the timeout."""
+
+    SWEEP_FLOOR = 1024
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Call, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._sweep_at = self.SWEEP_FLOOR
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def at(self, when: float, call: _Call, fn: Callable[[], None]) -> None:
+        with self._cond:
+            if len(self._heap) >= self._sweep_at:
+                self._heap = [e for e in self._heap if e[2].left]
+                heapq.heapify(self._heap)
+                self._sweep_at = max(self.SWEEP_FLOOR, 2 * len(self._heap))
+            heapq.heappush(self._heap, (when, next(self._seq), call, fn))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="abq-engine-timeouts", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                _, _, _, fn = heapq.heappop(self._heap)
+            try:
+                fn()
+            except Exception:
+                log.exception("an engine timeout failed to fire")
 
 
 class EngineTimeout(Middleware):
@@ -108,7 +121,7 @@ class EngineTimeout(Middleware):
         def timed(requests, done: Done) -> None:
             c = _Call(requests, done)
             # One deadline per call, not per request: what waits in the heap grows with calls, not requests.
-            self._deadlines.at(time.monotonic() + seconds, lambda: expire(c))
+            self._deadlines.at(time.monotonic() + seconds, c, lambda: expire(c))
 
             def answer(i: int, result) -> None:
                 c.answer(i, result)
