@@ -86,3 +86,20 @@ def test_a_fast_engine_gets_more_headroom_than_a_slow_one():
 def test_an_engine_that_reports_no_queue_gets_the_bound():
     limit = InflightLimit(upper=300)
     assert limit.update(lambda: {"running": 5}, handed=5, completed=0, now=1.0) == 300
+
+
+def test_an_idle_wait_is_not_taken_for_the_loop_period():
+    """An idle worker waits up to a second in poll; that wait was averaged into the loop period, and
+    the first burst after it was handed several times the headroom its loop needs."""
+
+    def headroom(idle_gap: bool) -> int:
+        limit, now, done = InflightLimit(upper=1000), 0.0, 0
+        for i in range(200):  # a loop every 10 ms, 3000 completions a second
+            now += 1.0 if idle_gap and i == 190 else 0.01
+            limit.loop(now, busy=not (idle_gap and i == 190))
+            done += 30
+            limit.update(lambda: {"running": 100, "waiting": 3}, handed=limit.current, completed=done, now=now)
+        return limit.headroom
+
+    # (the gap's lower completion rate may lower it; the wait itself must not raise it)
+    assert headroom(idle_gap=True) <= headroom(idle_gap=False) + 2

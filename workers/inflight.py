@@ -38,9 +38,10 @@ class InflightLimit:
         self._period = every_s  # seconds between the worker's loop iterations, smoothed
         self._loop_at: float | None = None
 
-    def loop(self, now: float) -> None:
-        """Called once per worker loop iteration: how often the worker can refill the engine."""
-        if self._loop_at is not None:
+    def loop(self, now: float, busy: bool = True) -> None:
+        """Called once per worker loop iteration: how often the worker can refill the engine. busy:
+        the engine had work; a loop that waited with nothing for it is no sample of the period."""
+        if self._loop_at is not None and busy:
             self._period += 0.1 * ((now - self._loop_at) - self._period)
         self._loop_at = now
 

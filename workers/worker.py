@@ -236,7 +236,7 @@ class Worker:
                     self._deliver(runner.take(0.05))
                     continue
                 if self.limit is not None:
-                    self.limit.loop(time.monotonic())
+                    self.limit.loop(time.monotonic(), busy=self.inflight > 0)
                 self._admit(runner)
                 self._deliver(runner.take(BUSY_WAIT_S if self.inflight else 0))
         finally:
