@@ -33,7 +33,9 @@ class RequestPublisher:
         """`follow`: a ConfigFollower; the experiment's live config then replaces `experiment`
         as soon as a new version is applied (new variants get their topics first)."""
         self.settings = settings
-        self.experiment = experiment
+        # The experiment and its live config version (None: a file, not the live config), swapped as
+        # one so that a request's weights and the version it records always belong together.
+        self._live: tuple[ExperimentConfig, int | None] = (experiment, None)
         self.create_topics = create_topics
         if create_topics:
             ensure_topics(settings, experiment)
@@ -53,7 +55,7 @@ class RequestPublisher:
             ensure_topics(self.settings, new)  # before any request can be routed to a new variant
         self._max_bytes = {**self._max_bytes, **topic_max_message_bytes(self.settings, self._topics(new))}
         old = {v.name: v.weight for v in self.experiment.variants}
-        self.experiment = new
+        self._live = (new, record.version)
         log.info(
             "experiment %s v%d: weights %s (were %s)",
             new.name,
@@ -62,9 +64,17 @@ class RequestPublisher:
             old,
         )
 
-    def assign(self, request: InferenceRequest, experiment: ExperimentConfig | None = None) -> InferenceRequest:
-        """The request with its variant set (kept if the caller pinned a known one)."""
-        experiment = experiment or self.experiment
+    @property
+    def experiment(self) -> ExperimentConfig:
+        return self._live[0]
+
+    def assign(
+        self, request: InferenceRequest, experiment: ExperimentConfig | None = None, version: int | None = None
+    ) -> InferenceRequest:
+        """The request with its variant set (kept if the caller pinned a known one), and the config
+        version whose weights chose it."""
+        if experiment is None:
+            experiment, version = self._live
         if request.experiment != experiment.name:
             raise ConfigError(
                 f"request {request.id} is for experiment {request.experiment!r}, this producer serves "
@@ -79,14 +89,14 @@ class RequestPublisher:
                 )
             return request if request.assigned_by else request.model_copy(update={"assigned_by": "pinned"})
         variant, by = assign(experiment, request.routing_key, request.metadata)
-        return request.model_copy(update={"variant": variant, "assigned_by": by})
+        return request.model_copy(update={"variant": variant, "assigned_by": by, "config_version": version})
 
     def publish(
         self, request: InferenceRequest, traceparent: str | None = None
     ) -> tuple[InferenceRequest, FutureRecordMetadata]:
         """Send without waiting; returns the assigned request and the send's future."""
-        experiment = self.experiment  # one version for the whole call, whatever the follower does meanwhile
-        request = self.assign(request, experiment)
+        experiment, version = self._live  # one version for the whole call, whatever the follower does meanwhile
+        request = self.assign(request, experiment, version)
         if request.reply_to and (refused := experiment.reply_to_refusal(request.reply_to)):
             raise ConfigError(refused)  # workers would refuse it too, after a trip through the queue
         variant = request.variant

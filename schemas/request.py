@@ -43,6 +43,12 @@ class InferenceRequest(BaseModel):
     assigned_by: str | None = Field(
         default=None, max_length=100, description="weights, override:<name> or pinned; set by the producer"
     )
+    config_version: int | None = Field(
+        default=None,
+        ge=1,
+        description="the live config version whose weights assigned it (set by a producer that follows the live "
+        "config); the sample-ratio check compares each version's traffic with its own weights",
+    )
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -42,6 +43,12 @@ class Timings(BaseModel):
     tpot_s: float | None = Field(default=None, description="time per output token after the first, per sample")
 
 
+def unit_of(experiment: str, routing_key: str) -> str:
+    """A response's `unit`: the routing key hashed with the experiment's name as salt, so the same user
+    is not linkable across experiments and the key itself is not copied into responses."""
+    return hashlib.sha256(f"{experiment}\x00unit\x00{routing_key}".encode()).hexdigest()[:16]
+
+
 class InferenceResponse(BaseModel):
     """The outcome of one request: outputs, or an error instead of them."""
 
@@ -53,6 +60,12 @@ class InferenceResponse(BaseModel):
     variant: str
     assigned_by: str | None = Field(
         default=None, description="copied from the request: weights, override:<name>, pinned"
+    )
+    config_version: int | None = Field(default=None, description="copied from the request")
+    unit: str | None = Field(
+        default=None,
+        description="a hash of the request's routing key (the unit of assignment, not the key itself): the "
+        "sample-ratio check counts units, so one busy user cannot look like a broken split",
     )
     model: str
     outputs: list[str] = Field(default_factory=list, description="one text per requested sample (n)")

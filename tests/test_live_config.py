@@ -14,6 +14,7 @@ from abqueue.kafka import admin_client
 from producers import AbqClient
 from producers.assignment import assign
 from schemas import ExperimentConfig, InferenceRequest
+from schemas.response import unit_of
 
 
 def _assignments(client, exp, keys):
@@ -31,6 +32,8 @@ def test_weight_change_reaches_a_running_producer_within_5s_and_keys_only_move_t
     keys = [f"user-{i}" for i in range(3000)]
     with AbqClient(settings, exp, follow=True) as client:
         before = _assignments(client, exp, keys)
+        probe = InferenceRequest(experiment=exp.name, routing_key="user-0", prompt="x")
+        assert client.publisher.assign(probe).config_version == 1  # the version whose weights chose it
         raised = exp.model_copy(
             update={
                 "variants": [
@@ -54,6 +57,7 @@ def test_weight_change_reaches_a_running_producer_within_5s_and_keys_only_move_t
         took = time.monotonic() - applied
         assert took < 5, "the producer did not pick up the new weights within 5 s"
         after = _assignments(client, exp, keys)
+        assert client.publisher.assign(probe).config_version == 2
     moved = [k for k in keys if before[k] != after[k]]
     assert moved and all(before[k] == "control" and after[k] == "candidate" for k in moved)
     share = sum(v == "candidate" for v in after.values()) / len(keys)
@@ -162,6 +166,9 @@ def test_override_traffic_is_served_by_its_variant_and_labelled_in_the_response(
         pinned = client.submit(
             InferenceRequest(experiment=exp.name, routing_key="u1", prompt="hi", variant="control"), timeout=30
         ).response
+    # Each response names its user by a salted hash (the unit of the sample-ratio check), never by the key.
+    assert beta.unit == plain.unit == pinned.unit == unit_of(exp.name, "u1") and "u1" not in beta.unit
+    assert plain.config_version is None  # this producer reads a file, not the live config
     assert (beta.variant, beta.assigned_by) == ("candidate", "override:beta")
     assert (plain.variant, plain.assigned_by) == ("control", "weights")
     assert (pinned.variant, pinned.assigned_by) == ("control", "pinned")

@@ -11,7 +11,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from abqueue.kafka import tracing
 from schemas import DeadLetter, ErrorInfo, InferenceRequest, InferenceResponse, Timings, Usage
 from schemas.deadletter import DeadLetterReason
-from schemas.response import FinishReason
+from schemas.response import FinishReason, unit_of
 from workers.engines.base import Completion, EngineDead
 
 if TYPE_CHECKING:
@@ -105,11 +105,14 @@ class Message:
             per_sample = usage.completion_tokens / max(1, req.n)
             if per_sample > 1:
                 tpot = max(0.0, finished - first_token) / (per_sample - 1)
+        exp_name = req.experiment if req else experiment
         self.response = InferenceResponse(
             request_id=rid,
-            experiment=req.experiment if req else experiment,
+            experiment=exp_name,
             variant=variant,
             assigned_by=req.assigned_by if req else None,
+            config_version=req.config_version if req else None,
+            unit=unit_of(exp_name, key) if (key := self.routing_key) else None,
             model=model,
             outputs=outputs or [],
             finish_reason=finish_reason,

@@ -14,7 +14,7 @@ from statistics import fmean, stdev
 
 import orjson
 
-from abqueue.analysis.stats import t_ppf
+from abqueue.analysis.stats import scipy_stats
 from abqueue.errors import UsageError
 from schemas import ConfigError, ExperimentConfig, InferenceResponse
 
@@ -75,7 +75,7 @@ def mean_ci(values: list[float], alpha: float = 0.05) -> dict:
     m = fmean(values)
     if n < 2:
         return {"n": n, "mean": m, "ci": [None, None]}
-    half = t_ppf(1 - alpha / 2, n - 1) * stdev(values) / math.sqrt(n)
+    half = float(scipy_stats().t.ppf(1 - alpha / 2, n - 1)) * stdev(values) / math.sqrt(n)
     return {"n": n, "mean": m, "ci": [m - half, m + half]}
 
 

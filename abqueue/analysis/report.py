@@ -9,6 +9,7 @@ engine's, tokens are completion tokens.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +21,32 @@ from abqueue.analysis import stats
 from abqueue.errors import UsageError
 from abqueue.kafka import KafkaSettings
 from abqueue.kafka.reader import read_to_end
+from producers.assignment import BUCKETS, bucket_ranges
 from producers.progress import Progress
 from schemas import ExperimentConfig, Feedback, InferenceResponse
+
+log = logging.getLogger(__name__)
+
+# Tested together and adjusted for it (--correction); guardrails are reported apart, unadjusted.
+PRIMARY = ("latency_s", "latency_p50", "latency_p95", "ttft_p50", "ttft_p95", "tokens", "thumbs_up_rate")
+GUARDRAILS = ("error_rate",)
+LABELS = {
+    "latency_s": "mean latency",
+    "latency_p50": "p50 latency",
+    "latency_p95": "p95 latency",
+    "ttft_p50": "p50 TTFT",
+    "ttft_p95": "p95 TTFT",
+    "tokens": "output tokens",
+    "thumbs_up_rate": "thumbs-up rate",
+    "error_rate": "error rate",
+}
 
 
 @dataclass
 class Sample:
     responses: list[InferenceResponse] = field(default_factory=list)
     feedback: list[Feedback] = field(default_factory=list)
+    versions: dict[int, ExperimentConfig] = field(default_factory=dict)  # live config versions still known
 
 
 def read_topic(settings: KafkaSettings | None, topic: str, parse, timeout_s: float = 30.0) -> list:
@@ -102,7 +121,21 @@ def load(
             # At-least-once delivery: the first response per request counts (per variant: a shadow
             # answers the same request id).
             first.setdefault((r.request_id, r.variant), r)
-    return Sample(list(first.values()), [f for f in fb if f.experiment == exp.name])
+    return Sample(list(first.values()), [f for f in fb if f.experiment == exp.name], _versions(settings, exp))
+
+
+def _versions(settings: KafkaSettings | None, exp: ExperimentConfig) -> dict[int, ExperimentConfig]:
+    """The experiment's live config versions still in the config topic (their weights, for the
+    sample-ratio check); none without Kafka or a config topic."""
+    if settings is None:
+        return {}
+    from abqueue.control import live_config
+
+    try:
+        return {r.version: r.experiment for r in live_config.read_all(settings, exp.name)}
+    except Exception as e:  # no config topic, or not allowed to read it: the file's weights serve
+        log.info("no live config versions of %s to check the sample ratio against (%s)", exp.name, e)
+        return {}
 
 
 def _latency(r: InferenceResponse) -> float:
@@ -195,18 +228,60 @@ def _proportions(x1: int, n1: int, x2: int, n2: int, alpha: float, mde: float, s
     }
 
 
+def sample_ratio_checks(
+    rs: list[InferenceResponse], exp: ExperimentConfig, versions: dict[int, ExperimentConfig]
+) -> list[dict]:
+    """The sample-ratio check per config version: units (hashed routing keys; requests where a
+    response has none) assigned by the weights, per variant, against the shares those weights give
+    (overrides, pins and shadows are not assigned by the weights and take no part). A version whose
+    weights are no longer known is listed without a test; traffic without a version (a producer that
+    does not follow the live config) is judged against the config file's weights."""
+    units: dict[int | None, dict[str, set[str]]] = {}
+    for r in rs:
+        if (r.assigned_by or "weights") == "weights":
+            units.setdefault(r.config_version, {}).setdefault(r.variant, set()).add(r.unit or r.request_id)
+    out = []
+    for version in sorted(units, key=lambda v: (v is not None, v or 0)):
+        observed = {name: len(u) for name, u in units[version].items()}
+        config = exp if version is None else versions.get(version, exp if not versions else None)
+        check: dict = {"config_version": version, "observed": observed}
+        if config is None:
+            out.append({**check, "note": f"the weights of version {version} are no longer in the config topic"})
+            continue
+        shares = {name: (end - start) / BUCKETS for name, start, end in bucket_ranges(config)}
+        stray = {name: n for name, n in observed.items() if shares.get(name, 0) == 0}
+        result = stats.sample_ratio(observed, shares)
+        check["expected"] = result.expected if result else {}
+        check["chi2"] = result.chi2 if result else float("nan")
+        check["p_value"] = 0.0 if stray else (result.p_value if result else float("nan"))
+        check["mismatch"] = bool(stray) or bool(result and result.mismatch)
+        if stray:
+            check["note"] = f"weights-assigned traffic in variants the weights give nothing: {stray}"
+        out.append(check)
+    return out
+
+
 def report(
-    sample: Sample, exp: ExperimentConfig, alpha: float = 0.05, mde: float = 0.1, planned_n: int | None = None
+    sample: Sample,
+    exp: ExperimentConfig,
+    alpha: float = 0.05,
+    mde: float = 0.1,
+    planned_n: int | None = None,
+    correction: str = "holm",
 ) -> dict:
     fb = {f.request_id: f for f in sorted(sample.feedback, key=lambda f: f.created_at)}  # the latest feedback counts
     by_variant: dict[str, list[InferenceResponse]] = {v.name: [] for v in exp.variants}
     for r in sample.responses:
         by_variant.setdefault(r.variant, []).append(r)
+    srm = sample_ratio_checks(sample.responses, exp, sample.versions)
     out: dict = {
         "experiment": exp.name,
         "control": exp.control_variant,
         "alpha": alpha,
         "mde": mde,
+        "correction": correction,
+        "srm": srm,
+        "srm_mismatch": any(c.get("mismatch") for c in srm),
         "variants": {name: summarise(rs, fb) for name, rs in by_variant.items()},
         "comparisons": {},
     }
@@ -238,13 +313,24 @@ def report(
         err = lambda g: sum(1 for r in g if r.error and r.error.code != "expired")  # noqa: E731
         up = lambda g: sum(1 for r in g if r.request_id in fb and fb[r.request_id].thumbs == "up")  # noqa: E731
         rated = lambda g: sum(1 for r in g if r.request_id in fb and fb[r.request_id].thumbs)  # noqa: E731
+        lat_c, lat_t = [_latency(r) for r in c_ok], [_latency(r) for r in t_ok]
+        ttft_c = [r.timings.ttft_s for r in c_ok if r.timings.ttft_s is not None]
+        ttft_t = [r.timings.ttft_s for r in t_ok if r.timings.ttft_s is not None]
+        lat_q, ttft_q = (
+            stats.quantile_diffs(lat_c, lat_t, alpha=alpha),
+            stats.quantile_diffs(ttft_c, ttft_t, alpha=alpha),
+        )
         out["comparisons"][name] = {
             "n_control": len(control),
             "n_treatment": len(rs),
             "planned_n_per_group": plan,
             "information_fraction": min(1.0, information),
             "alpha_spent": spent,
-            "latency_s": _means([_latency(r) for r in c_ok], [_latency(r) for r in t_ok], alpha, mde, spent),
+            "latency_s": _means(lat_c, lat_t, alpha, mde, spent),
+            "latency_p50": lat_q[50],
+            "latency_p95": lat_q[95],
+            "ttft_p50": ttft_q[50],
+            "ttft_p95": ttft_q[95],
             "tokens": _means(
                 [float(r.usage.completion_tokens) for r in c_ok],
                 [float(r.usage.completion_tokens) for r in t_ok],
@@ -255,7 +341,64 @@ def report(
             "error_rate": _proportions(err(control), len(control), err(rs), len(rs), alpha, mde, spent),
             "thumbs_up_rate": _proportions(up(control), rated(control), up(rs), rated(rs), alpha, mde, spent),
         }
+    _judge(out, correction)
+    out["summary"] = summary_lines(out)
     return out
+
+
+def _judge(out: dict, correction: str) -> None:
+    """Adjusts the primary metrics' p-values across every metric and variant together (Holm or
+    Benjamini-Hochberg), then calls each significant against the alpha spent so far; guardrails are
+    judged on their own p-values."""
+    cells = [(c, m) for c in out["comparisons"].values() for m in PRIMARY]
+    adjusted = stats.adjust([c[m]["p_value"] for c, m in cells], correction, out["alpha"])
+    for (c, m), p in zip(cells, adjusted, strict=True):
+        c[m]["p_adjusted"] = p
+    for c in out["comparisons"].values():
+        for m in (*PRIMARY, *GUARDRAILS):
+            p = c[m].get("p_adjusted", c[m]["p_value"])
+            c[m]["significant"] = bool(p < c["alpha_spent"]) if not math.isnan(p) else False
+
+
+def summary_lines(out: dict) -> list[str]:
+    """What the data supports, in words: the sample-ratio check first (a mismatch makes every
+    comparison below suspect), then per variant its significant differences and its guardrails."""
+    lines = []
+    bad = [c for c in out["srm"] if c.get("mismatch")]
+    if bad:
+        for c in bad:
+            version = "without a config version" if c["config_version"] is None else f"config v{c['config_version']}"
+            lines.append(
+                f"SRM: MISMATCH ({version}: observed {c['observed']}, expected "
+                f"{ {k: round(v) for k, v in c.get('expected', {}).items()} }, p={c['p_value']:.2g}). The traffic does "
+                "not split as the weights say: suspect a broken assignment, a variant that crashes or a worker that "
+                "drops requests before trusting any result below"
+            )
+    else:
+        tested = [c for c in out["srm"] if "p_value" in c]
+        lines.append(
+            "SRM: none" + (f" (min p={min(c['p_value'] for c in tested):.2g})" if tested else " (nothing to test)")
+        )
+    adjusted = {"holm": "after Holm", "bh": "after Benjamini-Hochberg", "none": "unadjusted"}[out["correction"]]
+    level = round(100 * (1 - out["alpha"]))
+    for name, c in out["comparisons"].items():
+        parts = []
+        for m in PRIMARY:
+            r = c[m]
+            if r["significant"]:
+                parts.append(f"{LABELS[m]} {_pct(r['lift'])} ({level}% CI {_pct(r['lift_ci'][0])} to "
+                             f"{_pct(r['lift_ci'][1])}), significant {adjusted}")  # fmt: skip
+        if not parts:
+            parts.append("no detectable difference in latency, TTFT, output tokens or thumbs-up rate (yet)")
+        for m in GUARDRAILS:
+            r = c[m]
+            parts.append(
+                f"{LABELS[m]} {_pct(r['difference'])} points, significant"
+                if r["significant"]
+                else f"{LABELS[m]} no detectable difference"
+            )
+        lines.append(f"{name}: " + "; ".join(parts))
+    return lines
 
 
 def to_json(result: dict) -> str:
@@ -287,25 +430,41 @@ def to_table(result: dict) -> str:
         "thumbs_up_rate",
         "score_mean",
     ]
-    lines = [
+    lines = [*result["summary"], ""]
+    lines += [
         f"experiment {result['experiment']} (control: {result['control']})",
         f"{'':<20}" + "".join(f"{n:>14}" for n in names),
     ]
     for k in rows:
         lines.append(f"{k:<20}" + "".join(_fmt(result["variants"][n][k], 14) for n in names))
+    for check in result["srm"]:
+        version = "no version" if check["config_version"] is None else f"v{check['config_version']}"
+        expected = {k: round(v) for k, v in check.get("expected", {}).items()}
+        verdict = "MISMATCH" if check.get("mismatch") else "ok"
+        lines.append(
+            f"sample ratio ({version}): units {check['observed']} expected {expected} "
+            f"p {_fmt(check.get('p_value'), 0).strip()} {verdict}" + (f"; {check['note']}" if "note" in check else "")
+        )
+    adjusted = {"holm": "Holm", "bh": "BH", "none": "unadjusted"}[result["correction"]]
     for name, c in result["comparisons"].items():
         lines.append(
             f"\n{name} vs {result['control']} (randomised traffic: {c['n_treatment']} vs {c['n_control']}; "
             f"{100 * c['information_fraction']:.0f}% of the planned {c['planned_n_per_group']} per group; "
-            f"alpha spent {c['alpha_spent']:.4f})"
+            f"alpha spent {c['alpha_spent']:.4f}; primary metrics {adjusted})"
         )
-        for metric in ("latency_s", "tokens", "error_rate", "thumbs_up_rate"):
+        for metric in (*PRIMARY, *GUARDRAILS):
             m = c[metric]
             verdict = "significant" if m["significant"] else "not significant (yet)"
+            p_adj = (
+                f" (adj {_fmt(m['p_adjusted'], 0).strip()})"
+                if "p_adjusted" in m and result["correction"] != "none"
+                else ""
+            )
+            needed = f"; n needed {m['n_needed_per_group']}" if "n_needed_per_group" in m else ""
             lines.append(
                 f"  {metric:<15} diff {_fmt(m['difference'], 0).strip():>10}  CI [{_fmt(m['ci'][0], 0).strip()}, "
                 f"{_fmt(m['ci'][1], 0).strip()}]  lift {_pct(m['lift'])} [{_pct(m['lift_ci'][0])}, {_pct(m['lift_ci'][1])}]"
-                f"  p {_fmt(m['p_value'], 0).strip()}  {verdict}; n needed {m['n_needed_per_group']}"
+                f"  p {_fmt(m['p_value'], 0).strip()}{p_adj}  {verdict}{needed}"
             )
     return "\n".join(lines)
 

@@ -13,9 +13,10 @@ def register(sub) -> None:
     p = sub.add_parser(
         "report",
         help="per-variant outcomes and tests of each variant against the control",
-        description="Reads the responses topic (or a JSONL of responses) and feedback; prints counts, rates, "
-        "latency and token figures, and Welch, bootstrap and two-proportion comparisons with lift, "
-        "sample size still needed and an O'Brien-Fleming alpha-spending guard.",
+        description="Reads the responses topic (or a JSONL of responses) and feedback; says first whether the "
+        "traffic splits as the weights say (sample-ratio check), then what the data supports in words, then "
+        "counts, rates, latency and token figures, and Welch, bootstrap (means and p50/p95) and two-proportion "
+        "comparisons with lift, adjusted p-values, sample size still needed and an O'Brien-Fleming guard.",
     )
     options.add_experiment_flags(p)
     p.add_argument(
@@ -30,6 +31,13 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--planned-n", type=int, default=None, help="planned requests per group (default: from the power calculation)"
+    )
+    p.add_argument(
+        "--correction",
+        choices=["holm", "bh", "none"],
+        default="holm",
+        help="adjust the primary metrics' p-values across metrics and variants: Holm (family-wise error, "
+        "default) or Benjamini-Hochberg (false discovery rate); guardrails are not adjusted",
     )
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--plot", type=Path, default=None, metavar="DIR", help="write PNG charts here (needs matplotlib)")
@@ -47,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     sample = load(settings, exp, args.input, args.feedback)
     if not sample.responses:
         raise UsageError(f"no responses of experiment {exp.name} to report on; check --config/--input")
-    result = report(sample, exp, args.alpha, args.mde, args.planned_n)
+    result = report(sample, exp, args.alpha, args.mde, args.planned_n, args.correction)
     print(to_json(result) if args.format == "json" else to_table(result))
     if args.plot:
         from abqueue.analysis.plots import write_plots

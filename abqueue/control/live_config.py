@@ -98,14 +98,16 @@ class ConfigFollower:
         self._callbacks.append(callback)
 
     def watch(self, experiment: ExperimentConfig, callback: Callable[[ConfigRecord], None]) -> None:
-        """Call back with each live version of `experiment` that differs from the one in use,
-        starting with the live one now if it differs from `experiment`."""
-        in_use = {"config": experiment}
+        """Call back with each live version of `experiment` new to this watch, starting with the live
+        one now: a version that repeats the config in use still comes (its number stamps requests)."""
+        in_use: dict = {"config": experiment, "version": None}
 
         def changed(record: ConfigRecord) -> None:
-            if record.experiment.name != experiment.name or record.experiment == in_use["config"]:
+            if record.experiment.name != experiment.name or (
+                record.experiment == in_use["config"] and record.version == in_use["version"]
+            ):
                 return
-            in_use["config"] = record.experiment
+            in_use["config"], in_use["version"] = record.experiment, record.version
             callback(record)
 
         self.on_change(changed)
