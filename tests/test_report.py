@@ -313,7 +313,9 @@ def test_quantile_intervals_cover_the_true_difference_95_percent_of_the_time():
         for q in z:
             lo, hi = got[q]["ci"]
             covered[q] += lo <= true[q] <= hi
-    print(f"\ncoverage of 95% intervals over {runs} experiments: p50 {covered[50] / runs:.3f}, p95 {covered[95] / runs:.3f}")
+    print(
+        f"\ncoverage of 95% intervals over {runs} experiments: p50 {covered[50] / runs:.3f}, p95 {covered[95] / runs:.3f}"
+    )
     assert 0.93 * runs <= covered[50] <= 0.97 * runs
     assert 0.93 * runs <= covered[95] <= 0.97 * runs
 
