@@ -35,14 +35,24 @@ def register(sub) -> None:
     s.add_argument(
         "--stage-duration", type=duration, default=600.0, help="minimum time per stage, e.g. 10m (default 10m)"
     )
+    s.add_argument("--max-error-rate", type=float, default=0.05, help="candidate error rate, at most (default 0.05)")
     s.add_argument(
-        "--max-error-rate", type=float, default=0.05, help="candidate error rate that triggers rollback (default 0.05)"
+        "--max-error-increase",
+        type=float,
+        default=0.02,
+        help="candidate error rate over the control's, at most (default 0.02: two points)",
     )
     s.add_argument(
         "--max-p95-ratio",
         type=float,
         default=1.5,
-        help="candidate p95 latency / control's that triggers rollback (default 1.5)",
+        help="candidate p95 latency / control's, at most (default 1.5)",
+    )
+    s.add_argument(
+        "--alpha",
+        type=float,
+        default=0.05,
+        help="chance of rolling back a candidate within its limits, however long it is watched (default 0.05)",
     )
     s.add_argument(
         "--min-samples", type=int, default=200, help="responses per variant and stage before any verdict (default 200)"
@@ -88,7 +98,9 @@ def run_start(args: argparse.Namespace) -> int:
             Guardrails,
             "guardrails",
             max_error_rate=args.max_error_rate,
+            max_error_increase=args.max_error_increase,
             max_p95_ratio=args.max_p95_ratio,
+            alpha=args.alpha,
             min_samples=args.min_samples,
         )
         state = options.typed(

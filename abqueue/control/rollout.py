@@ -3,16 +3,19 @@
 
 State lives in a compacted topic (key = experiment). The controller is the only writer of stage
 changes; `pause`, `resume` and `abort` write a request the controller acts on at its next tick.
-Guardrails are judged on the responses enqueued since the stage began:
-  - the candidate's error rate (errors and expirations) at most `max_error_rate`;
+Guardrails are judged on the responses enqueued since the stage began, by always-valid tests
+(they are looked at every tick; see `breach`):
+  - the candidate's error rate (errors and expirations) at most `max_error_rate`, and at most
+    `max_error_increase` above the control's;
   - the candidate's p95 latency at most `max_p95_ratio` x the control's;
   - a stage advances only after `stage_duration_s` and with at least `min_samples` responses of
-    each; a breach needs `min_samples` of the candidate too, so one early error is not a verdict.
+    each; a breach needs `min_samples` of the candidate too.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -21,10 +24,12 @@ from typing import Literal
 from kafka import TopicPartition
 from pydantic import BaseModel, ConfigDict, Field
 
+from abqueue.analysis import sequential, stats
 from abqueue.analysis.stats import percentile
 from abqueue.control import live_config
 from abqueue.control.store import KeyedStore
 from abqueue.kafka import KafkaSettings, consumer
+from producers.assignment import BUCKETS, bucket_ranges
 from schemas import ConfigError, ExperimentConfig, InferenceResponse
 
 log = logging.getLogger(__name__)
@@ -34,11 +39,19 @@ Status = Literal["running", "paused", "completed", "rolled_back", "aborted"]
 
 
 class Guardrails(BaseModel):
+    """Each is an always-valid test (abqueue/analysis/sequential.py), checked every tick: together
+    they roll back a candidate no worse than its limits with a chance of at most `alpha`, however
+    long the stage is watched."""
+
     model_config = ConfigDict(extra="forbid")
 
-    max_error_rate: float = Field(default=0.05, ge=0, le=1)
-    max_p95_ratio: float = Field(default=1.5, gt=0)
+    max_error_rate: float = Field(default=0.05, ge=0, le=1, description="the candidate's error rate, at most")
+    max_error_increase: float = Field(
+        default=0.02, ge=0, le=1, description="the candidate's error rate over the control's, at most"
+    )
+    max_p95_ratio: float = Field(default=1.5, gt=0, description="the candidate's p95 latency over the control's")
     min_samples: int = Field(default=200, ge=1)
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="false rollback rate, split over the three tests")
 
 
 class RolloutState(BaseModel):
@@ -133,10 +146,13 @@ def with_weight(exp: ExperimentConfig, candidate: str, control: str, percent: fl
 class StageStats:
     """Responses of the current stage, read from the responses topic as they come."""
 
-    def __init__(self, settings: KafkaSettings, exp: ExperimentConfig, since: float):
-        self.since = since
+    def __init__(self, settings: KafkaSettings, exp: ExperimentConfig, since: float, version: int | None = None):
+        """version: the live config version the stage set; its weights-assigned users are counted
+        per variant for the sample-ratio check."""
+        self.since, self.version = since, version
         self.latency: dict[str, list[float]] = {}
         self.errors: dict[str, int] = {}
+        self.units: dict[str, set[str]] = {}
         self._c = consumer(settings, group_id=None, isolation_level="read_committed")
         tps = [
             TopicPartition(exp.response_topic, p)
@@ -170,6 +186,8 @@ class StageStats:
             if resp.timings.enqueued < self.since or resp.request_id in self._seen or not resp.counts_for_variant:
                 continue
             self._seen.add(resp.request_id)
+            if self.version is not None and resp.config_version == self.version and resp.assigned_by == "weights":
+                self.units.setdefault(resp.variant, set()).add(resp.unit or resp.request_id)
             self.latency.setdefault(resp.variant, [])
             if resp.ok:
                 self.latency[resp.variant].append(resp.timings.finished - resp.timings.enqueued)
@@ -190,21 +208,77 @@ class StageStats:
         self._c.close()
 
 
+P95_SHARE = 0.05  # of the control's requests are slower than its p95, by definition
+
+
+def breach(
+    g: Guardrails, cand_lat: list[float], cand_err: int, ctl_lat: list[float], ctl_err: int, stage: str = ""
+) -> str | None:
+    """Why the candidate breaks a guardrail, or None while the evidence allows that it does not.
+    Three always-valid tests at alpha/3 each: its error rate above `max_error_rate`; its error rate
+    above the control's by more than `max_error_increase`; and its p95 above `max_p95_ratio` times
+    the control's, which is tested as the share of its requests slower than that: more than 5%
+    exactly when its p95 is beyond it."""
+    n_c, n_k = len(cand_lat) + cand_err, len(ctl_lat) + ctl_err
+    if n_c < g.min_samples:
+        return None
+    a = g.alpha / 3
+    rate = cand_err / n_c
+    if sequential.above(rate, sequential.rate_se(cand_err, n_c, g.max_error_rate), g.max_error_rate, a, tau=0.05):
+        return f"error rate {rate:.1%} over {n_c} responses is above the guardrail {g.max_error_rate:.1%}{stage}"
+    if n_k < g.min_samples:
+        return None
+    ctl_rate = ctl_err / n_k
+    floor = min(0.5, ctl_rate + g.max_error_increase)
+    se = math.sqrt(sequential.rate_se(cand_err, n_c, floor) ** 2 + sequential.rate_se(ctl_err, n_k, ctl_rate) ** 2)
+    if sequential.above(rate - ctl_rate, se, g.max_error_increase, a, tau=0.05):
+        return (
+            f"error rate {rate:.1%} is above the control's {ctl_rate:.1%} by more than the guardrail "
+            f"{g.max_error_increase:.1%} (over {n_c} and {n_k} responses){stage}"
+        )
+    if cand_lat and len(ctl_lat) >= g.min_samples:
+        limit = g.max_p95_ratio * percentile(ctl_lat, 95)
+        slow = sum(1 for x in cand_lat if x > limit)
+        share = slow / len(cand_lat)
+        if sequential.above(share, sequential.rate_se(slow, len(cand_lat), P95_SHARE), P95_SHARE, a, tau=0.05):
+            return (
+                f"p95 latency of {percentile(cand_lat, 95):.3f}s is above {g.max_p95_ratio:g}x the control's "
+                f"{percentile(ctl_lat, 95):.3f}s ({share:.1%} of its requests slower than {limit:.3f}s){stage}"
+            )
+    return None
+
+
+def sample_ratio_halt(state: RolloutState, st: StageStats, weights: ExperimentConfig) -> str | None:
+    """Why the stage must halt on a sample-ratio mismatch, or None: the users its config version
+    assigned by the weights do not split as those weights say (p < 0.001), once the candidate's
+    share should hold at least `min_samples` of them. The guardrails cannot see this: a variant
+    that drops requests loses them without a single error."""
+    shares = {name: (end - start) / BUCKETS for name, start, end in bucket_ranges(weights)}
+    observed = {name: len(u) for name, u in st.units.items()}
+    if sum(observed.values()) * shares.get(state.candidate, 0) < state.guardrails.min_samples:
+        return None
+    stray = {name: n for name, n in observed.items() if shares.get(name, 0) == 0}
+    result = stats.sample_ratio(observed, shares)
+    if not stray and (result is None or not result.mismatch):
+        return None
+    expected = {k: round(v) for k, v in (result.expected if result else {}).items()}
+    return (
+        f"sample ratio mismatch at stage {state.stages[state.stage]:g}%: users {observed}, the weights expect "
+        f"{expected} (p={result.p_value if result else 0:.2g}); a variant may be dropping requests or the "
+        "assignment is broken. Find the cause, then `abq rollout resume` (or abort)"
+    )
+
+
 def verdict(state: RolloutState, st: StageStats, now: float) -> tuple[str, str]:
     """('advance' | 'rollback' | 'wait', why)."""
     g, cand, ctl = state.guardrails, state.candidate, state.control
     n_c, n_k = st.count(cand), st.count(ctl)
-    if n_c >= g.min_samples:
-        if st.error_rate(cand) > g.max_error_rate:
-            return "rollback", (
-                f"error rate {st.error_rate(cand):.1%} of {cand} over {n_c} responses exceeds "
-                f"the guardrail {g.max_error_rate:.1%} at stage {state.stages[state.stage]:g}%"
-            )
-        if n_k >= g.min_samples and st.p95(cand) > g.max_p95_ratio * st.p95(ctl):
-            return "rollback", (
-                f"p95 latency of {cand} {st.p95(cand):.3f}s is {st.p95(cand) / st.p95(ctl):.2f}x the "
-                f"control's {st.p95(ctl):.3f}s, over the guardrail {g.max_p95_ratio:g}x"
-            )
+    stage = f" at stage {state.stages[state.stage]:g}%"
+    why = breach(
+        g, st.latency.get(cand, []), st.errors.get(cand, 0), st.latency.get(ctl, []), st.errors.get(ctl, 0), stage
+    )
+    if why is not None:
+        return "rollback", f"{cand}: {why}"
     if now - state.stage_started_at < state.stage_duration_s:
         return "wait", "stage time not over"
     if n_c < g.min_samples or (n_k < g.min_samples and state.stages[state.stage] < 100):
@@ -229,6 +303,8 @@ class RolloutController:
         `progress_every_s` after (`abq rollout start` prints it)."""
         self.settings, self.state, self.base, self.tick_s = settings, state, base, tick_s
         self._stats: StageStats | None = None
+        self._weights: ExperimentConfig | None = None  # what the stage set, and its config version
+        self._version: int | None = None
         self._progress, self._progress_every_s = progress, progress_every_s
         self._said_at = self._beat_at = float("-inf")
         self._name = f"{socket.gethostname()}-{os.getpid()}"
@@ -258,9 +334,9 @@ class RolloutController:
     def _set_weight(self, percent: float, why: str) -> None:
         live = live_config.current(self.settings, self.base.name)
         exp = live.experiment if live else self.base
-        live_config.apply(
-            self.settings, with_weight(exp, self.state.candidate, self.state.control, percent), comment=why
-        )
+        weights = with_weight(exp, self.state.candidate, self.state.control, percent)
+        record = live_config.apply(self.settings, weights, comment=why)
+        self._weights, self._version = weights, record.version
 
     def _enter_stage(self, now: float) -> None:
         pct = self.state.stages[self.state.stage]
@@ -275,7 +351,11 @@ class RolloutController:
     def _restart_stats(self) -> None:
         if self._stats:
             self._stats.close()
-        self._stats = StageStats(self.settings, self.base, self.state.stage_started_at)
+        if self._weights is None:  # resumed after a restart: the stage's weights are the live ones
+            live = live_config.current(self.settings, self.base.name)
+            if live is not None:
+                self._weights, self._version = live.experiment, live.version
+        self._stats = StageStats(self.settings, self.base, self.state.stage_started_at, self._version)
 
     def _finish(self, status: Status, reason: str, percent: float | None) -> None:
         if percent is not None:
@@ -313,6 +393,14 @@ class RolloutController:
             self._stats.poll()
             if self.state.status == "paused":
                 self._report(time.time(), "paused")
+                continue
+            if self._weights is not None and (halt := sample_ratio_halt(self.state, self._stats, self._weights)):
+                self.state.status, self.state.requested, self.state.reason = "paused", None, halt
+                self.state.history.append(f"{time.strftime('%H:%M:%S')} halted: {halt}")
+                save_state(self.settings, self.state)
+                log.warning("rollout of %s halted: %s", self.state.candidate, halt)
+                if self._progress:
+                    self._progress(f"halted: {halt}")
                 continue
             action, why = verdict(self.state, self._stats, time.time())
             self._report(time.time(), why)
