@@ -27,6 +27,12 @@ class Usage(BaseModel):
 
     prompt_tokens: int = Field(default=0, ge=0)
     completion_tokens: int = Field(default=0, ge=0)
+    prompt_chars: int | None = Field(
+        default=None,
+        ge=0,
+        description="the prompt's length in characters: the same whichever variant serves it (tokens depend on "
+        "the model's tokenizer), so analysis can use it as a pre-treatment covariate",
+    )
 
 
 class Timings(BaseModel):

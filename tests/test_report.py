@@ -332,3 +332,52 @@ def test_a_quantile_interval_from_a_subsample_is_as_wide_as_from_the_whole(monke
         s = sub[q]["ci"][1] - sub[q]["ci"][0]
         assert s == pytest.approx(w, rel=0.2), (q, s, w)
         assert sub[q]["difference"] == whole[q]["difference"]
+
+
+def test_regression_adjustment_removes_the_variance_its_covariate_explains():
+    """y = x + noise, both of variance 1: the covariate explains half of y's variance, so CUPED must
+    remove half, keep the difference unbiased (as ordinary least squares with the covariate does)
+    and narrow the interval by sqrt(1/2)."""
+    import numpy as np
+    import statsmodels.api as sm
+
+    from abqueue.analysis.report import Sample, report
+
+    rnd = random.Random(9)
+    n = 20_000
+    xc = [rnd.gauss(0, 1) for _ in range(n)]
+    xt = [rnd.gauss(0, 1) for _ in range(n)]
+    yc = [x + rnd.gauss(0, 1) for x in xc]
+    yt = [x + 0.05 + rnd.gauss(0, 1) for x in xt]
+    adj, raw = stats.cuped(yc, xc, yt, xt), stats.welch(yc, yt)
+    assert adj["variance_reduction"] == pytest.approx(0.5, abs=0.02)
+    assert adj["theta"] == pytest.approx(1.0, abs=0.02)
+    x = np.array(xc + xt)
+    ols = sm.OLS(np.array(yc + yt), np.column_stack([np.ones(2 * n), [0] * n + [1] * n, x - x.mean()])).fit()
+    assert adj["difference"] == pytest.approx(ols.params[1], abs=2e-3)
+    assert adj["difference"] == pytest.approx(0.05, abs=0.03)
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    assert width(adj["ci"]) / width(raw.ci) == pytest.approx(math.sqrt(0.5), rel=0.03)
+
+    # In the report: latency that grows with the prompt's length is tested adjusted for it.
+    exp = ExperimentConfig.model_validate(
+        {"name": "cuped", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]}
+    )
+    chars = [rnd.randint(10, 2000) for _ in range(800)]
+    rs = []
+    for variant, shift in (("a", 0.0), ("b", 0.02)):
+        for i, r in enumerate(_responses(exp, variant, 400, lambda i: 1.0, errors=0)):
+            c = chars[i + (400 if variant == "b" else 0)]
+            finished = r.timings.enqueued + 0.5 + c / 1000 + shift + rnd.gauss(0, 0.05)
+            rs.append(
+                r.model_copy(
+                    update={
+                        "usage": r.usage.model_copy(update={"prompt_chars": c}),
+                        "timings": r.timings.model_copy(update={"finished": finished}),
+                    }
+                )
+            )
+    latency = report(Sample(rs), exp, planned_n=400)["comparisons"]["b"]["latency_s"]
+    assert latency["cuped"]["used"] and latency["cuped"]["variance_reduction"] > 0.9
+    width_adj, width_raw = width(latency["ci"]), width(latency["unadjusted_ci"])
+    assert width_adj < 0.3 * width_raw and latency["significant"]

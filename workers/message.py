@@ -99,6 +99,8 @@ class Message:
         assert rid is not None, "only a request whose id can be read is answered"
         finished = time.time()
         usage = usage or Usage()
+        if req is not None:
+            usage = usage.model_copy(update={"prompt_chars": req.prompt_chars()})
         ttft = tpot = None
         if first_token is not None and self.started is not None and req is not None:
             ttft = max(0.0, first_token - self.started)

@@ -28,12 +28,13 @@ from schemas import ExperimentConfig, Feedback, InferenceResponse
 log = logging.getLogger(__name__)
 
 # Tested together and adjusted for it (--correction); guardrails are reported apart, unadjusted.
-PRIMARY = ("latency_s", "latency_p50", "latency_p95", "ttft_p50", "ttft_p95", "tokens", "thumbs_up_rate")
+PRIMARY = ("latency_s", "latency_p50", "latency_p95", "ttft_s", "ttft_p50", "ttft_p95", "tokens", "thumbs_up_rate")
 GUARDRAILS = ("error_rate",)
 LABELS = {
     "latency_s": "mean latency",
     "latency_p50": "p50 latency",
     "latency_p95": "p95 latency",
+    "ttft_s": "mean TTFT",
     "ttft_p50": "p50 TTFT",
     "ttft_p95": "p95 TTFT",
     "tokens": "output tokens",
@@ -180,7 +181,11 @@ def _count_by(rs) -> dict[str, int]:
     return out
 
 
-def _means(c: list[float], t: list[float], alpha: float, mde: float, spent: float) -> dict:
+def _means(
+    c: list[float], t: list[float], alpha: float, mde: float, spent: float, covariate: tuple | None = None
+) -> dict:
+    """covariate: (control's, treatment's) pre-treatment values, one per value of c and t; where it
+    removes at least 1% of the variance (CUPED), the test and interval are the adjusted ones."""
     w = stats.welch(c, t, alpha)
     lift, lift_ci = (
         stats.relative_lift(fmean(c), variance(c), len(c), fmean(t), variance(t), len(t), alpha)
@@ -188,7 +193,7 @@ def _means(c: list[float], t: list[float], alpha: float, mde: float, spent: floa
         else (float("nan"), (float("nan"), float("nan")))
     )
     needed = stats.sample_size_means(math.sqrt(variance(c)), mde * fmean(c), alpha) if len(c) > 1 else 0
-    return {
+    out = {
         "control_mean": fmean(c) if c else float("nan"),
         "treatment_mean": fmean(t) if t else float("nan"),
         "difference": w.difference,
@@ -202,6 +207,27 @@ def _means(c: list[float], t: list[float], alpha: float, mde: float, spent: floa
         "n_needed_per_group": needed,
         "significant": bool(w.p_value < spent) if not math.isnan(w.p_value) else False,
     }
+    if covariate is not None:
+        adj = stats.cuped(c, covariate[0], t, covariate[1], alpha)
+        used = adj["variance_reduction"] >= stats.CUPED_MIN_REDUCTION
+        out["cuped"] = {"theta": adj["theta"], "variance_reduction": adj["variance_reduction"], "used": used}
+        if used:
+            out["unadjusted_p_value"], out["unadjusted_ci"] = out["p_value"], out["ci"]
+            out["p_value"], out["ci"], out["difference"] = adj["p_value"], adj["ci"], adj["difference"]
+            out["significant"] = bool(adj["p_value"] < spent) if not math.isnan(adj["p_value"]) else False
+    return out
+
+
+def _covariate(control: list[InferenceResponse], treatment: list[InferenceResponse]):
+    """The pre-treatment covariate for CUPED, per response: the prompt's characters; or, for older
+    responses without them, its tokens where both variants run the same model (another model's
+    tokenizer would count the same prompt differently, and the adjustment would then be biased)."""
+    both = control + treatment
+    if both and all(r.usage.prompt_chars is not None for r in both):
+        return lambda rs: [float(r.usage.prompt_chars or 0) for r in rs]
+    if both and len({r.model for r in both}) == 1:
+        return lambda rs: [float(r.usage.prompt_tokens) for r in rs]
+    return None
 
 
 def _proportions(x1: int, n1: int, x2: int, n2: int, alpha: float, mde: float, spent: float) -> dict:
@@ -314,8 +340,13 @@ def report(
         up = lambda g: sum(1 for r in g if r.request_id in fb and fb[r.request_id].thumbs == "up")  # noqa: E731
         rated = lambda g: sum(1 for r in g if r.request_id in fb and fb[r.request_id].thumbs)  # noqa: E731
         lat_c, lat_t = [_latency(r) for r in c_ok], [_latency(r) for r in t_ok]
-        ttft_c = [r.timings.ttft_s for r in c_ok if r.timings.ttft_s is not None]
-        ttft_t = [r.timings.ttft_s for r in t_ok if r.timings.ttft_s is not None]
+        with_ttft_c = [r for r in c_ok if r.timings.ttft_s is not None]
+        with_ttft_t = [r for r in t_ok if r.timings.ttft_s is not None]
+        ttft_c = [r.timings.ttft_s for r in with_ttft_c if r.timings.ttft_s is not None]
+        ttft_t = [r.timings.ttft_s for r in with_ttft_t if r.timings.ttft_s is not None]
+        x = _covariate(c_ok, t_ok)
+        x_ok = (x(c_ok), x(t_ok)) if x else None
+        x_ttft = (x(with_ttft_c), x(with_ttft_t)) if x else None
         lat_q, ttft_q = (
             stats.quantile_diffs(lat_c, lat_t, alpha=alpha),
             stats.quantile_diffs(ttft_c, ttft_t, alpha=alpha),
@@ -326,7 +357,8 @@ def report(
             "planned_n_per_group": plan,
             "information_fraction": min(1.0, information),
             "alpha_spent": spent,
-            "latency_s": _means(lat_c, lat_t, alpha, mde, spent),
+            "latency_s": _means(lat_c, lat_t, alpha, mde, spent, x_ok),
+            "ttft_s": _means(ttft_c, ttft_t, alpha, mde, spent, x_ttft),
             "latency_p50": lat_q[50],
             "latency_p95": lat_q[95],
             "ttft_p50": ttft_q[50],
@@ -337,6 +369,7 @@ def report(
                 alpha,
                 mde,
                 spent,
+                x_ok,
             ),
             "error_rate": _proportions(err(control), len(control), err(rs), len(rs), alpha, mde, spent),
             "thumbs_up_rate": _proportions(up(control), rated(control), up(rs), rated(rs), alpha, mde, spent),
@@ -461,6 +494,8 @@ def to_table(result: dict) -> str:
                 else ""
             )
             needed = f"; n needed {m['n_needed_per_group']}" if "n_needed_per_group" in m else ""
+            if m.get("cuped", {}).get("used"):
+                needed += f"; CUPED on prompt length: variance -{100 * m['cuped']['variance_reduction']:.0f}%"
             lines.append(
                 f"  {metric:<15} diff {_fmt(m['difference'], 0).strip():>10}  CI [{_fmt(m['ci'][0], 0).strip()}, "
                 f"{_fmt(m['ci'][1], 0).strip()}]  lift {_pct(m['lift'])} [{_pct(m['lift_ci'][0])}, {_pct(m['lift_ci'][1])}]"
