@@ -142,6 +142,7 @@ def test_report_on_a_known_synthetic_experiment_gives_the_known_answer(tmp_path)
     assert c["thumbs_up_rate"]["p_value"] == pytest.approx(pref, rel=1e-9)
     assert c["latency_s"]["significant"] and c["error_rate"]["significant"] and c["thumbs_up_rate"]["significant"]
     assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
+        "effects_forest.png",
         "error_rate_and_traffic_split.png",
         "latency_cdf.png",
     ]

@@ -1,4 +1,5 @@
-"""`abq report --plot DIR`: latency CDF per variant, error rate over time, traffic split over time."""
+"""`abq report --plot DIR`: latency CDF per variant, error rate over time, traffic split over time,
+and a forest plot of every comparison's effect with its interval."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 from schemas import ConfigError
 
 
-def write_plots(sample, out: Path, bucket_s: int = 60) -> list[Path]:
+def write_plots(sample, out: Path, bucket_s: int = 60, result: dict | None = None) -> list[Path]:
+    """result: the report's, for the forest plot of effects."""
     try:
         import matplotlib
 
@@ -54,7 +56,34 @@ def write_plots(sample, out: Path, bucket_s: int = 60) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
     written.append(_save(fig, out / "error_rate_and_traffic_split.png", plt))
+    if result and result["comparisons"]:
+        written.append(_forest(result, out / "effects_forest.png", plt))
     return written
+
+
+def _forest(result: dict, path: Path, plt) -> Path:
+    """Each variant's relative effect on each metric against the control, with its interval: filled
+    where significant (after the correction), hollow where not."""
+    from abqueue.analysis.report import GUARDRAILS, LABELS, PRIMARY
+
+    rows = [
+        (f"{name}: {LABELS[m]}", c[m])
+        for name, c in result["comparisons"].items()
+        for m in (*PRIMARY, *GUARDRAILS)
+        if c[m]["lift"] == c[m]["lift"]  # NaN: nothing to show
+    ]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
+    for y, (_, m) in enumerate(reversed(rows)):
+        lo, hi = m["lift_ci"]
+        ax.plot([100 * lo, 100 * hi], [y, y], color="tab:blue" if m["significant"] else "grey")
+        ax.plot(100 * m["lift"], y, "o", color="tab:blue" if m["significant"] else "white", markeredgecolor="black")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)])
+    level = round(100 * (1 - result["alpha"]))
+    ax.set(xlabel=f"effect against {result['control']}, % ({level}% intervals; filled: significant)")
+    ax.set_title("Effects")
+    ax.grid(alpha=0.3, axis="x")
+    return _save(fig, path, plt)
 
 
 def _save(fig, path: Path, plt) -> Path:

@@ -60,6 +60,6 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         from abqueue.analysis.plots import write_plots
 
-        for path in write_plots(sample, args.plot):
+        for path in write_plots(sample, args.plot, result=result):
             print(f"chart: {path}")
     return 0
