@@ -382,3 +382,31 @@ def test_regression_adjustment_removes_the_variance_its_covariate_explains():
     assert latency["cuped"]["used"] and latency["cuped"]["variance_reduction"] > 0.9
     width_adj, width_raw = width(latency["ci"]), width(latency["unadjusted_ci"])
     assert width_adj < 0.3 * width_raw and latency["significant"]
+
+
+def test_a_report_covers_only_its_window_of_time_and_config_version(tmp_path):
+    exp = ExperimentConfig.model_validate(
+        {"name": "window", "control": "a", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]}
+    )
+    rs = [
+        r.model_copy(update={"config_version": 1 + i // 50})  # versions 1 and 2, 50 responses each
+        for v in ("a", "b")
+        for i, r in enumerate(_responses(exp, v, 100, lambda i: 1.0, errors=0))
+    ]  # enqueued at 1_700_000_000 + i
+    path = tmp_path / "responses.jsonl"
+    path.write_text("".join(r.model_dump_json() + "\n" for r in rs))
+
+    def counts(*flags):
+        out = subprocess.run(
+            abq_cmd("report", "--config", str(write_config(exp, tmp_path)), "--input", str(path), "--feedback",
+                    str(path.with_name("none.jsonl")), "--format", "json", *flags),
+            capture_output=True, text=True, cwd=REPO,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return {name: v["count"] for name, v in json.loads(out.stdout)["variants"].items()}
+
+    path.with_name("none.jsonl").write_text("")
+    assert counts() == {"a": 100, "b": 100}
+    assert counts("--since", "1700000010", "--until", "1700000030") == {"a": 20, "b": 20}
+    assert counts("--since", "2023-11-14T22:13:40Z") == {"a": 80, "b": 80}  # 1_700_000_020
+    assert counts("--config-version", "2") == {"a": 50, "b": 50}

@@ -20,7 +20,7 @@ import orjson
 from abqueue.analysis import stats
 from abqueue.errors import UsageError
 from abqueue.kafka import KafkaSettings
-from abqueue.kafka.reader import read_to_end
+from abqueue.kafka.reader import iter_to_end
 from producers.assignment import BUCKETS, bucket_ranges
 from producers.progress import Progress
 from schemas import ExperimentConfig, Feedback, InferenceResponse
@@ -50,14 +50,28 @@ class Sample:
     versions: dict[int, ExperimentConfig] = field(default_factory=dict)  # live config versions still known
 
 
-def read_topic(settings: KafkaSettings | None, topic: str, parse, timeout_s: float = 30.0) -> list:
+def read_topic(settings: KafkaSettings | None, topic: str, parse, timeout_s: float = 30.0, keep=None) -> list:
+    """Every record of `topic` parsed as it is read (keep: which parsed ones to keep), with a
+    progress line on stderr while a large topic is read."""
     assert settings is not None, "reading from topics needs Kafka settings"
     out = []
-    for r in read_to_end(settings, topic, timeout_s):
+    bars: list[Progress] = []  # made once the topic proves large
+
+    def progress(read: int, total: int) -> None:
+        if total > PROGRESS_ABOVE_RECORDS:
+            if not bars:
+                bars.append(Progress(total, f"reading {topic}"))
+            bars[0].update(read)
+
+    for r in iter_to_end(settings, topic, timeout_s, progress):
         try:
-            out.append(parse(r.value))
+            item = parse(r.value)
         except ValueError:
             continue  # not ours to judge here; the worker dead-letters bad input
+        if keep is None or keep(item):
+            out.append(item)
+    if bars:
+        bars[0].finish(bars[0].total, f"{len(out)} kept")
     return out
 
 
@@ -99,17 +113,40 @@ def read_jsonl(path: Path, model, defaults: dict | None = None) -> list:
 
 
 PROGRESS_ABOVE_BYTES = 20_000_000  # about 20k responses: reading takes seconds from here
+PROGRESS_ABOVE_RECORDS = 20_000
+
+
+@dataclass
+class Window:
+    """Which responses a report covers: enqueued in [since, until) (Unix seconds), of one config version."""
+
+    since: float | None = None
+    until: float | None = None
+    config_version: int | None = None
+
+    def __call__(self, r: InferenceResponse) -> bool:
+        t = r.timings.enqueued
+        return (
+            (self.since is None or t >= self.since)
+            and (self.until is None or t < self.until)
+            and (self.config_version is None or r.config_version == self.config_version)
+        )
 
 
 def load(
-    settings: KafkaSettings | None, exp: ExperimentConfig, responses: Path | None, feedback: Path | None
+    settings: KafkaSettings | None,
+    exp: ExperimentConfig,
+    responses: Path | None,
+    feedback: Path | None,
+    window: Window | None = None,
 ) -> Sample:
+    keep = window or Window()
     if responses is not None:
-        resp = read_jsonl(responses, InferenceResponse)
+        resp = [r for r in read_jsonl(responses, InferenceResponse) if keep(r)]
     else:
-        resp = read_topic(settings, exp.response_topic, InferenceResponse.model_validate_json)
+        resp = read_topic(settings, exp.response_topic, InferenceResponse.model_validate_json, keep=keep)
         if any(v.shadow_of for v in exp.variants):
-            resp += read_topic(settings, exp.shadow_response_topic, InferenceResponse.model_validate_json)
+            resp += read_topic(settings, exp.shadow_response_topic, InferenceResponse.model_validate_json, keep=keep)
     if feedback is not None:
         fb = read_jsonl(feedback, Feedback, defaults={"experiment": exp.name})
     elif responses is None:

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import argparse
+from datetime import UTC, datetime
 from pathlib import Path
 
 from abqueue.cli import options
 from abqueue.errors import UsageError
+
+
+def moment(text: str) -> float:
+    """A point in time: Unix seconds, or ISO 8601 (UTC unless it says otherwise)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time like 2026-11-24T09:00 or 1795500000") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def register(sub) -> None:
@@ -39,6 +53,13 @@ def register(sub) -> None:
         help="adjust the primary metrics' p-values across metrics and variants: Holm (family-wise error, "
         "default) or Benjamini-Hochberg (false discovery rate); guardrails are not adjusted",
     )
+    p.add_argument(
+        "--since", type=moment, default=None, help="only requests enqueued from then (ISO 8601 or Unix seconds)"
+    )
+    p.add_argument("--until", type=moment, default=None, help="only requests enqueued before then")
+    p.add_argument(
+        "--config-version", type=int, default=None, help="only requests assigned under this live config version"
+    )
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--plot", type=Path, default=None, metavar="DIR", help="write PNG charts here (needs matplotlib)")
     options.add_kafka_flags(p)
@@ -46,15 +67,17 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from abqueue.analysis.report import load, report, to_json, to_table
+    from abqueue.analysis.report import Window, load, report, to_json, to_table
 
     if not 0 < args.alpha < 1 or args.mde <= 0:
         raise UsageError("--alpha must be in (0, 1) and --mde > 0, e.g. --alpha 0.05 --mde 0.1")
     exp = options.experiment(args)
     settings = options.kafka_settings(args) if args.input is None else None
-    sample = load(settings, exp, args.input, args.feedback)
+    window = Window(args.since, args.until, args.config_version)
+    sample = load(settings, exp, args.input, args.feedback, window)
     if not sample.responses:
-        raise UsageError(f"no responses of experiment {exp.name} to report on; check --config/--input")
+        narrowed = " and --since/--until/--config-version" if window != Window() else ""
+        raise UsageError(f"no responses of experiment {exp.name} to report on; check --config/--input{narrowed}")
     result = report(sample, exp, args.alpha, args.mde, args.planned_n, args.correction)
     print(to_json(result) if args.format == "json" else to_table(result))
     if args.plot:
