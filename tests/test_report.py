@@ -321,13 +321,17 @@ def test_quantile_intervals_cover_the_true_difference_95_percent_of_the_time():
     assert 0.93 * runs <= covered[95] <= 0.97 * runs
 
 
-def test_a_quantile_interval_from_a_subsample_is_as_wide_as_from_the_whole(monkeypatch):
+def test_a_bootstrap_interval_from_a_subsample_is_as_wide_as_from_the_whole(monkeypatch):
     rnd = random.Random(5)
     c = [rnd.lognormvariate(0, 0.5) for _ in range(8000)]
     t = [rnd.lognormvariate(0.1, 0.5) for _ in range(8000)]
     whole = stats.quantile_diffs(c, t, (50, 95), rounds=1000)
+    whole_mean = stats.bootstrap_mean_diff(c, t, rounds=1000)
     monkeypatch.setattr(stats, "BOOTSTRAP_CAP", 1000)
     sub = stats.quantile_diffs(c, t, (50, 95), rounds=1000)
+    sub_mean = stats.bootstrap_mean_diff(c, t, rounds=1000)
+    assert sub_mean[1] - sub_mean[0] == pytest.approx(whole_mean[1] - whole_mean[0], rel=0.2)
+    assert sum(sub_mean) / 2 == pytest.approx(sum(whole_mean) / 2, abs=0.01)
     for q in (50, 95):
         w = whole[q]["ci"][1] - whole[q]["ci"][0]
         s = sub[q]["ci"][1] - sub[q]["ci"][0]
