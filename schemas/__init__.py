@@ -11,7 +11,7 @@ from schemas.experiment import (
 )
 from schemas.feedback import Feedback
 from schemas.request import PRIORITIES, ChatMessage, InferenceRequest
-from schemas.response import ErrorInfo, InferenceResponse, Timings, Usage
+from schemas.response import ErrorInfo, InferenceResponse, Timings, Usage, unit_of
 
 __all__ = [
     "PRIORITIES",
@@ -32,4 +32,5 @@ __all__ = [
     "demo_experiment",
     "encode",
     "load_experiment",
+    "unit_of",
 ]
