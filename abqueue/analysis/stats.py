@@ -84,7 +84,9 @@ def bootstrap_mean_diff(
     if not control or not treatment:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
-    diffs = _boot_means(np.asarray(treatment, float), rounds, rng) - _boot_means(np.asarray(control, float), rounds, rng)
+    diffs = _boot_means(np.asarray(treatment, float), rounds, rng) - _boot_means(
+        np.asarray(control, float), rounds, rng
+    )
     return float(np.percentile(diffs, 100 * alpha / 2)), float(np.percentile(diffs, 100 * (1 - alpha / 2)))
 
 
