@@ -187,6 +187,7 @@ def test_stage_statistics_keep_up_with_more_than_one_poll_of_responses_a_tick():
 
     stats = StageStats.__new__(StageStats)  # the counting alone, no consumer behind it
     stats.since, stats.latency, stats.errors, stats._seen, stats._c = 0.0, {}, {}, set(), Busy()
+    stats.version, stats.units = None, {}
     stats.poll()
     assert stats.count("candidate") == 1500 and stats.errors["candidate"] == 15
 

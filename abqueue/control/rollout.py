@@ -269,6 +269,19 @@ def sample_ratio_halt(state: RolloutState, st: StageStats, weights: ExperimentCo
     )
 
 
+def beyond(g: Guardrails, st: StageStats, cand: str, ctl: str) -> str | None:
+    """Which guardrail the candidate's point estimates are beyond, if any: a stage does not advance
+    on them, though only the always-valid tests roll it back."""
+    rate, ctl_rate = st.error_rate(cand), st.error_rate(ctl)
+    if rate > g.max_error_rate:
+        return f"error rate {rate:.1%} above {g.max_error_rate:.1%}"
+    if st.count(ctl) and rate - ctl_rate > g.max_error_increase:
+        return f"error rate {rate:.1%} above the control's {ctl_rate:.1%} by more than {g.max_error_increase:.1%}"
+    if st.latency.get(cand) and st.latency.get(ctl) and st.p95(cand) > g.max_p95_ratio * st.p95(ctl):
+        return f"p95 ratio {st.p95(cand) / st.p95(ctl):.2f} above {g.max_p95_ratio:g}"
+    return None
+
+
 def verdict(state: RolloutState, st: StageStats, now: float) -> tuple[str, str]:
     """('advance' | 'rollback' | 'wait', why)."""
     g, cand, ctl = state.guardrails, state.candidate, state.control
@@ -283,6 +296,9 @@ def verdict(state: RolloutState, st: StageStats, now: float) -> tuple[str, str]:
         return "wait", "stage time not over"
     if n_c < g.min_samples or (n_k < g.min_samples and state.stages[state.stage] < 100):
         return "wait", f"{n_c} candidate and {n_k} control responses; {g.min_samples} of each needed"
+    if (doubt := beyond(g, st, cand, ctl)) is not None:
+        # Not evidence enough to roll back, but no reason to give it more traffic either.
+        return "wait", f"{doubt}, not yet conclusive over {n_c} responses: the stage waits for more"
     return "advance", (
         f"guardrails held over {n_c} candidate responses (error rate {st.error_rate(cand):.1%}, "
         f"p95 ratio {st.p95(cand) / st.p95(ctl) if n_k else float('nan'):.2f})"
