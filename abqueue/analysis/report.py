@@ -297,8 +297,10 @@ def sample_ratio_checks(
     """The sample-ratio check per config version: units (hashed routing keys; requests where a
     response has none) assigned by the weights, per variant, against the shares those weights give
     (overrides, pins and shadows are not assigned by the weights and take no part). A version whose
-    weights are no longer known is listed without a test; traffic without a version (a producer that
-    does not follow the live config) is judged against the config file's weights."""
+    weights are not known (compacted away, or a report from a file) is listed without a test:
+    judging it by the config file's weights, which may be another version's, would raise false
+    alarms. Traffic without a version (a producer that does not follow the live config) is judged
+    against the config file's weights."""
     units: dict[int | None, dict[str, set[str]]] = {}
     for r in rs:
         if (r.assigned_by or "weights") == "weights":
@@ -306,10 +308,11 @@ def sample_ratio_checks(
     out = []
     for version in sorted(units, key=lambda v: (v is not None, v or 0)):
         observed = {name: len(u) for name, u in units[version].items()}
-        config = exp if version is None else versions.get(version, exp if not versions else None)
+        config = exp if version is None else versions.get(version)
         check: dict = {"config_version": version, "observed": observed}
         if config is None:
-            out.append({**check, "note": f"the weights of version {version} are no longer in the config topic"})
+            out.append({**check, "note": f"the weights of config version {version} are not known here (read the "
+                        "responses from Kafka, where the config topic keeps them)"})  # fmt: skip
             continue
         shares = {name: (end - start) / BUCKETS for name, start, end in bucket_ranges(config)}
         stray = {name: n for name, n in observed.items() if shares.get(name, 0) == 0}
@@ -445,10 +448,12 @@ def summary_lines(out: dict) -> list[str]:
                 "drops requests before trusting any result below"
             )
     else:
-        tested = [c for c in out["srm"] if "p_value" in c]
-        lines.append(
-            "SRM: none" + (f" (min p={min(c['p_value'] for c in tested):.2g})" if tested else " (nothing to test)")
-        )
+        tested = [c for c in out["srm"] if "p_value" in c and c["p_value"] == c["p_value"]]
+        untested = [c["note"] for c in out["srm"] if "note" in c and "p_value" not in c]
+        if tested:
+            lines.append(f"SRM: none (min p={min(c['p_value'] for c in tested):.2g})")
+        else:
+            lines.append("SRM: not checked: " + (untested[0] if untested else "no traffic assigned by the weights"))
     adjusted = {"holm": "after Holm", "bh": "after Benjamini-Hochberg", "none": "unadjusted"}[out["correction"]]
     level = round(100 * (1 - out["alpha"]))
     for name, c in out["comparisons"].items():
