@@ -27,6 +27,11 @@ def test_pip_install_then_the_deploy_extra_for_deploy_render(tmp_path):
     r = subprocess.run(render, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "pip install 'abqueue[deploy]'" in r.stderr, r.stderr
+    # abq report needs the analysis extra, and says so before reading anything.
+    r = subprocess.run([abq, "report", "--config", str(REPO / "examples" / "experiment.yaml"), "--input",
+                        str(tmp_path / "none.jsonl")], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "pip install 'abqueue[analysis]'" in r.stderr, r.stderr
     subprocess.run([*install, f"{src}[deploy]"], check=True, capture_output=True)
     r = subprocess.run(render, capture_output=True, text=True)
     assert r.returncode == 0 and "validated" in r.stdout, r.stderr

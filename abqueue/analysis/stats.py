@@ -36,15 +36,36 @@ def percentile(values: list[float], q: float) -> float:
     return weighted_percentile([(v, 1) for v in values], q) if values else float("nan")
 
 
+NEEDS_EXTRA = (
+    "analysis needs scipy and statsmodels: pip install 'abqueue[analysis]' (the worker image does not need them)"
+)
+
+
 def scipy_stats():
     """scipy.stats, from the `analysis` extra: the distributions and tests are the well-kept library's."""
     try:
         from scipy import stats
     except ImportError:
-        raise UsageError(
-            "analysis needs scipy and statsmodels: pip install 'abqueue[analysis]' (the worker image does not need them)"
-        ) from None
+        raise UsageError(NEEDS_EXTRA) from None
     return stats
+
+
+def require_extra() -> None:
+    """Fail at once, with the install line, where a command will need the analysis extra later."""
+    try:
+        import numpy  # noqa: F401
+        import scipy.stats  # noqa: F401
+        import statsmodels.stats.multitest  # noqa: F401
+    except ImportError:
+        raise UsageError(NEEDS_EXTRA) from None
+
+
+def _numpy():
+    try:
+        import numpy
+    except ImportError:
+        raise UsageError(NEEDS_EXTRA) from None
+    return numpy
 
 
 @dataclass
@@ -79,7 +100,7 @@ def bootstrap_mean_diff(
     """Percentile bootstrap CI of mean(treatment) - mean(control); seeded, so reports reproduce.
     Above BOOTSTRAP_CAP values per group the resamples come from a random subsample, their spread
     scaled to the whole sample's (see _boot_means): the cost stays fixed whatever the sample."""
-    import numpy as np
+    np = _numpy()
 
     if not control or not treatment:
         return (float("nan"), float("nan"))
@@ -93,7 +114,7 @@ def bootstrap_mean_diff(
 def _boot_means(x, rounds: int, rng):
     """Bootstrap replicates of the mean of x; above BOOTSTRAP_CAP values, of a random subsample of m,
     their spread around its mean scaled by sqrt(m / n) and centred on the whole sample's mean."""
-    import numpy as np
+    np = _numpy()
 
     n = len(x)
     sub = x if n <= BOOTSTRAP_CAP else rng.choice(x, BOOTSTRAP_CAP, replace=False)
@@ -202,7 +223,7 @@ def adjust(p_values: list[float], method: str, alpha: float = 0.05) -> list[floa
     try:
         from statsmodels.stats.multitest import multipletests
     except ImportError:
-        raise UsageError("adjusted p-values need statsmodels: pip install 'abqueue[analysis]'") from None
+        raise UsageError(NEEDS_EXTRA) from None
     adjusted = multipletests([p_values[i] for i in present], alpha=alpha, method=name)[1]
     for i, p in zip(present, adjusted, strict=True):
         out[i] = float(p)
@@ -218,7 +239,7 @@ def _boot_quantiles(x, qs, rounds: int, rng):
     BOOTSTRAP_CAP values they are drawn from a random subsample of m and their spread around the
     subsample's own percentiles is scaled by sqrt(m / n), as a quantile's standard error shrinks
     with the square root of the sample, then centred on the whole sample's percentiles."""
-    import numpy as np
+    np = _numpy()
 
     n = len(x)
     sub = x if n <= BOOTSTRAP_CAP else rng.choice(x, BOOTSTRAP_CAP, replace=False)
@@ -248,7 +269,7 @@ def quantile_diffs(
     one, each with a normal interval whose standard error is the bootstrap's (seeded: reports
     reproduce), and the matching two-sided p-value. The plain percentile interval over-covers at the
     p95 (97% for a nominal 95% in tests/test_report.py's simulation); this one keeps to 94-96%."""
-    import numpy as np
+    np = _numpy()
 
     nan = float("nan")
     if len(control) < 2 or len(treatment) < 2:

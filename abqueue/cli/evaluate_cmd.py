@@ -27,9 +27,11 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from abqueue.analysis import stats
     from abqueue.analysis.quality import evaluate, read_references, to_table
     from abqueue.analysis.report import load, to_json
 
+    stats.require_extra()
     exp = options.experiment(args)
     if not args.references.exists():
         raise UsageError(f"references file {args.references} does not exist")

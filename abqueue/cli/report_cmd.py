@@ -67,7 +67,10 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from abqueue.analysis import stats
     from abqueue.analysis.report import Window, load, report, to_json, to_table
+
+    stats.require_extra()  # before reading a topic that may hold millions of responses
 
     if not 0 < args.alpha < 1 or args.mde <= 0:
         raise UsageError("--alpha must be in (0, 1) and --mde > 0, e.g. --alpha 0.05 --mde 0.1")

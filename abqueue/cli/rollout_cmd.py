@@ -72,9 +72,11 @@ def register(sub) -> None:
 
 
 def run_start(args: argparse.Namespace) -> int:
+    from abqueue.analysis import stats
     from abqueue.control import live_config
     from abqueue.control.rollout import Guardrails, RolloutController, RolloutState, load_state
 
+    stats.require_extra()  # the sample-ratio check: not a controller that dies at its first stage
     settings = options.kafka_settings(args)
     exp = options.experiment(args)
     live = live_config.current(settings, exp.name)
