@@ -35,8 +35,8 @@ def iter_to_end(
             return
         c.assign(tps)
         c.seek_to_beginning(*tps)
-        starts, ends = c.beginning_offsets(tps), c.end_offsets(tps)
-        total = sum(ends[tp] - starts[tp] for tp in tps)
+        ends = c.end_offsets(tps)
+        total = sum(ends[tp] - c.position(tp) for tp in tps)  # from where the log begins now
         read = 0
         last_progress = time.monotonic()
         while any(c.position(tp) < ends[tp] for tp in tps):
