@@ -33,6 +33,11 @@ def bucket_ranges(config: ExperimentConfig) -> list[tuple[str, int, int]]:
     return ranges
 
 
+def weight_shares(config: ExperimentConfig) -> dict[str, float]:
+    """The share of routing keys each variant with weight > 0 gets, as the buckets give it."""
+    return {name: (end - start) / BUCKETS for name, start, end in bucket_ranges(config)}
+
+
 def assign_variant(config: ExperimentConfig, routing_key: str) -> str:
     b = bucket_of(config.name, routing_key)
     for name, start, end in bucket_ranges(config):

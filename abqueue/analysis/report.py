@@ -21,7 +21,7 @@ from abqueue.analysis import stats
 from abqueue.errors import UsageError
 from abqueue.kafka import KafkaSettings
 from abqueue.kafka.reader import iter_to_end
-from producers.assignment import BUCKETS, bucket_ranges
+from producers.assignment import weight_shares
 from producers.progress import Progress
 from schemas import ExperimentConfig, Feedback, InferenceResponse
 
@@ -314,7 +314,7 @@ def sample_ratio_checks(
             out.append({**check, "note": f"the weights of config version {version} are not known here (read the "
                         "responses from Kafka, where the config topic keeps them)"})  # fmt: skip
             continue
-        shares = {name: (end - start) / BUCKETS for name, start, end in bucket_ranges(config)}
+        shares = weight_shares(config)
         stray = {name: n for name, n in observed.items() if shares.get(name, 0) == 0}
         result = stats.sample_ratio(observed, shares)
         check["expected"] = result.expected if result else {}

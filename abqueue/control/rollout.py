@@ -29,7 +29,7 @@ from abqueue.analysis.stats import percentile
 from abqueue.control import live_config
 from abqueue.control.store import KeyedStore
 from abqueue.kafka import KafkaSettings, consumer
-from producers.assignment import BUCKETS, bucket_ranges
+from producers.assignment import weight_shares
 from schemas import ConfigError, ExperimentConfig, InferenceResponse
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ def sample_ratio_halt(state: RolloutState, st: StageStats, weights: ExperimentCo
     assigned by the weights do not split as those weights say (p < 0.001), once the candidate's
     share should hold at least `min_samples` of them. The guardrails cannot see this: a variant
     that drops requests loses them without a single error."""
-    shares = {name: (end - start) / BUCKETS for name, start, end in bucket_ranges(weights)}
+    shares = weight_shares(weights)
     observed = {name: len(u) for name, u in st.units.items()}
     if sum(observed.values()) * shares.get(state.candidate, 0) < state.guardrails.min_samples:
         return None
