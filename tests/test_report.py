@@ -152,7 +152,8 @@ def test_alpha_spending_keeps_an_early_look_from_declaring_a_winner():
     exp = ExperimentConfig.model_validate(
         {"name": "early", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]}
     )
-    from abqueue.analysis.report import Sample, report
+    from abqueue.analysis.report import report
+    from abqueue.analysis.tally import Tally
 
     # 2% vs 7.5% errors over 400 requests each: significant on its own (p < 0.001), but only 400 of
     # a planned 5,000 have been seen, and an early look spends almost none of alpha.
@@ -160,12 +161,12 @@ def test_alpha_spending_keeps_an_early_look_from_declaring_a_winner():
     b = _responses(exp, "b", 400, lambda i: 1.0, errors=30)
     _, p_alone = sm_prop.proportions_ztest([30, 8], [400, 400])
     assert p_alone < 0.001
-    early = report(Sample(a + b), exp, planned_n=5000)["comparisons"]["b"]
+    early = report(Tally.of(a + b), exp, planned_n=5000)["comparisons"]["b"]
     assert early["information_fraction"] == pytest.approx(0.08)
     assert early["error_rate"]["p_value"] == pytest.approx(p_alone, rel=1e-9)
     assert early["alpha_spent"] < 1e-6 and not early["error_rate"]["significant"]
     # The same data at the planned size: all of alpha is spent, and the difference is significant.
-    final = report(Sample(a + b), exp, planned_n=400)["comparisons"]["b"]
+    final = report(Tally.of(a + b), exp, planned_n=400)["comparisons"]["b"]
     assert final["information_fraction"] == 1.0 and final["alpha_spent"] == pytest.approx(0.05)
     assert final["error_rate"]["significant"]
 
@@ -236,7 +237,8 @@ def _unit_responses(exp, variant, units, version=None, assigned_by="weights", pe
 
 
 def test_sample_ratio_is_checked_per_config_version_on_units_assigned_by_the_weights():
-    from abqueue.analysis.report import Sample, report
+    from abqueue.analysis.report import report
+    from abqueue.analysis.tally import Tally
 
     exp = ExperimentConfig.model_validate(
         {"name": "srm", "variants": [{"name": "a", "weight": 90}, {"name": "b", "weight": 10}]}
@@ -254,7 +256,7 @@ def test_sample_ratio_is_checked_per_config_version_on_units_assigned_by_the_wei
         + _unit_responses(exp, "b", 400, version=2, assigned_by="override:beta")
         + _unit_responses(exp, "b", 400, version=2, assigned_by="pinned")
     )
-    out = report(Sample(rs, versions={1: v1, 2: exp}), exp)
+    out = report(Tally.of(rs, versions={1: v1, 2: exp}), exp)
     first, second = out["srm"]
     assert first["observed"] == {"a": 520, "b": 480}  # units, not requests: the heavy user counts once
     assert first["p_value"] == pytest.approx(scipy_stats.chisquare([520, 480], [500, 500]).pvalue, rel=1e-9)
@@ -265,7 +267,7 @@ def test_sample_ratio_is_checked_per_config_version_on_units_assigned_by_the_wei
     assert out["summary"][0].startswith("SRM: MISMATCH (config v2")
     # Read from a file, the versions' weights are unknown: judged by the file's (version 2's) weights,
     # version 1's fair 50/50 split would raise a false alarm, so it is listed untested.
-    blind = report(Sample(rs), exp)
+    blind = report(Tally.of(rs), exp)
     assert all("p_value" not in c and "not known here" in c["note"] for c in blind["srm"])
     assert blind["summary"][0].startswith("SRM: not checked: the weights of config version 1")
     # Counted by requests, the heavy user alone would have looked like a broken split in version 1.
@@ -275,7 +277,8 @@ def test_sample_ratio_is_checked_per_config_version_on_units_assigned_by_the_wei
 def test_primary_metrics_are_adjusted_together_across_variants_and_guardrails_are_not():
     from statsmodels.stats.multitest import multipletests
 
-    from abqueue.analysis.report import GUARDRAILS, PRIMARY, Sample, report
+    from abqueue.analysis.report import GUARDRAILS, PRIMARY, report
+    from abqueue.analysis.tally import Tally
 
     exp = ExperimentConfig.model_validate(
         {"name": "many", "variants": [{"name": n, "weight": w} for n, w in (("a", 34), ("b", 33), ("c", 33))]}
@@ -287,7 +290,7 @@ def test_primary_metrics_are_adjusted_together_across_variants_and_guardrails_ar
         + _responses(exp, "c", 300, lambda i: rnd.lognormvariate(0.2, 0.4), errors=15)
     )
     for method, name in (("holm", "holm"), ("bh", "fdr_bh")):
-        out = report(Sample(rs), exp, planned_n=300, correction=method)
+        out = report(Tally.of(rs), exp, planned_n=300, correction=method)
         cells = [(v, m) for v in ("b", "c") for m in PRIMARY]
         raw = [out["comparisons"][v][m]["p_value"] for v, m in cells]
         present = [i for i, p in enumerate(raw) if not math.isnan(p)]
@@ -297,7 +300,7 @@ def test_primary_metrics_are_adjusted_together_across_variants_and_guardrails_ar
         for v in ("b", "c"):
             for m in GUARDRAILS:
                 assert "p_adjusted" not in out["comparisons"][v][m]
-    c = report(Sample(rs), exp, planned_n=300)["comparisons"]["c"]
+    c = report(Tally.of(rs), exp, planned_n=300)["comparisons"]["c"]
     assert c["latency_p50"]["significant"] and c["latency_p50"]["lift"] > 0.1
 
 
@@ -351,7 +354,8 @@ def test_regression_adjustment_removes_the_variance_its_covariate_explains():
     import numpy as np
     import statsmodels.api as sm
 
-    from abqueue.analysis.report import Sample, report
+    from abqueue.analysis.report import report
+    from abqueue.analysis.tally import Tally
 
     rnd = random.Random(9)
     n = 20_000
@@ -387,7 +391,7 @@ def test_regression_adjustment_removes_the_variance_its_covariate_explains():
                     }
                 )
             )
-    latency = report(Sample(rs), exp, planned_n=400)["comparisons"]["b"]["latency_s"]
+    latency = report(Tally.of(rs), exp, planned_n=400)["comparisons"]["b"]["latency_s"]
     assert latency["cuped"]["used"] and latency["cuped"]["variance_reduction"] > 0.9
     width_adj, width_raw = width(latency["ci"]), width(latency["unadjusted_ci"])
     assert width_adj < 0.3 * width_raw and latency["significant"]
@@ -419,3 +423,114 @@ def test_a_report_covers_only_its_window_of_time_and_config_version(tmp_path):
     assert counts("--since", "1700000010", "--until", "1700000030") == {"a": 20, "b": 20}
     assert counts("--since", "2023-11-14T22:13:40Z") == {"a": 80, "b": 80}  # 1_700_000_020
     assert counts("--config-version", "2") == {"a": 50, "b": 50}
+
+
+def test_the_sketch_keeps_every_percentile_within_its_accuracy():
+    import numpy as np
+
+    from abqueue.analysis.tally import SKETCH_ACCURACY, Sketch
+
+    rng = np.random.default_rng(4)
+    values = np.concatenate([rng.lognormal(0, 2, 1_000_000), np.zeros(1000), -rng.lognormal(-3, 1, 5000)])
+    rng.shuffle(values)
+    sketch = Sketch()
+    for chunk in np.array_split(values, 37):
+        sketch.extend(chunk)
+    assert sketch.count == len(values)
+    assert len(sketch.positive) + len(sketch.negative) < 5000  # bounded by the range, not the count
+    for q in (0.1, 0.3, 0.5, 1, 10, 50, 90, 95, 99, 99.9, 100):
+        exact = float(np.quantile(values, q / 100, method="inverted_cdf"))  # nearest rank
+        assert sketch.percentile(q) == pytest.approx(exact, rel=SKETCH_ACCURACY, abs=1e-12), q
+
+
+def test_a_streamed_column_gives_the_whole_samples_tests_from_moments_and_a_uniform_sample(monkeypatch):
+    """Beyond the bootstrap cap a column keeps only moments, a sketch and a uniform sample, folded
+    in chunk by chunk: Welch's test and CUPED must equal those on every value, and the sample must
+    be the whole's in distribution."""
+    import numpy as np
+
+    from abqueue.analysis import tally
+
+    monkeypatch.setattr(tally, "CHUNK", 7_000)
+    rng = np.random.default_rng(8)
+    cols, raw = [], []
+    for shift in (0.0, 0.01):
+        x = rng.integers(10, 2000, 60_000).astype(float)
+        y = 0.5 + x / 2000 + rng.exponential(0.5, len(x)) + shift
+        col = tally.Column(np.random.default_rng(1))
+        for i in range(0, len(y), tally.CHUNK):
+            col.extend(y[i : i + tally.CHUNK], x[i : i + tally.CHUNK], 2 * x[i : i + tally.CHUNK])
+        cols.append(col)
+        raw.append((y, x))
+    (yc, xc), (yt, xt) = raw
+    w = stats.welch(cols[0].summary(), cols[1].summary())
+    ref = scipy_stats.ttest_ind(yt, yc, equal_var=False)
+    assert (w.statistic, w.p_value) == pytest.approx((ref.statistic, ref.pvalue), rel=1e-7)
+    streamed = stats.cuped_from(cols[0].by_chars, cols[1].by_chars)
+    whole = stats.cuped(yc.tolist(), xc.tolist(), yt.tolist(), xt.tolist())
+    for k in ("theta", "variance_reduction", "difference", "p_value"):
+        assert streamed[k] == pytest.approx(whole[k], rel=1e-7), k
+    sample = cols[0].summary().sample
+    assert len(sample) == stats.BOOTSTRAP_CAP
+    assert scipy_stats.ks_2samp(sample, yc).pvalue > 0.001
+    for q in (50, 95):
+        exact = float(np.quantile(yc, q / 100, method="inverted_cdf"))
+        assert cols[0].percentile(q) == pytest.approx(exact, rel=0.005)
+    # And the bootstrap interval of the p95 difference is as wide as that from every value.
+    got = stats.quantile_diffs(cols[0].summary(), cols[1].summary(), (95,), rounds=1000)[95]
+    full = stats.quantile_diffs(yc.tolist(), yt.tolist(), (95,), rounds=1000)[95]
+    assert got["ci"][1] - got["ci"][0] == pytest.approx(full["ci"][1] - full["ci"][0], rel=0.2)
+
+
+def test_the_unit_sample_keeps_the_sample_ratio_check_valid_and_memory_bounded():
+    """Units kept by a hash independent of the assignment split as the whole does: on fair splits the
+    check's p-values stay uniform (no false alarms beyond alpha), and an unfair one is still caught."""
+    from abqueue.analysis.tally import UnitSample
+
+    rnd = random.Random(6)
+    p_values = []
+    for run in range(200):
+        units = UnitSample(size=400)
+        for u in range(3000):
+            units.add(1, "ab"[rnd.random() < 0.5], f"u{run}-{u}")
+        assert units.levels > 0 and len(units._units) <= 400
+        observed = units.counts()[1]
+        p_values.append(scipy_stats.chisquare([observed.get("a", 0), observed.get("b", 0)]).pvalue)
+    # Discrete counts make the p-values only roughly uniform: compare their quantiles, not a KS test.
+    assert sum(p < 0.05 for p in p_values) <= 20 and sum(p < 0.5 for p in p_values) >= 80
+    units = UnitSample(size=2000)
+    for u in range(40_000):
+        units.add(1, "ab"[rnd.random() < 0.4], f"skewed-{u}")
+    observed = units.counts()[1]
+    assert len(units._units) <= 2000
+    assert scipy_stats.chisquare([observed["a"], observed["b"]]).pvalue < 0.001
+
+
+def test_a_report_streams_in_memory_bounded_by_the_variants_not_the_responses(monkeypatch):
+    """80,000 responses through a tally whose windows are small: what it holds after 40,000 and
+    after 80,000 is the same, and it counts a duplicate within its window once."""
+    import tracemalloc
+
+    from abqueue.analysis import tally
+
+    monkeypatch.setattr(tally, "RECENT_IDS", 2_000)
+    monkeypatch.setattr(tally, "UNIT_SAMPLE", 2_000)
+    exp = ExperimentConfig.model_validate(
+        {"name": "bounded", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]}
+    )
+    (template,) = _responses(exp, "a", 1, lambda i: 1.0, errors=0)
+    t = tally.Tally()
+    held = []
+    tracemalloc.start()
+    for i in range(80_000):
+        r = template.model_copy(update={"request_id": f"r{i}", "variant": "ab"[i % 2], "unit": f"u{i // 3}"})
+        t.add(r)
+        if i % 1000 == 999:
+            t.add(r)  # a redelivery, right after the first
+        if i + 1 in (40_000, 80_000):
+            held.append(tracemalloc.get_traced_memory()[0])
+    tracemalloc.stop()
+    t.done()
+    assert t.count == 80_000 and t.duplicates == 80
+    assert held[1] < held[0] * 1.1, held
+    assert t.units.levels > 0

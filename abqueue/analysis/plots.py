@@ -7,9 +7,11 @@ from pathlib import Path
 
 from schemas import ConfigError
 
+MAX_POINTS = 500  # points per line over time; a long experiment gets wider buckets
 
-def write_plots(sample, out: Path, bucket_s: int = 60, result: dict | None = None) -> list[Path]:
-    """result: the report's, for the forest plot of effects."""
+
+def write_plots(tally, out: Path, bucket_s: int = 60, result: dict | None = None) -> list[Path]:
+    """tally: the report's (analysis.tally.Tally); result: the report's, for the forest plot of effects."""
     try:
         import matplotlib
 
@@ -18,39 +20,39 @@ def write_plots(sample, out: Path, bucket_s: int = 60, result: dict | None = Non
     except ImportError:
         raise ConfigError("charts need matplotlib; `pip install 'abqueue[plot]'`, or leave out --plot") from None
     out.mkdir(parents=True, exist_ok=True)
-    by: dict[str, list] = {}
-    for r in sample.responses:
-        by.setdefault(r.variant, []).append(r)
-    start = min((r.timings.enqueued for r in sample.responses), default=0)
     written = []
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, rs in sorted(by.items()):
-        lat = sorted(r.timings.finished - r.timings.enqueued for r in rs if r.ok)
+    for name, g in sorted(tally.all.items()):
+        # The column's uniform sample: every latency while there are at most 20,000, a random 20,000 beyond.
+        lat = sorted(g.latency.summary().sample.tolist())
         if lat:
-            ax.step(lat, [(i + 1) / len(lat) for i in range(len(lat))], where="post", label=f"{name} (n={len(lat)})")
+            label = f"{name} (n={g.latency.count})"
+            ax.step(lat, [(i + 1) / len(lat) for i in range(len(lat))], where="post", label=label)
     ax.set(xlabel="latency, enqueue to finish (s)", ylabel="share of requests", title="Latency CDF per variant")
     ax.grid(alpha=0.3)
     ax.legend()
     written.append(_save(fig, out / "latency_cdf.png", plt))
 
     fig, (err_ax, split_ax) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
-    buckets = sorted({int((r.timings.enqueued - start) // bucket_s) for r in sample.responses})
-    totals = {b: 0 for b in buckets}
-    for r in sample.responses:
-        totals[int((r.timings.enqueued - start) // bucket_s)] += 1
-    for name, rs in sorted(by.items()):
-        n, e = {b: 0 for b in buckets}, {b: 0 for b in buckets}
-        for r in rs:
-            b = int((r.timings.enqueued - start) // bucket_s)
-            n[b] += 1
-            e[b] += bool(r.error and r.error.code != "expired")
-        minutes = [b * bucket_s / 60 for b in buckets]
-        err_ax.plot(minutes, [e[b] / n[b] if n[b] else float("nan") for b in buckets], marker=".", label=name)
-        split_ax.plot(
-            minutes, [n[b] / totals[b] if totals[b] else float("nan") for b in buckets], marker=".", label=name
-        )
-    err_ax.set(ylabel="error rate", title=f"Per {bucket_s}s of enqueue time")
+    minutes = sorted({m for _, m, _ in tally.timeline})
+    start = minutes[0] if minutes else 0
+    per = max(1, bucket_s // 60, -(-(minutes[-1] - start + 1) // MAX_POINTS) if minutes else 1)  # minutes per point
+    n: dict[tuple[str, int], int] = {}
+    e: dict[tuple[str, int], int] = {}
+    for (name, minute, failed), count in tally.timeline.items():
+        b = (minute - start) // per
+        n[(name, b)] = n.get((name, b), 0) + count
+        e[(name, b)] = e.get((name, b), 0) + count * failed
+    buckets = sorted({b for _, b in n})
+    totals = {b: sum(c for (_, bb), c in n.items() if bb == b) for b in buckets}
+    for name in sorted(tally.all):
+        x = [b * per for b in buckets]
+        err_ax.plot(x, [e.get((name, b), 0) / n[(name, b)] if n.get((name, b)) else float("nan") for b in buckets],
+                    marker=".", label=name)  # fmt: skip
+        split_ax.plot(x, [n.get((name, b), 0) / totals[b] if totals[b] else float("nan") for b in buckets],
+                      marker=".", label=name)  # fmt: skip
+    err_ax.set(ylabel="error rate", title=f"Per {per} min of enqueue time")
     split_ax.set(ylabel="share of traffic", xlabel="minutes since the first request")
     for ax in (err_ax, split_ax):
         ax.grid(alpha=0.3)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from statistics import fmean, variance
 
+import numpy as np
 import orjson
 
 from abqueue.analysis import stats
+from abqueue.analysis.tally import Column, Group, Tally, marks
 from abqueue.errors import UsageError
 from abqueue.kafka import KafkaSettings
 from abqueue.kafka.reader import iter_to_end
@@ -43,18 +45,10 @@ LABELS = {
 }
 
 
-@dataclass
-class Sample:
-    responses: list[InferenceResponse] = field(default_factory=list)
-    feedback: list[Feedback] = field(default_factory=list)
-    versions: dict[int, ExperimentConfig] = field(default_factory=dict)  # live config versions still known
-
-
-def read_topic(settings: KafkaSettings | None, topic: str, parse, timeout_s: float = 30.0, keep=None) -> list:
-    """Every record of `topic` parsed as it is read (keep: which parsed ones to keep), with a
-    progress line on stderr while a large topic is read."""
+def read_topic(settings: KafkaSettings | None, topic: str, parse, timeout_s: float = 30.0) -> Iterator:
+    """Every record of `topic` parsed, as it is read, with a progress line on stderr while a large
+    topic is read."""
     assert settings is not None, "reading from topics needs Kafka settings"
-    out = []
     bars: list[Progress] = []  # made once the topic proves large
 
     def progress(read: int, total: int) -> None:
@@ -68,21 +62,20 @@ def read_topic(settings: KafkaSettings | None, topic: str, parse, timeout_s: flo
             item = parse(r.value)
         except ValueError:
             continue  # not ours to judge here; the worker dead-letters bad input
-        if keep is None or keep(item):
-            out.append(item)
+        yield item
     if bars:
-        bars[0].finish(bars[0].total, f"{len(out)} kept")
-    return out
+        bars[0].finish(bars[0].total, "read")
 
 
-def read_jsonl(path: Path, model, defaults: dict | None = None) -> list:
-    """Every line of `path` as `model` (`defaults` fill fields a line leaves out, e.g. the experiment
+def read_jsonl(path: Path, model, defaults: dict | None = None) -> Iterator:
+    """Every line of `path` as `model`, as it is read (`defaults` fill fields a line leaves out, e.g. the experiment
     of hand-written feedback). Responses may also be `abq batch` output in OpenAI's format, which
     keeps abqueue's response under `abq`. Long files show progress on stderr."""
     from producers.openai_batch import ABQ_KEY
 
-    out = []
-    size = max(1, path.stat().st_size)
+    if not path.exists():
+        raise UsageError(f"{path} does not exist; check --input/--feedback")
+    size, records = max(1, path.stat().st_size), 0
     progress = Progress(size, f"reading {path.name}") if size > PROGRESS_ABOVE_BYTES else None
     done = 0
     with path.open("rb") as f:
@@ -95,11 +88,11 @@ def read_jsonl(path: Path, model, defaults: dict | None = None) -> list:
             try:
                 obj = orjson.loads(line) if model is InferenceResponse and b'"custom_id"' in line else None
                 if obj is None and defaults:
-                    out.append(model.model_validate({**defaults, **orjson.loads(line)}))
+                    item = model.model_validate({**defaults, **orjson.loads(line)})
                 elif obj is None:
-                    out.append(model.model_validate_json(line))
+                    item = model.model_validate_json(line)
                 elif ABQ_KEY in obj:
-                    out.append(model.model_validate(obj[ABQ_KEY]))
+                    item = model.model_validate(obj[ABQ_KEY])
             except ValueError as e:  # orjson's and pydantic's errors both are
                 raise UsageError(f"{path}:{n} is not {model.__name__} JSON: {str(e).splitlines()[0]}") from None
             if obj is not None and ABQ_KEY not in obj:
@@ -107,9 +100,10 @@ def read_jsonl(path: Path, model, defaults: dict | None = None) -> list:
                     f"{path}:{n} is an OpenAI Batch output line without abqueue's response (key {ABQ_KEY!r}); "
                     "rerun `abq batch` with this version to analyse its results"
                 )
+            records += 1
+            yield item
     if progress:
-        progress.finish(size, f"{len(out)} records")
-    return out
+        progress.finish(size, f"{records} records")
 
 
 PROGRESS_ABOVE_BYTES = 20_000_000  # about 20k responses: reading takes seconds from here
@@ -133,33 +127,43 @@ class Window:
         )
 
 
+def responses(
+    settings: KafkaSettings | None, exp: ExperimentConfig, path: Path | None, window: Window | None = None
+) -> Iterator[InferenceResponse]:
+    """The experiment's responses that count for their variant, in `window`, as they are read: from
+    the file at `path`, else from the responses topic (and the shadow responses topic where a
+    variant shadows another)."""
+    keep = window or Window()
+    if path is not None:
+        sources: list[Iterable[InferenceResponse]] = [read_jsonl(path, InferenceResponse)]
+    else:
+        topics = [exp.response_topic] + ([exp.shadow_response_topic] if any(v.shadow_of for v in exp.variants) else [])
+        sources = [read_topic(settings, t, InferenceResponse.model_validate_json) for t in topics]
+    for source in sources:
+        for r in source:
+            if r.experiment == exp.name and r.counts_for_variant and keep(r):
+                yield r
+
+
 def load(
     settings: KafkaSettings | None,
     exp: ExperimentConfig,
-    responses: Path | None,
+    path: Path | None,
     feedback: Path | None,
     window: Window | None = None,
-) -> Sample:
-    keep = window or Window()
-    if responses is not None:
-        resp = [r for r in read_jsonl(responses, InferenceResponse) if keep(r)]
-    else:
-        resp = read_topic(settings, exp.response_topic, InferenceResponse.model_validate_json, keep=keep)
-        if any(v.shadow_of for v in exp.variants):
-            resp += read_topic(settings, exp.shadow_response_topic, InferenceResponse.model_validate_json, keep=keep)
+) -> Tally:
+    """The report's tally of the experiment's responses (from the file at `path`, else the topics),
+    joined to their feedback (from the file, else the feedback topic where responses come from it)."""
     if feedback is not None:
-        fb = read_jsonl(feedback, Feedback, defaults={"experiment": exp.name})
-    elif responses is None:
+        fb: Iterable[Feedback] = read_jsonl(feedback, Feedback, defaults={"experiment": exp.name})
+    elif path is None:
         fb = read_topic(settings, exp.feedback_topic, Feedback.model_validate_json)
     else:
         fb = []
-    first: dict[tuple[str, str], InferenceResponse] = {}
-    for r in resp:
-        if r.experiment == exp.name and r.counts_for_variant:
-            # At-least-once delivery: the first response per request counts (per variant: a shadow
-            # answers the same request id).
-            first.setdefault((r.request_id, r.variant), r)
-    return Sample(list(first.values()), [f for f in fb if f.experiment == exp.name], _versions(settings, exp))
+    tally = Tally(marks(f for f in fb if f.experiment == exp.name), _versions(settings, exp))
+    for r in responses(settings, exp, path, window):
+        tally.add(r)
+    return tally.done()
 
 
 def _versions(settings: KafkaSettings | None, exp: ExperimentConfig) -> dict[int, ExperimentConfig]:
@@ -176,76 +180,56 @@ def _versions(settings: KafkaSettings | None, exp: ExperimentConfig) -> dict[int
         return {}
 
 
-def _latency(r: InferenceResponse) -> float:
-    return r.timings.finished - r.timings.enqueued
-
-
-def summarise(rs: list[InferenceResponse], fb: dict[str, Feedback]) -> dict:
-    n = len(rs)
-    errors = sum(1 for r in rs if r.error and r.error.code != "expired")
-    expired = sum(1 for r in rs if r.error and r.error.code == "expired")
-    ok = [r for r in rs if r.ok]
-    lat = [_latency(r) for r in ok]
-    ttft = [r.timings.ttft_s for r in ok if r.timings.ttft_s is not None]
-    tokens = [r.usage.completion_tokens for r in ok]
-    engine_s = sum(r.timings.finished - r.timings.started for r in ok if r.timings.started)
-    thumbs = [fb[r.request_id].thumbs for r in rs if r.request_id in fb and fb[r.request_id].thumbs]
-    scores = [s for r in rs if r.request_id in fb and (s := fb[r.request_id].score) is not None]
+def summarise(g: Group) -> dict:
+    n = g.count
+    nan = float("nan")
     return {
         "count": n,
-        "by_assignment": _count_by(rs),
-        "error_rate": errors / n if n else float("nan"),
-        "expired_rate": expired / n if n else float("nan"),
-        "latency_s_p50": stats.percentile(lat, 50),
-        "latency_s_p95": stats.percentile(lat, 95),
-        "latency_s_p99": stats.percentile(lat, 99),
-        "latency_s_mean": fmean(lat) if lat else float("nan"),
-        "ttft_s_p50": stats.percentile(ttft, 50),
-        "ttft_s_mean": fmean(ttft) if ttft else float("nan"),
-        "tokens_per_request": fmean(tokens) if tokens else float("nan"),
-        "tokens_per_s": sum(tokens) / engine_s if engine_s else float("nan"),
-        "feedback_count": len(thumbs) + len(scores),
-        "thumbs_up_rate": thumbs.count("up") / len(thumbs) if thumbs else float("nan"),
-        "score_mean": fmean(scores) if scores else float("nan"),
+        "by_assignment": dict(g.by_assignment),
+        "error_rate": g.errors / n if n else nan,
+        "expired_rate": g.expired / n if n else nan,
+        "latency_s_p50": g.latency.percentile(50),
+        "latency_s_p95": g.latency.percentile(95),
+        "latency_s_p99": g.latency.percentile(99),
+        "latency_s_mean": g.latency.mean,
+        "ttft_s_p50": g.ttft.percentile(50),
+        "ttft_s_mean": g.ttft.mean,
+        "tokens_per_request": g.tokens.mean,
+        "tokens_per_s": g.tokens_sum / g.engine_s if g.engine_s else nan,
+        "feedback_count": g.rated + g.scores,
+        "thumbs_up_rate": g.thumbs_up / g.rated if g.rated else nan,
+        "score_mean": g.score_sum / g.scores if g.scores else nan,
     }
 
 
-def _count_by(rs) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in rs:
-        key = r.assigned_by or "weights"
-        out[key] = out.get(key, 0) + 1
-    return out
-
-
-def _means(
-    c: list[float], t: list[float], alpha: float, mde: float, spent: float, covariate: tuple | None = None
-) -> dict:
-    """covariate: (control's, treatment's) pre-treatment values, one per value of c and t; where it
-    removes at least 1% of the variance (CUPED), the test and interval are the adjusted ones."""
-    w = stats.welch(c, t, alpha)
+def _means(c: Column, t: Column, alpha: float, mde: float, spent: float, covariate: str | None = None) -> dict:
+    """covariate: which of the columns' moments hold the pre-treatment covariate ("by_chars" or
+    "by_tokens"); where it removes at least 1% of the variance (CUPED), the test and interval are
+    the adjusted ones."""
+    cs, ts = c.summary(), t.summary()
+    w = stats.welch(cs, ts, alpha)
     lift, lift_ci = (
-        stats.relative_lift(fmean(c), variance(c), len(c), fmean(t), variance(t), len(t), alpha)
-        if len(c) > 1 and len(t) > 1
+        stats.relative_lift(cs.mean, cs.variance, cs.count, ts.mean, ts.variance, ts.count, alpha)
+        if cs.count > 1 and ts.count > 1
         else (float("nan"), (float("nan"), float("nan")))
     )
-    needed = stats.sample_size_means(math.sqrt(variance(c)), mde * fmean(c), alpha) if len(c) > 1 else 0
+    needed = stats.sample_size_means(math.sqrt(cs.variance), mde * cs.mean, alpha) if cs.count > 1 else 0
     out = {
-        "control_mean": fmean(c) if c else float("nan"),
-        "treatment_mean": fmean(t) if t else float("nan"),
+        "control_mean": cs.mean,
+        "treatment_mean": ts.mean,
         "difference": w.difference,
         "welch_t": w.statistic,
         "welch_df": w.df,
         "p_value": w.p_value,
         "ci": list(w.ci),
-        "bootstrap_ci": list(stats.bootstrap_mean_diff(c, t, alpha)),
+        "bootstrap_ci": list(stats.bootstrap_mean_diff(cs, ts, alpha)),
         "lift": lift,
         "lift_ci": list(lift_ci),
         "n_needed_per_group": needed,
         "significant": bool(w.p_value < spent) if not math.isnan(w.p_value) else False,
     }
     if covariate is not None:
-        adj = stats.cuped(c, covariate[0], t, covariate[1], alpha)
+        adj = stats.cuped_from(getattr(c, covariate), getattr(t, covariate), alpha)
         used = adj["variance_reduction"] >= stats.CUPED_MIN_REDUCTION
         out["cuped"] = {"theta": adj["theta"], "variance_reduction": adj["variance_reduction"], "used": used}
         if used:
@@ -255,15 +239,16 @@ def _means(
     return out
 
 
-def _covariate(control: list[InferenceResponse], treatment: list[InferenceResponse]):
-    """The pre-treatment covariate for CUPED, per response: the prompt's characters; or, for older
-    responses without them, its tokens where both variants run the same model (another model's
-    tokenizer would count the same prompt differently, and the adjustment would then be biased)."""
-    both = control + treatment
-    if both and all(r.usage.prompt_chars is not None for r in both):
-        return lambda rs: [float(r.usage.prompt_chars or 0) for r in rs]
-    if both and len({r.model for r in both}) == 1:
-        return lambda rs: [float(r.usage.prompt_tokens) for r in rs]
+def _covariate(control: Group, treatment: Group) -> str | None:
+    """The pre-treatment covariate for CUPED: the prompt's characters; or, for older responses
+    without them, its tokens where both variants run the same model (another model's tokenizer would
+    count the same prompt differently, and the adjustment would then be biased)."""
+    if not control.latency.count or not treatment.latency.count:
+        return None
+    if not control.without_chars and not treatment.without_chars:
+        return "by_chars"
+    if len(control.models | treatment.models) == 1:
+        return "by_tokens"
     return None
 
 
@@ -291,25 +276,24 @@ def _proportions(x1: int, n1: int, x2: int, n2: int, alpha: float, mde: float, s
     }
 
 
-def sample_ratio_checks(
-    rs: list[InferenceResponse], exp: ExperimentConfig, versions: dict[int, ExperimentConfig]
-) -> list[dict]:
+def sample_ratio_checks(tally: Tally, exp: ExperimentConfig) -> list[dict]:
     """The sample-ratio check per config version: units (hashed routing keys; requests where a
     response has none) assigned by the weights, per variant, against the shares those weights give
     (overrides, pins and shadows are not assigned by the weights and take no part). A version whose
     weights are not known (compacted away, or a report from a file) is listed without a test:
     judging it by the config file's weights, which may be another version's, would raise false
     alarms. Traffic without a version (a producer that does not follow the live config) is judged
-    against the config file's weights."""
-    units: dict[int | None, dict[str, set[str]]] = {}
-    for r in rs:
-        if (r.assigned_by or "weights") == "weights":
-            units.setdefault(r.config_version, {}).setdefault(r.variant, set()).add(r.unit or r.request_id)
+    against the config file's weights. Above a million units the check runs on a uniform sample of
+    them chosen by hash (tally.UnitSample), and says so."""
+    units = tally.units.counts()
+    sampled = tally.units.levels
     out = []
     for version in sorted(units, key=lambda v: (v is not None, v or 0)):
-        observed = {name: len(u) for name, u in units[version].items()}
-        config = exp if version is None else versions.get(version)
+        observed = units[version]
+        config = exp if version is None else tally.versions.get(version)
         check: dict = {"config_version": version, "observed": observed}
+        if sampled:
+            check["units_sampled"] = f"1 in {2**sampled}"
         if config is None:
             out.append({**check, "note": f"the weights of config version {version} are not known here (read the "
                         "responses from Kafka, where the config topic keeps them)"})  # fmt: skip
@@ -328,91 +312,68 @@ def sample_ratio_checks(
 
 
 def report(
-    sample: Sample,
+    tally: Tally,
     exp: ExperimentConfig,
     alpha: float = 0.05,
     mde: float = 0.1,
     planned_n: int | None = None,
     correction: str = "holm",
 ) -> dict:
-    fb = {f.request_id: f for f in sorted(sample.feedback, key=lambda f: f.created_at)}  # the latest feedback counts
-    by_variant: dict[str, list[InferenceResponse]] = {v.name: [] for v in exp.variants}
-    for r in sample.responses:
-        by_variant.setdefault(r.variant, []).append(r)
-    srm = sample_ratio_checks(sample.responses, exp, sample.versions)
+    rng = np.random.default_rng(0)
+    empty = lambda: Group(rng)  # noqa: E731 a variant without responses
+    srm = sample_ratio_checks(tally, exp)
+    names = [v.name for v in exp.variants] + [n for n in tally.all if n not in {v.name for v in exp.variants}]
     out: dict = {
         "experiment": exp.name,
         "control": exp.control_variant,
         "alpha": alpha,
         "mde": mde,
         "correction": correction,
+        "duplicates": tally.duplicates,
         "srm": srm,
         "srm_mismatch": any(c.get("mismatch") for c in srm),
-        "variants": {name: summarise(rs, fb) for name, rs in by_variant.items()},
+        "variants": {name: summarise(tally.all.get(name) or empty()) for name in names},
         "comparisons": {},
     }
-    # Shadow copies are a random sample (by key) of their source variant's traffic, so they compare too.
-    randomised = {
-        name: [
-            r for r in rs if (r.assigned_by or "weights") == "weights" or (r.assigned_by or "").startswith("shadow:")
-        ]
-        for name, rs in by_variant.items()
-    }
-    control = randomised.get(exp.control_variant, [])
-    for name, rs in randomised.items():
+    control = tally.randomised.get(exp.control_variant) or empty()
+    for name in names:
         if name == exp.control_variant:
             continue
-        c_ok, t_ok = [r for r in control if r.ok], [r for r in rs if r.ok]
+        treatment = tally.randomised.get(name) or empty()
         # The guard: significance is judged against the alpha spent so far (O'Brien-Fleming), the
         # information fraction being the smaller group over the planned per-group size.
+        lat = control.latency
         plan = (
             planned_n
             or stats.sample_size_means(
-                math.sqrt(variance([_latency(r) for r in c_ok])) if len(c_ok) > 1 else 0,
-                mde * fmean([_latency(r) for r in c_ok]) if c_ok else 0,
-                alpha,
+                math.sqrt(lat.by_chars.variance) if lat.count > 1 else 0, mde * lat.mean if lat.count else 0, alpha
             )
             or 1
         )
-        information = min(len(control), len(rs)) / plan
+        information = min(control.count, treatment.count) / plan
         spent = stats.obrien_fleming_alpha(information, alpha)
-        err = lambda g: sum(1 for r in g if r.error and r.error.code != "expired")  # noqa: E731
-        up = lambda g: sum(1 for r in g if r.request_id in fb and fb[r.request_id].thumbs == "up")  # noqa: E731
-        rated = lambda g: sum(1 for r in g if r.request_id in fb and fb[r.request_id].thumbs)  # noqa: E731
-        lat_c, lat_t = [_latency(r) for r in c_ok], [_latency(r) for r in t_ok]
-        with_ttft_c = [r for r in c_ok if r.timings.ttft_s is not None]
-        with_ttft_t = [r for r in t_ok if r.timings.ttft_s is not None]
-        ttft_c = [r.timings.ttft_s for r in with_ttft_c if r.timings.ttft_s is not None]
-        ttft_t = [r.timings.ttft_s for r in with_ttft_t if r.timings.ttft_s is not None]
-        x = _covariate(c_ok, t_ok)
-        x_ok = (x(c_ok), x(t_ok)) if x else None
-        x_ttft = (x(with_ttft_c), x(with_ttft_t)) if x else None
-        lat_q, ttft_q = (
-            stats.quantile_diffs(lat_c, lat_t, alpha=alpha),
-            stats.quantile_diffs(ttft_c, ttft_t, alpha=alpha),
-        )
+        x = _covariate(control, treatment)
+        lat_q = stats.quantile_diffs(control.latency.summary(), treatment.latency.summary(), alpha=alpha)
+        ttft_q = stats.quantile_diffs(control.ttft.summary(), treatment.ttft.summary(), alpha=alpha)
         out["comparisons"][name] = {
-            "n_control": len(control),
-            "n_treatment": len(rs),
+            "n_control": control.count,
+            "n_treatment": treatment.count,
             "planned_n_per_group": plan,
             "information_fraction": min(1.0, information),
             "alpha_spent": spent,
-            "latency_s": _means(lat_c, lat_t, alpha, mde, spent, x_ok),
-            "ttft_s": _means(ttft_c, ttft_t, alpha, mde, spent, x_ttft),
+            "latency_s": _means(control.latency, treatment.latency, alpha, mde, spent, x),
+            "ttft_s": _means(control.ttft, treatment.ttft, alpha, mde, spent, x),
             "latency_p50": lat_q[50],
             "latency_p95": lat_q[95],
             "ttft_p50": ttft_q[50],
             "ttft_p95": ttft_q[95],
-            "tokens": _means(
-                [float(r.usage.completion_tokens) for r in c_ok],
-                [float(r.usage.completion_tokens) for r in t_ok],
-                alpha,
-                mde,
-                spent,
-                x_ok,
+            "tokens": _means(control.tokens, treatment.tokens, alpha, mde, spent, x),
+            "error_rate": _proportions(
+                control.errors, control.count, treatment.errors, treatment.count, alpha, mde, spent
             ),
-            "error_rate": _proportions(err(control), len(control), err(rs), len(rs), alpha, mde, spent),
-            "thumbs_up_rate": _proportions(up(control), rated(control), up(rs), rated(rs), alpha, mde, spent),
+            "thumbs_up_rate": _proportions(
+                control.thumbs_up, control.rated, treatment.thumbs_up, treatment.rated, alpha, mde, spent
+            ),
         }
     _judge(out, correction)
     out["summary"] = summary_lines(out)

@@ -10,8 +10,10 @@ not carry them); what is our own composition is checked against them in the test
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from statistics import NormalDist, fmean, variance
+from typing import Any
 
 from abqueue.errors import UsageError
 
@@ -69,6 +71,87 @@ def _numpy():
 
 
 @dataclass
+class Summary:
+    """What the tests need of one group's values: their count, mean and sample variance, their
+    percentiles, and a uniform random sample of at most BOOTSTRAP_CAP of them (all of them where there
+    are no more) for the bootstrap. From a list (summary()) or gathered while streaming
+    (analysis.tally.Column), so a report never needs the values themselves."""
+
+    count: int
+    mean: float
+    variance: float
+    sample: Any  # numpy array
+    percentile: Callable[[float], float]
+
+
+def summary(values: list[float] | Summary, rng=None) -> Summary:
+    """A list's Summary (a Summary as it is); above BOOTSTRAP_CAP values its sample is a random
+    subsample, drawn from rng (seeded by the caller, so that reports reproduce)."""
+    if isinstance(values, Summary):
+        return values
+    np = _numpy()
+    n = len(values)
+    x = np.asarray(values, float)
+    if n > BOOTSTRAP_CAP:
+        x = (rng or np.random.default_rng(0)).choice(x, BOOTSTRAP_CAP, replace=False)
+    return Summary(
+        n,
+        fmean(values) if n else float("nan"),
+        variance(values) if n > 1 else float("nan"),
+        x,
+        lambda q: percentile(values, q),
+    )
+
+
+@dataclass
+class Moments:
+    """Count, mean and sum of squared deviations of y and of a covariate x, and their co-moment,
+    merged a chunk at a time (Chan, Golub and LeVeque's pairwise update, stable where a running sum
+    of squares is not): the means, variances and regression adjustment of any number of values in a
+    few floats."""
+
+    n: int = 0
+    mean_y: float = 0.0
+    ss_y: float = 0.0
+    mean_x: float = 0.0
+    ss_x: float = 0.0
+    sxy: float = 0.0
+
+    @classmethod
+    def of(cls, y, x=None) -> Moments:
+        m = cls()
+        m.add(y, x)
+        return m
+
+    def add(self, y, x=None) -> None:
+        """Adds values y (and their covariates x; zeros without)."""
+        np = _numpy()
+        y = np.asarray(y, float)
+        x = np.zeros_like(y) if x is None else np.asarray(x, float)
+        if len(y):
+            dy, dx = y - y.mean(), x - x.mean()
+            self.merge(
+                Moments(len(y), float(y.mean()), float(dy @ dy), float(x.mean()), float(dx @ dx), float(dx @ dy))
+            )
+
+    def merge(self, o: Moments) -> None:
+        if not o.n:
+            return
+        n = self.n + o.n
+        d_y, d_x, f = o.mean_y - self.mean_y, o.mean_x - self.mean_x, self.n * o.n / n
+        self.ss_y += o.ss_y + d_y * d_y * f
+        self.ss_x += o.ss_x + d_x * d_x * f
+        self.sxy += o.sxy + d_x * d_y * f
+        self.mean_y += d_y * o.n / n
+        self.mean_x += d_x * o.n / n
+        self.n = n
+
+    @property
+    def variance(self) -> float:
+        return self.ss_y / (self.n - 1) if self.n > 1 else float("nan")
+
+
+@dataclass
 class TestResult:
     statistic: float
     p_value: float
@@ -77,13 +160,17 @@ class TestResult:
     ci: tuple[float, float] = (float("nan"), float("nan"))
 
 
-def welch(control: list[float], treatment: list[float], alpha: float = 0.05) -> TestResult:
+def welch(control: list[float] | Summary, treatment: list[float] | Summary, alpha: float = 0.05) -> TestResult:
     """Welch's unequal-variances t-test of the means; CI of the difference (treatment - control)."""
-    n1, n2 = len(control), len(treatment)
+    c, t = summary(control), summary(treatment)
+    return welch_from(c.mean, c.variance, c.count, t.mean, t.variance, t.count, alpha)
+
+
+def welch_from(m1: float, var1: float, n1: int, m2: float, var2: float, n2: int, alpha: float = 0.05) -> TestResult:
+    """Welch's test from each group's mean, sample variance and count (all it needs)."""
     if n1 < 2 or n2 < 2:
         return TestResult(float("nan"), float("nan"))
-    m1, m2 = fmean(control), fmean(treatment)
-    v1, v2 = variance(control) / n1, variance(treatment) / n2
+    v1, v2 = var1 / n1, var2 / n2
     se = math.sqrt(v1 + v2)
     if se == 0:
         return TestResult(0.0 if m1 == m2 else math.inf, 1.0 if m1 == m2 else 0.0, None, m2 - m1, (m2 - m1, m2 - m1))
@@ -95,34 +182,36 @@ def welch(control: list[float], treatment: list[float], alpha: float = 0.05) -> 
 
 
 def bootstrap_mean_diff(
-    control: list[float], treatment: list[float], alpha: float = 0.05, rounds: int = 2000, seed: int = 0
+    control: list[float] | Summary,
+    treatment: list[float] | Summary,
+    alpha: float = 0.05,
+    rounds: int = 2000,
+    seed: int = 0,
 ) -> tuple[float, float]:
     """Percentile bootstrap CI of mean(treatment) - mean(control); seeded, so reports reproduce.
-    Above BOOTSTRAP_CAP values per group the resamples come from a random subsample, their spread
-    scaled to the whole sample's (see _boot_means): the cost stays fixed whatever the sample."""
+    Above BOOTSTRAP_CAP values per group the resamples come from a uniform random sample of them, their
+    spread scaled to the whole sample's (see _boot_means): the cost stays fixed whatever the sample."""
     np = _numpy()
 
-    if not control or not treatment:
-        return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
-    diffs = _boot_means(np.asarray(treatment, float), rounds, rng) - _boot_means(
-        np.asarray(control, float), rounds, rng
-    )
+    c, t = summary(control, rng), summary(treatment, rng)
+    if not c.count or not t.count:
+        return (float("nan"), float("nan"))
+    diffs = _boot_means(t, rounds, rng) - _boot_means(c, rounds, rng)
     return float(np.percentile(diffs, 100 * alpha / 2)), float(np.percentile(diffs, 100 * (1 - alpha / 2)))
 
 
-def _boot_means(x, rounds: int, rng):
-    """Bootstrap replicates of the mean of x; above BOOTSTRAP_CAP values, of a random subsample of m,
-    their spread around its mean scaled by sqrt(m / n) and centred on the whole sample's mean."""
+def _boot_means(x: Summary, rounds: int, rng):
+    """Bootstrap replicates of the mean of x's values; where x holds a sample of m of its n values,
+    of the sample's, their spread around its mean scaled by sqrt(m / n) and centred on the whole mean."""
     np = _numpy()
 
-    n = len(x)
-    sub = x if n <= BOOTSTRAP_CAP else rng.choice(x, BOOTSTRAP_CAP, replace=False)
+    sub, n = x.sample, x.count
     m = len(sub)
     reps = np.concatenate(
         [sub[rng.integers(0, m, (min(_CHUNK, rounds - i), m))].mean(axis=1) for i in range(0, rounds, _CHUNK)]
     )
-    return reps if m == n else x.mean() + (reps - sub.mean()) * math.sqrt(m / n)
+    return reps if m == n else x.mean + (reps - sub.mean()) * math.sqrt(m / n)
 
 
 def two_proportions(x1: int, n1: int, x2: int, n2: int, alpha: float = 0.05) -> TestResult:
@@ -234,15 +323,14 @@ BOOTSTRAP_CAP = 20_000  # values per group resampled; beyond it, a random subsam
 _CHUNK = 100  # bootstrap rounds per array, so memory stays at a few MB whatever the rounds
 
 
-def _boot_quantiles(x, qs, rounds: int, rng):
-    """Bootstrap replicates of the qs-th percentiles of x, shape (rounds, len(qs)). Above
-    BOOTSTRAP_CAP values they are drawn from a random subsample of m and their spread around the
-    subsample's own percentiles is scaled by sqrt(m / n), as a quantile's standard error shrinks
-    with the square root of the sample, then centred on the whole sample's percentiles."""
+def _boot_quantiles(x: Summary, qs, rounds: int, rng):
+    """Bootstrap replicates of the qs-th percentiles of x's values, shape (rounds, len(qs)). Where x
+    holds a sample of m of its n values they are the sample's, their spread around the sample's own
+    percentiles scaled by sqrt(m / n), as a quantile's standard error shrinks with the square root of
+    the sample, and centred on the whole's percentiles."""
     np = _numpy()
 
-    n = len(x)
-    sub = x if n <= BOOTSTRAP_CAP else rng.choice(x, BOOTSTRAP_CAP, replace=False)
+    sub, n = x.sample, x.count
     m = len(sub)
     qf = [q / 100 for q in qs]
     reps = np.concatenate(
@@ -253,13 +341,13 @@ def _boot_quantiles(x, qs, rounds: int, rng):
     )
     if m == n:
         return reps
-    whole = np.quantile(x, qf, method="inverted_cdf")
+    whole = np.array([x.percentile(q) for q in qs])
     return whole + (reps - np.quantile(sub, qf, method="inverted_cdf")) * math.sqrt(m / n)
 
 
 def quantile_diffs(
-    control: list[float],
-    treatment: list[float],
+    control: list[float] | Summary,
+    treatment: list[float] | Summary,
     qs: tuple[float, ...] = (50, 95),
     alpha: float = 0.05,
     rounds: int = 2000,
@@ -272,17 +360,17 @@ def quantile_diffs(
     np = _numpy()
 
     nan = float("nan")
-    if len(control) < 2 or len(treatment) < 2:
+    rng = np.random.default_rng(seed)
+    c, t = summary(control, rng), summary(treatment, rng)
+    if c.count < 2 or t.count < 2:
         empty = {"control": nan, "treatment": nan, "difference": nan, "ci": [nan, nan], "lift": nan,
                  "lift_ci": [nan, nan], "p_value": nan}  # fmt: skip
         return {q: dict(empty) for q in qs}
-    rng = np.random.default_rng(seed)
-    c, t = np.asarray(control, float), np.asarray(treatment, float)
     qc, qt = _boot_quantiles(c, qs, rounds, rng), _boot_quantiles(t, qs, rounds, rng)
     z = _N.inv_cdf(1 - alpha / 2)
     out = {}
     for j, q in enumerate(qs):
-        c_q, t_q = percentile(control, q), percentile(treatment, q)
+        c_q, t_q = c.percentile(q), t.percentile(q)
         diff, se = t_q - c_q, float(np.std(qt[:, j] - qc[:, j], ddof=1))
         ratios = np.divide(qt[:, j], qc[:, j], out=np.full(rounds, np.nan), where=qc[:, j] != 0)
         lift, lift_se = (t_q / c_q - 1, float(np.nanstd(ratios, ddof=1))) if c_q else (nan, nan)
@@ -309,25 +397,35 @@ def cuped(
     x_treatment: list[float],
     alpha: float = 0.05,
 ) -> dict:
+    """cuped_from on lists of values and their covariates."""
+    if len(x_control) != len(control) or len(x_treatment) != len(treatment):
+        return {"variance_reduction": float("nan"), "theta": float("nan")}
+    return cuped_from(Moments.of(control, x_control), Moments.of(treatment, x_treatment), alpha)
+
+
+def cuped_from(c: Moments, t: Moments, alpha: float = 0.05) -> dict:
     """Regression adjustment on a pre-treatment covariate (CUPED: Deng, Xu, Kohavi and Walker,
     2013): y - theta (x - mean x), theta = cov(y, x) / var(x) pooled over both groups, removes the
     part of y's variance that x explains without biasing the difference, because x cannot depend
-    on the variant. Returns Welch's test of the adjusted values and the share of variance removed."""
-    y = control + treatment
-    x = x_control + x_treatment
-    if len(control) < 2 or len(treatment) < 2 or len(x) != len(y):
+    on the variant. Returns Welch's test of the adjusted values and the share of variance removed;
+    from each group's moments alone (the adjusted values' mean and variance follow from them)."""
+    if c.n < 2 or t.n < 2:
         return {"variance_reduction": float("nan"), "theta": float("nan")}
-    mx, my = fmean(x), fmean(y)
-    vx = sum((a - mx) ** 2 for a in x)
-    theta = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / vx if vx else 0.0
-    adj_c = [b - theta * (a - mx) for a, b in zip(x_control, control, strict=True)]
-    adj_t = [b - theta * (a - mx) for a, b in zip(x_treatment, treatment, strict=True)]
-    within = (variance(control) * (len(control) - 1) + variance(treatment) * (len(treatment) - 1)) / (len(y) - 2)
-    within_adj = (variance(adj_c) * (len(adj_c) - 1) + variance(adj_t) * (len(adj_t) - 1)) / (len(y) - 2)
-    w = welch(adj_c, adj_t, alpha)
+    pooled = Moments()
+    pooled.merge(c)
+    pooled.merge(t)
+    theta = pooled.sxy / pooled.ss_x if pooled.ss_x else 0.0
+
+    def adjusted(g: Moments) -> tuple[float, float]:
+        """The adjusted values' mean and sum of squared deviations."""
+        return g.mean_y - theta * (g.mean_x - pooled.mean_x), g.ss_y - 2 * theta * g.sxy + theta**2 * g.ss_x
+
+    (mc, ssc), (mt, sst) = adjusted(c), adjusted(t)
+    within = c.ss_y + t.ss_y
+    w = welch_from(mc, ssc / (c.n - 1), c.n, mt, sst / (t.n - 1), t.n, alpha)
     return {
         "theta": theta,
-        "variance_reduction": 1 - within_adj / within if within else 0.0,
+        "variance_reduction": 1 - (ssc + sst) / within if within else 0.0,
         "difference": w.difference,
         "ci": list(w.ci),
         "p_value": w.p_value,

@@ -28,15 +28,19 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from abqueue.analysis import stats
-    from abqueue.analysis.quality import evaluate, read_references, to_table
-    from abqueue.analysis.report import load, to_json
 
     stats.require_extra()
+    from abqueue.analysis.quality import evaluate, read_references, to_table
+    from abqueue.analysis.report import responses, to_json
+    from abqueue.analysis.tally import RecentIds
+
     exp = options.experiment(args)
     if not args.references.exists():
         raise UsageError(f"references file {args.references} does not exist")
     refs = read_references(args.references)
-    sample = load(options.kafka_settings(args) if args.input is None else None, exp, args.input, None)
-    result = evaluate(exp, sample.responses, refs)
+    settings = options.kafka_settings(args) if args.input is None else None
+    seen = RecentIds()  # at-least-once delivery: the first response per request and variant counts
+    kept = [r for r in responses(settings, exp, args.input) if seen.first((r.request_id, r.variant))]
+    result = evaluate(exp, kept, refs)
     print(to_json(result) if args.format == "json" else to_table(result))
     return 0

@@ -68,24 +68,24 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from abqueue.analysis import stats
-    from abqueue.analysis.report import Window, load, report, to_json, to_table
 
     stats.require_extra()  # before reading a topic that may hold millions of responses
+    from abqueue.analysis.report import Window, load, report, to_json, to_table
 
     if not 0 < args.alpha < 1 or args.mde <= 0:
         raise UsageError("--alpha must be in (0, 1) and --mde > 0, e.g. --alpha 0.05 --mde 0.1")
     exp = options.experiment(args)
     settings = options.kafka_settings(args) if args.input is None else None
     window = Window(args.since, args.until, args.config_version)
-    sample = load(settings, exp, args.input, args.feedback, window)
-    if not sample.responses:
+    tally = load(settings, exp, args.input, args.feedback, window)
+    if not tally.count:
         narrowed = " and --since/--until/--config-version" if window != Window() else ""
         raise UsageError(f"no responses of experiment {exp.name} to report on; check --config/--input{narrowed}")
-    result = report(sample, exp, args.alpha, args.mde, args.planned_n, args.correction)
+    result = report(tally, exp, args.alpha, args.mde, args.planned_n, args.correction)
     print(to_json(result) if args.format == "json" else to_table(result))
     if args.plot:
         from abqueue.analysis.plots import write_plots
 
-        for path in write_plots(sample, args.plot, result=result):
+        for path in write_plots(tally, args.plot, result=result):
             print(f"chart: {path}")
     return 0
