@@ -1,7 +1,9 @@
 """How `abq report` scales: N synthetic responses of a two-variant experiment in the responses topic,
-then `abq report` over them, its wall time and peak resident memory.
+then `abq report` over them, its wall time and peak resident memory (the report streams: its memory
+should not grow with N).
 
-Prints N, seconds, peak RSS and RSS per 100k responses, and the command to rerun.
+Prints N, seconds, peak RSS, the latency lift it finds (b is 5% slower) and its first lines, and the
+command to rerun.
 
 Run:  python bench/report_scale.py [--responses 1000000]
 Uses ABQ_BOOTSTRAP_SERVERS / KAFKA_BOOTSTRAP_SERVERS if set, else starts a local broker.
@@ -28,7 +30,7 @@ from schemas import ExperimentConfig, InferenceResponse, unit_of
 
 
 def fill(settings: KafkaSettings, exp: ExperimentConfig, n: int) -> None:
-    """N responses, half per variant, from one template (the contract's own encoding) with a fresh
+    """N responses, half per variant (by user), from one template (the contract's own encoding) with a fresh
     id, user and timings each; b is 5% slower."""
     rnd = random.Random(1)
     template = InferenceResponse(
@@ -40,8 +42,8 @@ def fill(settings: KafkaSettings, exp: ExperimentConfig, n: int) -> None:
     p = producer(settings, linger_ms=20, batch_size=256 * 1024)
     t0, start = time.monotonic(), time.time() - n / 1000
     for i in range(n):
-        variant = "ab"[i % 2]
-        user = f"user-{i // 3}"
+        user = f"user-{i // 3}"  # three requests each, sticky to one variant
+        variant = "ab"[(i // 3) % 2]
         enq = start + i / 1000
         chars = rnd.randint(10, 2000)
         latency = (0.5 + chars / 2000 + rnd.expovariate(2)) * (1.05 if variant == "b" else 1.0)
@@ -85,7 +87,8 @@ def main() -> int:
         if out.returncode:
             raise SystemExit(f"abq report failed: {out.stderr.strip().splitlines()[-1]}")
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: kilobytes
-        counts = {k: v["count"] for k, v in orjson.loads(out.stdout)["variants"].items()}
+        result = orjson.loads(out.stdout)
+        counts = {k: v["count"] for k, v in result["variants"].items()}
     finally:
         if broker:
             broker.stop()
@@ -95,6 +98,10 @@ def main() -> int:
     print(f"{'responses per second':<36}{args.responses / elapsed:>14,.0f}")
     print(f"{'peak RSS (MB)':<36}{peak_kb / 1024:>14.0f}")
     print(f"{'peak RSS per 100k responses (MB)':<36}{peak_kb / 1024 / (args.responses / 100_000):>14.1f}")
+    lift = result["comparisons"]["b"]["latency_s"]
+    print(f"{'b: mean latency lift (true +5%)':<36}{100 * lift['lift']:>13.2f}%  "
+          f"(95% CI {100 * lift['lift_ci'][0]:+.2f}% to {100 * lift['lift_ci'][1]:+.2f}%)")  # fmt: skip
+    print("report's first lines:", *result["summary"], sep="\n  ")
     print(f"\nrerun: python bench/report_scale.py --responses {args.responses}")
     return 0
 

@@ -493,7 +493,7 @@ def test_the_unit_sample_keeps_the_sample_ratio_check_valid_and_memory_bounded()
         units = UnitSample(size=400)
         for u in range(3000):
             units.add(1, "ab"[rnd.random() < 0.5], f"u{run}-{u}")
-        assert units.levels > 0 and len(units._units) <= 400
+        assert units.levels > 0 and units.kept <= 400
         observed = units.counts()[1]
         p_values.append(scipy_stats.chisquare([observed.get("a", 0), observed.get("b", 0)]).pvalue)
     # Discrete counts make the p-values only roughly uniform: compare their quantiles, not a KS test.
@@ -502,7 +502,7 @@ def test_the_unit_sample_keeps_the_sample_ratio_check_valid_and_memory_bounded()
     for u in range(40_000):
         units.add(1, "ab"[rnd.random() < 0.4], f"skewed-{u}")
     observed = units.counts()[1]
-    assert len(units._units) <= 2000
+    assert units.kept <= 2000
     assert scipy_stats.chisquare([observed["a"], observed["b"]]).pvalue < 0.001
 
 

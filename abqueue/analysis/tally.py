@@ -92,8 +92,11 @@ class Column:
         self.by_chars.add(y, chars)
         self.by_tokens.add(y, tokens)
         self.sketch.extend(y)
-        keys, values = np.concatenate([self._keys, self._rng.random(len(y))]), np.concatenate([self._values, y])
-        cap = stats.BOOTSTRAP_CAP
+        keys, cap = self._rng.random(len(y)), stats.BOOTSTRAP_CAP
+        if len(self._keys) >= cap:  # full: only values whose keys beat the largest kept can enter
+            enters = keys < self._keys.max()
+            keys, y = keys[enters], y[enters]
+        keys, values = np.concatenate([self._keys, keys]), np.concatenate([self._values, y])
         if len(keys) > cap:
             keep = np.argpartition(keys, cap - 1)[:cap]
             keys, values = keys[keep], values[keep]
@@ -208,23 +211,27 @@ class UnitSample:
     def __init__(self, size: int | None = None):
         self.size = size or UNIT_SAMPLE
         self.levels = 0  # units kept: those whose hash is divisible by 2 ** levels
-        self._units: set[tuple[int | None, str, int]] = set()
+        self.kept = 0
+        self._units: dict[tuple[int | None, str], set[int]] = {}  # (config version, variant): unit hashes
 
     def add(self, version: int | None, variant: str, unit: str) -> None:
         h = int.from_bytes(hashlib.blake2b(unit.encode(), digest_size=8, person=b"abq-srm").digest(), "little")
         if h & ((1 << self.levels) - 1):
             return
-        self._units.add((version, variant, h))
-        if len(self._units) > self.size:
+        units = self._units.setdefault((version, variant), set())
+        if h not in units:
+            units.add(h)
+            self.kept += 1
+        if self.kept > self.size:
             self.levels += 1
             mask = (1 << self.levels) - 1
-            self._units = {u for u in self._units if not u[2] & mask}
+            self._units = {k: {u for u in hs if not u & mask} for k, hs in self._units.items()}
+            self.kept = sum(len(hs) for hs in self._units.values())
 
     def counts(self) -> dict[int | None, dict[str, int]]:
         out: dict[int | None, dict[str, int]] = {}
-        for version, variant, _ in self._units:
-            per = out.setdefault(version, {})
-            per[variant] = per.get(variant, 0) + 1
+        for (version, variant), hs in self._units.items():
+            out.setdefault(version, {})[variant] = len(hs)
         return out
 
 
