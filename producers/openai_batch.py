@@ -70,7 +70,7 @@ def to_request_fields(obj: dict) -> dict[str, Any]:
     return fields
 
 
-_STATUS = {"expired": 408, "invalid_request": 400, "too_large": 413, "engine_error": 500, "internal": 500}
+STATUS = {"expired": 408, "invalid_request": 400, "too_large": 413, "engine_error": 500, "internal": 500}
 
 
 def output_line(custom_id: str, resp: InferenceResponse, url: str) -> dict[str, Any]:
@@ -84,18 +84,24 @@ ABQ_KEY = "abq"
 
 
 def _openai_line(custom_id: str, resp: InferenceResponse, url: str) -> dict[str, Any]:
-    line_id = f"batch_req_{uuid.uuid4().hex}"
-    if resp.error is not None:
-        return {
-            "id": line_id,
-            "custom_id": custom_id,
-            "response": {
-                "status_code": _STATUS.get(resp.error.code, 500),
-                "request_id": resp.request_id,
-                "body": {"error": {"message": resp.error.message, "type": resp.error.code, "code": resp.error.code}},
-            },
-            "error": None,
-        }
+    status = STATUS.get(resp.error.code, 500) if resp.error is not None else 200
+    body = error_body(resp) if resp.error is not None else completion_body(resp, url)
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": resp.request_id, "body": body},
+        "error": None,
+    }
+
+
+def error_body(resp: InferenceResponse) -> dict[str, Any]:
+    """OpenAI's error object for a failed response."""
+    assert resp.error is not None
+    return {"error": {"message": resp.error.message, "type": resp.error.code, "param": None, "code": resp.error.code}}
+
+
+def completion_body(resp: InferenceResponse, url: str) -> dict[str, Any]:
+    """OpenAI's chat.completion or text_completion object for an answered response."""
     chat = url == CHAT_URL
     choices = []
     for i, text in enumerate(resp.outputs):
@@ -105,7 +111,7 @@ def _openai_line(custom_id: str, resp: InferenceResponse, url: str) -> dict[str,
         else:
             choice["text"] = text
         choices.append(choice)
-    body = {
+    return {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{resp.request_id}",
         "object": "chat.completion" if chat else "text_completion",
         "created": int(resp.timings.finished or time.time()),
@@ -116,12 +122,6 @@ def _openai_line(custom_id: str, resp: InferenceResponse, url: str) -> dict[str,
             "completion_tokens": resp.usage.completion_tokens,
             "total_tokens": resp.usage.prompt_tokens + resp.usage.completion_tokens,
         },
-    }
-    return {
-        "id": line_id,
-        "custom_id": custom_id,
-        "response": {"status_code": 200, "request_id": resp.request_id, "body": body},
-        "error": None,
     }
 
 

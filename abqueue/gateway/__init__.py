@@ -1,0 +1,1 @@
+"""`abq gateway`: an OpenAI-compatible front door over abqueue's queues."""

@@ -1,0 +1,233 @@
+"""`abq gateway`: OpenAI's chat and completion endpoints over abqueue's queues. A request names an
+experiment as its `model` (`experiment:variant` pins a variant), is assigned by the experiment's
+weights and overrides like any producer's, queued, served by the variant's workers and answered
+from this gateway's own reply topic, with `x-abq-variant` and `x-abq-request-id` headers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import anyio
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+
+from abqueue.errors import AbqError
+from abqueue.gateway.backlog import Backlog
+from abqueue.gateway.openai_api import ApiError, request_fields, validation_error
+from abqueue.gateway.tenants import Tenants
+from abqueue.kafka import KafkaSettings, ensure_topic
+from producers import openai_batch
+from producers.client import AbqClient, ReplyTimeout
+from producers.publisher import RequestTooLarge
+from schemas import ConfigError, ExperimentConfig, InferenceRequest
+from schemas.experiment import TOPIC_PREFIX
+
+log = logging.getLogger(__name__)
+
+ROUTING_HEADER = "x-abq-routing-key"
+REPLY_RETENTION_MS = 3_600_000  # a reply topic holds answers for callers waiting now, not history
+
+
+@dataclass
+class Limits:
+    request_timeout_s: float = 60.0  # a caller waits this long for its answer, then gets 504
+    max_body_bytes: int = 1_000_000
+    max_backlog: int | None = None  # per variant; over it, 429 (None: never shed)
+    max_waiting: int = 512  # requests waiting for their answers at once; the rest queue in the server
+
+
+def reply_topic(experiment: ExperimentConfig, instance: str) -> str:
+    return f"{TOPIC_PREFIX}.{experiment.name}.replies.gateway-{instance}"
+
+
+class Gateway:
+    """The gateway's state: one client per experiment (publishing, and reading this instance's
+    reply topic), the tenants, the backlog readers, and the metrics."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        experiments: list[ExperimentConfig],
+        tenants: Tenants,
+        instance: str,
+        limits: Limits | None = None,
+    ):
+        self.tenants, self.limits = tenants, limits or Limits()
+        self.experiments = {e.name: e for e in experiments}
+        self.clients: dict[str, AbqClient] = {}
+        self.backlogs: dict[str, Backlog] = {}
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "abq_gateway_requests", "Requests answered, by endpoint, status and variant",
+            ["endpoint", "status", "variant"], registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "abq_gateway_request_seconds", "Time from a request's arrival to its answer, by endpoint", ["endpoint"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=self.registry,
+        )  # fmt: skip
+        try:
+            for exp in experiments:
+                topic = reply_topic(exp, instance)
+                if refused := exp.reply_to_refusal(topic):
+                    raise ConfigError(f"the gateway's reply topic: {refused}")
+                ensure_topic(settings, topic, configs={"retention.ms": str(REPLY_RETENTION_MS)})
+                self.clients[exp.name] = AbqClient(settings, exp, reply_topic=topic, follow=True)
+                if self.limits.max_backlog is not None:
+                    self.backlogs[exp.name] = Backlog(settings, exp, self.limits.max_backlog)
+        except BaseException:
+            self.close()
+            raise
+        self.ready = threading.Event()
+        self.ready.set()
+
+    def close(self) -> None:
+        for b in self.backlogs.values():
+            b.close()
+        for c in self.clients.values():
+            c.close()
+
+    def models(self) -> list[str]:
+        """Every experiment, and each of its variants that a request may pin."""
+        out = []
+        for name, exp in self.experiments.items():
+            out.append(name)
+            out += [f"{name}:{v.name}" for v in exp.variants if v.shadow_of is None]
+        return out
+
+    def request(self, tenant: str, body: dict, url: str, headers) -> InferenceRequest:
+        """The request an OpenAI body makes, assigned to its variant (pinned or by the experiment's
+        weights and overrides), or ApiError."""
+        model = body.get("model")
+        name, _, pinned = (model or "").partition(":") if isinstance(model, str) else ("", "", "")
+        rid = f"gw-{uuid.uuid4().hex}"
+        fields = request_fields(body, url, rid)
+        exp = self.experiments.get(name)
+        if exp is None:
+            raise ApiError(404, f"model {model!r} does not exist; GET /v1/models lists the experiments", "model_not_found", "model")  # fmt: skip
+        if pinned and not any(v.name == pinned and v.shadow_of is None for v in exp.variants):
+            raise ApiError(404, f"model {model!r}: experiment {name} has no variant {pinned!r} to pin", "model_not_found", "model")  # fmt: skip
+        # Overrides match on metadata: the request headers they name (x-user-group: beta-testers) are it.
+        wanted = {k.lower(): k for o in exp.overrides for k in o.match}
+        metadata = {**fields.pop("metadata", {}), "tenant": tenant}
+        metadata.update({key: headers[h] for h, key in wanted.items() if h in headers})
+        fields.pop("routing_key")  # the batch line's: its custom_id where no user is given
+        routing = body.get("user") or headers.get(ROUTING_HEADER) or tenant
+        client = self.clients[name]
+        try:
+            request = InferenceRequest(
+                **fields, experiment=name, routing_key=str(routing), variant=pinned or None, metadata=metadata,
+                deadline=time.time() + self.limits.request_timeout_s, reply_to=client.listener.topic,
+            )  # fmt: skip
+        except ValidationError as e:
+            raise validation_error(e) from None
+        return client.publisher.assign(request)
+
+    def shed(self, request: InferenceRequest) -> None:
+        backlog = self.backlogs.get(request.experiment)
+        assert request.variant is not None
+        if backlog is not None and (wait := backlog.retry_after(request.variant)) is not None:
+            raise ApiError(
+                429,
+                f"variant {request.variant} of {request.experiment} has {backlog.lag(request.variant)} requests waiting, "
+                f"over this gateway's bound of {backlog.bound}; retry after {wait}s",
+                "backlog_full", headers={"retry-after": str(wait)},
+            )  # fmt: skip
+
+    def answer(self, request: InferenceRequest, url: str) -> tuple[int, dict]:
+        """Publishes the request and waits for its answer: (status, OpenAI body)."""
+        client = self.clients[request.experiment]
+        try:
+            reply = client.submit(request, timeout=self.limits.request_timeout_s)
+        except ReplyTimeout:
+            raise ApiError(504, f"no answer within {self.limits.request_timeout_s:g}s (the gateway's --request-timeout)", "timeout") from None  # fmt: skip
+        except RequestTooLarge as e:
+            raise ApiError(413, str(e), "request_too_large") from None
+        resp = reply.response
+        if resp.error is None:
+            return 200, openai_batch.completion_body(resp, url)
+        status = 504 if resp.error.code == "expired" else openai_batch.STATUS.get(resp.error.code, 500)
+        return status, openai_batch.error_body(resp)
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    app = FastAPI(title="abqueue gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    waiting = anyio.CapacityLimiter(gateway.limits.max_waiting)
+
+    def error(e: ApiError, extra: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers={**e.headers, **(extra or {})})
+
+    def tenant_of(request: Request) -> str:
+        tenant = gateway.tenants.tenant(request.headers.get("authorization"))
+        if tenant is None:
+            raise ApiError(401, "missing or unknown API key; send Authorization: Bearer <key>", "invalid_api_key")
+        return tenant
+
+    async def completion(request: Request, url: str) -> Response:
+        started, endpoint, variant = time.monotonic(), url.removeprefix("/v1/"), ""
+        headers: dict[str, str] = {}
+        try:
+            tenant = tenant_of(request)
+            size = request.headers.get("content-length")
+            if size and size.isdigit() and int(size) > gateway.limits.max_body_bytes:
+                raise ApiError(413, f"the body is {size} bytes, over this gateway's {gateway.limits.max_body_bytes}", "request_too_large")  # fmt: skip
+            raw = await request.body()
+            if len(raw) > gateway.limits.max_body_bytes:
+                raise ApiError(413, f"the body is {len(raw)} bytes, over this gateway's {gateway.limits.max_body_bytes}", "request_too_large")  # fmt: skip
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError as e:
+                raise ApiError(400, f"the body is not JSON: {e}", "invalid_json") from None
+            req = gateway.request(tenant, body, url, request.headers)
+            variant = req.variant or ""
+            headers = {"x-abq-variant": variant, "x-abq-request-id": req.id}
+            gateway.shed(req)
+            status, answer = await anyio.to_thread.run_sync(gateway.answer, req, url, limiter=waiting)
+            response: Response = JSONResponse(answer, status_code=status, headers=headers)
+        except ApiError as e:
+            status, response = e.status, error(e, headers)
+        except AbqError as e:  # a user-fixable problem on this side (a config the live version refuses)
+            status, response = 400, error(ApiError(400, str(e), "invalid_request"), headers)
+        gateway.requests.labels(endpoint, str(status), variant).inc()
+        gateway.latency.labels(endpoint).observe(time.monotonic() - started)
+        return response
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await completion(request, openai_batch.CHAT_URL)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await completion(request, openai_batch.COMPLETIONS_URL)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            tenant_of(request)
+        except ApiError as e:
+            return error(e)
+        now = int(time.time())
+        data = [{"id": m, "object": "model", "created": now, "owned_by": "abqueue"} for m in gateway.models()]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ok = gateway.ready.is_set()
+        return JSONResponse({"status": "ready" if ok else "starting"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

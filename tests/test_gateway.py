@@ -1,0 +1,193 @@
+"""`abq gateway`: OpenAI's endpoints over the queues, called with the official `openai` SDK (no
+hand-written HTTP), against the real broker and echo workers."""
+
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+
+import openai  # a test dependency: a missing one must fail, never skip
+import pytest
+import uvicorn
+from conftest import REPO, abq_cmd, new_experiment, write_config
+from kafka_helpers import wait_until
+
+from abqueue.gateway.app import Gateway, Limits, create_app
+from abqueue.gateway.tenants import Tenants
+from abqueue.kafka import ensure_topics
+from schemas.experiment import SegmentOverride
+
+KEYS = {"sk-acme-0123456789abcdef": "acme", "sk-beta-0123456789abcdef": "beta"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(settings, exps, keys=KEYS, **limits):
+    """A gateway in a thread of the test process, on a free port; yields its base URL."""
+    gateway = Gateway(settings, exps, Tenants(keys), f"test-{os.getpid()}", Limits(**limits))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(gateway), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 10, "the gateway listening")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        gateway.close()
+
+
+def _client(url, key="sk-acme-0123456789abcdef", **kw):
+    return openai.OpenAI(base_url=url, api_key=key, **kw)
+
+
+def _two_variants(settings, **kw):
+    exp = new_experiment(variants=(("a", 50), ("b", 50)), **kw)
+    exp = exp.model_copy(
+        update={"overrides": [SegmentOverride(name="beta", match={"x-user-group": "beta-testers"}, variant="b")]}
+    )
+    ensure_topics(settings, exp)
+    return exp
+
+
+def test_chat_and_completions_through_the_sdk_sticky_by_user_with_overrides_and_pins(settings, thread_worker):
+    exp = _two_variants(settings)
+    with thread_worker(exp, "a"), thread_worker(exp, "b"), serving(settings, [exp]) as url:
+        client = _client(url)
+        raw = client.chat.completions.with_raw_response.create(
+            model=exp.name, messages=[{"role": "user", "content": "hello there"}], user="user-1", max_tokens=8
+        )
+        chat = raw.parse()
+        assert chat.choices[0].message.content == "hello there"  # the echo engine answers with the prompt
+        assert chat.object == "chat.completion" and chat.usage.completion_tokens > 0
+        first = raw.headers["x-abq-variant"]
+        assert first in ("a", "b") and raw.headers["x-abq-request-id"].startswith("gw-")
+        # Sticky: the same user always gets the same variant; many users reach both.
+        for _ in range(3):
+            again = client.completions.with_raw_response.create(model=exp.name, prompt="one two", user="user-1")
+            assert again.headers["x-abq-variant"] == first
+            assert again.parse().choices[0].text == "one two"
+        seen = {
+            client.completions.with_raw_response.create(model=exp.name, prompt="x", user=f"u{i}").headers[
+                "x-abq-variant"
+            ]
+            for i in range(30)
+        }
+        assert seen == {"a", "b"}
+        # A header the experiment's overrides name is metadata: beta testers go to b whoever they are.
+        for i in range(5):
+            beta = client.completions.with_raw_response.create(
+                model=exp.name, prompt="x", user=f"u{i}", extra_headers={"x-user-group": "beta-testers"}
+            )
+            assert beta.headers["x-abq-variant"] == "b"
+        pinned = client.completions.with_raw_response.create(model=f"{exp.name}:a", prompt="x", user="u-b-user")
+        assert pinned.headers["x-abq-variant"] == "a"
+        models = [m.id for m in client.models.list()]
+        assert models == [exp.name, f"{exp.name}:a", f"{exp.name}:b"]
+
+
+def test_errors_keep_openai_s_shape_and_status(settings, thread_worker, caplog):
+    exp = _two_variants(settings)
+    with thread_worker(exp, "a"), thread_worker(exp, "b"), serving(settings, [exp], max_body_bytes=2000) as url:
+        client = _client(url, max_retries=0)
+        with caplog.at_level(logging.DEBUG):
+            with pytest.raises(openai.AuthenticationError) as e:
+                _client(url, key="sk-wrong-0123456789abcdef").completions.create(model=exp.name, prompt="x")
+            assert e.value.code == "invalid_api_key"
+            with pytest.raises(openai.NotFoundError) as e:
+                client.completions.create(model="nope", prompt="x")
+            assert e.value.code == "model_not_found" and e.value.param == "model"
+            with pytest.raises(openai.NotFoundError):
+                client.completions.create(model=f"{exp.name}:zzz", prompt="x")
+            with pytest.raises(openai.BadRequestError) as e:
+                client.completions.create(model=exp.name, prompt="x", stream=True)
+            assert e.value.param == "stream"
+            with pytest.raises(openai.BadRequestError) as e:
+                client.completions.create(model=exp.name, prompt="x", temperature=5)
+            assert e.value.param == "temperature" and "less than or equal to 2" in e.value.message
+            with pytest.raises(openai.BadRequestError) as e:
+                client.completions.create(model=exp.name, prompt="x", frequency_penalty=0.5)
+            assert e.value.param == "frequency_penalty"
+            client.completions.create(model=exp.name, prompt="x", frequency_penalty=0)  # its default: fine
+            with pytest.raises(openai.BadRequestError) as e:
+                client.completions.create(model=exp.name, prompt="x", extra_body={"bogus": 1})
+            assert e.value.param == "bogus"
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model=exp.name, messages=[{"role": "robot", "content": "x"}])
+            assert e.value.param == "messages.0.role"
+            with pytest.raises(openai.APIStatusError) as e:
+                client.completions.create(model=exp.name, prompt="x" * 5000)
+            assert e.value.status_code == 413
+        for key in KEYS:
+            assert key not in caplog.text  # keys never reach a log
+
+
+def test_no_answer_in_time_is_504_and_an_over_bound_backlog_is_429_with_retry_after(settings):
+    exp = _two_variants(settings)  # no worker: nothing is answered and requests wait
+    with serving(settings, [exp], request_timeout_s=1.5, max_backlog=3) as url:
+        client = _client(url, max_retries=0)
+        t0 = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model=f"{exp.name}:a", prompt="x")
+        assert e.value.status_code == 504 and e.value.code == "timeout"
+        assert 1.4 < time.monotonic() - t0 < 10
+        # Each unanswered request stays in a's topic: once more than three wait (the backlog is read
+        # every second), new ones are shed instead of queued.
+        timed_out = 1
+        with pytest.raises(openai.RateLimitError) as e:
+            for _ in range(8):
+                with pytest.raises(openai.InternalServerError):
+                    client.completions.create(model=f"{exp.name}:a", prompt="x")
+                timed_out += 1
+        assert timed_out > 3
+        assert int(e.value.response.headers["retry-after"]) >= 1
+        assert e.value.response.headers["x-abq-variant"] == "a"
+        # b has no backlog: it is not shed (it times out, as nothing serves it).
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model=f"{exp.name}:b", prompt="x")
+        assert e.value.status_code == 504
+
+
+def test_abq_gateway_refuses_a_public_address_without_keys_and_serves_the_sdk(
+    settings, kafka_bootstrap, thread_worker, tmp_path
+):
+    exp = _two_variants(settings)
+    cfg = write_config(exp, tmp_path)
+    env = {**os.environ, "ABQ_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    r = subprocess.run(abq_cmd("gateway", "--config", str(cfg), "--host", "0.0.0.0"), capture_output=True, text=True,
+                       env=env, cwd=REPO, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "--api-keys" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("acme: [sk-acme-0123456789abcdef]\n")
+    keys.chmod(0o600)
+    port = _free_port()
+    proc = subprocess.Popen(
+        abq_cmd("gateway", "--config", str(cfg), "--port", str(port), "--api-keys", str(keys)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+    )  # fmt: skip
+    try:
+        with thread_worker(exp, "a"), thread_worker(exp, "b"):
+            client = _client(f"http://127.0.0.1:{port}/v1", max_retries=0)
+
+            def up():
+                try:
+                    return bool(client.models.list().data)
+                except openai.APIConnectionError:
+                    return False
+
+            wait_until(up, 60, "abq gateway serving")
+            out = client.chat.completions.create(model=exp.name, messages=[{"role": "user", "content": "hi"}])
+            assert out.choices[0].message.content == "hi"
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=30)[0].decode()
+    assert "sk-acme" not in log
