@@ -24,10 +24,10 @@ from pathlib import Path
 import yaml
 from common import bootstrap, leave_no_trace, percentile, start_worker
 
+from abqueue.kafka import KafkaSettings, ensure_topics
 from abqueue.localkafka.broker import free_port
 from producers import AbqClient
 from schemas import ExperimentConfig, InferenceRequest
-from abqueue.kafka import KafkaSettings, ensure_topics
 
 PROMPT = "benchmark request " * 8
 

@@ -16,9 +16,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 from kafka.errors import KafkaError
@@ -273,10 +274,16 @@ class BatchJob:
         progress: bool = True,
         max_pending: int = 10_000,
         resubmit: bool = False,
+        stop: Callable[[], bool] | None = None,
+        on_counts: Callable[[int, int], None] | None = None,
+        deadline: float | None = None,
     ):
         """timeout_s: how long to wait for results after the last submit, and at most without any
         result while `max_pending` requests are out. resubmit: submit again what an earlier run
-        had Kafka acknowledge but got no result for (say, the requests topic was emptied since)."""
+        had Kafka acknowledge but got no result for (say, the requests topic was emptied since).
+        stop: asked between sends and while waiting; once it says True the run submits nothing more
+        and returns what it has (the gateway's cancel and expiry). on_counts(ok, failed) after each
+        result. deadline: every request's (Unix time), so workers drop what comes due after it."""
         self.settings, self.experiment = settings, experiment
         self.input_path, self.out_path = Path(input_path), Path(out_path)
         self.errors_path = (
@@ -286,6 +293,7 @@ class BatchJob:
         self.rate, self.timeout_s, self.reply_topic = rate, timeout_s, reply_topic
         self.show_progress = progress
         self.max_pending, self.resubmit = max_pending, resubmit
+        self.stop, self.on_counts, self.deadline = stop or (lambda: False), on_counts, deadline
 
     def run(self) -> BatchSummary:
         t0 = time.monotonic()
@@ -337,7 +345,9 @@ class _Run:
             self.progress = Progress(scan.lines - skipped, "batch")
         try:
             self._submit_all(done, resuming)
-            client.wait(set(self.pending), job.timeout_s, on_reply=self._take)
+            deadline = time.monotonic() + job.timeout_s
+            while self.pending and not job.stop() and (left := deadline - time.monotonic()) > 0:
+                client.wait(set(self.pending), min(1.0, left), on_reply=self._take)
         finally:
             client.close()
         missing = scan.lines - skipped - self.ok - self.failed - self.invalid
@@ -379,17 +389,18 @@ class _Run:
             if n <= state.sent_through and not job.resubmit:
                 self.pending[it.request.id] = it  # in Kafka already: wait for its answer, do not send it again
                 continue
-            if not self._room():
-                break  # nothing came back for timeout_s: what is left stays for a rerun
+            if job.stop() or not self._room():
+                break  # stopped, or nothing came back for timeout_s: what is left stays for a rerun
             if interval:
                 delay = next_at - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
                 next_at = max(next_at + interval, time.monotonic() - 1.0)
+            update: dict[str, Any] = {"reply_to": it.request.reply_to or self._reply_to()}
+            if job.deadline is not None:
+                update["deadline"] = job.deadline
             try:
-                _, future = client.publish(
-                    it.request.model_copy(update={"reply_to": it.request.reply_to or self._reply_to()})
-                )
+                _, future = client.publish(it.request.model_copy(update=update))
             except (RequestTooLarge, ConfigError) as e:
                 it.error = f"line {n}: {e}"
                 self._invalid(it)
@@ -434,7 +445,7 @@ class _Run:
     def _room(self) -> bool:
         """Wait while max_pending requests are out; False once nothing has come back for timeout_s."""
         deadline = time.monotonic() + self.job.timeout_s
-        while len(self.pending) >= self.job.max_pending:
+        while len(self.pending) >= self.job.max_pending and not self.job.stop():
             before = len(self.pending)
             self._collect(200)
             if len(self.pending) < before:
@@ -475,6 +486,8 @@ class _Run:
         else:
             self.failed += 1
             self.err.write(line)
+        if self.job.on_counts:
+            self.job.on_counts(self.ok, self.failed)
         if self.progress:
             self.progress.update(self.ok + self.failed, f"sent {self.sent} ok {self.ok} failed {self.failed}")
 

@@ -30,9 +30,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def serving(settings, exps, keys=KEYS, **limits):
+def serving(settings, exps, keys=KEYS, storage=None, **limits):
     """A gateway in a thread of the test process, on a free port; yields its base URL."""
-    gateway = Gateway(settings, exps, Tenants(keys), f"test-{os.getpid()}", Limits(**limits))
+    gateway = Gateway(settings, exps, Tenants(keys), f"test-{os.getpid()}", Limits(**limits), storage=storage)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(gateway), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

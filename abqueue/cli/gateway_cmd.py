@@ -47,6 +47,13 @@ def register(sub) -> None:
     p.add_argument(
         "--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB); larger: 413"
     )
+    p.add_argument(
+        "--storage", type=Path, default=Path.home() / ".local" / "share" / "abqueue" / "gateway",
+        help="directory for uploaded files and batch results; replicas must share it (a PersistentVolume) "
+        "(default ~/.local/share/abqueue/gateway)",
+    )  # fmt: skip
+    p.add_argument("--max-file-lines", type=int, default=50_000, help="requests per batch input file (default 50,000)")
+    p.add_argument("--max-file-bytes", type=int, default=200_000_000, help="bytes per uploaded file (default 200 MB)")
     p.add_argument("--instance", default=None, help="names this gateway's reply topics (default: the host name)")
     options.add_kafka_flags(p)
     p.set_defaults(func=run)
@@ -82,8 +89,11 @@ def run(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise UsageError(f"two --config files define the same experiment: {names}")
     instance = re.sub(r"[^A-Za-z0-9_-]", "-", args.instance or socket.gethostname())[:60]
-    limits = Limits(args.request_timeout, args.max_body_bytes, args.max_backlog)
-    gateway = Gateway(options.kafka_settings(args), experiments, tenants, instance, limits)
+    limits = Limits(
+        args.request_timeout, args.max_body_bytes, args.max_backlog,
+        max_file_lines=args.max_file_lines, max_file_bytes=args.max_file_bytes,
+    )  # fmt: skip
+    gateway = Gateway(options.kafka_settings(args), experiments, tenants, instance, limits, storage=args.storage)
     try:
         log.info(
             "gateway for %s on http://%s:%d/v1 (%s)", ", ".join(names), args.host, args.port,

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import orjson
@@ -21,7 +22,12 @@ from pydantic import ValidationError
 
 from abqueue.errors import AbqError
 from abqueue.gateway.backlog import Backlog
+from abqueue.gateway.batch_api import files_and_batches
+from abqueue.gateway.batches import BatchRunner
+from abqueue.gateway.files import Storage
+from abqueue.gateway.mirror import Mirror
 from abqueue.gateway.openai_api import ApiError, request_fields, validation_error
+from abqueue.gateway.records import BATCH_PARTITIONS, BATCHES_TOPIC, FILES_TOPIC, BatchRecord, FileRecord, keep_cancel
 from abqueue.gateway.tenants import Tenants
 from abqueue.kafka import KafkaSettings, ensure_topic
 from producers import openai_batch
@@ -42,6 +48,8 @@ class Limits:
     max_body_bytes: int = 1_000_000
     max_backlog: int | None = None  # per variant; over it, 429 (None: never shed)
     max_waiting: int = 512  # requests waiting for their answers at once; the rest queue in the server
+    max_file_lines: int = 50_000  # OpenAI's limits per batch input file
+    max_file_bytes: int = 200_000_000
 
 
 def reply_topic(experiment: ExperimentConfig, instance: str) -> str:
@@ -59,7 +67,10 @@ class Gateway:
         tenants: Tenants,
         instance: str,
         limits: Limits | None = None,
+        storage: Path | None = None,
     ):
+        """storage: the directory for files and batches (the Files and Batches API); None serves
+        only the synchronous endpoints."""
         self.tenants, self.limits = tenants, limits or Limits()
         self.experiments = {e.name: e for e in experiments}
         self.clients: dict[str, AbqClient] = {}
@@ -73,6 +84,10 @@ class Gateway:
             "abq_gateway_request_seconds", "Time from a request's arrival to its answer, by endpoint", ["endpoint"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=self.registry,
         )  # fmt: skip
+        self.storage: Storage | None = None
+        self.files: Mirror[FileRecord] | None = None
+        self.batches: Mirror[BatchRecord] | None = None
+        self.runner: BatchRunner | None = None
         try:
             for exp in experiments:
                 topic = reply_topic(exp, instance)
@@ -82,6 +97,11 @@ class Gateway:
                 self.clients[exp.name] = AbqClient(settings, exp, reply_topic=topic, follow=True)
                 if self.limits.max_backlog is not None:
                     self.backlogs[exp.name] = Backlog(settings, exp, self.limits.max_backlog)
+            if storage is not None:
+                self.storage = Storage(storage)
+                self.files = Mirror(settings, FILES_TOPIC, FileRecord)
+                self.batches = Mirror(settings, BATCHES_TOPIC, BatchRecord, BATCH_PARTITIONS, merge=keep_cancel)
+                self.runner = BatchRunner(settings, self.experiments, self.storage, self.batches, self.files)
         except BaseException:
             self.close()
             raise
@@ -89,6 +109,11 @@ class Gateway:
         self.ready.set()
 
     def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+        for m in (self.batches, self.files):
+            if m is not None:
+                m.close()
         for b in self.backlogs.values():
             b.close()
         for c in self.clients.values():
@@ -216,6 +241,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         now = int(time.time())
         data = [{"id": m, "object": "model", "created": now, "owned_by": "abqueue"} for m in gateway.models()]
         return JSONResponse({"object": "list", "data": data})
+
+    files_and_batches(app, gateway, tenant_of, error)
 
     @app.get("/healthz")
     async def healthz() -> Response:

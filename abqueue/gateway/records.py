@@ -1,0 +1,90 @@
+"""The gateway's files and batches: OpenAI's File and Batch objects, as the API returns them and as
+they are kept in the compacted topics (with the tenant and the storage path, which the API never
+shows)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+FILES_TOPIC = "abq.gateway.files"
+BATCHES_TOPIC = "abq.gateway.batches"
+BATCH_PARTITIONS = 6  # batches are spread over the replicas by partition
+
+PRIVATE = {"tenant", "path", "lines", "model", "url"}
+
+BatchStatus = Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"]  # fmt: skip
+TERMINAL = {"failed", "completed", "expired", "cancelled"}
+
+
+class FileRecord(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str = "processed"
+    expires_at: int | None = None
+    status_details: str | None = None
+    tenant: str
+    path: str  # relative to the storage directory
+    lines: int = 0
+    model: str | None = None  # the experiment a batch input file's lines name
+    url: str | None = None  # and the endpoint
+
+    def api(self) -> dict[str, Any]:
+        return self.model_dump(exclude=PRIVATE)
+
+
+class RequestCounts(BaseModel):
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class BatchRecord(BaseModel):
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    errors: dict[str, Any] | None = None
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus = "validating"
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: RequestCounts = Field(default_factory=RequestCounts)
+    metadata: dict[str, str] | None = None
+    tenant: str
+    model: str | None = None
+
+    def api(self) -> dict[str, Any]:
+        return self.model_dump(exclude=PRIVATE)
+
+
+def keep_cancel(old: BatchRecord | None, new: BatchRecord) -> BatchRecord:
+    """A batch asked to cancel stays cancelling until it ends, whatever progress its runner wrote
+    in the meantime (the runner and the cancelling replica write independently)."""
+    if old is not None and old.status == "cancelling" and new.status in ("validating", "in_progress", "finalizing"):
+        return new.model_copy(update={"status": "cancelling", "cancelling_at": old.cancelling_at})
+    return new
+
+
+_WINDOW = re.compile(r"^(\d+)([smhd])$")
+
+
+def window_seconds(text: str) -> int | None:
+    """A completion window like 24h, 30m or 7d in seconds; None if it is not one."""
+    m = _WINDOW.match(text)
+    return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)] if m else None
