@@ -13,8 +13,9 @@ COPY schemas/ schemas/
 COPY producers/ producers/
 COPY workers/ workers/
 COPY abqueue/ abqueue/
-# vLLM and torch come from the base image; only abqueue's own small dependencies are added.
-RUN python3 -m pip install --no-cache-dir /opt/abqueue \
+# vLLM and torch come from the base image; only abqueue's own small dependencies are added (and the
+# gateway's FastAPI and uvicorn, which the base image has already: `--entrypoint abq IMAGE gateway ...`).
+RUN python3 -m pip install --no-cache-dir "/opt/abqueue[gateway]" \
     && useradd --create-home --uid 10001 --user-group abq \
     && mkdir -p /etc/abqueue \
     && chown abq:abq /etc/abqueue
