@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise UsageError(f"two --config files define the same experiment: {names}")
     instance = re.sub(r"[^A-Za-z0-9_-]", "-", args.instance or socket.gethostname())[:60]
+    if instance == "batches":
+        raise UsageError("--instance batches would share the batches' reply topic; name the instance otherwise")
     limits = Limits(
         args.request_timeout, args.max_body_bytes, args.max_backlog,
         max_file_lines=args.max_file_lines, max_file_bytes=args.max_file_bytes,

@@ -26,6 +26,7 @@ from abqueue.gateway.batch_api import files_and_batches
 from abqueue.gateway.batches import BatchRunner
 from abqueue.gateway.files import Storage
 from abqueue.gateway.mirror import Mirror
+from abqueue.gateway.naming import BATCH_REPLY_RETENTION_MS, REPLY_RETENTION_MS, batch_reply_topic, reply_topic
 from abqueue.gateway.openai_api import ApiError, request_fields, validation_error
 from abqueue.gateway.records import BATCH_PARTITIONS, BATCHES_TOPIC, FILES_TOPIC, BatchRecord, FileRecord, keep_cancel
 from abqueue.gateway.tenants import Tenants
@@ -34,12 +35,10 @@ from producers import openai_batch
 from producers.client import AbqClient, ReplyTimeout
 from producers.publisher import RequestTooLarge
 from schemas import ConfigError, ExperimentConfig, InferenceRequest
-from schemas.experiment import TOPIC_PREFIX
 
 log = logging.getLogger(__name__)
 
 ROUTING_HEADER = "x-abq-routing-key"
-REPLY_RETENTION_MS = 3_600_000  # a reply topic holds answers for callers waiting now, not history
 
 
 @dataclass
@@ -50,10 +49,6 @@ class Limits:
     max_waiting: int = 512  # requests waiting for their answers at once; the rest queue in the server
     max_file_lines: int = 50_000  # OpenAI's limits per batch input file
     max_file_bytes: int = 200_000_000
-
-
-def reply_topic(experiment: ExperimentConfig, instance: str) -> str:
-    return f"{TOPIC_PREFIX}.{experiment.name}.replies.gateway-{instance}"
 
 
 class Gateway:
@@ -98,6 +93,14 @@ class Gateway:
                 if self.limits.max_backlog is not None:
                     self.backlogs[exp.name] = Backlog(settings, exp, self.limits.max_backlog)
             if storage is not None:
+                for exp in experiments:
+                    topic = batch_reply_topic(exp)
+                    if refused := exp.reply_to_refusal(topic):
+                        raise ConfigError(f"the gateway's batch reply topic: {refused}")
+                    # Kept for the longest window a batch may have, so a resumed batch finds its answers.
+                    ensure_topic(
+                        settings, topic, exp.partitions, configs={"retention.ms": str(BATCH_REPLY_RETENTION_MS)}
+                    )
                 self.storage = Storage(storage)
                 self.files = Mirror(settings, FILES_TOPIC, FileRecord)
                 self.batches = Mirror(settings, BATCHES_TOPIC, BatchRecord, BATCH_PARTITIONS, merge=keep_cancel)

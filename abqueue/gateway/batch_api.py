@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 
 from abqueue.gateway.files import check_batch_input
 from abqueue.gateway.openai_api import ApiError
-from abqueue.gateway.records import TERMINAL, BatchRecord, FileRecord, RequestCounts, window_seconds
+from abqueue.gateway.records import MAX_WINDOW_S, TERMINAL, BatchRecord, FileRecord, RequestCounts, window_seconds
 
 if TYPE_CHECKING:
     from abqueue.gateway.app import Gateway
@@ -119,8 +119,8 @@ def files_and_batches(app: FastAPI, gateway: Gateway, tenant_of, error) -> None:
             raise ApiError(400, f"endpoint must be {url}, the one every line of {source.id} names", "invalid_value", "endpoint")  # fmt: skip
         window = str(body.get("completion_window", "24h"))
         seconds = window_seconds(window)
-        if seconds is None or seconds < 1:
-            raise ApiError(400, f"completion_window {window!r} is not a duration like 24h, 30m or 7d", "invalid_value", "completion_window")  # fmt: skip
+        if seconds is None or not 1 <= seconds <= MAX_WINDOW_S:
+            raise ApiError(400, f"completion_window {window!r} is not a duration from 1s to 7d, like 24h or 30m", "invalid_value", "completion_window")  # fmt: skip
         metadata = body.get("metadata")
         if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16):
             raise ApiError(400, "metadata must be an object of at most 16 string pairs", "invalid_value", "metadata")

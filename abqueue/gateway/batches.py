@@ -18,6 +18,7 @@ from kafka import ConsumerRebalanceListener
 
 from abqueue.gateway.files import Storage
 from abqueue.gateway.mirror import Mirror
+from abqueue.gateway.naming import batch_reply_topic
 from abqueue.gateway.records import BATCHES_TOPIC, TERMINAL, BatchRecord, FileRecord, RequestCounts
 from abqueue.kafka import KafkaSettings, consumer
 from producers import openai_batch
@@ -178,7 +179,7 @@ class _Running:
             summary = BatchJob(
                 self.runner.settings, exp, self.runner.storage.path(source.path), out, err,
                 timeout_s=max(1.0, expires_at - time.time()), progress=False, stop=stop, on_counts=counts,
-                deadline=float(expires_at),
+                deadline=float(expires_at), reply_topic=batch_reply_topic(exp),
             ).run()  # fmt: skip
             missing = summary.missing > 0
         if self.halt.is_set():

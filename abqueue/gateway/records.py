@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 FILES_TOPIC = "abq.gateway.files"
 BATCHES_TOPIC = "abq.gateway.batches"
 BATCH_PARTITIONS = 6  # batches are spread over the replicas by partition
+MAX_WINDOW_S = 7 * 86_400  # the longest completion window
 
 PRIVATE = {"tenant", "path", "lines", "model", "url"}
 
