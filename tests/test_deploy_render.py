@@ -315,3 +315,37 @@ def test_an_invalid_kafka_user_is_caught():
     doc["spec"]["authorization"]["acls"][0]["operations"] = ["Frobnicate"]
     with pytest.raises(ManifestError, match="operations"):
         validate_document(doc)
+
+
+def test_the_gateway_renders_valid_and_its_command_line_is_one_abq_gateway_accepts(tmp_path):
+    from abqueue.cli.main import build_parser
+    from abqueue.deploy.render import GatewayTarget
+
+    exp = load_experiment(EXAMPLE)
+    target = Target(
+        bootstrap_servers="kafka-kafka-bootstrap.kafka:9093",
+        gateway=GatewayTarget("gateway-storage", "gateway-keys", min_replicas=2, max_replicas=5),
+    )
+    files = render(exp, target)
+    assert validate_files(files) > 0
+    docs = {d["kind"]: d for d in files["k8s/gateway.yaml"]}
+    assert set(docs) == {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
+    c = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(c["args"])
+    assert args.command == "gateway" and args.instance == "$(POD_NAME)"  # each pod its own reply topic
+    assert args.api_keys is not None and not args.allow_anonymous and args.host == "0.0.0.0"
+    volumes = {v["name"]: v for v in docs["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["api-keys"]["secret"] == {"secretName": "gateway-keys", "defaultMode": 0o400}
+    assert volumes["storage"]["persistentVolumeClaim"]["claimName"] == "gateway-storage"
+    hpa = docs["HorizontalPodAutoscaler"]["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"], hpa["scaleTargetRef"]["name"]) == (
+        2, 5, docs["Deployment"]["metadata"]["name"],
+    )  # fmt: skip
+    # Without the claim there is no gateway; the flags that need one say so in one line.
+    out = subprocess.run(
+        abq_cmd("deploy", "render", "--config", str(EXAMPLE), "--out", str(tmp_path), *FLAGS,
+                "--gateway-storage-pvc", "gw"),
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--kafka-users" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "k8s/gateway.yaml" not in render(exp, Target(bootstrap_servers="b:9092"))

@@ -66,11 +66,22 @@ def register(sub) -> None:
     r.add_argument(
         "--prometheus-server", default=None, help="add a KEDA trigger on the engine's waiting requests (Prometheus URL)"
     )
+    r.add_argument(
+        "--gateway-storage-pvc", default=None, metavar="CLAIM",
+        help="also render abq gateway (Deployment, Service, PodDisruptionBudget, HPA), its files and batch results on "
+        "this ReadWriteMany PersistentVolumeClaim",
+    )  # fmt: skip
+    r.add_argument(
+        "--gateway-api-keys-secret", default=None, metavar="SECRET",
+        help="Secret whose key api-keys.yaml maps each tenant to its API keys (without it the gateway is anonymous)",
+    )  # fmt: skip
+    r.add_argument("--gateway-replicas", type=int, default=2, help="the gateway's fewest replicas (default 2)")
+    r.add_argument("--gateway-max-replicas", type=int, default=6, help="the gateway's most replicas (default 6)")
     r.set_defaults(func=run_render)
 
 
 def run_render(args: argparse.Namespace) -> int:
-    from abqueue.deploy.render import Target, render, write
+    from abqueue.deploy.render import GatewayTarget, Target, render, write
     from abqueue.deploy.validate import validate_files
     from schemas import load_experiment
 
@@ -93,6 +104,15 @@ def run_render(args: argparse.Namespace) -> int:
         raise UsageError(f"--kafka-users tls needs --security-protocol SSL, not {args.security_protocol}")
     if args.client and not args.kafka_users:
         raise UsageError("--client names producer users; it needs --kafka-users scram-sha-512 or tls")
+    if args.gateway_api_keys_secret and not args.gateway_storage_pvc:
+        raise UsageError("--gateway-api-keys-secret is for the gateway; render it with --gateway-storage-pvc CLAIM")
+    if args.gateway_storage_pvc and args.kafka_users:
+        raise UsageError(
+            "the gateway's own KafkaUser is not rendered yet; with --gateway-storage-pvc give the pods a user "
+            "through --sasl-secret or --tls-client-secret instead of --kafka-users"
+        )
+    if not 1 <= args.gateway_replicas <= args.gateway_max_replicas:
+        raise UsageError("--gateway-replicas must be at least 1 and at most --gateway-max-replicas")
     if not 0 < args.slo_success < 1:
         raise UsageError("--slo-success must be between 0 and 1, e.g. 0.995")
     target = Target(
@@ -112,6 +132,13 @@ def run_render(args: argparse.Namespace) -> int:
         prometheus_server=args.prometheus_server,
         kafka_users=args.kafka_users,
         clients=args.client or ["app"],
+        gateway=(
+            GatewayTarget(
+                args.gateway_storage_pvc, args.gateway_api_keys_secret, args.gateway_replicas, args.gateway_max_replicas
+            )
+            if args.gateway_storage_pvc
+            else None
+        ),
     )
     files = render(exp, target)
     n = validate_files(files)

@@ -47,6 +47,21 @@ class Target:
     # pod then uses the Secret Strimzi makes for its own user instead of sasl_secret/tls_client_secret.
     kafka_users: str | None = None
     clients: list[str] = field(default_factory=lambda: ["app"])  # producer users, one per client
+    gateway: GatewayTarget | None = None  # also render `abq gateway`'s Deployment, Service, PDB and HPA
+
+
+GATEWAY_PORT = 8000
+GATEWAY_STORAGE = "/var/lib/abqueue/gateway"
+
+
+@dataclass
+class GatewayTarget:
+    """`abq deploy render --gateway` flags."""
+
+    storage_pvc: str  # a ReadWriteMany claim every replica mounts: files and batch results
+    api_keys_secret: str | None = None  # key api-keys.yaml: tenant -> keys; None: anonymous
+    min_replicas: int = 2
+    max_replicas: int = 6
 
 
 def _user_secret_env(t: Target, user: str) -> list[dict]:
@@ -224,6 +239,117 @@ def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
             },
         },
     }
+
+
+def gateway_manifests(exp: ExperimentConfig, t: Target, g: GatewayTarget) -> list[dict]:
+    """The gateway: a Deployment (each pod its own instance, so its own reply topic), a Service, a
+    PodDisruptionBudget and a CPU HorizontalPodAutoscaler (its work is HTTP and JSON, not lag)."""
+    name = _name(exp.name, "gateway")
+    labels = {**_labels(exp), "app.kubernetes.io/name": "abqueue-gateway"}
+    args = ["gateway", "--config", f"{CONFIG_DIR}/experiment.yaml", "--host", "0.0.0.0", "--port", str(GATEWAY_PORT),
+            "--storage", GATEWAY_STORAGE, "--instance", "$(POD_NAME)"]  # fmt: skip
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "storage", "mountPath": GATEWAY_STORAGE},
+    ]
+    volumes: list[dict] = [
+        {"name": "config", "configMap": {"name": _name(exp.name, "config")}},
+        {"name": "storage", "persistentVolumeClaim": {"claimName": g.storage_pvc}},
+    ]
+    if g.api_keys_secret:
+        args += ["--api-keys", "/etc/abqueue-gateway/api-keys.yaml"]
+        mounts.append({"name": "api-keys", "mountPath": "/etc/abqueue-gateway", "readOnly": True})
+        volumes.append({"name": "api-keys", "secret": {"secretName": g.api_keys_secret, "defaultMode": 0o400}})
+    else:
+        args.append("--allow-anonymous")
+    for part, secret in (("ca", t.tls_ca_secret), ("client", t.tls_client_secret)):
+        if secret:
+            mounts.append({"name": f"kafka-tls-{part}", "mountPath": f"{TLS_DIR}/{part}", "readOnly": True})
+            volumes.append({"name": f"kafka-tls-{part}", "secret": {"secretName": secret}})
+    env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}, *_kafka_env(t),
+           {"name": "ABQ_LOG_LEVEL", "value": "INFO"}]  # fmt: skip
+    probe = {"httpGet": {"path": "/healthz", "port": "http"}}
+    meta = {"namespace": t.namespace, "labels": {**labels, **t.extra_labels}}
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, **meta},
+            "spec": {
+                "replicas": g.min_replicas,
+                "selector": {"matchLabels": labels},
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                "template": {
+                    "metadata": {
+                        "labels": labels,
+                        "annotations": {
+                            "abqueue.io/config-sha256": hashlib.sha256(_config_yaml(exp).encode()).hexdigest()[:16]
+                        },
+                    },
+                    "spec": {
+                        # A batch's runner stops at once and its next owner resumes it; a caller still
+                        # waiting gets its answer within the request timeout.
+                        "terminationGracePeriodSeconds": 70,
+                        "securityContext": {
+                            "runAsNonRoot": True,
+                            "runAsUser": 10001,
+                            "runAsGroup": 10001,
+                            "fsGroup": 10001,
+                            "seccompProfile": {"type": "RuntimeDefault"},
+                        },  # fmt: skip
+                        "containers": [
+                            {
+                                "name": "gateway",
+                                "image": t.image,
+                                "imagePullPolicy": "IfNotPresent",
+                                "command": ["abq"],
+                                "args": args,
+                                "env": env,
+                                "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
+                                "livenessProbe": {**probe, "periodSeconds": 15, "timeoutSeconds": 5},
+                                "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
+                                "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+                                "securityContext": {
+                                    "allowPrivilegeEscalation": False,
+                                    "capabilities": {"drop": ["ALL"]},
+                                },
+                                "volumeMounts": mounts,
+                            }
+                        ],
+                        "volumes": volumes,
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, **meta},
+            "spec": {"selector": labels, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+        },
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": {"name": name, "namespace": t.namespace},
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}},
+        },
+        {
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": name, **meta},
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                "minReplicas": g.min_replicas,
+                "maxReplicas": g.max_replicas,
+                "metrics": [
+                    {
+                        "type": "Resource",
+                        "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}},
+                    }
+                ],  # fmt: skip
+            },
+        },
+    ]
 
 
 def scaled_object(exp: ExperimentConfig, variant: str, t: Target) -> dict:
@@ -570,6 +696,8 @@ def render(exp: ExperimentConfig, t: Target) -> dict[str, list[dict]]:
                 "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _labels(exp, v.name)}},
             }
         ]
+    if t.gateway is not None:
+        k8s["gateway.yaml"] = gateway_manifests(exp, t, t.gateway)
     keda = {f"scaledobject-{v.name}.yaml": [scaled_object(exp, v.name, t)] for v in exp.variants}
     auth = trigger_authentication(exp, t)
     if auth:
