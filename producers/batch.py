@@ -458,7 +458,7 @@ class _Run:
         """Read what arrived for this job while no run was collecting."""
         listener = self.client.listener
         ends = listener.end_offsets()
-        while self.pending and not listener.caught_up(ends):
+        while self.pending and not listener.caught_up(ends) and not self.job.stop():
             self._collect(200)
         log.info("resuming: %d earlier requests still wait for their results", len(self.pending))
 

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 from conftest import REPO, abq_cmd
@@ -109,6 +110,41 @@ def test_ctrl_c_ends_in_one_line_and_a_batch_says_how_to_resume(kafka_bootstrap,
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     [line] = [x for x in stderr.splitlines() if x.startswith("abq: ")]
     assert "interrupted" in line and "rerun the same command to resume" in line, line
+
+
+def test_ctrl_c_that_kafka_python_s_io_loop_swallows_still_ends_a_batch(kafka_bootstrap, tmp_path):
+    """kafka-python's I/O loop runs its tasks in the caller's thread and logs, then drops, whatever
+    a task raises, KeyboardInterrupt included (seen in CI: a Ctrl-C'd batch waited out --timeout and
+    exited 1). Here the wait for results swallows it the same way, every time."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"c{i}", "prompt": "p"}) + "\n" for i in range(5)))
+    swallowing = (
+        "import sys\n"
+        "from producers.client import AbqClient\n"
+        "wait = AbqClient.wait\n"
+        "def swallowed(self, *a, **kw):\n"
+        "    try:\n"
+        "        return wait(self, *a, **kw)\n"
+        "    except KeyboardInterrupt:\n"
+        "        return {}\n"
+        "AbqClient.wait = swallowed\n"
+        "from abqueue.cli.main import main\n"
+        f"sys.argv = ['abq', 'batch', {str(inp)!r}, '--out', {str(out)!r}, '--no-progress', '--timeout', '60']\n"
+        "sys.exit(main())\n"
+    )
+    env = {**os.environ, "ABQ_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    proc = subprocess.Popen([sys.executable, "-c", swallowing], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=REPO, env=env, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "out.jsonl.state.json").exists():  # it has started waiting for results
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+        time.sleep(0.1)
+    time.sleep(1)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "rerun the same command to resume" in stderr, stderr
+    assert time.monotonic() - t0 < 10  # not --timeout later
 
 
 def test_a_batch_with_invalid_lines_exits_with_its_own_code(kafka_bootstrap, thread_worker, settings, tmp_path):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from abqueue.cli import options
@@ -60,6 +62,16 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--rate must be > 0")
     if args.max_pending < 1:
         raise UsageError("--max-pending must be at least 1")
+    # Ctrl-C: kafka-python's I/O loop runs tasks in the caller's thread and logs, then drops, any
+    # exception a task raises, KeyboardInterrupt included, so the job would wait out --timeout. The
+    # flag outlives a dropped KeyboardInterrupt: the job stops at its next check (within a second).
+    interrupted = threading.Event()
+
+    def on_sigint(signum, frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
     job = BatchJob(
         options.kafka_settings(args),
         options.experiment(args),
@@ -72,9 +84,12 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         max_pending=args.max_pending,
         resubmit=args.resubmit,
+        stop=interrupted.is_set,
     )
     args.interrupt_hint = f"results so far are in {args.out}; rerun the same command to resume"
     s = job.run()
+    if interrupted.is_set():
+        raise KeyboardInterrupt
     print(summary_line(s, args.out))
     if s.missing:
         print(
