@@ -7,12 +7,13 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from contextlib import contextmanager
 
 import openai  # a test dependency: a missing one must fail, never skip
 import pytest
 import uvicorn
-from conftest import REPO, abq_cmd, new_experiment, write_config
+from conftest import REPO, abq_cmd, metric_values, new_experiment, write_config
 from kafka_helpers import wait_until
 
 from abqueue.gateway.app import Gateway, Limits, create_app
@@ -93,6 +94,10 @@ def test_chat_and_completions_through_the_sdk_sticky_by_user_with_overrides_and_
         assert pinned.headers["x-abq-variant"] == "a"
         models = [m.id for m in client.models.list()]
         assert models == [exp.name, f"{exp.name}:a", f"{exp.name}:b"]
+        text = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=10).read().decode()
+        served = metric_values(text, endpoint="completions", status="200")["abq_gateway_requests_total"]
+        assert served == 3 + 30 + 5 + 1  # every completion above, by endpoint and status
+        assert metric_values(text, endpoint="completions", variant="a")["abq_gateway_requests_total"] >= 1
 
 
 def test_errors_keep_openai_s_shape_and_status(settings, thread_worker, caplog):

@@ -5,12 +5,13 @@ with their line numbers, cancel, expiry, and a gateway killed mid-batch."""
 import os
 import signal
 import subprocess
+import urllib.request
 from collections import Counter
 
 import openai
 import orjson
 import pytest
-from conftest import REPO, abq_cmd, new_experiment, write_config
+from conftest import REPO, abq_cmd, metric_values, new_experiment, write_config
 from kafka_helpers import wait_until
 from test_gateway import _client, _free_port, serving
 
@@ -68,6 +69,9 @@ def test_a_batch_through_the_sdk_accounts_for_every_line_and_tenants_see_only_th
             40, len(out), len(err),
         )  # fmt: skip
         assert done.in_progress_at and done.finalizing_at and done.completed_at
+        text = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=10).read().decode()
+        assert metric_values(text, result="completed")["abq_gateway_batch_lines_total"] >= len(out)
+        assert metric_values(text, status="completed")["abq_gateway_batches"] >= 1
         assert [x.id for x in client.batches.list()].count(b.id) == 1
         # Another tenant: the file and the batch do not exist for it.
         other = _client(url, key=OTHER, max_retries=0)

@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 from conftest import metric_values as _values
 from kafka_helpers import committed, dead_letters, end_offsets, wait_until
+from test_gateway import _client, serving
 from tiny_model import ENGINE_ARGS, make_tiny_model
 from transformers import AutoTokenizer
 
@@ -148,6 +149,14 @@ def test_vllm_worker_serves_dead_letters_and_survives_a_kill_9_or_drains_on_sigt
     else:
         assert _values(metrics)["abq_batch_size_count"] >= 1
     assert proc.poll() is None  # the worker is still serving
+    if engine == "vllm":  # the gateway in front of the real engine, through the official SDK
+        with serving(settings, [exp]) as url:
+            raw = _client(url).chat.completions.with_raw_response.create(
+                model=exp.name, messages=[{"role": "user", "content": "hello world"}], max_tokens=5, temperature=0
+            )
+        answer = raw.parse()
+        assert raw.headers["x-abq-variant"] == "tiny" and answer.model == str(tiny_model)
+        assert answer.choices[0].message.role == "assistant" and 0 < answer.usage.completion_tokens <= 5
     # Then the faults, one per engine so CI starts vLLM only twice: static batching drains on
     # SIGTERM; continuous batching is killed mid-stream and loses nothing.
     with AbqClient(settings, exp) as client:

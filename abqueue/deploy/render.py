@@ -21,6 +21,10 @@ from schemas import ExperimentConfig
 METRICS_PORT = 9400
 KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
 CONFIG_DIR = "/etc/abqueue"
+# Every pod runs as the image's non-root user (uid 10001, see Dockerfile) with nothing to escalate to.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 TLS_DIR = "/etc/abqueue/tls"
 
 
@@ -192,13 +196,7 @@ def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
                     # SIGTERM makes the worker finish its in-flight requests, publish and commit;
                     # the grace period must cover that, or the kubelet kills it halfway.
                     "terminationGracePeriodSeconds": sc.drain_seconds + 30,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": 10001,
-                        "runAsGroup": 10001,
-                        "fsGroup": 10001,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
+                    "securityContext": POD_SECURITY,
                     "nodeSelector": d.node_selector,
                     "tolerations": d.tolerations,
                     "containers": [
@@ -230,7 +228,7 @@ def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
                                 }
                             },
                             "resources": {"requests": requests, "limits": limits},
-                            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                            "securityContext": CONTAINER_SECURITY,
                             "volumeMounts": mounts,
                         }
                     ],
@@ -290,13 +288,7 @@ def gateway_manifests(exp: ExperimentConfig, t: Target, g: GatewayTarget) -> lis
                         # A batch's runner stops at once and its next owner resumes it; a caller still
                         # waiting gets its answer within the request timeout.
                         "terminationGracePeriodSeconds": 70,
-                        "securityContext": {
-                            "runAsNonRoot": True,
-                            "runAsUser": 10001,
-                            "runAsGroup": 10001,
-                            "fsGroup": 10001,
-                            "seccompProfile": {"type": "RuntimeDefault"},
-                        },  # fmt: skip
+                        "securityContext": POD_SECURITY,
                         "containers": [
                             {
                                 "name": "gateway",
@@ -309,10 +301,7 @@ def gateway_manifests(exp: ExperimentConfig, t: Target, g: GatewayTarget) -> lis
                                 "livenessProbe": {**probe, "periodSeconds": 15, "timeoutSeconds": 5},
                                 "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
                                 "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
-                                "securityContext": {
-                                    "allowPrivilegeEscalation": False,
-                                    "capabilities": {"drop": ["ALL"]},
-                                },
+                                "securityContext": CONTAINER_SECURITY,
                                 "volumeMounts": mounts,
                             }
                         ],

@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import typing
 import uuid
+from collections import Counter as Counter_
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import anyio
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
@@ -28,7 +30,15 @@ from abqueue.gateway.files import Storage
 from abqueue.gateway.mirror import Mirror
 from abqueue.gateway.naming import BATCH_REPLY_RETENTION_MS, REPLY_RETENTION_MS, batch_reply_topic, reply_topic
 from abqueue.gateway.openai_api import ApiError, request_fields, validation_error
-from abqueue.gateway.records import BATCH_PARTITIONS, BATCHES_TOPIC, FILES_TOPIC, BatchRecord, FileRecord, keep_cancel
+from abqueue.gateway.records import (
+    BATCH_PARTITIONS,
+    BATCHES_TOPIC,
+    FILES_TOPIC,
+    BatchRecord,
+    BatchStatus,
+    FileRecord,
+    keep_cancel,
+)
 from abqueue.gateway.tenants import Tenants
 from abqueue.kafka import KafkaSettings, ensure_topic
 from producers import openai_batch
@@ -79,6 +89,13 @@ class Gateway:
             "abq_gateway_request_seconds", "Time from a request's arrival to its answer, by endpoint", ["endpoint"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=self.registry,
         )  # fmt: skip
+        self.batch_lines = Counter(
+            "abq_gateway_batch_lines", "Batch lines finished by this replica, by result", ["result"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.batch_status = Gauge(
+            "abq_gateway_batches", "Batches by status (every replica sees them all)", ["status"], registry=self.registry
+        )
         self.storage: Storage | None = None
         self.files: Mirror[FileRecord] | None = None
         self.batches: Mirror[BatchRecord] | None = None
@@ -104,7 +121,11 @@ class Gateway:
                 self.storage = Storage(storage)
                 self.files = Mirror(settings, FILES_TOPIC, FileRecord)
                 self.batches = Mirror(settings, BATCHES_TOPIC, BatchRecord, BATCH_PARTITIONS, merge=keep_cancel)
-                self.runner = BatchRunner(settings, self.experiments, self.storage, self.batches, self.files)
+                lines = self.batch_lines
+                self.runner = BatchRunner(
+                    settings, self.experiments, self.storage, self.batches, self.files,
+                    on_line=lambda result: lines.labels(result).inc(),
+                )  # fmt: skip
         except BaseException:
             self.close()
             raise
@@ -258,6 +279,10 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        if gateway.batches is not None:
+            by = Counter_(b.status for b in gateway.batches.values())
+            for status in typing.get_args(BatchStatus):
+                gateway.batch_status.labels(status).set(by.get(status, 0))
         return Response(generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -11,6 +11,7 @@ import fcntl
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -39,7 +40,10 @@ class BatchRunner:
         storage: Storage,
         batches: Mirror[BatchRecord],
         files: Mirror[FileRecord],
+        on_line: Callable[[str], None] = lambda result: None,
     ):
+        """on_line(result): called for each line this replica finishes ("completed" or "failed")."""
+        self.on_line = on_line
         self.settings, self.experiments, self.storage = settings, experiments, storage
         self.batches, self.files = batches, files
         self._owned: set[int] = set()
@@ -163,9 +167,13 @@ class _Running:
             ended = "cancelled" if b.cancelling_at else "expired" if time.time() >= expires_at else "completed"
             self._finish(b, source, out, err, ended)
             return True
-        last = [0.0]
+        last, seen = [0.0], [0, 0]
 
         def counts(ok: int, failed: int) -> None:
+            for i, (now_n, result) in enumerate(((ok, "completed"), (failed, "failed"))):
+                if now_n > seen[i]:
+                    seen[i] = now_n
+                    self.runner.on_line(result)
             if time.monotonic() - last[0] >= PROGRESS_EVERY_S:
                 last[0] = time.monotonic()
                 done = _count(out), _count(err)

@@ -20,7 +20,14 @@ BatchStatus = Literal["validating", "failed", "in_progress", "finalizing", "comp
 TERMINAL = {"failed", "completed", "expired", "cancelled"}
 
 
-class FileRecord(BaseModel):
+class _Stored(BaseModel):
+    """A stored object; the API shows it without what only the gateway needs (PRIVATE)."""
+
+    def api(self) -> dict[str, Any]:
+        return self.model_dump(exclude=PRIVATE)
+
+
+class FileRecord(_Stored):
     id: str
     object: Literal["file"] = "file"
     bytes: int
@@ -36,9 +43,6 @@ class FileRecord(BaseModel):
     model: str | None = None  # the experiment a batch input file's lines name
     url: str | None = None  # and the endpoint
 
-    def api(self) -> dict[str, Any]:
-        return self.model_dump(exclude=PRIVATE)
-
 
 class RequestCounts(BaseModel):
     total: int = 0
@@ -46,7 +50,7 @@ class RequestCounts(BaseModel):
     failed: int = 0
 
 
-class BatchRecord(BaseModel):
+class BatchRecord(_Stored):
     id: str
     object: Literal["batch"] = "batch"
     endpoint: str
@@ -69,9 +73,6 @@ class BatchRecord(BaseModel):
     metadata: dict[str, str] | None = None
     tenant: str
     model: str | None = None
-
-    def api(self) -> dict[str, Any]:
-        return self.model_dump(exclude=PRIVATE)
 
 
 def keep_cancel(old: BatchRecord | None, new: BatchRecord) -> BatchRecord:
