@@ -10,6 +10,7 @@ import subprocess
 import pytest
 from conftest import REPO, ThreadWorker, abq_cmd, new_experiment, write_config
 from kafka.admin import ConfigResource, ConfigResourceType
+from kafka_helpers import wait_until
 from pydantic import SecretStr
 
 from abqueue.kafka import KafkaSettings, admin_client, ensure_topic, ensure_topics
@@ -157,3 +158,35 @@ def test_an_exactly_once_worker_needs_nothing_beyond_its_role(broker):
         }
         assert set(client.wait(ids, timeout=60)) == ids
         assert not running.stopping
+
+
+def test_the_gateway_serves_and_runs_batches_with_only_its_role(broker, tmp_path):
+    from test_gateway import _client, serving
+
+    operator, worker, gateway = (
+        settings_of(broker, "operator"),
+        settings_of(broker, "worker", "a"),
+        settings_of(broker, "gateway"),
+    )
+    ensure_topics(operator, EXP)
+    applied = abq_as(broker, "operator", "experiment", "apply", str(broker[1]))
+    assert applied.returncode == 0, applied.stderr
+    with ThreadWorker(worker, EXP, "a"), serving(gateway, [EXP], storage=tmp_path / "s", max_backlog=1000) as url:
+        client = _client(url)
+        chat = client.chat.completions.create(model=EXP.name, messages=[{"role": "user", "content": "hi"}])
+        assert chat.choices[0].message.content == "hi"
+        lines = b"".join(
+            b'{"custom_id": "c%d", "method": "POST", "url": "/v1/completions", "body": {"model": "%s", "prompt": "p"}}\n'
+            % (i, EXP.name.encode())
+            for i in range(5)
+        )
+        f = client.files.create(file=("in.jsonl", lines), purpose="batch")
+        b = client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="1h")
+        wait_until(lambda: client.batches.retrieve(b.id).status == "completed", 60, "the batch done", every=0.3)
+        assert client.batches.retrieve(b.id).request_counts.completed == 5
+    # and nothing beyond its role: everyone's responses, another client's replies.
+    other = f"abq.{EXP.name}.replies.other.inbox"
+    ensure_topic(operator, other, partitions=1)  # made by the test above when it ran first
+    for topic in (other, EXP.response_topic):
+        with pytest.raises(ConfigError, match=f"not allowed to read {topic}"):
+            AbqClient(gateway, EXP, reply_topic=topic)

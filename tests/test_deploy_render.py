@@ -278,6 +278,7 @@ def test_kafka_users_validate_against_strimzi_s_crd_and_each_role_gets_only_its_
         "abq-chat-worker-candidate",
         "abq-chat-operator",
         "abq-chat-keda",
+        "abq-chat-gateway",
     }
     assert {d["spec"]["authentication"]["type"] for d in users.values()} == {kind}
     web = _acls(files, "abq-chat-producer-web")
@@ -291,6 +292,14 @@ def test_kafka_users_validate_against_strimzi_s_crd_and_each_role_gets_only_its_
     assert not {a for a in worker if a[3] in ("AlterConfigs", "Alter", "Create", "Delete", "All")}
     assert not {a for a in worker if "candidate" in (a[1] or "")}  # not the other variant's requests
     assert {a[3] for a in _acls(files, "abq-chat-keda")} == {"Describe"}
+    # The gateway: a producer whose replies are abq.chat.replies.gateway.*, its own records and group, the lag.
+    gateway = _acls(files, "abq-chat-gateway")
+    assert ("topic", "abq.chat.replies.gateway.", "prefix", "Read") in gateway
+    assert ("topic", "abq._gateway.", "prefix", "Write") in gateway
+    assert ("group", "abq._gateway.batch-runners", "literal", "Read") in gateway
+    assert ("group", "abq.chat.base.workers", "literal", "Describe") in gateway
+    assert ("group", "abq.chat.base.workers", "literal", "Read") not in gateway  # it cannot take a worker's place
+    assert not {a for a in gateway if a[1] in (exp.response_topic, "abq.chat.replies.web.")}
     # Each worker uses its own user's Secret, as Strimzi names it.
     env = {e["name"]: e for e in _doc(files, "Deployment", "base")["spec"]["template"]["spec"]["containers"][0]["env"]}
     if kind == "tls":
@@ -341,11 +350,13 @@ def test_the_gateway_renders_valid_and_its_command_line_is_one_abq_gateway_accep
     assert (hpa["minReplicas"], hpa["maxReplicas"], hpa["scaleTargetRef"]["name"]) == (
         2, 5, docs["Deployment"]["metadata"]["name"],
     )  # fmt: skip
-    # Without the claim there is no gateway; the flags that need one say so in one line.
-    out = subprocess.run(
-        abq_cmd("deploy", "render", "--config", str(EXAMPLE), "--out", str(tmp_path), *FLAGS,
-                "--gateway-storage-pvc", "gw"),
-        capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
-    assert out.returncode == 2 and "--kafka-users" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    # With --kafka-users the gateway runs as its own user, whose KafkaUser has only the gateway's ACLs.
+    users = render(exp, Target(bootstrap_servers="b:9093", security_protocol="SASL_SSL", kafka_users="scram-sha-512",
+                               gateway=GatewayTarget("gateway-storage")))  # fmt: skip
+    validate_files(users)
+    env = {e["name"]: e for e in users["k8s/gateway.yaml"][0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    gateway_user = f"abq-{exp.name}-gateway"
+    assert env["ABQ_SASL_USERNAME"]["value"] == gateway_user
+    assert env["ABQ_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == gateway_user
+    assert gateway_user in {u["metadata"]["name"] for u in users["k8s/kafkausers.yaml"]}
     assert "k8s/gateway.yaml" not in render(exp, Target(bootstrap_servers="b:9092"))

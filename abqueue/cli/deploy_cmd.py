@@ -106,11 +106,6 @@ def run_render(args: argparse.Namespace) -> int:
         raise UsageError("--client names producer users; it needs --kafka-users scram-sha-512 or tls")
     if args.gateway_api_keys_secret and not args.gateway_storage_pvc:
         raise UsageError("--gateway-api-keys-secret is for the gateway; render it with --gateway-storage-pvc CLAIM")
-    if args.gateway_storage_pvc and args.kafka_users:
-        raise UsageError(
-            "the gateway's own KafkaUser is not rendered yet; with --gateway-storage-pvc give the pods a user "
-            "through --sasl-secret or --tls-client-secret instead of --kafka-users"
-        )
     if not 1 <= args.gateway_replicas <= args.gateway_max_replicas:
         raise UsageError("--gateway-replicas must be at least 1 and at most --gateway-max-replicas")
     if not 0 < args.slo_success < 1:

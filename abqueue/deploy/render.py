@@ -260,11 +260,13 @@ def gateway_manifests(exp: ExperimentConfig, t: Target, g: GatewayTarget) -> lis
         volumes.append({"name": "api-keys", "secret": {"secretName": g.api_keys_secret, "defaultMode": 0o400}})
     else:
         args.append("--allow-anonymous")
-    for part, secret in (("ca", t.tls_ca_secret), ("client", t.tls_client_secret)):
+    user = acls.user_name(exp, "gateway")
+    client_secret = user if t.kafka_users == "tls" else t.tls_client_secret
+    for part, secret in (("ca", t.tls_ca_secret), ("client", client_secret)):
         if secret:
             mounts.append({"name": f"kafka-tls-{part}", "mountPath": f"{TLS_DIR}/{part}", "readOnly": True})
             volumes.append({"name": f"kafka-tls-{part}", "secret": {"secretName": secret}})
-    env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}, *_kafka_env(t),
+    env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}, *_kafka_env(t, user),
            {"name": "ABQ_LOG_LEVEL", "value": "INFO"}]  # fmt: skip
     probe = {"httpGet": {"path": "/healthz", "port": "http"}}
     meta = {"namespace": t.namespace, "labels": {**labels, **t.extra_labels}}

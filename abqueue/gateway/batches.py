@@ -22,13 +22,14 @@ from abqueue.gateway.mirror import Mirror
 from abqueue.gateway.naming import batch_reply_topic
 from abqueue.gateway.records import BATCHES_TOPIC, TERMINAL, BatchRecord, FileRecord, RequestCounts
 from abqueue.kafka import KafkaSettings, consumer
+from abqueue.kafka.acls import GATEWAY_GROUP
 from producers import openai_batch
 from producers.batch import BatchJob, done_keys
 from schemas import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
-GROUP = "abq.gateway.batch-runners"
+GROUP = GATEWAY_GROUP
 PROGRESS_EVERY_S = 1.0  # how often a running batch's request_counts are written
 
 

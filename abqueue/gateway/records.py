@@ -9,8 +9,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-FILES_TOPIC = "abq.gateway.files"
-BATCHES_TOPIC = "abq.gateway.batches"
+from abqueue.kafka.acls import GATEWAY_TOPICS
+
+# "_": no experiment name starts so, whose topics (abq.NAME.*) these could meet (acls.GATEWAY_TOPICS).
+FILES_TOPIC = f"{GATEWAY_TOPICS}files"
+BATCHES_TOPIC = f"{GATEWAY_TOPICS}batches"
 BATCH_PARTITIONS = 6  # batches are spread over the replicas by partition
 MAX_WINDOW_S = 7 * 86_400  # the longest completion window
 

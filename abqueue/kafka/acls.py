@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from schemas.experiment import TOPIC_PREFIX, ConfigError, ExperimentConfig
 
-ROLES = ("producer", "worker", "operator", "keda")
+ROLES = ("producer", "worker", "operator", "keda", "gateway")
 CONFIG_TOPIC = f"{TOPIC_PREFIX}.experiments"  # abqueue.control.live_config.CONFIG_TOPIC
 ROLLOUT_TOPIC = f"{TOPIC_PREFIX}.rollouts"  # abqueue.control.rollout.ROLLOUT_TOPIC
 
@@ -98,6 +98,22 @@ def operator(exp: ExperimentConfig) -> list[Grant]:
     ]
 
 
+GATEWAY_CLIENT = "gateway"  # the gateway's reply topics are a producer's: abq.<experiment>.replies.gateway.*
+GATEWAY_TOPICS = f"{TOPIC_PREFIX}._gateway."  # abqueue.gateway.records: files and batches
+GATEWAY_GROUP = f"{TOPIC_PREFIX}._gateway.batch-runners"  # abqueue.gateway.batches.GROUP
+
+
+def gateway(exp: ExperimentConfig) -> list[Grant]:
+    """`abq gateway`: a producer whose client is `gateway`, plus its files and batches records, the
+    batch runners' group, and the workers' groups' offsets (the backlog it sheds load on)."""
+    return [
+        *producer(exp, GATEWAY_CLIENT),
+        _topic(GATEWAY_TOPICS, "Read", "Write", "Create", "Describe", "DescribeConfigs", prefix=True),
+        Grant("group", GATEWAY_GROUP, "literal", ("Read", "Describe")),
+        *(Grant("group", exp.consumer_group(v.name), "literal", ("Describe",)) for v in exp.variants),
+    ]
+
+
 def keda(exp: ExperimentConfig) -> list[Grant]:
     """KEDA's Kafka scaler: topic metadata and end offsets, the groups' committed offsets."""
     return [
@@ -123,7 +139,8 @@ def user_name(exp: ExperimentConfig, role: str, name: str | None = None) -> str:
 
 
 def principals(exp: ExperimentConfig, clients: list[str]) -> list[Principal]:
-    """Every user an experiment needs: a producer per client, a worker per variant, an operator and KEDA."""
+    """Every user an experiment needs: a producer per client, a worker per variant, an operator, KEDA
+    and the gateway."""
     for c in clients:
         if not CLIENT_PATTERN.fullmatch(c):
             raise ConfigError(f"client name {c!r} must be lower-case letters, digits and '-', at most 31 characters")
@@ -136,6 +153,7 @@ def principals(exp: ExperimentConfig, clients: list[str]) -> list[Principal]:
     ]
     out.append(Principal("operator", "operator", user_name(exp, "operator"), tuple(operator(exp))))
     out.append(Principal("keda", "keda", user_name(exp, "keda"), tuple(keda(exp))))
+    out.append(Principal("gateway", "gateway", user_name(exp, "gateway"), tuple(gateway(exp))))
     return out
 
 
