@@ -75,7 +75,7 @@ def files_and_batches(app: FastAPI, gateway: Gateway, tenant_of, error) -> None:
             purpose="batch", tenant=tenant, path=f"files/{fid}", lines=checked.lines, model=checked.model,
             url=checked.url,
         )  # fmt: skip
-        files.put(fid, record)
+        await anyio.to_thread.run_sync(files.put, fid, record)  # waits for Kafka: off the event loop
         return JSONResponse(record.api())
 
     @answers
@@ -98,7 +98,7 @@ def files_and_batches(app: FastAPI, gateway: Gateway, tenant_of, error) -> None:
     async def delete_file(request: Request, tenant: str, file_id: str) -> Response:
         storage, files, _ = enabled()
         f = own_file(tenant, file_id)
-        files.put(file_id, None)
+        await anyio.to_thread.run_sync(files.put, file_id, None)
         storage.path(f.path).unlink(missing_ok=True)
         return JSONResponse({"id": file_id, "object": "file", "deleted": True})
 
@@ -132,7 +132,7 @@ def files_and_batches(app: FastAPI, gateway: Gateway, tenant_of, error) -> None:
             metadata={str(k): str(v) for k, v in metadata.items()} if metadata else None,
             request_counts=RequestCounts(total=source.lines),
         )  # fmt: skip
-        kept = batches.put(bid, record)
+        kept = await anyio.to_thread.run_sync(batches.put, bid, record)
         assert kept is not None
         return JSONResponse(kept.api())
 
@@ -152,9 +152,8 @@ def files_and_batches(app: FastAPI, gateway: Gateway, tenant_of, error) -> None:
             if b.status in ("cancelled", "cancelling"):
                 return JSONResponse(b.api())
             raise ApiError(409, f"batch {batch_id} is {b.status} and cannot be cancelled", "batch_not_cancellable")
-        kept = enabled()[2].put(
-            batch_id, b.model_copy(update={"status": "cancelling", "cancelling_at": int(time.time())})
-        )
+        cancelling = b.model_copy(update={"status": "cancelling", "cancelling_at": int(time.time())})
+        kept = await anyio.to_thread.run_sync(enabled()[2].put, batch_id, cancelling)
         assert kept is not None
         return JSONResponse(kept.api())
 

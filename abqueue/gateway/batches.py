@@ -29,7 +29,6 @@ from schemas import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
-GROUP = GATEWAY_GROUP
 PROGRESS_EVERY_S = 1.0  # how often a running batch's request_counts are written
 
 
@@ -51,7 +50,7 @@ class BatchRunner:
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._consumer = consumer(settings, group_id=GROUP, enable_auto_commit=False, session_timeout_ms=10_000)
+        self._consumer = consumer(settings, group_id=GATEWAY_GROUP, enable_auto_commit=False, session_timeout_ms=10_000)
         self._consumer.subscribe([BATCHES_TOPIC], listener=_Rebalance(self))
         batches.listen(lambda key, value: self._consider(value) if value is not None else None)
         self._thread = threading.Thread(target=self._member, name="batch-runner", daemon=True)
@@ -96,6 +95,9 @@ class BatchRunner:
     def ended(self, batch_id: str) -> None:
         with self._lock:
             self._running.pop(batch_id, None)
+        # A run halted by a rebalance may end after this replica got the partition back: start it again.
+        if (b := self.batches.get(batch_id)) is not None and not self._stop.is_set():
+            self._consider(b)
 
     def close(self) -> None:
         self._stop.set()
