@@ -18,6 +18,7 @@ DeadLetterReason = Literal[
     "unsupported",
     "reply_to_refused",
     "invalid_header",
+    "hook_failed",
 ]
 
 

@@ -110,6 +110,28 @@ class PriceConfig(BaseModel):
     )
 
 
+HOOK_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+class HookConfig(BaseModel):
+    """Python callables the worker runs in process around the engine (KServe's transformers,
+    without a network hop), each under a time limit; a hook that raises or overruns gives its
+    request an error answer and a dead letter (reason hook_failed), and the worker serves on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request: str | None = Field(
+        default=None, pattern=HOOK_PATTERN,
+        description="module:function taking the InferenceRequest and returning it changed (e.g. abqueue.hooks:redact_pii)",
+    )  # fmt: skip
+    response: str | None = Field(
+        default=None, pattern=HOOK_PATTERN,
+        description="module:function taking the request and the outputs (list of str) and returning the outputs "
+        "(e.g. abqueue.hooks:extract_json)",
+    )  # fmt: skip
+    timeout_s: float = Field(default=2.0, gt=0, le=60, description="each call's time limit")
+
+
 class VariantConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -130,6 +152,7 @@ class VariantConfig(BaseModel):
     price: PriceConfig = Field(default_factory=PriceConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    hooks: HookConfig | None = Field(default=None, description="request and response hooks the worker runs")
 
     @field_validator("weight")
     @classmethod

@@ -27,6 +27,7 @@ from workers.engines.base import Engine
 from workers.inflight import InflightLimit
 from workers.message import Message
 from workers.middleware import Middleware, default_middleware, emit_after, emit_before, wrap_engine
+from workers.middleware.hooks import Hooks
 from workers.runners import Runner, engine_call, make_runner
 from workers.transport import Consumer, Offsets
 
@@ -81,6 +82,8 @@ class Worker:
         self.drain_timeout_s = drain_timeout_s
         self.worker_id = worker_id or default_worker_id()
         self.middleware = middleware if middleware is not None else default_middleware()
+        if self.variant.hooks is not None and not any(isinstance(m, Hooks) for m in self.middleware):
+            self.middleware = [*self.middleware, Hooks(self.variant.hooks)]  # last: on validated requests
         self.registry = CollectorRegistry()
         self._stop = threading.Event()
         self._heartbeat = time.monotonic()
@@ -311,8 +314,10 @@ class Worker:
                 self.stop()
             finished = [m for m in finished if m.engine_dead is None]
         self.completed += len(finished)
+        emit_before(self.middleware, "after_engine", self, finished)
         for m in finished:
-            m.answer_completion(variant=self.variant.name, model=self.engine.model, worker_id=self.worker_id)
+            if not m.done:  # a middleware may have decided it (a response hook that failed)
+                m.answer_completion(variant=self.variant.name, model=self.engine.model, worker_id=self.worker_id)
         ready, self._decided = self._decided + finished, []
         self._delivered(self.delivery.deliver(ready))
 

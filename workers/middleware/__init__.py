@@ -32,6 +32,10 @@ class Middleware:
         """Wrap the engine call (both kinds of engine: see workers.runners.EngineCall)."""
         return call
 
+    def after_engine(self, worker: Worker, finished: list[Message]) -> None:
+        """Runs on messages the engine has finished (their `completion` set), before their answers
+        are made; a message decided here (rejected) is answered as decided."""
+
     def after_batch(self, worker: Worker, batch: list[Message]) -> None:
         """Runs on messages whose responses are safe in Kafka (and whose offsets are committed,
         or held below an unanswered one)."""

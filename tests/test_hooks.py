@@ -1,0 +1,121 @@
+"""Request and response hooks: what they change reaches the engine and the caller; one that raises,
+hangs or returns the wrong thing fails only its own request (an error answer and a dead letter),
+and the worker serves on. On the stub transport, then once end to end on the real broker."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import ThreadWorker, metric_values, new_experiment
+from kafka_helpers import dead_letters
+
+from abqueue.hooks import extract_json, redact_pii
+from abqueue.kafka import ensure_topics
+from producers import AbqClient
+from schemas import ConfigError, ExperimentConfig, InferenceRequest
+
+
+def shout(request, outputs):
+    return [o.upper() for o in outputs]
+
+
+def picky(request):
+    """Fails as its prompt says."""
+    if request.prompt == "raise":
+        raise ValueError("no thanks")
+    if request.prompt == "hang":
+        time.sleep(5)
+    if request.prompt == "wrong":
+        return "not a request"
+    return request
+
+
+def _with_hooks(**hooks) -> ExperimentConfig:
+    data = new_experiment(variants=(("a", 100),)).model_dump()
+    data["variants"][0]["hooks"] = {"timeout_s": 0.3, **hooks}
+    return ExperimentConfig.model_validate(data)
+
+
+def test_hooks_change_what_the_engine_sees_and_what_the_caller_gets(stub_worker):
+    exp = _with_hooks(request="abqueue.hooks:redact_pii", response="test_hooks:shout")
+    with stub_worker(exp) as w:
+        w.send(prompt="mail ada@example.com or call +44 20 7946 0958 now")
+        (r,) = w.wait_responses(1)
+        text = metric_values(_metrics(w.worker), hook="request")
+    assert r.ok and r.outputs == ["MAIL [EMAIL] OR CALL [PHONE] NOW"]  # the echo engine saw the redacted prompt
+    assert text["abq_hook_seconds_count"] == 1
+
+
+def _metrics(worker) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(worker.registry).decode()
+
+
+def test_a_hook_that_raises_hangs_or_returns_the_wrong_thing_fails_only_its_request(stub_worker):
+    exp = _with_hooks(request="test_hooks:picky", response="abqueue.hooks:extract_json")
+    with stub_worker(exp) as w:
+        sent = {
+            p: w.send(prompt=p, routing_key=p) for p in ("raise", "hang", "wrong", "no json here", '{"ok": 1} thanks')
+        }
+        responses = {r.request_id: r for r in w.wait_responses(5, timeout=10)}
+        w.broker.wait_for(lambda: len(w.dead_letters()) >= 4, 5, "four dead letters")
+        letters = {d.request_id: d for d in w.dead_letters()}
+        later = w.send(prompt='["served", "after"]')  # the worker serves on, a hook thread stuck or not
+        w.broker.wait_for(lambda: len(w.broker.records(exp.response_topic)) >= 6, 5, "the request after")
+        assert w.error is None and not w.worker.stopping
+        failures = metric_values(_metrics(w.worker), hook="request")["abq_hook_failures_total"]
+    by = {p: responses[r.id] for p, r in sent.items()}
+    assert by['{"ok": 1} thanks'].ok and by['{"ok": 1} thanks'].outputs == ['{"ok":1}']
+    expected = {
+        "raise": "request hook test_hooks:picky raised ValueError: no thanks",
+        "hang": "request hook test_hooks:picky took longer than 0.3s",
+        "wrong": "request hook test_hooks:picky returned str, not an InferenceRequest, same id",
+        "no json here": "response hook abqueue.hooks:extract_json raised ValueError: no JSON object or array",
+    }
+    for prompt, why in expected.items():
+        r, letter = by[prompt], letters[sent[prompt].id]
+        assert r.error is not None and r.error.code == "invalid_request" and why in r.error.message, (prompt, r.error)
+        assert letter.reason == "hook_failed" and why in letter.detail
+    assert len(letters) == 4 and failures == 3
+    (after,) = [r for r in w.responses() if r.request_id == later.id]
+    assert after.ok and after.outputs == ['["served","after"]']
+
+
+def test_a_hook_that_cannot_be_loaded_stops_the_worker_in_one_line(stub_worker):
+    with pytest.raises(ConfigError, match=r"hook nowhere\.to\.be:found: cannot import nowhere"):
+        stub_worker(_with_hooks(request="nowhere.to.be:found"))
+    with pytest.raises(ConfigError, match="module abqueue.hooks has no missing"):
+        stub_worker(_with_hooks(response="abqueue.hooks:missing"))
+    with pytest.raises(ValueError, match="String should match pattern"):
+        _with_hooks(request="not a path")
+
+
+def test_the_example_hooks():
+    req = InferenceRequest(
+        experiment="e", routing_key="k",
+        messages=[{"role": "user", "content": "card 4111 1111 1111 1111, ip 10.0.0.12, bob@corp.io"}],
+    )  # fmt: skip
+    assert redact_pii(req).messages[0].content == "card [CARD], ip [IP], [EMAIL]"
+    assert redact_pii(req).id == req.id
+    assert extract_json(req, ['Sure! ```json\n{"a": [1, 2], "b": "é"}\n``` hope it helps', "[] and {}"]) == [
+        '{"a":[1,2],"b":"é"}',
+        "[]",
+    ]
+    with pytest.raises(ValueError, match="no JSON"):
+        extract_json(req, ["{not json"])
+
+
+def test_hooks_end_to_end_on_the_real_broker(settings):
+    exp = _with_hooks(request="abqueue.hooks:redact_pii", response="abqueue.hooks:extract_json")
+    ensure_topics(settings, exp)
+    with ThreadWorker(settings, exp, "a"), AbqClient(settings, exp) as client:
+        good = client.submit(
+            InferenceRequest(experiment=exp.name, routing_key="u1", prompt='{"from": "ada@example.com"}'), timeout=30
+        )
+        bad = client.submit(InferenceRequest(experiment=exp.name, routing_key="u2", prompt="plain"), timeout=30)
+    assert good.response.ok and good.response.outputs == ['{"from":"[EMAIL]"}']
+    assert bad.response.error is not None and "hook_failed" in bad.response.error.message
+    (letter,) = dead_letters(settings, exp.deadletter_topic, expect=1, timeout=30)
+    assert letter.reason == "hook_failed" and letter.request_id == bad.response.request_id
