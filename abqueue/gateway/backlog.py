@@ -25,7 +25,6 @@ class Backlog:
         self._rate: dict[str, float] = {}  # requests served per second, from the committed offsets' progress
         self._served: dict[str, tuple[float, int]] = {}
         self._stop = threading.Event()
-        self.read_once = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"backlog-{experiment.name}", daemon=True)
         self._thread.start()
 
@@ -48,7 +47,6 @@ class Backlog:
                 if admin is None:
                     admin, reader = admin_client(self._settings), consumer(self._settings, group_id=None)
                 self._read(admin, reader)
-                self.read_once.set()
             except Exception as e:  # a broker away for a moment: keep the last reading, try again
                 log.warning("could not read the backlog of %s (%s); keeping the last reading", self.experiment.name, e)
             self._stop.wait(self.every_s)
