@@ -171,6 +171,7 @@ class _Running:
             self._finish(b, source, out, err, ended)
             return True
         last, seen = [0.0], [0, 0]
+        before = _count(out), _count(err)  # lines an earlier run finished; this run's job counts its own
 
         def counts(ok: int, failed: int) -> None:
             for i, (now_n, result) in enumerate(((ok, "completed"), (failed, "failed"))):
@@ -179,8 +180,11 @@ class _Running:
                     self.runner.on_line(result)
             if time.monotonic() - last[0] >= PROGRESS_EVERY_S:
                 last[0] = time.monotonic()
-                done = _count(out), _count(err)
-                self._put(request_counts=RequestCounts(total=source.lines, completed=done[0], failed=done[1]))
+                self._put(
+                    request_counts=RequestCounts(
+                        total=source.lines, completed=before[0] + ok, failed=before[1] + failed
+                    )
+                )
 
         def stop() -> bool:
             return self.halt.is_set() or self._record().status == "cancelling" or time.time() >= expires_at
