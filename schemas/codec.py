@@ -54,7 +54,7 @@ def describe(err: ValidationError, limit: int = 1, whole: str | None = "(record)
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
-_PARAM_FIELDS = {"max_tokens", "temperature", "top_p", "stop", "seed", "n"}
+_PARAM_FIELDS = {"max_tokens", "temperature", "top_p", "stop", "seed", "n", "logprobs", "top_logprobs"}
 
 
 def decode_request(data: bytes) -> InferenceRequest:

@@ -132,6 +132,34 @@ class HookConfig(BaseModel):
     timeout_s: float = Field(default=2.0, gt=0, le=60, description="each call's time limit")
 
 
+class LoraConfig(BaseModel):
+    """A LoRA adapter the variant runs on its pool's base model (vLLM's LoRARequest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, description="local directory with adapter_config.json and the adapter's weights")
+    name: str | None = Field(
+        default=None, description="the adapter's name in vLLM's logs and metrics; default the variant's"
+    )
+
+
+class SamplingConfig(BaseModel):
+    """Sampling settings that are the variant's treatment: they replace the request's own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1, description="a ceiling: requests asking for more get this many")
+
+    def args(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+# What the variants of one pool share: they run on one engine, one Deployment, one ScaledObject.
+POOL_FIELDS = ("engine", "model", "vllm", "engine_args", "scaling", "deploy")
+
+
 class VariantConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -153,6 +181,28 @@ class VariantConfig(BaseModel):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     hooks: HookConfig | None = Field(default=None, description="request and response hooks the worker runs")
+    pool: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        description="variants naming one pool share its workers and engine (one base model); the pool's first variant "
+        "gives engine, model, vllm, engine_args, scaling and deploy to the others",
+    )
+    lora: LoraConfig | None = Field(default=None, description="a LoRA adapter on the base model (vllm engines)")
+    system_prompt: str | None = Field(
+        default=None,
+        max_length=100_000,
+        description="put first in every chat request (in place of the caller's system message) and before every prompt",
+    )
+    chat_template: str | None = Field(
+        default=None, max_length=100_000, description="a Jinja chat template in place of the model's own (vllm engines)"
+    )
+    sampling: SamplingConfig | None = Field(default=None, description="sampling settings in place of the request's")
+    max_top_logprobs: int = Field(
+        default=5,
+        ge=0,
+        le=20,
+        description="the most top_logprobs a request may ask for (0: logprobs of the chosen token only)",
+    )
 
     @field_validator("weight")
     @classmethod
@@ -232,6 +282,7 @@ class ExperimentConfig(BaseModel):
                 raise ValueError(
                     f"shadow variant {v.name!r} copies {v.shadow_of!r}, itself a shadow; copy a serving variant"
                 )
+        self._pools_consistent(names)
         if self.min_insync_replicas and self.min_insync_replicas > (self.replication_factor or 3):
             raise ValueError(
                 f"min_insync_replicas {self.min_insync_replicas} is more than replication_factor "
@@ -250,6 +301,60 @@ class ExperimentConfig(BaseModel):
                 f"duplicate override names: {', '.join(sorted({n for n in onames if onames.count(n) > 1}))}"
             )
         return self
+
+    def _pools_consistent(self, names: list[str]) -> None:
+        """Each pool's later variants take its first variant's engine settings unless they set their
+        own, which must then be the same: one engine serves them all."""
+        for pool, members in self.pools().items():
+            if pool in names:
+                raise ValueError(f"pool {pool!r} has the name of a variant; pools and variants need distinct names")
+            lead = members[0]
+            for v in members:
+                if v.shadow_of is not None:
+                    raise ValueError(f"shadow variant {v.name!r} cannot share pool {pool!r}; give it its own workers")
+                if v.lora is not None and not lead.engine.startswith("vllm"):
+                    raise ValueError(f"variant {v.name!r} has a LoRA adapter but pool {pool!r} runs engine "
+                                     f"{lead.engine!r}; adapters need engine vllm or vllm-batch")  # fmt: skip
+                for field in POOL_FIELDS if v is not lead else ():
+                    if field in v.model_fields_set and getattr(v, field) != getattr(lead, field):
+                        what = "base model" if field == "model" else field
+                        raise ValueError(
+                            f"variant {v.name!r} shares pool {pool!r} but names another {what} than {lead.name!r} "
+                            f"({getattr(v, field)!r}, not {getattr(lead, field)!r}); one engine serves a pool: give "
+                            f"{v.name!r} the same {field} or a pool of its own"
+                        )
+                    setattr(v, field, getattr(lead, field))
+        for v in self.variants:
+            if v.pool is None and v.lora is not None and not v.engine.startswith("vllm"):
+                raise ValueError(
+                    f"variant {v.name!r} has a LoRA adapter but engine {v.engine!r}; use vllm or vllm-batch"
+                )
+
+    def pools(self) -> dict[str, list[VariantConfig]]:
+        """Pool name -> its variants, in config order (variants without a pool are not listed)."""
+        out: dict[str, list[VariantConfig]] = {}
+        for v in self.variants:
+            if v.pool is not None:
+                out.setdefault(v.pool, []).append(v)
+        return out
+
+    def serving(self, name: str) -> list[VariantConfig]:
+        """The variants one worker serves: a pool's, or one variant on its own (which may name a pooled variant:
+        its pool is served)."""
+        pools = self.pools()
+        if name in pools:
+            return pools[name]
+        v = self.variant(name)
+        return pools[v.pool] if v.pool is not None else [v]
+
+    def serving_units(self) -> list[str]:
+        """What needs its own workers: each pool, and each variant in none; config order."""
+        out: list[str] = []
+        for v in self.variants:
+            unit = v.pool or v.name
+            if unit not in out:
+                out.append(unit)
+        return out
 
     @property
     def control_variant(self) -> str:
@@ -316,9 +421,14 @@ class ExperimentConfig(BaseModel):
     def partitions_for(self, variant: str) -> int:
         """A variant's request topics have at least as many partitions as it may have workers:
         a worker beyond the partition count would get nothing to do."""
-        return max(self.partitions, self.variant(variant).scaling.max_replicas)
+        return max(self.partitions, self.serving(variant)[0].scaling.max_replicas)
 
     def consumer_group(self, variant: str) -> str:
+        """The group whose workers serve `variant` (a variant or pool name). A pool's group name has a
+        part no variant's can have, so the two never meet."""
+        pool = variant if variant in self.pools() else next((v.pool for v in self.variants if v.name == variant), None)
+        if pool is not None:
+            return f"{TOPIC_PREFIX}.{self.name}.{pool}.pool.workers"
         return f"{TOPIC_PREFIX}.{self.name}.{variant}.workers"
 
 
@@ -361,5 +471,6 @@ def config_keys() -> set[str]:
     """Every key an experiment config may have, at any depth: for 'did you mean' on a misspelt one."""
     models: list[type[BaseModel]] = [
         ExperimentConfig, VariantConfig, VllmSettings, ScalingConfig, DeployConfig, PriceConfig, SegmentOverride,
+        HookConfig, LoraConfig, SamplingConfig,
     ]  # fmt: skip
     return {name for m in models for name in m.model_fields}

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_N = 16
 MAX_STOP_SEQUENCES = 8
 MAX_TOKENS_LIMIT = 1_000_000
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound; a variant's max_top_logprobs may be lower
 
 # Priority levels, highest first. Each has its own topic per variant; bulk jobs use the lowest.
 PRIORITIES = ("high", "normal", "batch")
@@ -57,6 +58,15 @@ class InferenceRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     n: int = Field(default=1, ge=1, le=MAX_N)
+    # None, not False, when unset: encode() leaves it out, so workers older than the field still take the request.
+    logprobs: bool | None = Field(default=None, description="true: return each output token's log probability")
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="with logprobs: also the most likely tokens at each position, this many (the variant's "
+        "max_top_logprobs bounds it)",
+    )
     deadline: float | None = Field(default=None, description="absolute Unix time in seconds")
     reply_to: str | None = Field(default=None, max_length=249, description="extra topic for the response")
     caller_tag: str | None = Field(
@@ -75,6 +85,8 @@ class InferenceRequest(BaseModel):
             raise ValueError("exactly one of 'prompt' or 'messages' must be set")
         if self.messages is not None and not self.messages:
             raise ValueError("'messages' must not be empty")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'logprobs' must be true when 'top_logprobs' is set")
         if any(not s for s in self.stop):
             raise ValueError("'stop' sequences must not be empty strings")
         return self

@@ -35,6 +35,23 @@ class Usage(BaseModel):
     )
 
 
+class TopLogprob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """One output token's log probability, and the most likely tokens at its position (OpenAI's shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str
+    logprob: float
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 class Timings(BaseModel):
     """Unix times in seconds along the request's path. `first_token` only where the engine knows it."""
 
@@ -76,6 +93,9 @@ class InferenceResponse(BaseModel):
     model: str
     outputs: list[str] = Field(default_factory=list, description="one text per requested sample (n)")
     finish_reason: FinishReason | None = None
+    logprobs: list[list[TokenLogprob]] | None = Field(
+        default=None, description="where the request asked for logprobs: per output (as outputs), one entry per token"
+    )
     usage: Usage = Field(default_factory=Usage)
     timings: Timings
     worker_id: str
@@ -90,6 +110,11 @@ class InferenceResponse(BaseModel):
         if self.error is not None and self.outputs:
             raise ValueError("a failed response carries no outputs")
         return self
+
+    def mean_logprob(self) -> float | None:
+        """The mean log probability of the output tokens: a confidence signal (None without logprobs)."""
+        values = [t.logprob for sample in self.logprobs or () for t in sample]
+        return sum(values) / len(values) if values else None
 
     @property
     def ok(self) -> bool:

@@ -156,6 +156,7 @@ def test_dashboard_and_alerts_use_only_metrics_the_worker_exports():
         registry=registry,
         experiment=SimpleNamespace(name="x"),
         variant=SimpleNamespace(name="v"),
+        serves="v",
         engine=SimpleNamespace(model="m", stats=lambda: {}),
         admission=SimpleNamespace(waiting=lambda level: 0),
         startup_seconds=1.0,

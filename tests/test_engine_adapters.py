@@ -94,6 +94,7 @@ def test_aborting_a_request_cancels_its_vllm_generate_and_never_answers_it(monke
     monkeypatch.setattr(vllm_async, "sampling_params", lambda request, final_only=False: None)
     engine = AsyncVllmEngine.__new__(AsyncVllmEngine)
     engine.llm, engine._use_priority, engine._ids, engine._running = Stuck(), False, itertools.count(), {}
+    engine._loras = {}
     engine.prompt = lambda request: None
     engine._loop = asyncio.new_event_loop()
     threading.Thread(target=engine._loop.run_forever, daemon=True).start()

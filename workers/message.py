@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 class Message:
     record: ConsumerRecord
     dequeued_at: float = field(default_factory=time.time)
+    variant: str = ""  # the variant whose topic the record came from (a pool's worker serves several)
+    # The caller's prompt length, before the variant's system prompt or a hook changed it: the response
+    # reports this, a covariate that must not depend on the variant.
+    prompt_chars: int | None = None
     request: InferenceRequest | None = None
     response: InferenceResponse | None = None
     dead_letter: DeadLetter | None = None
@@ -65,7 +69,7 @@ class Message:
             self.reply_to = None
         if self.request_id is not None:
             self.answer(
-                variant=worker.variant.name,
+                variant=self.variant,
                 model=worker.engine.model,
                 worker_id=worker.worker_id,
                 finish_reason="error",
@@ -92,6 +96,7 @@ class Message:
         usage: Usage | None = None,
         first_token: float | None = None,
         error: ErrorInfo | None = None,
+        logprobs: list | None = None,
         experiment: str = "",
     ) -> None:
         """experiment: what an undecodable request is answered as (its own claim is not trusted)."""
@@ -100,7 +105,8 @@ class Message:
         finished = time.time()
         usage = usage or Usage()
         if req is not None:
-            usage = usage.model_copy(update={"prompt_chars": req.prompt_chars()})
+            chars = self.prompt_chars if self.prompt_chars is not None else req.prompt_chars()
+            usage = usage.model_copy(update={"prompt_chars": chars})
         ttft = tpot = None
         if first_token is not None and self.started is not None and req is not None:
             ttft = max(0.0, first_token - self.started)
@@ -118,6 +124,7 @@ class Message:
             model=model,
             outputs=outputs or [],
             finish_reason=finish_reason,
+            logprobs=logprobs,
             usage=usage,
             timings=Timings(
                 enqueued=self.enqueued_at,
@@ -133,16 +140,17 @@ class Message:
             caller_tag=req.caller_tag if req else self.address.get("caller_tag"),
         )
 
-    def answer_completion(self, *, variant: str, model: str, worker_id: str) -> None:
+    def answer_completion(self, *, model: str, worker_id: str) -> None:
         c = self.completion
         assert c is not None, "answer_completion needs what the engine made"
         self.answer(
-            variant=variant,
+            variant=self.variant,
             model=model,
             worker_id=worker_id,
             outputs=c.outputs,
             finish_reason=c.finish_reason,
             error=c.error,
+            logprobs=c.logprobs,
             first_token=c.first_token_at,
             usage=Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens),
         )

@@ -63,12 +63,16 @@ class Worker:
         drain_timeout_s: float = 120.0,
         follow=None,
     ):
-        """Serves one variant through `consumer` and `delivery`; does no I/O until run().
+        """Serves one variant, or a pool of variants on one engine (`variant` names either), through
+        `consumer` and `delivery`; does no I/O until run().
         `Worker.from_settings` builds both on Kafka. follow: a ConfigFollower; the variant's limits
         (max_prompt_chars, max_tokens_limit) then come from the live config as it changes. Engine
         settings need a restart (a rolling update)."""
         self.experiment = experiment
-        self.variant = experiment.variant(variant)
+        served = experiment.serving(variant)
+        self.serves = served[0].pool or served[0].name  # a pool's name, or the one variant's
+        self.variants = {v.name: v for v in served}
+        self.variant = served[0]  # the one whose engine settings the pool shares
         self.engine = engine
         self.consumer = consumer
         self.delivery = delivery
@@ -82,16 +86,19 @@ class Worker:
         self.drain_timeout_s = drain_timeout_s
         self.worker_id = worker_id or default_worker_id()
         self.middleware = middleware if middleware is not None else default_middleware()
-        if self.variant.hooks is not None and not any(isinstance(m, Hooks) for m in self.middleware):
-            self.middleware = [*self.middleware, Hooks(self.variant.hooks)]  # last: on validated requests
+        hooks = {v.name: v.hooks for v in served if v.hooks is not None}
+        if hooks and not any(isinstance(m, Hooks) for m in self.middleware):
+            self.middleware = [*self.middleware, Hooks(hooks)]  # last: on validated requests
         self.registry = CollectorRegistry()
         self._stop = threading.Event()
         self._heartbeat = time.monotonic()
         self._started = False
         self.startup_seconds: float | None = None
         self.batches = 0
-        self.topics = experiment.request_topics(self.variant.name)
-        self.group = experiment.consumer_group(self.variant.name)
+        by_level = [experiment.request_topics(v.name) for v in served]
+        self.topics = {lvl: [t[lvl] for t in by_level] for lvl in by_level[0]}
+        self._variant_of = {topic: v.name for v, t in zip(served, by_level, strict=True) for topic in t.values()}
+        self.group = experiment.consumer_group(self.serves)
         self.admission = Admission(self.topics, capacity=self.max_inflight, low_share=low_priority_share)
         self.delivery.bind(consumer, self.admission.drop)
         self.runner: Runner | None = None
@@ -123,9 +130,9 @@ class Worker:
 
         if create_topics:
             ensure_topics(settings, experiment)
-        v = experiment.variant(variant)
+        v = experiment.serving(variant)[0]
         worker_id = worker_id or default_worker_id()
-        group = experiment.consumer_group(v.name)
+        group = experiment.consumer_group(variant)
         consumer = KafkaConsumerTransport(
             settings,
             group,
@@ -150,31 +157,25 @@ class Worker:
 
     def _config_changed(self, record) -> None:
         new = record.experiment
-        if self.variant.name not in {v.name for v in new.variants}:
-            log.warning(
-                "experiment %s v%d no longer has variant %s; serving what is left in its topics",
-                new.name,
-                record.version,
-                self.variant.name,
-            )
+        known = {v.name for v in new.variants}
+        if gone := sorted(set(self.variants) - known):
+            log.warning("experiment %s v%d no longer has variant %s; serving what is left in its topics",
+                        new.name, record.version, ", ".join(gone))  # fmt: skip
             return
-        fresh = new.variant(self.variant.name)
-        keep = {"weight", "max_prompt_chars", "max_tokens_limit", "scaling", "deploy", "price"}
-        if fresh.model_dump(exclude=keep) != self.variant.model_dump(exclude=keep):
-            log.warning(
-                "experiment %s v%d changes %s's engine settings; they apply when the worker restarts",
-                new.name,
-                record.version,
-                self.variant.name,
-            )
-        self.experiment, self.variant = new, fresh
-        log.info(
-            "experiment %s v%d in use (limits: %d prompt chars, %d max_tokens)",
-            new.name,
-            record.version,
-            fresh.max_prompt_chars,
-            fresh.max_tokens_limit,
-        )
+        keep = {"weight", "max_prompt_chars", "max_tokens_limit", "max_top_logprobs", "scaling", "deploy", "price"}
+        fresh = {name: new.variant(name) for name in self.variants}
+        for name, v in fresh.items():
+            if v.model_dump(exclude=keep) != self.variants[name].model_dump(exclude=keep):
+                log.warning("experiment %s v%d changes %s's engine settings, prompt or hooks; they apply when the "
+                            "worker restarts", new.name, record.version, name)  # fmt: skip
+        self.experiment, self.variants, self.variant = new, fresh, fresh[self.variant.name]
+        log.info("experiment %s v%d in use (limits: %s)", new.name, record.version, ", ".join(
+            f"{v.name}: {v.max_prompt_chars} prompt chars, {v.max_tokens_limit} max_tokens" for v in fresh.values()
+        ))  # fmt: skip
+
+    def variant_of(self, m: Message):
+        """The live config of the variant whose topic `m` came from."""
+        return self.variants[m.variant]
 
     # -- lifecycle -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -209,7 +210,7 @@ class Worker:
         emit_before(self.middleware, "before_start", self)
         call = wrap_engine(self.middleware, self, engine_call(self.engine))
         self.runner = runner = make_runner(self.engine, call, self.max_batch, self.max_wait_ms)
-        self.consumer.subscribe(list(self.topics.values()), self._on_revoked, self._on_assigned)
+        self.consumer.subscribe(list(self._variant_of), self._on_revoked, self._on_assigned)
         # No traffic meets a cold engine: readiness waits for one answered request.
         self.engine.warm_up()
         self.startup_seconds = time.time() - process_start_time()
@@ -217,7 +218,7 @@ class Worker:
         log.info(
             "worker %s serving %s (group %s, engine %s, %s batching, %s, max %d in flight); ready after %.1fs",
             self.worker_id,
-            ", ".join(self.topics.values()),
+            ", ".join(self._variant_of),
             self.group,
             self.engine.model,
             self.engine.batching,
@@ -280,7 +281,7 @@ class Worker:
         max_records = max(1, min(self.max_batch, self.admission.room()))
         polled = self.consumer.poll(timeout_ms=wait_ms, max_records=max_records)
         now = time.time()  # when the worker got the records: after the poll, which may have waited for them
-        fresh = [Message(r, dequeued_at=now) for r in polled]
+        fresh = [Message(r, dequeued_at=now, variant=self._variant_of[r.topic]) for r in polled]
         self.delivery.received(fresh)
         self.admission.add(fresh)
         room = self.max_inflight - self.inflight - self.delivery.unsent
@@ -317,7 +318,7 @@ class Worker:
         emit_before(self.middleware, "after_engine", self, finished)
         for m in finished:
             if not m.done:  # a middleware may have decided it (a response hook that failed)
-                m.answer_completion(variant=self.variant.name, model=self.engine.model, worker_id=self.worker_id)
+                m.answer_completion(model=self.engine.model, worker_id=self.worker_id)
         ready, self._decided = self._decided + finished, []
         self._delivered(self.delivery.deliver(ready))
 

@@ -35,22 +35,29 @@ def add_kafka_flags(p: argparse.ArgumentParser) -> None:
         g.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_)
 
 
-def add_experiment_flags(p: argparse.ArgumentParser, need_variant: bool = False) -> None:
+def add_experiment_flags(p: argparse.ArgumentParser, need_variant: bool = False, pools: bool = False) -> None:
     p.add_argument("--config", default=None, help="experiment config YAML (default: the built-in 'demo' experiment)")
     p.add_argument("--experiment", default=None, help="experiment name; must match the config's name")
     if need_variant:
         p.add_argument(
-            "--variant",
+            *(("--variant", "--pool") if pools else ("--variant",)),
+            dest="variant",
             required=True,
-            help=f"the variant this process serves ({CONTROL}: the config's control variant)",
+            help=f"the variant this process serves ({CONTROL}: the config's control variant)"
+            + (
+                "; or a pool, whose variants it serves on one engine (so does a pooled variant's name)" if pools else ""
+            ),
         )
 
 
 CONTROL = "@control"
 
 
-def variant_name(exp: ExperimentConfig, name: str) -> str:
-    """`name`, or the config's control variant for @control (what the worker image runs by default)."""
+def variant_name(exp: ExperimentConfig, name: str, pools: bool = False) -> str:
+    """`name`, or the config's control variant for @control (what the worker image runs by default).
+    pools: a pool's name is taken too."""
+    if pools and name in exp.pools():
+        return name
     return exp.control_variant if name == CONTROL else exp.variant(name).name
 
 

@@ -16,7 +16,7 @@ def register(sub) -> None:
         description="Consumes the variant's request topics (one per priority) in its consumer group, feeds the "
         "engine as capacity frees up, and commits only offsets whose responses Kafka has acknowledged.",
     )
-    options.add_experiment_flags(p, need_variant=True)
+    options.add_experiment_flags(p, need_variant=True, pools=True)
     options.add_engine_flags(p, "this variant")
     p.add_argument(
         "--max-inflight",
@@ -94,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--request-timeout must be >= 0 seconds (0 turns it off)")
     settings = options.kafka_settings(args)
     exp = options.experiment(args)
-    args.variant = options.variant_name(exp, args.variant)
-    variant = exp.variant(args.variant)
+    args.variant = options.variant_name(exp, args.variant, pools=True)
+    served = exp.serving(args.variant)
+    variant = served[0]
     logging.getLogger(__name__).info("connecting: %s", settings.describe())
     # Probes answer from the start: alive while the engine loads, ready once it has answered a request.
     server = None
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--metrics-port {args.metrics_port} is in use by another process ({e.strerror}); pick a free port"
             ) from None
-    engine = make_engine(variant, args.engine, args.model, options.engine_args(args))
+    engine = make_engine(variant, args.engine, args.model, options.engine_args(args), pool=served)
     follower = None
     if args.follow:
         from abqueue.control.live_config import ConfigFollower
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     worker = Worker.from_settings(
         settings,
         exp,
-        variant.name,
+        args.variant,
         engine,
         delivery=args.delivery,
         max_batch=args.max_batch,

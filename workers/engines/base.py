@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 from schemas import ErrorInfo, InferenceRequest
 from schemas.deadletter import DeadLetterReason
-from schemas.response import FinishReason
+from schemas.response import FinishReason, TokenLogprob
 
 
 class EngineError(RuntimeError):
@@ -38,6 +38,7 @@ class Completion:
     completion_tokens: int = 0
     first_token_at: float | None = None  # Unix time, where the engine reports it
     error: ErrorInfo | None = None
+    logprobs: list[list[TokenLogprob]] | None = None  # per output, where the request asked for them
 
     @classmethod
     def failed(cls, message: str) -> Completion:

@@ -9,6 +9,7 @@ import threading
 import time
 
 from schemas import ConfigError, InferenceRequest
+from schemas.response import TokenLogprob, TopLogprob
 from workers.engines.base import Completion, EngineDead, Rejection, TransientEngineError
 
 
@@ -88,12 +89,16 @@ class EchoEngine:
             return Completion.failed("echo engine: rehearsed failure (error_rate)")
         words = _text(r).split()
         kept = words[: r.max_tokens]
+        # An echo is certain of every word it says: log probability 0, and no other candidate.
+        sure = [TokenLogprob(token=w, logprob=0.0, top_logprobs=[TopLogprob(token=w, logprob=0.0)][: r.top_logprobs or 0])
+                for w in kept]  # fmt: skip
         return Completion(
             outputs=[" ".join(kept)] * r.n,
             finish_reason="length" if len(words) > r.max_tokens else "stop",
             prompt_tokens=len(words),
             completion_tokens=len(kept) * r.n,
             first_token_at=first,
+            logprobs=[sure] * r.n if r.logprobs else None,
         )
 
     # static batching

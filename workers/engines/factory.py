@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from schemas import ConfigError, VariantConfig
 from schemas.experiment import ENGINES
+from workers.engines import lora
 from workers.engines.base import Engine
 
 
 def make_engine(
-    variant: VariantConfig, kind: str | None = None, model: str | None = None, extra_args: dict | None = None
+    variant: VariantConfig,
+    kind: str | None = None,
+    model: str | None = None,
+    extra_args: dict | None = None,
+    pool: list[VariantConfig] | None = None,
 ) -> Engine:
-    """The engine a variant's config names, with --engine/--model/--engine-arg overrides applied."""
+    """The engine a variant's config names, with --engine/--model/--engine-arg overrides applied.
+    pool: the variants the engine serves (default just `variant`), for their adapters and templates."""
     kind = kind or variant.engine
     same = kind == variant.engine
     # The config's engine settings belong to the config's engine; another engine starts from none.
@@ -29,6 +35,14 @@ def make_engine(
         from workers.engines.vllm_static import VllmEngine
 
         args = {**(variant.vllm.args() if variant.engine.startswith("vllm") else {}), **args}
+        served = pool or [variant]
+        adapters = lora.adapters(served)
+        templates = {v.name: v.chat_template for v in served if v.chat_template is not None}
         cls = AsyncVllmEngine if kind == "vllm" else VllmEngine
-        return cls(model=model or variant.model, engine_args=args)
+        return cls(
+            model=model or variant.model,
+            engine_args=lora.engine_args(adapters, args),
+            adapters=adapters,
+            templates=templates,
+        )
     raise ConfigError(f"unknown engine {kind!r}; use {', '.join(repr(e) for e in ENGINES)}")

@@ -62,7 +62,9 @@ class EngineStats:
 class AsyncVllmEngine(PromptPrep):
     batching = "continuous"
 
-    def __init__(self, model: str, engine_args: dict | None = None):
+    def __init__(
+        self, model: str, engine_args: dict | None = None, adapters: dict | None = None, templates: dict | None = None
+    ):
         import_vllm()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -90,7 +92,7 @@ class AsyncVllmEngine(PromptPrep):
         self.max_model_len = self.llm.model_config.max_model_len
         self._ids = itertools.count()
         self._running: dict[int, concurrent.futures.Future] = {}  # by request object: ids are the caller's
-        self._init_prep()
+        self._init_prep(adapters, templates)
 
     def submit(self, request: InferenceRequest, done) -> None:
         prompt = self.prompt(request)
@@ -110,13 +112,17 @@ class AsyncVllmEngine(PromptPrep):
             extra = {"priority": PRIORITIES.index(request.priority)} if self._use_priority else {}
             # A request id unique per submission: a retried request must not collide with itself.
             async for out in self.llm.generate(
-                prompt, sampling_params(request, final_only=True), request_id=f"{request.id}-{next(self._ids)}", **extra
+                prompt,
+                sampling_params(request, final_only=True),
+                request_id=f"{request.id}-{next(self._ids)}",
+                lora_request=self.lora(request),
+                **extra,
             ):
                 final = out
             # Reading the output is inside the try too: whatever fails, the request is answered once,
             # or it would stay in flight for ever and hold its partition's commit point.
             result: Completion | Exception = (
-                completion(final) if final is not None else Completion.failed("vLLM returned no output")
+                completion(final, request) if final is not None else Completion.failed("vLLM returned no output")
             )
         except Exception as e:
             result = engine_failure(e)

@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from schemas import ConfigError, InferenceRequest
+from schemas.response import TokenLogprob, TopLogprob
 from workers.engines.base import Completion, EngineDead, EngineError, Rejection, TransientEngineError
 
 # Exceptions that say the engine (not the request) is in trouble: worth a retry, or a restart.
@@ -57,21 +58,39 @@ def import_vllm():
 class PromptPrep:
     """Tokenises once in check() and reuses the ids when the request runs. The cache is keyed by the
     request object the worker holds for one delivery, never by the caller-chosen id: two requests
-    with the same id admitted together must each run their own prompt."""
+    with the same id admitted together must each run their own prompt. A pool's variants may each
+    have a chat template and a LoRA adapter: the request's variant (checked against its topic by
+    the worker) picks them."""
 
     tokenizer: Any = None
     max_model_len = 0
     model = ""
 
-    def _init_prep(self) -> None:
+    def _init_prep(self, adapters: dict | None = None, templates: dict[str, str] | None = None) -> None:
         self._token_ids: dict[int, tuple[InferenceRequest, list[int]]] = {}
+        self._templates = templates or {}
+        self._loras: dict[str, Any] = {}
+        if adapters:
+            from vllm.lora.request import LoRARequest
+
+            self._loras = {
+                v: LoRARequest(lora_name=a.name, lora_int_id=i, lora_path=a.path)
+                for i, (v, a) in enumerate(sorted(adapters.items()), start=1)
+            }
+
+    def lora(self, request: InferenceRequest):
+        """The LoRARequest of the request's variant, or None for the base model."""
+        return self._loras.get(request.variant or "")
 
     def _render(self, request: InferenceRequest) -> list[int]:
         if request.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise EngineError(f"model {self.model} has no chat template; send 'prompt' instead of 'messages'")
             text = self.tokenizer.apply_chat_template(
-                [m.model_dump() for m in request.messages], tokenize=False, add_generation_prompt=True
+                [m.model_dump() for m in request.messages],
+                tokenize=False,
+                add_generation_prompt=True,
+                chat_template=self._templates.get(request.variant or ""),
             )
             return self.tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(request.prompt)
@@ -111,6 +130,8 @@ def sampling_params(r: InferenceRequest, final_only: bool = False):
     from vllm.sampling_params import RequestOutputKind
 
     extra: dict[str, Any] = {"output_kind": RequestOutputKind.FINAL_ONLY} if final_only else {}
+    if r.logprobs:  # vLLM returns this many top tokens per position, plus the chosen one
+        extra["logprobs"] = r.top_logprobs or 0
     return SamplingParams(
         n=r.n,
         temperature=r.temperature,
@@ -122,7 +143,24 @@ def sampling_params(r: InferenceRequest, final_only: bool = False):
     )
 
 
-def completion(out) -> Completion:
+def token_logprobs(sample, top: int) -> list[TokenLogprob]:
+    """OpenAI's per-token shape from vLLM's: one dict per position, token id -> Logprob (rank 1 the
+    likeliest); the chosen token is always in it, whatever its rank."""
+    out = []
+    for token_id, position in zip(sample.token_ids, sample.logprobs or (), strict=False):
+        chosen = position[token_id]
+        ranked = sorted(position.values(), key=lambda lp: lp.rank)[:top]
+        out.append(
+            TokenLogprob(
+                token=chosen.decoded_token or "",
+                logprob=chosen.logprob,
+                top_logprobs=[TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob) for lp in ranked],
+            )
+        )
+    return out
+
+
+def completion(out, request: InferenceRequest | None = None) -> Completion:
     samples = sorted(out.outputs, key=lambda o: o.index)
     # vLLM ends a sequence it gave up on with "abort" or "error": that is a failure to answer, never
     # a short success, whichever sample it hit.
@@ -139,6 +177,9 @@ def completion(out) -> Completion:
         prompt_tokens=len(out.prompt_token_ids or ()),
         completion_tokens=sum(len(o.token_ids) for o in samples),
         first_token_at=first,
+        logprobs=[token_logprobs(o, request.top_logprobs or 0) for o in samples]
+        if request is not None and request.logprobs
+        else None,
     )
 
 

@@ -18,7 +18,9 @@ from workers.engines.vllm_common import (
 class VllmEngine(PromptPrep):
     batching = "static"
 
-    def __init__(self, model: str, engine_args: dict | None = None):
+    def __init__(
+        self, model: str, engine_args: dict | None = None, adapters: dict | None = None, templates: dict | None = None
+    ):
         vllm = import_vllm()
         from vllm.engine.arg_utils import EngineArgs
 
@@ -31,7 +33,7 @@ class VllmEngine(PromptPrep):
         self.model = model
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
-        self._init_prep()
+        self._init_prep(adapters, templates)
 
     def warm_up(self) -> None:
         self.llm.generate(
@@ -43,10 +45,11 @@ class VllmEngine(PromptPrep):
         prompts = [self.prompt(r) for r in requests]
         params = [sampling_params(r) for r in requests]
         try:
-            outs = self.llm.generate(prompts, params, use_tqdm=False)
+            loras = [self.lora(r) for r in requests]
+            outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=loras if any(loras) else None)
         except Exception as e:
             raise engine_failure(e) from e
-        return [completion(out) for out in outs]
+        return [completion(out, r) for out, r in zip(outs, requests, strict=True)]
 
     def close(self) -> None:
         self._token_ids.clear()

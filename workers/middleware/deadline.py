@@ -17,7 +17,7 @@ class Deadline(Middleware):
             if now > m.request.deadline:
                 late = now - m.request.deadline
                 m.answer(
-                    variant=worker.variant.name,
+                    variant=m.variant,
                     model=worker.engine.model,
                     worker_id=worker.worker_id,
                     finish_reason="error",

@@ -84,14 +84,16 @@ class _DaemonPool:
 
 
 class Hooks(Middleware):
-    def __init__(self, config: HookConfig):
-        self.config = config
-        self.request_hook = load_hook(config.request) if config.request else None
-        self.response_hook = load_hook(config.response) if config.response else None
+    def __init__(self, configs: dict[str, HookConfig]):
+        """configs: variant -> its hooks (a pool's variants may each have their own)."""
+        self.configs = configs
+        self.request_hooks = {v: load_hook(c.request) for v, c in configs.items() if c.request}
+        self.response_hooks = {v: load_hook(c.response) for v, c in configs.items() if c.response}
         self._pool = _DaemonPool(POOL)
         self._stuck: list[Future] = []  # calls that overran and are still running
 
     def before_start(self, worker) -> None:
+        self._experiment = worker.experiment.name
         labels = ("experiment", "variant", "hook")
         self.seconds = Histogram(
             "abq_hook_seconds", "Time in each hook call", labels, buckets=HOOK_BUCKETS, registry=worker.registry
@@ -104,49 +106,50 @@ class Hooks(Middleware):
         )
 
     def before_batch(self, worker, batch) -> None:
-        if self.request_hook is None:
+        if not self.request_hooks:
             return
         for m in batch:
-            if m.done or m.request is None:
+            if m.done or m.request is None or (hook := self.request_hooks.get(m.variant)) is None:
                 continue
-            ok, value = self._call(worker, "request", self.request_hook, (m.request,), _same_request(m.request.id))
+            ok, value = self._call(m.variant, "request", hook, (m.request,), _same_request(m.request.id))
             if ok:
                 m.request = value
             else:
-                m.reject("hook_failed", f"request hook {self.config.request} {value}", worker)
+                m.reject("hook_failed", f"request hook {self.configs[m.variant].request} {value}", worker)
 
     def after_engine(self, worker, finished) -> None:
-        if self.response_hook is None:
+        if not self.response_hooks:
             return
         for m in finished:
             c = m.completion
-            if m.done or m.request is None or c is None or c.error is not None:
+            hook = self.response_hooks.get(m.variant)
+            if hook is None or m.done or m.request is None or c is None or c.error is not None:
                 continue
             ok, value = self._call(
-                worker, "response", self.response_hook, (m.request, list(c.outputs)),
+                m.variant, "response", hook, (m.request, list(c.outputs)),
                 lambda v: None if isinstance(v, list) and all(isinstance(x, str) for x in v) else "a list of str",
             )  # fmt: skip
             if ok:
                 m.completion = dataclasses.replace(c, outputs=value)
             else:
-                m.reject("hook_failed", f"response hook {self.config.response} {value}", worker)
+                m.reject("hook_failed", f"response hook {self.configs[m.variant].response} {value}", worker)
 
     def _call(
-        self, worker, kind: str, fn: Callable[..., Any], args: tuple, expected: Callable[[Any], str | None]
+        self, variant: str, kind: str, fn: Callable[..., Any], args: tuple, expected: Callable[[Any], str | None]
     ) -> tuple[bool, Any]:
         """(True, what the hook returned) or (False, why it failed), within the time limit.
         expected(value): None where the value is what the hook must return, else what that is."""
-        labels = (worker.experiment.name, worker.variant.name, kind)
+        labels, limit = (self._experiment, variant, kind), self.configs[variant].timeout_s
         t0 = time.perf_counter()
         future = self._pool.submit(fn, *args)
         try:
-            value = future.result(timeout=self.config.timeout_s)
+            value = future.result(timeout=limit)
             if (want := expected(value)) is None:
                 return True, value
             why = f"returned {type(value).__name__}, not {want}"
         except FutureTimeout:
             self._give_up(future)
-            why = f"took longer than {self.config.timeout_s:g}s"
+            why = f"took longer than {limit:g}s"
         except Exception as e:
             why = f"raised {type(e).__name__}: {str(e)[:300]}"
         finally:

@@ -84,9 +84,11 @@ class Metrics(Middleware):
         self.last_batch = Gauge(
             "abq_last_batch_timestamp_seconds", "When responses were last committed", labels, registry=reg
         )
-        self._labels = (worker.experiment.name, worker.variant.name)
+        # Engine-wide figures are labelled with what the worker serves (a variant, or a pool); requests with
+        # their own variant.
+        self._exp = worker.experiment.name
         self._children: dict[tuple, object] = {}
-        exp, var = self._labels
+        exp, var = self._exp, worker.serves
         model = worker.engine.model
 
         def gauge(name, doc, read, extra=(), values=()):
@@ -124,41 +126,42 @@ class Metrics(Middleware):
 
     def wrap_engine(self, worker, call):
         def counted(requests, done):
-            self._child(self.batch_size).observe(len(requests))
+            self._child(self.batch_size, worker.serves).observe(len(requests))
             call(requests, done)
 
         return counted
 
-    def _child(self, metric, *values):
+    def _child(self, metric, variant: str, *values):
         # labels() takes a lock and builds a key on every call: each labelled child is looked up once.
-        key = (metric, *values)
+        key = (metric, variant, *values)
         if (found := self._children.get(key)) is None:
-            found = self._children[key] = metric.labels(*self._labels, *values)
+            found = self._children[key] = metric.labels(self._exp, variant, *values)
         return found
 
     def after_batch(self, worker, batch) -> None:
         now = time.time()
         child = self._child
         for m in batch:
-            child(self.queue_wait).observe(max(0.0, m.dequeued_at - m.enqueued_at))
+            var = m.variant
+            child(self.queue_wait, var).observe(max(0.0, m.dequeued_at - m.enqueued_at))
             if m.dead_letter is not None:
-                child(self.requests, "dead_letter").inc()
-                child(self.dead_letters, m.dead_letter.reason).inc()
+                child(self.requests, var, "dead_letter").inc()
+                child(self.dead_letters, var, m.dead_letter.reason).inc()
                 continue
             resp = m.response
             outcome = "ok" if resp.error is None else ("expired" if resp.error.code == "expired" else "error")
-            child(self.requests, outcome).inc()
-            child(self.e2e).observe(max(0.0, now - m.enqueued_at))
+            child(self.requests, var, outcome).inc()
+            child(self.e2e, var).observe(max(0.0, now - m.enqueued_at))
             if m.started is None:
                 continue  # answered without the engine (expired)
             t, u, model = resp.timings, resp.usage, resp.model
-            child(self.engine_time, model).observe(max(0.0, t.finished - m.started))
+            child(self.engine_time, var, model).observe(max(0.0, t.finished - m.started))
             if t.ttft_s is not None:
-                child(self.ttft, model).observe(t.ttft_s)
+                child(self.ttft, var, model).observe(t.ttft_s)
             if t.tpot_s is not None:
-                child(self.tpot, model).observe(t.tpot_s)
-            child(self.prompt_tokens, model).observe(u.prompt_tokens)
-            child(self.completion_tokens, model).observe(u.completion_tokens)
-            child(self.tokens, model, "prompt").inc(u.prompt_tokens)
-            child(self.tokens, model, "completion").inc(u.completion_tokens)
-        child(self.last_batch).set(now)
+                child(self.tpot, var, model).observe(t.tpot_s)
+            child(self.prompt_tokens, var, model).observe(u.prompt_tokens)
+            child(self.completion_tokens, var, model).observe(u.completion_tokens)
+            child(self.tokens, var, model, "prompt").inc(u.prompt_tokens)
+            child(self.tokens, var, model, "completion").inc(u.completion_tokens)
+            child(self.last_batch, var).set(now)

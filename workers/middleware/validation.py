@@ -1,20 +1,23 @@
 """Validation: decode and check every record; what cannot be served goes to the dead-letter topic
 (and, where its id can be read, an `invalid_request` answer to its caller). It is also the one gate
-for `reply_to`: the sink writes a copy only where this middleware allowed it."""
+for `reply_to`: the sink writes a copy only where this middleware allowed it. A request that passes
+gets its variant's treatment (system prompt, sampling settings: workers/treatment.py)."""
 
 from __future__ import annotations
 
 from abqueue.kafka.header_keys import unreadable_header_keys
 from schemas import SchemaError, decode_request
 from workers.middleware import Middleware
+from workers.treatment import apply_variant
 
 
 class Validation(Middleware):
     def before_batch(self, worker, batch) -> None:
-        exp, variant = worker.experiment, worker.variant
+        exp = worker.experiment
         for m in batch:
             if m.done:
                 continue
+            variant = worker.variant_of(m)
             try:
                 m.request = decode_request(m.record.value or b"")
             except SchemaError as e:
@@ -62,6 +65,15 @@ class Validation(Middleware):
                     f"prompt of {req.prompt_chars()} characters exceeds the variant's limit of {variant.max_prompt_chars}",
                     worker,
                 )
+            elif (req.top_logprobs or 0) > variant.max_top_logprobs:
+                m.reject(
+                    "invalid_params",
+                    f"top_logprobs {req.top_logprobs} exceeds the variant's limit of {variant.max_top_logprobs}",
+                    worker,
+                )
+            else:
+                m.prompt_chars = req.prompt_chars()
+                m.request = apply_variant(req, variant)
 
     @staticmethod
     def _allow_reply(m, exp, topic: str | None) -> str | None:
