@@ -187,7 +187,7 @@ class StubWorker:
 
         strategy = make_delivery(delivery, producer, exp.response_topic, exp.deadletter_topic)
         strategy.retry_after_s = 0.05  # a failed publish or transaction is tried again quickly here
-        engine = engine or make_engine(exp.variant(variant))
+        engine = engine or make_engine(exp.serving(variant)[0])
         kw.setdefault("drain_timeout_s", 0.2)  # tests may leave requests with a manual engine
         self.worker = Worker(exp, variant, engine, self.consumer, strategy, worker_id="stub-worker", **kw)
         self.error: BaseException | None = None  # what ended run(), if it raised

@@ -142,8 +142,9 @@ def _print_plan(result: dict, fmt: str, exp=None) -> None:
     for name, v in result["variants"].items():
         now = "?" if v["current_replicas"] is None else v["current_replicas"]
         group = f", group {exp.consumer_group(name)}" if exp else ""
+        kind = "pool" if exp and name in exp.pools() else "variant"
         print(
-            f"variant {name}{group}: replicas now {now}, desired {v['desired_replicas']} "
+            f"{kind} {name}{group}: replicas now {now}, desired {v['desired_replicas']} "
             f"(min {v['min_replicas']}, max {v['max_replicas']}); active: {'yes' if v['active'] else 'no'}"
         )
         for t in v["triggers"]:
@@ -153,7 +154,7 @@ def _print_plan(result: dict, fmt: str, exp=None) -> None:
             )
             cap = "none (allowIdleConsumers)" if t["cap"] is None else t["cap"]
             print(
-                f"  {t['topic'] or 'topic'}: lag {t['total_lag']} [{lags}] -> metric {t['lag_metric']}, cap {cap}, "
+                f"  {t['topic'] or ('all its topics' if kind == 'pool' else 'topic')}: lag {t['total_lag']} [{lags}] -> metric {t['lag_metric']}, cap {cap}, "
                 f"wants {t['replicas_wanted']}, active {'yes' if t['active'] else 'no'}"
             )
         for w in v["warnings"]:
@@ -172,7 +173,8 @@ def _settings(args: argparse.Namespace):
         exp = load_experiment(args.config)
         if not args.variant:
             raise UsageError("--config needs --variant: whose scaling settings to simulate")
-        sc = exp.variant(args.variant).scaling
+        served = exp.serving(args.variant)  # a pool's variants share its workers and their scaling
+        sc = served[0].scaling
         base = {
             "lagThreshold": sc.lag_threshold,
             "activationLagThreshold": sc.activation_lag_threshold,
@@ -181,7 +183,8 @@ def _settings(args: argparse.Namespace):
             "pollingInterval": sc.polling_interval,
             "cooldownPeriod": sc.cooldown_period,
             "stabilizationWindowSeconds": sc.scale_down_stabilization_seconds,
-            "partitions": exp.partitions_for(args.variant),
+            # A pool's workers split the partitions of all its variants' topics.
+            "partitions": exp.partitions_for(args.variant) * len(served),
         }
     for name in (
         "lagThreshold",

@@ -131,7 +131,8 @@ def workload_kind(v) -> str:
 
 
 def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
-    v = exp.variant(variant)
+    """The workers of a variant, or of a pool (`variant` names either)."""
+    v = exp.serving(variant)[0]
     d, sc = v.deploy, v.scaling
     labels = _labels(exp, variant)
     # The worker drains for as long as the pod's grace period allows (drain_seconds + 30 for the rest).
@@ -344,11 +345,22 @@ def gateway_manifests(exp: ExperimentConfig, t: Target, g: GatewayTarget) -> lis
 
 
 def scaled_object(exp: ExperimentConfig, variant: str, t: Target) -> dict:
-    sc = exp.variant(variant).scaling
+    """A variant's (or a pool's) ScaledObject: a Kafka trigger per request topic, which wakes the
+    workers from zero even before the group has committed anything there; for a pool also one over
+    every topic its group has committed offsets in (no `topic`: KEDA sums them), so that the pool
+    scales on its total lag, not on its busiest topic's. The HPA follows the largest."""
+    served = exp.serving(variant)
+    sc = served[0].scaling
     secured = t.sasl_secret or t.tls_ca_secret or t.tls_client_secret or t.kafka_users
     auth = {"authenticationRef": {"name": _name(exp.name, "kafka-auth")}} if secured else {}
     triggers = []
-    for level, topic in exp.request_topics(variant).items():
+    pooled = len(served) > 1 or served[0].pool is not None
+    topics = [
+        (f"{v.name}-{level}" if pooled else level, topic)
+        for v in served
+        for level, topic in exp.request_topics(v.name).items()
+    ]
+    for name, topic in [*topics, *([("pool", None)] if pooled else [])]:
         meta = {
             k: str(v).lower() if isinstance(v, bool) else str(v)
             for k, v in trigger_metadata(exp, variant, topic).items()
@@ -365,7 +377,7 @@ def scaled_object(exp: ExperimentConfig, variant: str, t: Target) -> dict:
             or t.security_protocol in ("SSL", "SASL_SSL")
         ):
             meta["tls"] = "enable"
-        triggers.append({"type": "kafka", "name": f"lag-{level}", "metadata": meta, **auth})
+        triggers.append({"type": "kafka", "name": f"lag-{name}", "metadata": meta, **auth})
     if t.prometheus_server:
         triggers.append(
             {
@@ -386,7 +398,7 @@ def scaled_object(exp: ExperimentConfig, variant: str, t: Target) -> dict:
         "spec": {
             "scaleTargetRef": {
                 "apiVersion": "apps/v1",
-                "kind": workload_kind(exp.variant(variant)),
+                "kind": workload_kind(served[0]),
                 "name": _name(exp.name, variant),
             },  # fmt: skip
             "pollingInterval": sc.polling_interval,
@@ -677,19 +689,19 @@ def render(exp: ExperimentConfig, t: Target) -> dict[str, list[dict]]:
             }
         ],
     }
-    for v in exp.variants:
-        k8s[f"deployment-{v.name}.yaml"] = [deployment(exp, v.name, t)]
-        k8s[f"pdb-{v.name}.yaml"] = [
+    for unit in exp.serving_units():  # a pool's variants share its workers
+        k8s[f"deployment-{unit}.yaml"] = [deployment(exp, unit, t)]
+        k8s[f"pdb-{unit}.yaml"] = [
             {
                 "apiVersion": "policy/v1",
                 "kind": "PodDisruptionBudget",
-                "metadata": {"name": _name(exp.name, v.name), "namespace": t.namespace},
-                "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _labels(exp, v.name)}},
+                "metadata": {"name": _name(exp.name, unit), "namespace": t.namespace},
+                "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _labels(exp, unit)}},
             }
         ]
     if t.gateway is not None:
         k8s["gateway.yaml"] = gateway_manifests(exp, t, t.gateway)
-    keda = {f"scaledobject-{v.name}.yaml": [scaled_object(exp, v.name, t)] for v in exp.variants}
+    keda = {f"scaledobject-{u}.yaml": [scaled_object(exp, u, t)] for u in exp.serving_units()}
     auth = trigger_authentication(exp, t)
     if auth:
         keda["triggerauthentication.yaml"] = [auth]

@@ -68,12 +68,17 @@ def producer(exp: ExperimentConfig, client: str) -> list[Grant]:
 
 
 def worker(exp: ExperimentConfig, variant: str) -> list[Grant]:
-    """One variant's workers: consume its requests in its group, answer, dead-letter, in transactions."""
-    v = exp.variant(variant)
-    group = exp.consumer_group(v.name)
-    answers = exp.shadow_response_topic if v.shadow_of else exp.response_topic
+    """One variant's workers (or a pool's): consume its requests in its group, answer, dead-letter, in
+    transactions."""
+    served = exp.serving(variant)
+    group = exp.consumer_group(variant)
+    answers = exp.shadow_response_topic if served[0].shadow_of else exp.response_topic
     return [
-        *(_topic(t, "Read", "Describe", "DescribeConfigs") for t in exp.request_topics(v.name).values()),
+        *(
+            _topic(t, "Read", "Describe", "DescribeConfigs")
+            for v in served
+            for t in exp.request_topics(v.name).values()
+        ),
         Grant("group", group, "literal", ("Read", "Describe")),
         _topic(answers, "Write", "Describe", "DescribeConfigs"),
         _topic(exp.deadletter_topic, "Write", "Describe", "DescribeConfigs"),
@@ -110,7 +115,7 @@ def gateway(exp: ExperimentConfig) -> list[Grant]:
         *producer(exp, GATEWAY_CLIENT),
         _topic(GATEWAY_TOPICS, "Read", "Write", "Create", "Describe", "DescribeConfigs", prefix=True),
         Grant("group", GATEWAY_GROUP, "literal", ("Read", "Describe")),
-        *(Grant("group", exp.consumer_group(v.name), "literal", ("Describe",)) for v in exp.variants),
+        *(Grant("group", exp.consumer_group(u), "literal", ("Describe",)) for u in exp.serving_units()),
     ]
 
 
@@ -118,7 +123,7 @@ def keda(exp: ExperimentConfig) -> list[Grant]:
     """KEDA's Kafka scaler: topic metadata and end offsets, the groups' committed offsets."""
     return [
         *(_topic(t, "Describe") for v in exp.variants for t in exp.request_topics(v.name).values()),
-        *(Grant("group", exp.consumer_group(v.name), "literal", ("Describe",)) for v in exp.variants),
+        *(Grant("group", exp.consumer_group(u), "literal", ("Describe",)) for u in exp.serving_units()),
     ]
 
 
@@ -139,8 +144,8 @@ def user_name(exp: ExperimentConfig, role: str, name: str | None = None) -> str:
 
 
 def principals(exp: ExperimentConfig, clients: list[str]) -> list[Principal]:
-    """Every user an experiment needs: a producer per client, a worker per variant, an operator, KEDA
-    and the gateway."""
+    """Every user an experiment needs: a producer per client, a worker per variant (or pool), an
+    operator, KEDA and the gateway."""
     for c in clients:
         if not CLIENT_PATTERN.fullmatch(c):
             raise ConfigError(f"client name {c!r} must be lower-case letters, digits and '-', at most 31 characters")
@@ -148,8 +153,8 @@ def principals(exp: ExperimentConfig, clients: list[str]) -> list[Principal]:
         Principal("producer", f"producer-{c}", user_name(exp, "producer", c), tuple(producer(exp, c))) for c in clients
     ]
     out += [
-        Principal("worker", f"worker-{v.name}", user_name(exp, "worker", v.name), tuple(worker(exp, v.name)))
-        for v in exp.variants
+        Principal("worker", f"worker-{u}", user_name(exp, "worker", u), tuple(worker(exp, u)))
+        for u in exp.serving_units()
     ]
     out.append(Principal("operator", "operator", user_name(exp, "operator"), tuple(operator(exp))))
     out.append(Principal("keda", "keda", user_name(exp, "keda"), tuple(keda(exp))))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from kafka import TopicPartition
+from kafka.errors import CoordinatorLoadInProgressError, CoordinatorNotAvailableError, NotCoordinatorError
 
 from abqueue.kafka import KafkaSettings, admin_client, consumer
 from abqueue.scaling.kafka_scaler import (
@@ -17,6 +18,7 @@ from abqueue.scaling.kafka_scaler import (
     warnings,
 )
 from schemas import ExperimentConfig
+from workers.backoff import retrying
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +107,12 @@ def plan_situation(situation: dict) -> dict:
     return {"variants": {name: plan_variant(name, spec, version) for name, spec in variants.items()}}
 
 
-def trigger_metadata(experiment: ExperimentConfig, variant: str, topic: str) -> dict:
-    """The Kafka trigger of a variant's ScaledObject for one of its topics (what `deploy render` writes)."""
-    sc = experiment.variant(variant).scaling
+def trigger_metadata(experiment: ExperimentConfig, variant: str, topic: str | None) -> dict:
+    """The Kafka trigger of a variant's (or pool's) ScaledObject for one of its topics, or for all
+    its group's topics (topic None: a pool's total), as `deploy render` writes it."""
+    sc = experiment.serving(variant)[0].scaling
     return {
-        "topic": topic,
+        **({"topic": topic} if topic is not None else {}),
         "consumerGroup": experiment.consumer_group(variant),
         "lagThreshold": sc.lag_threshold,
         "activationLagThreshold": sc.activation_lag_threshold,
@@ -122,14 +125,28 @@ def trigger_metadata(experiment: ExperimentConfig, variant: str, topic: str) -> 
     }
 
 
+# A group no worker has joined yet may have no coordinator for a moment (on a fresh cluster Kafka is
+# still creating __consumer_offsets): worth a few short retries, never a traceback.
+COORDINATOR_ERRORS = (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError)
+
+
+def group_offsets(admin, group: str) -> dict[TopicPartition, int]:
+    """The group's committed offsets (none for a group that never committed)."""
+    for attempt in retrying(f"reading group {group}'s offsets", COORDINATOR_ERRORS, attempts=8, max_wait_s=2.0):
+        with attempt:
+            return {tp: om.offset for tp, om in admin.list_group_offsets(group).get(group, {}).items()}
+    raise AssertionError("unreachable: retrying re-raises the last error")
+
+
 def read_situation(settings: KafkaSettings, experiment: ExperimentConfig, previous: dict | None = None) -> dict:
-    """Live offsets of every variant's topics and group, in the offline format. `previous` is an
-    earlier situation, whose committed offsets become previous_committed (persistent lag)."""
+    """Live offsets of every variant's (or pool's) topics and group, in the offline format. `previous`
+    is an earlier situation, whose committed offsets become previous_committed (persistent lag)."""
     admin = admin_client(settings)
     reader = consumer(settings, group_id=None)
     try:
         existing = set(admin.list_topics())
-        groups = {experiment.consumer_group(v.name) for v in experiment.variants}
+        units = experiment.serving_units()
+        groups = {experiment.consumer_group(u) for u in units}
         members = {}
         try:
             for gid, info in admin.describe_groups(sorted(groups)).items():
@@ -137,38 +154,42 @@ def read_situation(settings: KafkaSettings, experiment: ExperimentConfig, previo
         except Exception as e:  # a broker that will not describe groups still gives offsets
             log.warning("could not describe consumer groups (%s); current replicas unknown", e)
         out = {}
-        for v in experiment.variants:
-            group = experiment.consumer_group(v.name)
-            committed = {tp: om.offset for tp, om in admin.list_group_offsets(group).get(group, {}).items()}
-            triggers = []
-            for topic in experiment.request_topics(v.name).values():
+        for unit in units:
+            served = experiment.serving(unit)
+            group = experiment.consumer_group(unit)
+            committed = group_offsets(admin, group)
+            prev = {
+                (p.get("topic", t["metadata"].get("topic")), p["partition"]): p["committed"]
+                for t in (previous or {}).get("variants", {}).get(unit, {}).get("triggers", [])
+                for p in t["partitions"]
+            }
+            triggers, seen = [], []
+            for topic in (t for v in served for t in experiment.request_topics(v.name).values()):
                 if topic not in existing:
                     continue
                 tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic) or ())]
                 ends = reader.end_offsets(tps)
                 starts = reader.beginning_offsets(tps)  # KEDA 2.21 counts an uncommitted partition from here
-                prev = {}
-                if previous:
-                    for t in previous["variants"].get(v.name, {}).get("triggers", []):
-                        if t["metadata"].get("topic") == topic:
-                            prev = {p["partition"]: p["committed"] for p in t["partitions"]}
-                triggers.append(
+                parts = [
                     {
-                        "metadata": trigger_metadata(experiment, v.name, topic),
-                        "partitions": [
-                            {
-                                "partition": tp.partition,
-                                "latest": ends[tp],
-                                "log_start": starts[tp],
-                                "committed": committed.get(tp, -1),
-                                "previous_committed": prev.get(tp.partition),
-                            }
-                            for tp in tps
-                        ],
+                        "topic": topic,
+                        "partition": tp.partition,
+                        "latest": ends[tp],
+                        "log_start": starts[tp],
+                        "committed": committed.get(tp, -1),
+                        "previous_committed": prev.get((topic, tp.partition)),
                     }
-                )
+                    for tp in tps
+                ]
+                seen += parts
+                triggers.append({"metadata": trigger_metadata(experiment, unit, topic), "partitions": parts})
+            if len(served) > 1 or served[0].pool is not None:
+                # A trigger without a topic sees only the partitions the group has committed in.
+                total = [p for p in seen if p["committed"] >= 0]
+                triggers.append({"metadata": trigger_metadata(experiment, unit, None), "partitions": total})
+            v = served[0]
             sc = v.scaling
-            out[v.name] = {
+            out[unit] = {
                 "triggers": triggers,
                 "minReplicas": sc.min_replicas,
                 "maxReplicas": sc.max_replicas,
