@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 from schemas import InferenceResponse
+from schemas.response import TokenLogprob
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -65,9 +66,55 @@ def to_request_fields(obj: dict) -> dict[str, Any]:
     stop = body.get("stop")
     if stop is not None:
         fields["stop"] = [stop] if isinstance(stop, str) else stop
+    fields.update(_logprobs(body, chat=url == CHAT_URL))
     fields["routing_key"] = str(body.get("user") or obj["custom_id"])
     fields["metadata"] = {"openai_url": url, **({"requested_model": body["model"]} if "model" in body else {})}
     return fields
+
+
+def _logprobs(body: dict, chat: bool) -> dict[str, Any]:
+    """Chat: `logprobs` true and `top_logprobs` K. Completions (legacy): `logprobs` K, the chosen
+    token's plus the K likeliest."""
+    want, top = body.get("logprobs"), body.get("top_logprobs")
+    if chat:
+        if want is None or want is False:
+            if top is not None:
+                raise UnsupportedLine("top_logprobs needs logprobs: true")
+            return {}
+        if want is not True:
+            raise UnsupportedLine("logprobs must be true or false in a chat body")
+        return {"logprobs": True, **({"top_logprobs": top} if top is not None else {})}
+    if want is None:
+        return {}
+    if isinstance(want, bool) or not isinstance(want, int) or not 0 <= want <= 5:
+        raise UnsupportedLine("logprobs in a completions body is a number of top tokens from 0 to 5")
+    return {"logprobs": True, "top_logprobs": want}
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
+    """A chat choice's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [
+        {**entry(t.token, t.logprob), "top_logprobs": [entry(x.token, x.logprob) for x in t.top_logprobs]}
+        for t in tokens
+    ], "refusal": None}  # fmt: skip
+
+
+def completion_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
+    """A completions choice's legacy `logprobs`: parallel lists, top tokens as {token: logprob}."""
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.token)
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{x.token: x.logprob for x in t.top_logprobs} for t in tokens],
+        "text_offset": offsets,
+    }
 
 
 STATUS = {"expired": 408, "invalid_request": 400, "too_large": 413, "engine_error": 500, "internal": 500}
@@ -105,7 +152,9 @@ def completion_body(resp: InferenceResponse, url: str) -> dict[str, Any]:
     chat = url == CHAT_URL
     choices = []
     for i, text in enumerate(resp.outputs):
-        choice: dict[str, Any] = {"index": i, "finish_reason": resp.finish_reason, "logprobs": None}
+        tokens = resp.logprobs[i] if resp.logprobs is not None and i < len(resp.logprobs) else None
+        logprobs = None if tokens is None else chat_logprobs(tokens) if chat else completion_logprobs(tokens)
+        choice: dict[str, Any] = {"index": i, "finish_reason": resp.finish_reason, "logprobs": logprobs}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:

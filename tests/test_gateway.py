@@ -92,11 +92,19 @@ def test_chat_and_completions_through_the_sdk_sticky_by_user_with_overrides_and_
             assert beta.headers["x-abq-variant"] == "b"
         pinned = client.completions.with_raw_response.create(model=f"{exp.name}:a", prompt="x", user="u-b-user")
         assert pinned.headers["x-abq-variant"] == "a"
+        # Logprobs in OpenAI's shapes: chat's content list, completions' parallel lists.
+        lp = client.chat.completions.create(model=exp.name, messages=[{"role": "user", "content": "hi there"}],
+                                            logprobs=True, top_logprobs=1, n=2).choices  # fmt: skip
+        assert len(lp) == 2 and [t.token for t in lp[1].logprobs.content] == ["hi", "there"]
+        assert lp[0].logprobs.content[0].top_logprobs[0].token == "hi" and lp[0].logprobs.content[0].bytes == [104, 105]
+        legacy = client.completions.create(model=exp.name, prompt="one two", logprobs=1).choices[0].logprobs
+        assert legacy.tokens == ["one", "two"] and legacy.token_logprobs == [0.0, 0.0] and legacy.text_offset == [0, 3]
+        assert client.completions.create(model=exp.name, prompt="x").choices[0].logprobs is None
         models = [m.id for m in client.models.list()]
         assert models == [exp.name, f"{exp.name}:a", f"{exp.name}:b"]
         text = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=10).read().decode()
         served = metric_values(text, endpoint="completions", status="200")["abq_gateway_requests_total"]
-        assert served == 3 + 30 + 5 + 1  # every completion above, by endpoint and status
+        assert served == 3 + 30 + 5 + 1 + 2  # every completion above, by endpoint and status
         assert metric_values(text, endpoint="completions", variant="a")["abq_gateway_requests_total"] >= 1
 
 

@@ -14,6 +14,7 @@ from conftest import REPO, abq_cmd, write_config
 
 from abqueue.analysis import stats
 from schemas import ExperimentConfig, Feedback, InferenceResponse
+from schemas.response import TokenLogprob
 
 
 def test_statistics_match_scipy_and_statsmodels_on_fixed_data():
@@ -90,6 +91,8 @@ def test_report_on_a_known_synthetic_experiment_gives_the_known_answer(tmp_path)
     beta = _responses(
         exp, "b", 30, lambda i: 9.0, errors=0, assigned_by="override:beta"
     )  # not randomised: kept out of tests
+    for r, values in ((b[-1], [[-1.0, -2.0]]), (b[-2], [[-0.5]])):  # two answers with token logprobs
+        r.logprobs = [[TokenLogprob(token="t", logprob=v) for v in sample] for sample in values]
     feedback = [
         Feedback(request_id=r.request_id, experiment=exp.name, thumbs="up" if i < 600 else "down")
         for i, r in enumerate(a)
@@ -127,6 +130,7 @@ def test_report_on_a_known_synthetic_experiment_gives_the_known_answer(tmp_path)
     assert vb["by_assignment"] == {"weights": 1000, "override:beta": 30}
     assert (va["error_rate"], vb["error_rate"]) == (0.02, 50 / 1030)
     assert va["thumbs_up_rate"] == 0.6 and vb["thumbs_up_rate"] == 0.7
+    assert va["mean_token_logprob"] is None and vb["mean_token_logprob"] == pytest.approx(-3.5 / 3)  # per token
     c = res["comparisons"]["b"]
     assert (c["n_control"], c["n_treatment"]) == (1000, 1000)
     lat_a = [1.0 + (i % 10) * 0.1 for i in range(20, 1000)]

@@ -12,7 +12,7 @@ import pytest
 from conftest import metric_values as _values
 from kafka_helpers import committed, dead_letters, end_offsets, wait_until
 from test_gateway import _client, serving
-from tiny_model import ENGINE_ARGS, make_tiny_model
+from tiny_model import ENGINE_ARGS, make_lora_adapter, make_tiny_model
 from transformers import AutoTokenizer
 
 from abqueue.kafka import ensure_topics
@@ -202,3 +202,65 @@ def test_vllm_worker_serves_dead_letters_and_survives_a_kill_9_or_drains_on_sigt
             topic = exp.request_topic("tiny")
             wait_until(lambda: committed(settings, exp.consumer_group("tiny"), topic) == end_offsets(settings, topic),
                        30, "commits to the end")  # fmt: skip
+
+
+def test_a_pool_of_the_base_model_and_two_lora_adapters_on_one_vllm_worker(
+    settings, spawn_worker, tmp_path, monkeypatch
+):
+    """One engine start: a base variant and two LoRA variants of the tiny model (with real random
+    weights: dummy ones are too flat for an adapter to change a greedy token), logprobs and n."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    model = make_tiny_model(tmp_path / "weighted", weights=True)
+    adapters = {name: make_lora_adapter(tmp_path / f"lora-{name}", model, seed) for name, seed in (("a", 1), ("b", 2))}
+    typed = {k: ENGINE_ARGS[k] for k in ("dtype", "max_model_len", "max_num_seqs")}
+    engine_args = {**{k: v for k, v in ENGINE_ARGS.items() if k not in typed}, "load_format": "auto"}
+    exp = ExperimentConfig.model_validate(
+        {
+            "name": f"v{os.urandom(4).hex()}",
+            "partitions": 1,
+            "variants": [
+                {"name": "base", "weight": 50, "pool": "tiny", "engine": "vllm", "model": str(model),
+                 "vllm": typed, "engine_args": engine_args},
+                {"name": "lora-a", "weight": 25, "pool": "tiny", "lora": {"path": str(adapters["a"])}},
+                {"name": "lora-b", "weight": 25, "pool": "tiny", "lora": {"path": str(adapters["b"])}},
+            ],
+        }
+    )  # fmt: skip
+    ensure_topics(settings, exp)
+    port = free_port()
+    proc = spawn_worker(exp, "tiny", "--metrics-port", str(port))
+    prompt = "the quick brown fox jumps over"
+    greedy = {
+        v: InferenceRequest(experiment=exp.name, routing_key="u", variant=v, prompt=prompt, max_tokens=8,
+                            temperature=0, logprobs=True, top_logprobs=2)
+        for v in ("base", "lora-a", "lora-b")
+    }  # fmt: skip
+    sampled = InferenceRequest(experiment=exp.name, routing_key="s", variant="lora-a", prompt=prompt, max_tokens=6,
+                               n=3, temperature=0.9, seed=3, logprobs=True)  # fmt: skip
+    with AbqClient(settings, exp) as client:
+        for r in [*greedy.values(), sampled]:
+            client.publish(r)
+        client.publisher.flush()
+        got = client.wait({r.id for r in [*greedy.values(), sampled]}, timeout=400)
+    assert len(got) == 4, proc.log_path.read_text()[-3000:]
+    answers = {v: got[r.id].response for v, r in greedy.items()}
+    assert all(a.ok and a.variant == v and a.model == str(model) for v, a in answers.items()), answers
+    # Each adapter really runs: greedy decoding of one prompt gives three different continuations.
+    runs = {v: tuple(round(t.logprob, 4) for t in a.logprobs[0]) for v, a in answers.items()}
+    assert len(set(runs.values())) == 3, runs
+    assert answers["lora-a"].outputs != answers["base"].outputs or answers["lora-b"].outputs != answers["base"].outputs
+    for a in answers.values():  # OpenAI's semantics: the chosen token, and the top 2 at each position
+        (tokens,) = a.logprobs
+        assert len(tokens) == a.usage.completion_tokens
+        for t in tokens:
+            assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+            assert t.logprob <= 0 and t.logprob == t.top_logprobs[0].logprob  # greedy takes the likeliest
+    s = got[sampled.id].response
+    assert s.ok and len(s.outputs) == len(s.logprobs) == 3  # one list per sample (n)
+    assert sum(len(x) for x in s.logprobs) == s.usage.completion_tokens
+    assert all(t.top_logprobs == [] for x in s.logprobs for t in x)  # logprobs without top_logprobs
+    metrics = _get(port, "/metrics")[1]
+    assert {v: _values(metrics, variant=v).get("abq_requests_total") for v in greedy} == {
+        "base": 1, "lora-a": 2, "lora-b": 1,
+    }  # fmt: skip
+    assert proc.poll() is None

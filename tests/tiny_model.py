@@ -46,7 +46,10 @@ SIZES = {
 }
 
 
-def make_tiny_model(directory: Path, size: str = "tiny") -> Path:
+def make_tiny_model(directory: Path, size: str = "tiny", weights: bool = False) -> Path:
+    """weights: also save seeded random weights (about 1.7 MB for "tiny"), to load with
+    load_format="auto". vLLM's dummy weights are so small that every logit is nearly equal: a LoRA
+    adapter on them changes no greedy token, so the adapter tests need these."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
@@ -76,6 +79,38 @@ def make_tiny_model(directory: Path, size: str = "tiny") -> Path:
     # Some transformers versions drop the template from tokenizer_config; keep a copy beside it.
     (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     json.loads((directory / "config.json").read_text())
+    if weights:
+        import torch
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def make_lora_adapter(directory: Path, base: Path, seed: int, rank: int = 8) -> Path:
+    """A random LoRA adapter for the tiny model in PEFT's layout (adapter_config.json and
+    adapter_model.safetensors), on the attention output and MLP down projections of every layer."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((base / "config.json").read_text())
+    hidden, inner, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(layers):
+        for module, fan_in in (("self_attn.o_proj", hidden), ("mlp.down_proj", inner)):
+            prefix = f"base_model.model.model.layers.{i}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) * 0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(hidden, rank, generator=generator) * 0.5
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / "adapter_model.safetensors")
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "bias": "none",
+        "target_modules": ["o_proj", "down_proj"], "fan_in_fan_out": False, "base_model_name_or_path": str(base),
+    }  # fmt: skip
+    (directory / "adapter_config.json").write_text(json.dumps(adapter_config))
     return directory
 
 

@@ -138,6 +138,8 @@ class Group:
         self.engine_s = 0.0
         self.without_chars = 0  # answered requests whose prompt length in characters is unknown
         self.models: set[str] = set()
+        # Token log probabilities, where requests asked for them: their mean is a confidence signal.
+        self.logprob_sum, self.logprob_tokens = 0.0, 0
         self.latency, self.ttft, self.tokens = Column(rng), Column(rng), Column(rng)
         self._rows: list[tuple[float, float, float, float, float]] = []
 
@@ -165,6 +167,10 @@ class Group:
         if u.prompt_chars is None:
             self.without_chars += 1
         self.models.add(r.model)
+        if r.logprobs:
+            for sample in r.logprobs:
+                self.logprob_sum += sum(tok.logprob for tok in sample)
+                self.logprob_tokens += len(sample)
         ttft = t.ttft_s if t.ttft_s is not None else math.nan
         self._rows.append((t.finished - t.enqueued, ttft, u.completion_tokens, u.prompt_chars or 0, u.prompt_tokens))
         if len(self._rows) >= CHUNK:

@@ -13,11 +13,11 @@ from producers import openai_batch
 # What a body may carry. The sampling parameters we cannot honour are refused at any value but
 # their default, so that no client believes a setting took effect when it did not.
 SUPPORTED = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
-             "stop", "seed", "user", "stream"}  # fmt: skip
+             "stop", "seed", "user", "stream", "logprobs", "top_logprobs"}  # fmt: skip
 HARMLESS = {"store", "metadata", "service_tier", "stream_options"}  # no effect on the answer
-AT_DEFAULT = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "echo": False, "best_of": 1,
+AT_DEFAULT = {"frequency_penalty": 0, "presence_penalty": 0, "echo": False, "best_of": 1,
               "logit_bias": None, "suffix": None, "tools": None, "tool_choice": None, "functions": None,
-              "function_call": None, "response_format": None, "top_logprobs": None, "parallel_tool_calls": None}  # fmt: skip
+              "function_call": None, "response_format": None, "parallel_tool_calls": None}  # fmt: skip
 
 
 class ApiError(Exception):
