@@ -81,7 +81,7 @@ def test_adapters_are_checked_at_start_and_the_engine_gets_room_for_them(tmp_pat
     found = lora.adapters(exp.variants)
     assert {v: (a.name, a.rank) for v, a in found.items()} == {"a": ("a", 8), "b": ("b", 32)}
     assert lora.engine_args(found, {"max_num_seqs": 4}) == {
-        "max_num_seqs": 4, "enable_lora": True, "max_loras": 2, "max_lora_rank": 32,
+        "max_num_seqs": 4, "enable_lora": True, "max_loras": 3, "max_lora_rank": 32,
     }  # fmt: skip
     with pytest.raises(ConfigError, match="variant b's LoRA adapter has rank 32, above the engine's max_lora_rank 16"):
         lora.engine_args(found, {"max_lora_rank": 16})

@@ -47,23 +47,26 @@ def _get(port, path):
 
 @pytest.mark.parametrize("engine", ["vllm", "vllm-batch"])
 def test_vllm_worker_serves_dead_letters_and_survives_a_kill_9_or_drains_on_sigterm(
-    settings, spawn_worker, tiny_model, monkeypatch, engine
+    settings, spawn_worker, tiny_model, monkeypatch, engine, tmp_path
 ):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     typed = {k: ENGINE_ARGS[k] for k in ("dtype", "max_model_len", "max_num_seqs")}
-    exp = ExperimentConfig(
-        name=f"v{os.urandom(4).hex()}",
-        partitions=1,
-        variants=[
-            {
-                "name": "tiny",
-                "weight": 100,
-                "engine": engine,
-                "model": str(tiny_model),
-                "vllm": typed,
-                "engine_args": {k: v for k, v in ENGINE_ARGS.items() if k not in typed},
-            },
-        ],
+    tiny = {"name": "tiny", "weight": 100, "engine": engine, "model": str(tiny_model), "vllm": typed,
+            "engine_args": {k: v for k, v in ENGINE_ARGS.items() if k not in typed}}  # fmt: skip
+    pool = []
+    if engine == "vllm":
+        # The continuous engine's run serves a pool: tiny and two LoRA adapters of it, at weight 0 (pinned
+        # requests reach them), so that CI starts vLLM only twice. Adapters need real random weights:
+        # vLLM's dummy ones are so flat that no adapter changes a greedy token.
+        tiny_model = make_tiny_model(tmp_path / "weighted", weights=True)
+        tiny.update(model=str(tiny_model), pool="tiny-pool", engine_args={**tiny["engine_args"], "load_format": "auto"})
+        pool = [
+            {"name": f"lora-{name}", "weight": 0, "pool": "tiny-pool",
+             "lora": {"path": str(make_lora_adapter(tmp_path / f"lora-{name}", tiny_model, seed))}}
+            for name, seed in (("a", 1), ("b", 2))
+        ]  # fmt: skip
+    exp = ExperimentConfig.model_validate(
+        {"name": f"v{os.urandom(4).hex()}", "partitions": 1, "variants": [tiny, *pool]}
     )
     ensure_topics(settings, exp)
     port = free_port()
@@ -149,6 +152,8 @@ def test_vllm_worker_serves_dead_letters_and_survives_a_kill_9_or_drains_on_sigt
     else:
         assert _values(metrics)["abq_batch_size_count"] >= 1
     assert proc.poll() is None  # the worker is still serving
+    if engine == "vllm":
+        _pool_serves_each_variant_with_its_adapter_and_logprobs(settings, exp, port, tiny_model)
     if engine == "vllm":  # the gateway in front of the real engine, through the official SDK
         with serving(settings, [exp]) as url:
             raw = _client(url).chat.completions.with_raw_response.create(
@@ -204,36 +209,14 @@ def test_vllm_worker_serves_dead_letters_and_survives_a_kill_9_or_drains_on_sigt
                        30, "commits to the end")  # fmt: skip
 
 
-def test_a_pool_of_the_base_model_and_two_lora_adapters_on_one_vllm_worker(
-    settings, spawn_worker, tmp_path, monkeypatch
-):
-    """One engine start: a base variant and two LoRA variants of the tiny model (with real random
-    weights: dummy ones are too flat for an adapter to change a greedy token), logprobs and n."""
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    model = make_tiny_model(tmp_path / "weighted", weights=True)
-    adapters = {name: make_lora_adapter(tmp_path / f"lora-{name}", model, seed) for name, seed in (("a", 1), ("b", 2))}
-    typed = {k: ENGINE_ARGS[k] for k in ("dtype", "max_model_len", "max_num_seqs")}
-    engine_args = {**{k: v for k, v in ENGINE_ARGS.items() if k not in typed}, "load_format": "auto"}
-    exp = ExperimentConfig.model_validate(
-        {
-            "name": f"v{os.urandom(4).hex()}",
-            "partitions": 1,
-            "variants": [
-                {"name": "base", "weight": 50, "pool": "tiny", "engine": "vllm", "model": str(model),
-                 "vllm": typed, "engine_args": engine_args},
-                {"name": "lora-a", "weight": 25, "pool": "tiny", "lora": {"path": str(adapters["a"])}},
-                {"name": "lora-b", "weight": 25, "pool": "tiny", "lora": {"path": str(adapters["b"])}},
-            ],
-        }
-    )  # fmt: skip
-    ensure_topics(settings, exp)
-    port = free_port()
-    proc = spawn_worker(exp, "tiny", "--metrics-port", str(port))
-    prompt = "the quick brown fox jumps over"
+def _pool_serves_each_variant_with_its_adapter_and_logprobs(settings, exp, port, model):
+    """tiny and its two LoRA variants on the one engine: each answer from its own variant, three
+    different greedy continuations of one prompt, OpenAI's logprobs semantics, per-variant metrics."""
+    prompt = "the lazy dog"  # whose greedy continuations decode to visible text for all three (seeded weights)
     greedy = {
         v: InferenceRequest(experiment=exp.name, routing_key="u", variant=v, prompt=prompt, max_tokens=8,
                             temperature=0, logprobs=True, top_logprobs=2)
-        for v in ("base", "lora-a", "lora-b")
+        for v in ("tiny", "lora-a", "lora-b")
     }  # fmt: skip
     sampled = InferenceRequest(experiment=exp.name, routing_key="s", variant="lora-a", prompt=prompt, max_tokens=6,
                                n=3, temperature=0.9, seed=3, logprobs=True)  # fmt: skip
@@ -242,13 +225,13 @@ def test_a_pool_of_the_base_model_and_two_lora_adapters_on_one_vllm_worker(
             client.publish(r)
         client.publisher.flush()
         got = client.wait({r.id for r in [*greedy.values(), sampled]}, timeout=400)
-    assert len(got) == 4, proc.log_path.read_text()[-3000:]
+    assert len(got) == 4
     answers = {v: got[r.id].response for v, r in greedy.items()}
     assert all(a.ok and a.variant == v and a.model == str(model) for v, a in answers.items()), answers
     # Each adapter really runs: greedy decoding of one prompt gives three different continuations.
     runs = {v: tuple(round(t.logprob, 4) for t in a.logprobs[0]) for v, a in answers.items()}
     assert len(set(runs.values())) == 3, runs
-    assert answers["lora-a"].outputs != answers["base"].outputs or answers["lora-b"].outputs != answers["base"].outputs
+    assert len({a.outputs[0] for a in answers.values()}) == 3, {v: a.outputs for v, a in answers.items()}
     for a in answers.values():  # OpenAI's semantics: the chosen token, and the top 2 at each position
         (tokens,) = a.logprobs
         assert len(tokens) == a.usage.completion_tokens
@@ -259,8 +242,10 @@ def test_a_pool_of_the_base_model_and_two_lora_adapters_on_one_vllm_worker(
     assert s.ok and len(s.outputs) == len(s.logprobs) == 3  # one list per sample (n)
     assert sum(len(x) for x in s.logprobs) == s.usage.completion_tokens
     assert all(t.top_logprobs == [] for x in s.logprobs for t in x)  # logprobs without top_logprobs
-    metrics = _get(port, "/metrics")[1]
-    assert {v: _values(metrics, variant=v).get("abq_requests_total") for v in greedy} == {
-        "base": 1, "lora-a": 2, "lora-b": 1,
-    }  # fmt: skip
-    assert proc.poll() is None
+
+    def counted():  # the worker counts a request once Kafka has acknowledged its answer: a moment after the caller
+        metrics = _get(port, "/metrics")[1]
+        return {v: _values(metrics, variant=v).get("abq_requests_total") for v in greedy}
+
+    wait_until(lambda: counted()["lora-a"] == 2 and counted()["lora-b"] == 1, 10, f"per-variant counts ({counted()})")
+    assert counted()["tiny"] > 1  # the base variant's requests are counted under their own label

@@ -48,8 +48,15 @@ def adapters(variants: list[VariantConfig]) -> dict[str, Adapter]:
 
 
 def engine_args(found: dict[str, Adapter], args: dict) -> dict:
-    """vLLM arguments with room for every adapter: LoRA on, a slot per adapter, the smallest rank
-    bound that fits the largest. A max_lora_rank the config sets below an adapter's rank is refused."""
+    """vLLM arguments with room for every adapter: LoRA on, a slot per adapter and one spare, the
+    smallest rank bound that fits the largest. A max_lora_rank the config sets below an adapter's
+    rank is refused.
+
+    The spare slot: vLLM's CPU LoRA ops (vllm/lora/ops/torch_ops) pick each row's adapter with
+    `weights[index]`, and a request without an adapter has index -1, which torch reads as the last
+    slot: with every slot full, base-model requests batched with adapter requests ran with the last
+    adapter (seen in tests/test_vllm_engine.py's pool test). The spare slot is never filled, so it
+    stays zero. GPU kernels skip -1; there the spare costs one adapter's memory."""
     if not found:
         return args
     top = max(a.rank for a in found.values())
@@ -62,4 +69,4 @@ def engine_args(found: dict[str, Adapter], args: dict) -> dict:
     rank = args.get("max_lora_rank") or next((r for r in VLLM_RANKS if r >= max(top, VLLM_DEFAULT_RANK)), None)
     if rank is None:
         raise ConfigError(f"a LoRA adapter has rank {top}, above the largest vLLM serves ({VLLM_RANKS[-1]})")
-    return {**args, "enable_lora": True, "max_loras": args.get("max_loras", len(found)), "max_lora_rank": rank}
+    return {**args, "enable_lora": True, "max_loras": args.get("max_loras", len(found) + 1), "max_lora_rank": rank}
