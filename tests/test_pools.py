@@ -267,3 +267,33 @@ def test_a_pool_renders_one_deployment_and_one_scaled_object_on_its_total_lag():
     read = {g.name for g in worker.grants if g.resource == "topic" and "Read" in g.operations}
     assert read == topics | {acls.CONFIG_TOPIC}
     assert {g.name for g in worker.grants if g.resource == "group"} == {exp.consumer_group("shared")}
+
+
+def test_a_variants_chat_template_and_adapter_are_picked_by_the_requests_variant(tmp_path):
+    pytest.importorskip("vllm")
+    from tiny_model import make_tiny_model
+    from transformers import AutoTokenizer
+
+    from workers.engines.vllm_common import PromptPrep
+
+    prep = PromptPrep()
+    prep.tokenizer, prep.max_model_len = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path)), 1000
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 8}')
+    exp = ExperimentConfig.model_validate({"name": "e", "variants": [
+        {"name": "base", "weight": 50, "pool": "p", "engine": "vllm", "model": "/m"},
+        {"name": "plain", "weight": 50, "pool": "p", "chat_template": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}",
+         "lora": {"path": str(adapter), "name": "plain-v1"}},
+    ]})  # fmt: skip
+    prep._init_prep(lora.adapters(exp.variants), {"plain": exp.variant("plain").chat_template})
+
+    def rendered(variant: str) -> str:
+        req = InferenceRequest(
+            experiment="e", routing_key="k", variant=variant, messages=[{"role": "user", "content": "hi"}]
+        )
+        return prep.tokenizer.decode(prep._render(req))
+
+    assert rendered("plain") == "[hi]" and rendered("base") == "<|user|>hi\n<|assistant|>"
+    req = InferenceRequest(experiment="e", routing_key="k", variant="plain", prompt="x")
+    assert prep.lora(req).lora_name == "plain-v1" and prep.lora(req.model_copy(update={"variant": "base"})) is None

@@ -84,13 +84,14 @@ class PromptPrep:
 
     def _render(self, request: InferenceRequest) -> list[int]:
         if request.messages is not None:
-            if not getattr(self.tokenizer, "chat_template", None):
+            template = self._templates.get(request.variant or "")
+            if not template and not getattr(self.tokenizer, "chat_template", None):
                 raise EngineError(f"model {self.model} has no chat template; send 'prompt' instead of 'messages'")
             text = self.tokenizer.apply_chat_template(
                 [m.model_dump() for m in request.messages],
                 tokenize=False,
                 add_generation_prompt=True,
-                chat_template=self._templates.get(request.variant or ""),
+                chat_template=template,
             )
             return self.tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(request.prompt)
