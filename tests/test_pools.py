@@ -297,3 +297,28 @@ def test_a_variants_chat_template_and_adapter_are_picked_by_the_requests_variant
     assert rendered("plain") == "[hi]" and rendered("base") == "<|user|>hi\n<|assistant|>"
     req = InferenceRequest(experiment="e", routing_key="k", variant="plain", prompt="x")
     assert prep.lora(req).lora_name == "plain-v1" and prep.lora(req.model_copy(update={"variant": "base"})) is None
+
+
+def test_keda_simulate_takes_a_pools_scaling_settings_and_all_its_partitions(tmp_path):
+    from abqueue.cli.keda_cmd import _settings
+    from abqueue.cli.main import build_parser
+
+    exp = pool_experiment()
+    cfg = str(write_config(exp, tmp_path))
+    for name in ("shared", "sys"):  # the pool, or any of its variants
+        args = build_parser().parse_args(
+            [
+                "keda",
+                "simulate",
+                "--config",
+                cfg,
+                "--variant",
+                name,
+                "--per-replica-rps",
+                "5",
+                "--profile",
+                "burst:100@60",
+            ]
+        )
+        s = _settings(args)
+        assert (s.lagThreshold, s.maxReplicas, s.partitions) == (10, 3, 3 * exp.partitions_for("shared"))
