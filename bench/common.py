@@ -6,6 +6,8 @@ import atexit
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -66,6 +68,35 @@ def rss_bytes(pid: int) -> int:
     """Resident memory of a process now (Linux /proc)."""
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its descendants (vLLM's engine core runs in a child)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += rss_bytes(p)
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def wait_ready(worker: subprocess.Popen, port: int, timeout_s: float) -> None:
+    """Until the worker's /readyz answers 200 (its engine loaded and warmed up): engine start is not
+    part of a measurement."""
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert worker.poll() is None, "the worker exited while starting; see its log above"
+        assert time.monotonic() < deadline, f"the worker was not ready within {timeout_s:.0f}s"
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(1)
 
 
 def start_worker(exp, bootstrap_servers: str, variant: str, *flags: str) -> subprocess.Popen:

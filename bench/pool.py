@@ -21,11 +21,10 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
-from common import bootstrap, free_port, leave_no_trace, percentile, start_worker
+from common import bootstrap, free_port, leave_no_trace, percentile, start_worker, tree_rss_bytes, wait_ready
 from throughput import prompts
 
 from abqueue.kafka import KafkaSettings, ensure_topics
@@ -57,21 +56,6 @@ def experiment(model: Path, adapters: dict[str, Path], pooled: bool) -> Experime
     )
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its descendants (vLLM's engine core runs in a child)."""
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except (OSError, StopIteration):
-            continue
-        todo += [int(c) for c in children]
-    return total
-
-
 def run(addr: str, exp: ExperimentConfig, units: list[str], texts: list[str], max_tokens: int) -> dict:
     settings = KafkaSettings(bootstrap_servers=addr)
     ensure_topics(settings, exp)
@@ -79,17 +63,8 @@ def run(addr: str, exp: ExperimentConfig, units: list[str], texts: list[str], ma
     ports = {u: free_port() for u in units}
     workers = {u: start_worker(exp, addr, u, "--metrics-port", str(ports[u])) for u in units}
     try:
-        deadline = time.monotonic() + 1800
-        for u, port in ports.items():  # engine start is not measured
-            while True:
-                assert workers[u].poll() is None, f"worker {u} exited while starting"
-                assert time.monotonic() < deadline, f"worker {u} not ready in 30 minutes"
-                try:
-                    if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
-                        break
-                except OSError:
-                    pass
-                time.sleep(1)
+        for u, port in ports.items():
+            wait_ready(workers[u], port, 1800)
         with AbqClient(settings, exp) as client:
             reqs = [
                 InferenceRequest(experiment=exp.name, routing_key=f"u{i}", variant=VARIANTS[i % 3], prompt=text,
@@ -115,7 +90,7 @@ def run(addr: str, exp: ExperimentConfig, units: list[str], texts: list[str], ma
             "output_tokens_per_s": tokens / elapsed,
             "latency_s_p50": statistics.median(latencies),
             "latency_s_p95": percentile(latencies, 95),
-            "resident_mb": sum(rss_mb(w.pid) for w in workers.values()),
+            "resident_mb": sum(tree_rss_bytes(w.pid) for w in workers.values()) / 2**20,
             "output_tokens": tokens,
         }
     finally:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import orjson
 import yaml
-from common import bootstrap, free_port, leave_no_trace, percentile, start_worker
+from common import bootstrap, free_port, leave_no_trace, percentile, start_worker, wait_ready
 
 from abqueue.kafka import KafkaSettings, ensure_topics
 from producers import AbqClient
@@ -201,15 +201,7 @@ def through_kafka(
     flags = ["--max-inflight", str(max_inflight)] if max_inflight else []  # else: the worker's defaults
     worker = start_worker(exp, addr, "v", *flags, "--metrics-port", str(port))
     try:
-        deadline = time.monotonic() + 1200
-        while time.monotonic() < deadline:  # engine start is not part of the measurement
-            assert worker.poll() is None, "the worker exited while starting; see its log above"
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(1)
+        wait_ready(worker, port, 1200)
         with AbqClient(settings, exp) as client:
 
             def req(i, text):
