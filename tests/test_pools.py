@@ -322,3 +322,22 @@ def test_keda_simulate_takes_a_pools_scaling_settings_and_all_its_partitions(tmp
         )
         s = _settings(args)
         assert (s.lagThreshold, s.maxReplicas, s.partitions) == (10, 3, 3 * exp.partitions_for("shared"))
+
+
+def test_a_live_config_change_says_what_waits_for_a_restart_and_applies_the_rest(stub_worker, caplog):
+    from types import SimpleNamespace
+
+    exp = pool_experiment()
+    data = exp.model_dump()
+    data["variants"][1].update(system_prompt="be kind", chat_template="{{ messages }}")
+    data["variants"].append({**data["variants"][2], "name": "late", "weight": 0})
+    new = ExperimentConfig.model_validate(data)
+    with stub_worker(exp, "shared") as w:
+        with caplog.at_level("WARNING", logger="workers.worker"):
+            w.worker._config_changed(SimpleNamespace(experiment=new, version=2))
+        w.send("sys", prompt="hi")
+        (r,) = w.wait_responses(1)
+    assert r.outputs == ["be kind hi"]  # the new system prompt is in use at once
+    said = " | ".join(rec.getMessage() for rec in caplog.records)
+    assert "changes sys's chat_template; that applies when the worker restarts" in said and "system_prompt" not in said
+    assert "adds late to pool shared; this worker serves it once restarted" in said

@@ -38,6 +38,10 @@ class EngineDied(AbqError):
     """The engine died: the worker stopped without answering what it still had."""
 
 
+# What a live config change applies at once (read per request); the rest needs a restart (the engine,
+# its adapters and templates, the hooks, the topics and group are made at start).
+LIVE_FIELDS = {"weight", "max_prompt_chars", "max_tokens_limit", "max_top_logprobs", "system_prompt", "sampling",
+               "scaling", "deploy", "price", "shadow_percent"}  # fmt: skip
 IDLE_POLL_MS = 1000
 ACK_POLL_MS = 20  # while only acknowledgements or a transaction are awaited (a new request ends the wait)
 # The bound on requests with a continuous engine when --max-inflight is not given: it bounds memory
@@ -162,12 +166,17 @@ class Worker:
             log.warning("experiment %s v%d no longer has variant %s; serving what is left in its topics",
                         new.name, record.version, ", ".join(gone))  # fmt: skip
             return
-        keep = {"weight", "max_prompt_chars", "max_tokens_limit", "max_top_logprobs", "scaling", "deploy", "price"}
         fresh = {name: new.variant(name) for name in self.variants}
         for name, v in fresh.items():
-            if v.model_dump(exclude=keep) != self.variants[name].model_dump(exclude=keep):
-                log.warning("experiment %s v%d changes %s's engine settings, prompt or hooks; they apply when the "
-                            "worker restarts", new.name, record.version, name)  # fmt: skip
+            old = self.variants[name]
+            if later := sorted(
+                f for f in type(v).model_fields if f not in LIVE_FIELDS and getattr(v, f) != getattr(old, f)
+            ):
+                log.warning("experiment %s v%d changes %s's %s; that applies when the worker restarts",
+                            new.name, record.version, name, ", ".join(later))  # fmt: skip
+        if added := sorted({v.name for v in new.pools().get(self.serves, [])} - set(self.variants)):
+            log.warning("experiment %s v%d adds %s to pool %s; this worker serves it once restarted",
+                        new.name, record.version, ", ".join(added), self.serves)  # fmt: skip
         self.experiment, self.variants, self.variant = new, fresh, fresh[self.variant.name]
         log.info("experiment %s v%d in use (limits: %s)", new.name, record.version, ", ".join(
             f"{v.name}: {v.max_prompt_chars} prompt chars, {v.max_tokens_limit} max_tokens" for v in fresh.values()
