@@ -152,9 +152,6 @@ class SamplingConfig(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1, description="a ceiling: requests asking for more get this many")
 
-    def args(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
-
 
 # What the variants of one pool share: they run on one engine, one Deployment, one ScaledObject.
 POOL_FIELDS = ("engine", "model", "vllm", "engine_args", "scaling", "deploy")
