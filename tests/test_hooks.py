@@ -28,6 +28,8 @@ def picky(request):
         time.sleep(5)
     if request.prompt == "wrong":
         return "not a request"
+    if request.prompt == "moved":  # to another variant: in a pool that would run another adapter
+        return request.model_copy(update={"variant": "elsewhere"})
     return request
 
 
@@ -57,13 +59,14 @@ def test_a_hook_that_raises_hangs_or_returns_the_wrong_thing_fails_only_its_requ
     exp = _with_hooks(request="test_hooks:picky", response="abqueue.hooks:extract_json")
     with stub_worker(exp) as w:
         sent = {
-            p: w.send(prompt=p, routing_key=p) for p in ("raise", "hang", "wrong", "no json here", '{"ok": 1} thanks')
+            p: w.send(prompt=p, routing_key=p)
+            for p in ("raise", "hang", "wrong", "moved", "no json here", '{"ok": 1} thanks')
         }
-        responses = {r.request_id: r for r in w.wait_responses(5, timeout=10)}
-        w.broker.wait_for(lambda: len(w.dead_letters()) >= 4, 5, "four dead letters")
+        responses = {r.request_id: r for r in w.wait_responses(6, timeout=10)}
+        w.broker.wait_for(lambda: len(w.dead_letters()) >= 5, 5, "five dead letters")
         letters = {d.request_id: d for d in w.dead_letters()}
         later = w.send(prompt='["served", "after"]')  # the worker serves on, a hook thread stuck or not
-        w.broker.wait_for(lambda: len(w.broker.records(exp.response_topic)) >= 6, 5, "the request after")
+        w.broker.wait_for(lambda: len(w.broker.records(exp.response_topic)) >= 7, 5, "the request after")
         assert w.error is None and not w.worker.stopping
         failures = metric_values(_metrics(w.worker), hook="request")["abq_hook_failures_total"]
     by = {p: responses[r.id] for p, r in sent.items()}
@@ -72,13 +75,14 @@ def test_a_hook_that_raises_hangs_or_returns_the_wrong_thing_fails_only_its_requ
         "raise": "request hook test_hooks:picky raised ValueError: no thanks",
         "hang": "request hook test_hooks:picky took longer than 0.3s",
         "wrong": "request hook test_hooks:picky returned str, not an InferenceRequest, same id",
+        "moved": "request hook test_hooks:picky returned InferenceRequest, not an InferenceRequest, same id and variant",
         "no json here": "response hook abqueue.hooks:extract_json raised ValueError: no JSON object or array",
     }
     for prompt, why in expected.items():
         r, letter = by[prompt], letters[sent[prompt].id]
         assert r.error is not None and r.error.code == "invalid_request" and why in r.error.message, (prompt, r.error)
         assert letter.reason == "hook_failed" and why in letter.detail
-    assert len(letters) == 4 and failures == 3
+    assert len(letters) == 5 and failures == 4
     (after,) = [r for r in w.responses() if r.request_id == later.id]
     assert after.ok and after.outputs == ['["served","after"]']
 

@@ -44,11 +44,13 @@ def load_hook(path: str) -> Callable[..., Any]:
     return fn
 
 
-def _same_request(rid: str) -> Callable[[Any], str | None]:
-    """What a request hook must return: the request, changed or not (the same id)."""
+def _same_request(request: InferenceRequest) -> Callable[[Any], str | None]:
+    """What a request hook must return: the request, changed or not, with the same id and variant
+    (the engine picks a pool variant's adapter and template by the request's variant)."""
 
     def check(value: Any) -> str | None:
-        return None if isinstance(value, InferenceRequest) and value.id == rid else "an InferenceRequest, same id"
+        same = isinstance(value, InferenceRequest) and (value.id, value.variant) == (request.id, request.variant)
+        return None if same else "an InferenceRequest, same id and variant"
 
     return check
 
@@ -111,7 +113,7 @@ class Hooks(Middleware):
         for m in batch:
             if m.done or m.request is None or (hook := self.request_hooks.get(m.variant)) is None:
                 continue
-            ok, value = self._call(m.variant, "request", hook, (m.request,), _same_request(m.request.id))
+            ok, value = self._call(m.variant, "request", hook, (m.request,), _same_request(m.request))
             if ok:
                 m.request = value
             else:
