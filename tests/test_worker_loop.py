@@ -715,3 +715,27 @@ def test_deadlines_of_answered_calls_do_not_pile_up_until_they_pass():
     for _ in range(20_000):
         timed(["a request"], lambda i, result: None)
     assert len(mw._deadlines) <= 2048, f"{len(mw._deadlines)} deadlines kept for 20,000 answered calls"
+
+
+def test_the_loop_s_histograms_expose_what_prometheus_client_s_would():
+    """The per-request histograms skip prometheus_client's locks; a scrape must not tell the difference."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from workers.middleware.histograms import LoopHistogram
+    from workers.middleware.metrics import LATENCY_BUCKETS
+
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("abq_x_seconds", "doc", ("experiment", "variant"), buckets=LATENCY_BUCKETS, registry=theirs)
+    loop = LoopHistogram("abq_x_seconds", "doc", ("experiment", "variant"), buckets=LATENCY_BUCKETS, registry=ours)
+    # On a bound (le is inclusive), between bounds, beyond the last one, zero.
+    values = [0.0, 0.005, 0.0051, 0.25, 1, 7.5, 600, 601, 1e9, 0.1]
+    for i, v in enumerate(values):
+        for h in (reference, loop):
+            h.labels("e", "ab"[i % 2]).observe(v)
+
+    def text(registry):
+        return sorted(line for line in generate_latest(registry).decode().splitlines() if "_created" not in line)
+
+    assert text(ours) == text(theirs)
+    with pytest.raises(ValueError):
+        loop.labels("only-one")

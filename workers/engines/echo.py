@@ -89,16 +89,19 @@ class EchoEngine:
             return Completion.failed("echo engine: rehearsed failure (error_rate)")
         words = _text(r).split()
         kept = words[: r.max_tokens]
-        # An echo is certain of every word it says: log probability 0, and no other candidate.
-        sure = [TokenLogprob(token=w, logprob=0.0, top_logprobs=[TopLogprob(token=w, logprob=0.0)][: r.top_logprobs or 0])
-                for w in kept]  # fmt: skip
+        sure = None
+        if r.logprobs:  # an echo is certain of every word it says: log probability 0, no other candidate
+            top = r.top_logprobs or 0
+            sure = [
+                TokenLogprob(token=w, logprob=0.0, top_logprobs=[TopLogprob(token=w, logprob=0.0)][:top]) for w in kept
+            ]
         return Completion(
             outputs=[" ".join(kept)] * r.n,
             finish_reason="length" if len(words) > r.max_tokens else "stop",
             prompt_tokens=len(words),
             completion_tokens=len(kept) * r.n,
             first_token_at=first,
-            logprobs=[sure] * r.n if r.logprobs else None,
+            logprobs=[sure] * r.n if sure is not None else None,
         )
 
     # static batching

@@ -77,7 +77,10 @@ class _Deadlines:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="abq-engine-timeouts", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif self._heap[0][2] is call:
+                # Only an earlier deadline changes what the thread waits for; waking it per engine call
+                # cost a thread switch per call, taken from the loop's time.
+                self._cond.notify()
 
     def _run(self) -> None:
         while True:

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from schemas import PRIORITIES
 from workers.middleware import Middleware
+from workers.middleware.histograms import LoopHistogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5)
@@ -37,41 +38,42 @@ class Metrics(Middleware):
             buckets=BATCH_BUCKETS,
             registry=reg,
         )
-        self.queue_wait = Histogram(
+        # Observed per request by the worker loop alone: no lock per observation (histograms.py).
+        self.queue_wait = LoopHistogram(
             "abq_queue_wait_seconds", "Record timestamp to dequeue", labels, buckets=LATENCY_BUCKETS, registry=reg
         )
-        self.engine_time = Histogram(
+        self.engine_time = LoopHistogram(
             "abq_engine_seconds",
             "Engine start to finish, per request",
             per_model,
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
-        self.e2e = Histogram(
+        self.e2e = LoopHistogram(
             "abq_end_to_end_seconds",
             "Record timestamp to response safe in Kafka",
             labels,
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
-        self.ttft = Histogram(
+        self.ttft = LoopHistogram(
             "abq_time_to_first_token_seconds",
             "Engine start to first token",
             per_model,
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
-        self.tpot = Histogram(
+        self.tpot = LoopHistogram(
             "abq_time_per_output_token_seconds",
             "Time per output token after the first",
             per_model,
             buckets=TOKEN_TIME_BUCKETS,
             registry=reg,
         )
-        self.prompt_tokens = Histogram(
+        self.prompt_tokens = LoopHistogram(
             "abq_prompt_tokens", "Prompt tokens per request", per_model, buckets=TOKEN_BUCKETS, registry=reg
         )
-        self.completion_tokens = Histogram(
+        self.completion_tokens = LoopHistogram(
             "abq_completion_tokens",
             "Completion tokens per request (all samples)",
             per_model,
