@@ -224,7 +224,9 @@ def main() -> int:
         procs.append(relay_proc)
 
         lanes, exps, publishers = [], {}, []
-        for mode in MODES:
+        # The client's lane has a worker of its own: a second reader on another lane's responses topic
+        # would slow that lane (its fetches, in this process, compete with the lane's own).
+        for mode in (*MODES, "client"):
             exp = ExperimentConfig(
                 name=f"bench{uuid.uuid4().hex[:8]}",
                 partitions=args.partitions,
@@ -234,12 +236,17 @@ def main() -> int:
             leave_no_trace(f"abq.{exp.name}.")
             port = free_port()
             # The workers run at their defaults unless the command line says otherwise: defaults are what users get.
-            flags = [*worker_flags(args), "--delivery", mode, "--metrics-port", str(port)]
-            worker = start_worker(exp, addr, "a", *flags)
+            delivery = MODES[0] if mode == "client" else mode
+            worker = start_worker(
+                exp, addr, "a", *worker_flags(args), "--delivery", delivery, "--metrics-port", str(port)
+            )
             procs.append(worker)
             wait_ready(worker, port, timeout_s=120)
-            publishers.append(publisher := RequestPublisher(settings, exp))
             exps[mode] = exp
+            if mode == "client":
+                client_pid = worker.pid
+                continue
+            publishers.append(publisher := RequestPublisher(settings, exp))
             lanes.append(Lane(mode, worker.pid, exp.response_topic, "request_id", request_maker(exp, publisher)))
         relay_make = request_maker(exps[MODES[0]], publishers[0], topic=f"{name}.in")
         lanes.insert(0, Lane("relay", relay_proc.pid, f"{name}.out", "id", relay_make))
@@ -247,11 +254,10 @@ def main() -> int:
         for lane in lanes:
             lane.out = tail_consumer(settings, lane.out_topic, args.partitions)
 
-        # What an application sees: the at-least-once worker through the client library, in the same turns.
-        alo = exps[MODES[0]]
-        client = AbqClient(settings, alo)
-        client_lane = Lane("client", lanes[1].pid, alo.response_topic, "request_id", lanes[1].make)
-        client_lane.submit = lambda i: client.submit(request(alo, 40_000_000 + i), timeout=30)
+        # What an application sees: an at-least-once worker through the client library, in the same turns.
+        client = AbqClient(settings, exps["client"])
+        client_lane = Lane("client", client_pid, exps["client"].response_topic, "request_id", relay_make)
+        client_lane.submit = lambda i: client.submit(request(exps["client"], 40_000_000 + i), timeout=30)
         prod = producer(settings)
         print(f"warming up: {WARM_UP} records and 20 round trips through each path", file=sys.stderr)
         for lane in lanes:
