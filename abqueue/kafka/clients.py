@@ -51,6 +51,11 @@ def check_reachable(settings: KafkaSettings, timeout: float = 5.0) -> None:
     raise _unreachable(settings)
 
 
+# kafka-python's own client metrics (sensors updated per record and per request) are read by nothing
+# here: abqueue exports its own to Prometheus.
+NO_CLIENT_METRICS = {"metrics_enabled": False}
+
+
 def _build(cls, settings: KafkaSettings, defaults: dict[str, Any], overrides: dict[str, Any], *topics: str):
     check_reachable(settings)
     cfg = {"bootstrap_timeout_ms": BOOTSTRAP_TIMEOUT_MS, **defaults, **settings.client_config(), **overrides}
@@ -65,13 +70,18 @@ def producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
     # acks=all + idempotence: a retried send never duplicates or reorders within a partition.
     # linger 0: request-reply latency matters more than batching at low load, and under load the
     # client batches anyway while earlier requests are in flight.
-    return _build(KafkaProducer, settings, {"acks": "all", "enable_idempotence": True, "linger_ms": 0}, overrides)
+    defaults = {"acks": "all", "enable_idempotence": True, "linger_ms": 0, **NO_CLIENT_METRICS}
+    return _build(KafkaProducer, settings, defaults, overrides)
 
 
 def consumer(settings: KafkaSettings, *topics: str, **overrides: Any) -> KafkaConsumer:
     read_unreadable_header_keys()  # one record with a non-UTF-8 header key must not stop every poll
     return _build(
-        KafkaConsumer, settings, {"enable_auto_commit": False, "auto_offset_reset": "earliest"}, overrides, *topics
+        KafkaConsumer,
+        settings,
+        {"enable_auto_commit": False, "auto_offset_reset": "earliest", **NO_CLIENT_METRICS},
+        overrides,
+        *topics,
     )
 
 
