@@ -30,6 +30,9 @@ def make_engine(
 
         return SimEngine(model=model or variant.model, **args)
     if kind in ("vllm", "vllm-batch"):
+        from workers.engines.vllm_common import check_model_dir
+
+        check_model_dir(model or variant.model)
         # vLLM is imported only when asked for: the echo engine and the CLI run without it.
         from workers.engines.vllm_async import AsyncVllmEngine
         from workers.engines.vllm_static import VllmEngine

@@ -22,11 +22,17 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~"))
 
 
-def engine_kwargs(model: str, engine_args: dict | None, args_class) -> dict:
-    """vLLM keyword arguments for `model`, refusing a missing directory or an unknown argument."""
+def check_model_dir(model: str) -> str:
+    """The model's local path, refusing a missing directory (before vLLM's ~20 s import)."""
     path = os.path.expanduser(model)
     if _looks_like_path(model) and not os.path.isdir(path):
         raise ConfigError(f"model directory {model} does not exist; pass a local model directory with --model")
+    return path
+
+
+def engine_kwargs(model: str, engine_args: dict | None, args_class) -> dict:
+    """vLLM keyword arguments for `model`, refusing a missing directory or an unknown argument."""
+    path = check_model_dir(model)
     known = {f.name for f in dataclasses.fields(args_class)}
     for key in engine_args or {}:
         if key not in known:
