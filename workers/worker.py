@@ -48,6 +48,11 @@ ACK_POLL_MS = 20  # while only acknowledgements or a transaction are awaited (a 
 # (each priority level buffers as many); within it the limit follows the engine (workers/inflight.py).
 DEFAULT_MAX_INFLIGHT = 512
 BUSY_WAIT_S = 0.005  # how long the loop waits for the engine before polling Kafka again
+# Records per poll (at least --max-batch). A loop pass has costs that do not grow with its records (a
+# poll's hand-offs to kafka-python's IO thread, a commit): an echo worker draining a backlog spent 13%
+# less CPU per request and drained 20% faster polling up to 128 than up to 32. Admission bounds what
+# is buffered however many a poll may return.
+POLL_RECORDS = 128
 
 
 class Worker:
@@ -81,6 +86,7 @@ class Worker:
         self.consumer = consumer
         self.delivery = delivery
         self.max_batch = max_batch
+        self.poll_records = max(max_batch, POLL_RECORDS)
         self.max_wait_ms = max_wait_ms
         # Static batching keeps the next batch filling while one runs. A continuous engine is handed
         # what it can run plus a little (workers/inflight.py), at most max_inflight.
@@ -141,7 +147,7 @@ class Worker:
             settings,
             group,
             client_id=f"{settings.client_id}-{worker_id}",
-            max_poll_records=max_batch,
+            max_poll_records=max(max_batch, POLL_RECORDS),
             max_poll_interval_ms=max_poll_interval_ms,
             session_timeout_ms=session_timeout_ms,
         )
@@ -287,7 +293,7 @@ class Worker:
             wait_ms = ACK_POLL_MS if self.delivery.unsent else IDLE_POLL_MS
         # Never more than the emptiest-but-not-full level can take, so no level's buffer overflows;
         # with every level full all partitions are paused and the poll only keeps the group alive.
-        max_records = max(1, min(self.max_batch, self.admission.room()))
+        max_records = max(1, min(self.poll_records, self.admission.room()))
         polled = self.consumer.poll(timeout_ms=wait_ms, max_records=max_records)
         now = time.time()  # when the worker got the records: after the poll, which may have waited for them
         fresh = [Message(r, dequeued_at=now, variant=self._variant_of[r.topic]) for r in polled]

@@ -41,7 +41,7 @@ def register(sub) -> None:
         "--max-batch",
         type=int,
         default=32,
-        help="records per poll, and per engine call with static batching (default 32)",
+        help="requests per engine call with static batching, and the least records per poll (default 32; polls take up to 128)",
     )
     p.add_argument(
         "--max-wait-ms",
