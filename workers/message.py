@@ -93,7 +93,8 @@ class Message:
         worker_id: str,
         outputs: list[str] | None = None,
         finish_reason: FinishReason | None = None,
-        usage: Usage | None = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
         first_token: float | None = None,
         error: ErrorInfo | None = None,
         logprobs: list | None = None,
@@ -103,14 +104,14 @@ class Message:
         req, rid = self.request, self.request_id
         assert rid is not None, "only a request whose id can be read is answered"
         finished = time.time()
-        usage = usage or Usage()
+        chars = None
         if req is not None:
             chars = self.prompt_chars if self.prompt_chars is not None else req.prompt_chars()
-            usage = usage.model_copy(update={"prompt_chars": chars})
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, prompt_chars=chars)
         ttft = tpot = None
         if first_token is not None and self.started is not None and req is not None:
             ttft = max(0.0, first_token - self.started)
-            per_sample = usage.completion_tokens / max(1, req.n)
+            per_sample = completion_tokens / max(1, req.n)
             if per_sample > 1:
                 tpot = max(0.0, finished - first_token) / (per_sample - 1)
         exp_name = req.experiment if req else experiment
@@ -152,5 +153,6 @@ class Message:
             error=c.error,
             logprobs=c.logprobs,
             first_token=c.first_token_at,
-            usage=Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens),
+            prompt_tokens=c.prompt_tokens,
+            completion_tokens=c.completion_tokens,
         )

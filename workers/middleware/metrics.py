@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import Counter
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import Counter as PromCounter
 
 from schemas import PRIORITIES
 from workers.middleware import Middleware
@@ -22,13 +24,13 @@ class Metrics(Middleware):
         reg: CollectorRegistry = worker.registry
         labels = ("experiment", "variant")
         per_model = (*labels, "model")
-        self.requests = Counter(
+        self.requests = PromCounter(
             "abq_requests",
             "Requests handled, by outcome (ok, error, expired, dead_letter)",
             (*labels, "outcome"),
             registry=reg,
         )
-        self.dead_letters = Counter(
+        self.dead_letters = PromCounter(
             "abq_dead_letters", "Records sent to the dead-letter topic, by reason", (*labels, "reason"), registry=reg
         )
         self.batch_size = Histogram(
@@ -80,7 +82,7 @@ class Metrics(Middleware):
             buckets=TOKEN_BUCKETS,
             registry=reg,
         )
-        self.tokens = Counter(
+        self.tokens = PromCounter(
             "abq_tokens", "Tokens processed, by kind (prompt, completion)", (*per_model, "kind"), registry=reg
         )
         self.last_batch = Gauge(
@@ -143,16 +145,20 @@ class Metrics(Middleware):
     def after_batch(self, worker, batch) -> None:
         now = time.time()
         child = self._child
+        # Counters are added to once per batch: a counter's inc takes a lock, and a batch's requests
+        # mostly share their labels.
+        outcomes: Counter[tuple] = Counter()
+        tokens: Counter[tuple] = Counter()
         for m in batch:
             var = m.variant
             child(self.queue_wait, var).observe(max(0.0, m.dequeued_at - m.enqueued_at))
             if m.dead_letter is not None:
-                child(self.requests, var, "dead_letter").inc()
-                child(self.dead_letters, var, m.dead_letter.reason).inc()
+                outcomes[(self.requests, var, "dead_letter")] += 1
+                outcomes[(self.dead_letters, var, m.dead_letter.reason)] += 1
                 continue
             resp = m.response
             outcome = "ok" if resp.error is None else ("expired" if resp.error.code == "expired" else "error")
-            child(self.requests, var, outcome).inc()
+            outcomes[(self.requests, var, outcome)] += 1
             child(self.e2e, var).observe(max(0.0, now - m.enqueued_at))
             if m.started is None:
                 continue  # answered without the engine (expired)
@@ -164,6 +170,10 @@ class Metrics(Middleware):
                 child(self.tpot, var, model).observe(t.tpot_s)
             child(self.prompt_tokens, var, model).observe(u.prompt_tokens)
             child(self.completion_tokens, var, model).observe(u.completion_tokens)
-            child(self.tokens, var, model, "prompt").inc(u.prompt_tokens)
-            child(self.tokens, var, model, "completion").inc(u.completion_tokens)
+            tokens[(self.tokens, var, model, "prompt")] += u.prompt_tokens
+            tokens[(self.tokens, var, model, "completion")] += u.completion_tokens
+        for counts in (outcomes, tokens):
+            for key, n in counts.items():
+                child(*key).inc(n)
+        for var in {m.variant for m in batch if m.dead_letter is None and m.started is not None}:
             child(self.last_batch, var).set(now)
