@@ -40,6 +40,7 @@ from abqueue.localkafka.broker import free_port
 from producers import AbqClient
 from producers.publisher import RequestPublisher
 from schemas import ExperimentConfig, InferenceRequest, encode
+from workers.worker import POLL_RECORDS
 
 WARM_UP = 2000  # records through each path before anything is measured
 MODES = ("at-least-once", "exactly-once")
@@ -68,8 +69,11 @@ class Lane:
 
 
 def relay(settings: KafkaSettings, name: str, ready) -> None:
-    """The bare relay: consume, republish the raw record, flush, commit; no decoding."""
-    c = consumer(settings, f"{name}.in", group_id=f"{name}.relay", max_poll_records=64, auto_offset_reset="latest")
+    """The bare relay: consume, republish the raw record, flush, commit; no decoding. It polls as many
+    records at a time as a worker does."""
+    c = consumer(
+        settings, f"{name}.in", group_id=f"{name}.relay", max_poll_records=POLL_RECORDS, auto_offset_reset="latest"
+    )
     p = producer(settings, linger_ms=0)
     while not c.assignment():
         c.poll(timeout_ms=100)

@@ -66,6 +66,10 @@ class Delivery:
         from the engine, so that memory stays bounded however slowly publishing goes."""
         return len(self._held)
 
+    def wait(self, timeout: float) -> None:
+        """Block up to `timeout` while what was sent becomes safe (the loop has nothing else to do)."""
+        time.sleep(timeout)
+
     def deliver(self, finished: list[Message]) -> list[Message]:
         """Publish what is ready; returns the messages now safe in Kafka."""
         # A revoked partition's records belong to their new owner, which will answer them itself.
@@ -227,6 +231,12 @@ class ExactlyOnce(Delivery):
             return []
         self.tracker.mark_committed(points)
         return batch
+
+    def wait(self, timeout: float) -> None:
+        if self._txn is not None:
+            wait([self._txn[0]], timeout=timeout)
+        elif not self._points or time.monotonic() < self._retry_at:
+            time.sleep(timeout)  # else the loop's next pass begins a transaction at once
 
     def _wait(self) -> None:
         if self._txn is not None:

@@ -287,8 +287,14 @@ class Worker:
         self.admission.apply_pauses(self.consumer)
         # Wait where the next event comes from: the engine (no wait here), Kafka's acknowledgements of
         # what was sent (a short wait: a new request is still taken at once), or new requests.
-        if self.inflight or len(self.admission) or self._decided:
-            wait_ms = 0
+        wait_ms = 0
+        if self.inflight or self._decided:
+            pass
+        elif len(self.admission):
+            if self.max_inflight - self.delivery.unsent <= 0:
+                # Every slot holds an answer Kafka has not taken yet: nothing can be admitted until it
+                # does. Polling without a wait meanwhile spun the loop, taking the CPU the broker needs.
+                self.delivery.wait(BUSY_WAIT_S)
         else:
             wait_ms = ACK_POLL_MS if self.delivery.unsent else IDLE_POLL_MS
         # Never more than the emptiest-but-not-full level can take, so no level's buffer overflows;
