@@ -100,8 +100,14 @@ def test_topics_get_three_replicas_two_in_sync_and_a_weaker_one_is_reported(clus
         admin.create_topics({weak: {"num_partitions": 2, "replication_factor": 1}}, wait_for_metadata=True)
         with caplog.at_level("WARNING"):
             ensure_topics(settings, exp)
-        (resp,) = admin.describe_topics([exp.response_topic])
-        assert {len(p["replica_nodes"]) for p in resp["partitions"]} == {3}
+
+        def replicas():
+            # Asked of any broker: one that has not yet applied the new topic's metadata lists no partitions.
+            (resp,) = admin.describe_topics([exp.response_topic])
+            return {len(p["replica_nodes"]) for p in resp["partitions"]}
+
+        wait_until(lambda: replicas() != set(), 10, "the new topic's partitions described")
+        assert replicas() == {3}
 
         def min_insync():
             # Asked of any broker: one that has not yet applied the new topic's metadata knows no config.
