@@ -77,7 +77,9 @@ def test_interrupted_batch_resumes_and_the_output_has_each_id_exactly_once(
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     bad = {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}
     _write(inp, [*_openai_lines(60), bad])
-    with thread_worker(exp, "a", max_batch=4, max_wait_ms=10):
+    # Four records a poll, and a pass waits for the engine between polls: the answers come spread out,
+    # so the kill below lands midway.
+    with thread_worker(exp, "a", max_batch=4, poll_records=4, max_wait_ms=10):
         proc = _run_batch(kafka_bootstrap, cfg, inp, out, "--no-progress", wait=False)
         deadline = time.monotonic() + 60
         while len(_lines(out)) < 8 and time.monotonic() < deadline:

@@ -56,6 +56,7 @@ def test_every_subcommand_has_help(sub):
         (["worker", "--variant", "zz"], {}, "has no variant 'zz' (variants: a, b)"),
         (["worker", "--variant", "a", "--experiment", "other"], {}, "--experiment other does not match"),
         (["worker", "--variant", "a"], {"ABQ_SECURITY_PROTOCOL": "SASL_SSL"}, "needs ABQ_SASL_MECHANISM"),
+        (["worker", "--variant", "a", "--poll-records", "0"], {}, "--poll-records must be >= 1"),
         (  # an existing directory, so the argument check is what refuses
             [
                 "worker",

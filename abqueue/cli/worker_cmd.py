@@ -41,7 +41,13 @@ def register(sub) -> None:
         "--max-batch",
         type=int,
         default=32,
-        help="requests per engine call with static batching, and the least records per poll (default 32; polls take up to 128)",
+        help="requests per engine call with static batching (default 32)",
+    )
+    p.add_argument(
+        "--poll-records",
+        type=int,
+        default=None,
+        help="records one poll may bring (default 128, at least --max-batch); buffers stay bounded by --max-inflight",
     )
     p.add_argument(
         "--max-wait-ms",
@@ -84,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
     from workers.middleware import default_middleware
     from workers.worker import Worker
 
-    if args.max_batch < 1 or args.max_wait_ms < 0 or (args.max_inflight is not None and args.max_inflight < 1):
-        raise UsageError("--max-batch and --max-inflight must be >= 1 and --max-wait-ms >= 0")
+    counts = [args.max_batch, *(n for n in (args.max_inflight, args.poll_records) if n is not None)]
+    if min(counts) < 1 or args.max_wait_ms < 0:
+        raise UsageError("--max-batch, --max-inflight and --poll-records must be >= 1 and --max-wait-ms >= 0")
     if args.drain_seconds <= 0:
         raise UsageError("--drain-seconds must be > 0; the pod's grace period should exceed it")
     if not 0 < args.low_priority_share <= 0.5:
@@ -121,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         engine,
         delivery=args.delivery,
         max_batch=args.max_batch,
+        poll_records=args.poll_records,
         worker_id=args.worker_id,
         max_poll_interval_ms=args.max_poll_interval_ms,
         max_wait_ms=args.max_wait_ms,
