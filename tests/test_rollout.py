@@ -195,7 +195,7 @@ def test_stage_statistics_keep_up_with_more_than_one_poll_of_responses_a_tick():
 
     stats = StageStats.__new__(StageStats)  # the counting alone, no consumer behind it
     stats.since, stats.latency, stats.errors, stats._seen, stats._c = 0.0, {}, {}, set(), Busy()
-    stats.version, stats.units = None, {}
+    stats.version, stats.units, stats.slowest_s = None, {}, 0.0
     stats.poll()
     assert stats.count("candidate") == 1500 and stats.errors["candidate"] == 15
 
@@ -309,6 +309,38 @@ def test_sequential_guardrails_keep_false_rollbacks_under_alpha_and_catch_real_r
     assert len(caught["errors"]) >= 95 and len(caught["slow"]) >= 95
 
 
+def test_a_slow_candidate_s_answers_still_on_their_way_are_no_sample_ratio_mismatch():
+    """Users were counted from responses as they arrived: early in a stage a candidate answering in
+    0.4 s had a second of its users still on their way, and the stage halted on a "mismatch" before
+    its p95 guardrail could roll it back (seen in CI). Users are now counted once both variants have
+    had time to answer them; a candidate that drops requests still halts the stage."""
+    from abqueue.control.rollout import StageStats, sample_ratio_halt, with_weight
+
+    exp = _experiment(0.0)
+    state = _state(exp, [20, 100], min_samples=40)
+    weights = with_weight(exp, "candidate", "control", 20)
+    now = time.time()
+
+    def stage(candidate_answers):
+        # 200 users a second for 5 s, 20% of them the candidate's: the control's all answered, the
+        # candidate's only those that came more than `candidate_answers` ago (the rest in flight).
+        st = StageStats.__new__(StageStats)
+        st.slowest_s = 0.4
+        st.units = {"control": {}, "candidate": {}}
+        for i in range(1000):
+            at = now - 5 + i / 200
+            if i % 5 == 0:
+                if at <= now - candidate_answers:
+                    st.units["candidate"][f"k{i}"] = at
+            else:
+                st.units["control"][f"c{i}"] = at
+        return sample_ratio_halt(state, st, weights, now=now)
+
+    assert stage(candidate_answers=1.5) is None  # slow, not short: its users arrive
+    why = stage(candidate_answers=60)  # answers nobody: dropped
+    assert why is not None and why.startswith("sample ratio mismatch at stage 20%")
+
+
 def test_a_stage_halts_when_its_users_do_not_split_as_its_weights_say():
     """A candidate whose worker drops requests loses them without a single error response: the
     guardrails see nothing wrong. The sample-ratio check on the stage's own config version does."""
@@ -320,9 +352,10 @@ def test_a_stage_halts_when_its_users_do_not_split_as_its_weights_say():
 
     def stage(control_users, candidate_users):
         st = StageStats.__new__(StageStats)  # the counting alone, no consumer behind it
+        st.slowest_s, long_ago = 0.1, time.time() - 60  # every answer long in
         st.units = {
-            "control": {f"c{i}" for i in range(control_users)},
-            "candidate": {f"k{i}" for i in range(candidate_users)},
+            "control": dict.fromkeys((f"c{i}" for i in range(control_users)), long_ago),
+            "candidate": dict.fromkeys((f"k{i}" for i in range(candidate_users)), long_ago),
         }
         return sample_ratio_halt(state, st, weights)
 

@@ -143,6 +143,10 @@ def with_weight(exp: ExperimentConfig, candidate: str, control: str, percent: fl
     )
 
 
+# Beyond the slowest answer seen (twice it), how long a user's answers may take to reach the controller.
+SETTLE_S = 1.0
+
+
 class StageStats:
     """Responses of the current stage, read from the responses topic as they come."""
 
@@ -152,7 +156,8 @@ class StageStats:
         self.since, self.version = since, version
         self.latency: dict[str, list[float]] = {}
         self.errors: dict[str, int] = {}
-        self.units: dict[str, set[str]] = {}
+        self.units: dict[str, dict[str, float]] = {}  # variant -> unit -> when its first request was published
+        self.slowest_s = 0.0  # the longest a stage's request took to be answered, so far
         self._c = consumer(settings, group_id=None, isolation_level="read_committed")
         tps = [
             TopicPartition(exp.response_topic, p)
@@ -186,13 +191,24 @@ class StageStats:
             if resp.timings.enqueued < self.since or resp.request_id in self._seen or not resp.counts_for_variant:
                 continue
             self._seen.add(resp.request_id)
+            t = resp.timings
+            self.slowest_s = max(self.slowest_s, t.finished - t.enqueued)
             if self.version is not None and resp.config_version == self.version and resp.assigned_by == "weights":
-                self.units.setdefault(resp.variant, set()).add(resp.unit or resp.request_id)
+                units = self.units.setdefault(resp.variant, {})
+                unit = resp.unit or resp.request_id
+                units[unit] = min(units.get(unit, t.enqueued), t.enqueued)
             self.latency.setdefault(resp.variant, [])
             if resp.ok:
                 self.latency[resp.variant].append(resp.timings.finished - resp.timings.enqueued)
             else:
                 self.errors[resp.variant] = self.errors.get(resp.variant, 0) + 1
+
+    def settled_units(self, now: float) -> dict[str, int]:
+        """Users per variant whose first request came long enough ago for every variant to have
+        answered it: counted as their answers arrived, a slow variant's users would fall short of its
+        share while on their way, and look like requests it drops."""
+        cutoff = now - SETTLE_S - 2 * self.slowest_s
+        return {name: sum(at <= cutoff for at in units.values()) for name, units in self.units.items()}
 
     def count(self, variant: str) -> int:
         return len(self.latency.get(variant, [])) + self.errors.get(variant, 0)
@@ -248,13 +264,15 @@ def breach(
     return None
 
 
-def sample_ratio_halt(state: RolloutState, st: StageStats, weights: ExperimentConfig) -> str | None:
+def sample_ratio_halt(
+    state: RolloutState, st: StageStats, weights: ExperimentConfig, now: float | None = None
+) -> str | None:
     """Why the stage must halt on a sample-ratio mismatch, or None: the users its config version
     assigned by the weights do not split as those weights say (p < 0.001), once the candidate's
     share should hold at least `min_samples` of them. The guardrails cannot see this: a variant
     that drops requests loses them without a single error."""
     shares = weight_shares(weights)
-    observed = {name: len(u) for name, u in st.units.items()}
+    observed = st.settled_units(time.time() if now is None else now)
     if sum(observed.values()) * shares.get(state.candidate, 0) < state.guardrails.min_samples:
         return None
     stray = {name: n for name, n in observed.items() if shares.get(name, 0) == 0}
