@@ -303,16 +303,13 @@ class Worker:
         self.admission.apply_pauses(self.consumer)
         # Wait where the next event comes from: the engine (no wait here), Kafka's acknowledgements of
         # what was sent (a short wait: a new request is still taken at once), or new requests.
-        wait_ms = 0
-        if self.inflight or self._decided:
-            pass
-        elif len(self.admission):
-            if self.max_inflight - self.delivery.unsent <= 0:
-                # Every slot holds an answer Kafka has not taken yet: nothing can be admitted until it
-                # does. Polling without a wait meanwhile spun the loop, taking the CPU the broker needs.
-                self.delivery.wait(BUSY_WAIT_S)
-        else:
+        idle, wait_ms = not self.inflight and not self._decided, 0
+        if idle and not len(self.admission):
             wait_ms = ACK_POLL_MS if self.delivery.unsent else IDLE_POLL_MS
+        elif idle and self.delivery.unsent >= self.max_inflight:
+            # Every slot holds an answer Kafka has not taken yet: nothing can be admitted until it does.
+            # Polling without a wait meanwhile spun the loop, taking the CPU the broker needs.
+            self.delivery.wait(BUSY_WAIT_S)
         # Never more than the emptiest-but-not-full level can take, so no level's buffer overflows;
         # with every level full all partitions are paused and the poll only keeps the group alive.
         max_records = max(1, min(self.poll_records, self.admission.room()))
