@@ -70,7 +70,8 @@ def test_vllm_worker_serves_dead_letters_and_survives_a_kill_9_or_drains_on_sigt
     )
     ensure_topics(settings, exp)
     port = free_port()
-    proc = spawn_worker(exp, "tiny", "--max-batch", "8", "--metrics-port", str(port))
+    # Eight records a poll as well: the faults below need the engine's work to arrive in waves.
+    proc = spawn_worker(exp, "tiny", "--max-batch", "8", "--poll-records", "8", "--metrics-port", str(port))
     # Not ready while the engine loads and warms up; alive all along.
     states = set()
     deadline = time.monotonic() + 400
