@@ -57,6 +57,22 @@ def _delete_created(addr: str) -> None:
         print(f"could not delete this benchmark's topics ({e}); they start with {', '.join(_CREATED)}", file=sys.stderr)
 
 
+def echo_experiment(settings, prefix: str, partitions: int):
+    """A fresh experiment of one echo variant `a`, its topics created (and deleted at exit on a broker
+    this run did not start)."""
+    from abqueue.kafka import ensure_topics
+    from schemas import ExperimentConfig
+
+    exp = ExperimentConfig(
+        name=f"{prefix}{uuid.uuid4().hex[:8]}",
+        partitions=partitions,
+        variants=[{"name": "a", "weight": 100, "engine": "echo"}],
+    )
+    ensure_topics(settings, exp)
+    leave_no_trace(f"abq.{exp.name}.")
+    return exp
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far (Linux /proc), threads included."""
     with open(f"/proc/{pid}/stat") as f:

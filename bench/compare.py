@@ -23,14 +23,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 import yaml
-from common import bootstrap, leave_no_trace, wait_ready
+from common import bootstrap, echo_experiment, wait_ready
 from overhead import Lane, drain, request_maker, round_trip, tail_consumer
 
-from abqueue.kafka import KafkaSettings, ensure_topics, producer
+from abqueue.kafka import KafkaSettings, producer
 from abqueue.localkafka.broker import free_port
 from producers.publisher import RequestPublisher
 from schemas import ExperimentConfig
@@ -83,13 +82,7 @@ def main() -> int:
     try:
         with checkout(args.base) as base, checkout(args.head) as head:
             for label, root, extra in (("base", base, args.base_flags), ("head", head, args.head_flags)):
-                exp = ExperimentConfig(
-                    name=f"cmp{uuid.uuid4().hex[:8]}",
-                    partitions=args.partitions,
-                    variants=[{"name": "a", "weight": 100, "engine": "echo"}],
-                )
-                ensure_topics(settings, exp)
-                leave_no_trace(f"abq.{exp.name}.")
+                exp = echo_experiment(settings, "cmp", args.partitions)
                 worker, port = start(root, exp, addr, ["--delivery", args.delivery, *shlex.split(extra)])
                 procs.append(worker)
                 wait_ready(worker, port, timeout_s=120)

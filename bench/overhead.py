@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-from common import bootstrap, cpu_seconds, leave_no_trace, percentile, start_worker, wait_ready
+from common import bootstrap, cpu_seconds, echo_experiment, leave_no_trace, percentile, start_worker, wait_ready
 from kafka import TopicPartition
 
-from abqueue.kafka import KafkaSettings, admin_client, consumer, ensure_topics, producer, tracing
+from abqueue.kafka import KafkaSettings, admin_client, consumer, producer, tracing
 from abqueue.localkafka.broker import free_port
 from producers import AbqClient
 from producers.publisher import RequestPublisher
@@ -231,13 +231,7 @@ def main() -> int:
         # The client's lane has a worker of its own: a second reader on another lane's responses topic
         # would slow that lane (its fetches, in this process, compete with the lane's own).
         for mode in (*MODES, "client"):
-            exp = ExperimentConfig(
-                name=f"bench{uuid.uuid4().hex[:8]}",
-                partitions=args.partitions,
-                variants=[{"name": "a", "weight": 100, "engine": "echo"}],
-            )
-            ensure_topics(settings, exp)
-            leave_no_trace(f"abq.{exp.name}.")
+            exp = echo_experiment(settings, "bench", args.partitions)
             port = free_port()
             # The workers run at their defaults unless the command line says otherwise: defaults are what users get.
             delivery = MODES[0] if mode == "client" else mode
