@@ -233,14 +233,14 @@ class ExactlyOnce(Delivery):
         return batch
 
     def wait(self, timeout: float) -> None:
+        if self._txn is None and (not self._points or time.monotonic() < self._retry_at):
+            time.sleep(timeout)  # nothing to begin a transaction with yet
+        else:
+            self._wait(timeout)  # the one in flight; without one, the loop's next pass begins one at once
+
+    def _wait(self, timeout: float = TXN_WAIT_S) -> None:
         if self._txn is not None:
             wait([self._txn[0]], timeout=timeout)
-        elif not self._points or time.monotonic() < self._retry_at:
-            time.sleep(timeout)  # else the loop's next pass begins a transaction at once
-
-    def _wait(self) -> None:
-        if self._txn is not None:
-            wait([self._txn[0]], timeout=self.TXN_WAIT_S)
 
     def _rewind(self, partitions: set[TopicPartition]) -> None:
         """Start these partitions again from their last commit: buffered and in-flight work is dropped."""
