@@ -6,12 +6,15 @@ import signal
 import time
 
 from conftest import ThreadWorker, new_experiment
+from kafka import TopicPartition
+from kafka_helpers import wait_until
 
 from abqueue.kafka import KafkaSettings, ensure_topics
 from abqueue.localkafka import LocalBroker
 from abqueue.localkafka.broker import free_port
 from producers import AbqClient
 from schemas import InferenceRequest
+from workers.transport.kafka import KafkaConsumerTransport
 
 
 def test_worker_survives_a_broker_that_stops_answering_for_12_seconds(tmp_path):
@@ -47,3 +50,36 @@ def test_worker_survives_a_broker_that_stops_answering_for_12_seconds(tmp_path):
         assert set(got) == ids  # including the half or more that were still queued during the freeze
     finally:
         broker.stop()
+
+
+def test_a_worker_holding_nothing_rejoins_only_when_a_partition_has_no_owner(settings):
+    # One partition per priority topic and two workers: range assignment gives one of them everything
+    # and the other nothing, which is no fault and must not set off a rebalance every few seconds.
+    exp = new_experiment(variants=(("a", 100),), partitions=1)
+    ensure_topics(settings, exp)
+    with (
+        ThreadWorker(settings, exp, "a", stranded_after_s=1) as one,
+        ThreadWorker(settings, exp, "a", stranded_after_s=1) as two,
+    ):
+        wait_until(
+            lambda: sorted(len(w.consumer.assignment()) for w in (one, two)) == [0, 3], 30, "one worker holding all"
+        )
+        idle = one if not one.consumer.assignment() else two
+        assert idle.consumer.unowned_partitions() == set()
+        time.sleep(3)  # three times what it waits before asking
+        assert one.membership.rejoins == two.membership.rejoins == 0
+    # Both gone: the group has no members, so a consumer of it asks again, and joining gets it all.
+    left = KafkaConsumerTransport(settings, exp.consumer_group("a"), client_id="left", max_poll_records=1)
+    try:
+        every = {TopicPartition(t, 0) for t in exp.request_topics("a").values()}
+        left.subscribe(sorted(t.topic for t in every), lambda _: None, lambda _: None)
+        assert left.unowned_partitions() == every
+        left.rejoin()
+
+        def joined():
+            left.poll(timeout_ms=100, max_records=1)
+            return left.assignment() == every
+
+        wait_until(joined, 30, "every partition after joining again")
+    finally:
+        left.close()

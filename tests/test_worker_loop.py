@@ -760,3 +760,19 @@ def test_the_loop_s_histograms_expose_what_prometheus_client_s_would():
     assert text(ours) == text(theirs)
     with pytest.raises(ValueError):
         loop.labels("only-one")
+
+
+def test_a_worker_left_holding_nothing_that_no_one_else_holds_joins_its_group_again(stub_worker, caplog):
+    # kafka-python once left a worker out of its group for good (CI, a three-node cluster: a broker
+    # killed during its first join): 600 requests unanswered for three minutes.
+    exp = new_experiment(partitions=2)
+    with stub_worker(exp, stranded_after_s=0.3) as w:
+        w.send(prompt="before")
+        w.wait_responses(1)
+        w.consumer.strand()
+        w.broker.wait_for(lambda: not w.consumer.assignment(), what="the worker left holding nothing")
+        later = w.send(prompt="while left out")
+        with caplog.at_level(logging.WARNING, logger="workers.membership"):
+            responses = w.wait_responses(2)
+    assert later.id in {r.request_id for r in responses}
+    assert w.consumer.rejoins == 1 and "joining the group again with a fresh consumer" in caplog.text

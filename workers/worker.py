@@ -25,6 +25,7 @@ from workers.admission import Admission
 from workers.delivery import Delivery, make_delivery
 from workers.engines.base import Engine
 from workers.inflight import InflightLimit
+from workers.membership import STRANDED_AFTER_S, MembershipWatch
 from workers.message import Message
 from workers.middleware import Middleware, default_middleware, emit_after, emit_before, wrap_engine
 from workers.middleware.hooks import Hooks
@@ -76,6 +77,7 @@ class Worker:
         worker_id: str | None = None,
         drain_timeout_s: float = 120.0,
         follow=None,
+        stranded_after_s: float = STRANDED_AFTER_S,
     ):
         """Serves one variant, or a pool of variants on one engine (`variant` names either), through
         `consumer` and `delivery`; does no I/O until run().
@@ -116,6 +118,7 @@ class Worker:
         self.group = experiment.consumer_group(self.serves)
         self.admission = Admission(self.topics, capacity=self.max_inflight, low_share=low_priority_share)
         self.delivery.bind(consumer, self.admission.drop)
+        self.membership = MembershipWatch(consumer, self.group, stranded_after_s)
         self.runner: Runner | None = None
         self._decided: list[Message] = []  # answered or dead-lettered without the engine
         self._restart: Offsets = {}
@@ -270,6 +273,7 @@ class Worker:
                         break
                     self._deliver(runner.take(0.05))
                     continue
+                self.membership.check(self._heartbeat)
                 if self.limit is not None:
                     self.limit.loop(time.monotonic(), busy=self.inflight > 0)
                 self._admit(runner)

@@ -67,6 +67,14 @@ class Consumer(Protocol):
     def close(self) -> None:
         """Leave the group now, committing nothing."""
 
+    def unowned_partitions(self) -> set[TopicPartition]:
+        """Partitions of the subscribed topics that no member of the group holds, as the brokers see
+        it; none while the group rebalances."""
+
+    def rejoin(self) -> None:
+        """Leave the group and join it again with a fresh client, keeping the subscription and its
+        callbacks."""
+
 
 class Producer(Protocol):
     def send(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> SendResult: ...

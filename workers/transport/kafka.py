@@ -51,7 +51,9 @@ class KafkaConsumerTransport:
         session_timeout_ms: int = 10_000,
     ):
         self.max_poll_interval_s = max_poll_interval_ms / 1000
-        self._consumer = consumer(
+        self._settings, self._group = settings, group
+        self._subscription: tuple[list[str], _Listener] | None = None
+        self._make = lambda: consumer(
             settings,
             group_id=group,
             client_id=client_id,
@@ -69,9 +71,42 @@ class KafkaConsumerTransport:
             # priority levels (seen in tests), which costs more than the work an eager move drops.
             partition_assignment_strategy=(RangePartitionAssignor,),
         )
+        self._consumer = self._make()
 
     def subscribe(self, topics, on_revoked, on_assigned) -> None:
-        self._consumer.subscribe(list(topics), listener=_Listener(on_revoked, on_assigned))
+        self._subscription = (list(topics), _Listener(on_revoked, on_assigned))
+        self._consumer.subscribe(self._subscription[0], listener=self._subscription[1])
+
+    def unowned_partitions(self) -> set[TopicPartition]:
+        # Asked of the brokers: kafka-python's own view of the group and the topics is what may be stuck.
+        assert self._subscription is not None, "unowned_partitions before subscribe"
+        admin = admin_client(self._settings)
+        try:
+            group = admin.describe_groups([self._group])[self._group]
+            if group["group_state"] not in ("Stable", "Empty", "Dead"):  # Dead: no such group (yet)
+                return set()
+            owned = {
+                TopicPartition(a["topic"], p)
+                for m in group["members"]
+                for a in (m.get("member_assignment") or {}).get("assigned_partitions", [])
+                for p in a["partitions"]
+            }
+            topics = admin.describe_topics(self._subscription[0])
+        finally:
+            admin.close()
+        every = {
+            TopicPartition(t["name"], p["partition_index"])
+            for t in topics
+            if t["error_code"] == 0
+            for p in t["partitions"]
+        }
+        return every - owned
+
+    def rejoin(self) -> None:
+        assert self._subscription is not None, "rejoin before subscribe"
+        self.close()
+        self._consumer = self._make()
+        self._consumer.subscribe(self._subscription[0], listener=self._subscription[1])
 
     def poll(self, timeout_ms: int, max_records: int) -> list[Record]:
         release_parked_records(self._consumer)

@@ -220,10 +220,16 @@ class StubConsumer:
         self._callbacks: tuple[Callable, Callable] | None = None
         self._pending: list[tuple[set[TopicPartition], set[TopicPartition]]] = []
         self.closed = False
+        self.rejoins = 0
 
     def subscribe(self, topics, on_revoked, on_assigned) -> None:
         self._topics, self._callbacks = list(topics), (on_revoked, on_assigned)
         self._pending.append((set(), self.broker._partitions(self._topics)))
+
+    def strand(self) -> None:
+        """What kafka-python was seen doing once: the member holds nothing from its next poll on and
+        is never given its partitions again, until it rejoins."""
+        self._pending.append((set(self._assigned), set()))
 
     def rebalance(self, revoke: set[TopicPartition], assign: set[TopicPartition]) -> None:
         """At the next poll: revoke these partitions, then assign those (eagerly, like range assignment)."""
@@ -286,6 +292,13 @@ class StubConsumer:
 
     def close(self) -> None:
         self.closed = True
+
+    def unowned_partitions(self) -> set[TopicPartition]:
+        return self.broker._partitions(self._topics) - self._assigned  # alone in its group
+
+    def rejoin(self) -> None:
+        self.rejoins += 1
+        self._pending.append((set(self._assigned), self.broker._partitions(self._topics)))
 
 
 class StubProducer:
