@@ -11,8 +11,9 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import new_experiment
+from conftest import metric_values, new_experiment
 from kafka import TopicPartition
+from prometheus_client import generate_latest
 
 from workers.engines import Completion, EngineError
 from workers.middleware import Middleware
@@ -776,3 +777,4 @@ def test_a_worker_left_holding_nothing_that_no_one_else_holds_joins_its_group_ag
             responses = w.wait_responses(2)
     assert later.id in {r.request_id for r in responses}
     assert w.consumer.rejoins == 1 and "joining the group again with a fresh consumer" in caplog.text
+    assert metric_values(generate_latest(w.worker.registry).decode())["abq_group_rejoins"] == 1

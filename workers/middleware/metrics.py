@@ -107,6 +107,11 @@ class Metrics(Middleware):
         )
         gauge("abq_inflight_requests", "Requests with the engine now", lambda: worker.inflight)
         gauge(
+            "abq_group_rejoins",
+            "Times this worker joined its group again, left holding no partitions while some had no owner",
+            lambda: worker.membership.rejoins,
+        )
+        gauge(
             "abq_inflight_limit",
             "Requests the engine may be handed now (adaptive admission, at most --max-inflight)",
             lambda: worker.limit.current if worker.limit is not None else worker.max_inflight,
