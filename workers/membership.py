@@ -1,8 +1,8 @@
 """A worker left holding nothing while its partitions belong to no one joins its group again.
 
 kafka-python was seen (once in CI, on a three-node cluster) leaving a worker out for good: its first
-join assigned nothing, the topics being too new for the metadata it had, and a broker killed just
-then; it never rejoined, and 600 requests went unanswered for three minutes. Restarting the pod
+join assigned nothing (no partition metadata yet for its new topics), a broker was killed just then,
+and it never joined again: 600 requests went unanswered for three minutes. Restarting the pod
 would have fixed it: this does the same for the consumer alone. A worker that holds nothing because
 the group has more members than partitions is left alone: every partition has an owner there.
 """
