@@ -15,17 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
-from kafka import ConsumerRebalanceListener
 
 from abqueue.gateway.files import Storage
 from abqueue.gateway.mirror import Mirror
 from abqueue.gateway.naming import batch_reply_topic
 from abqueue.gateway.records import BATCHES_TOPIC, TERMINAL, BatchRecord, FileRecord, RequestCounts
-from abqueue.kafka import KafkaSettings, consumer
+from abqueue.kafka import KafkaSettings
 from abqueue.kafka.acls import GATEWAY_GROUP
 from producers import openai_batch
 from producers.batch import BatchJob, done_keys
 from schemas import ExperimentConfig
+from workers.membership import MembershipWatch
+from workers.transport.kafka import KafkaConsumerTransport
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,13 @@ class BatchRunner:
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._consumer = consumer(settings, group_id=GATEWAY_GROUP, enable_auto_commit=False, session_timeout_ms=10_000)
-        self._consumer.subscribe([BATCHES_TOPIC], listener=_Rebalance(self))
+        self._consumer = KafkaConsumerTransport(settings, GATEWAY_GROUP, settings.client_id, max_poll_records=1)
+        self._consumer.subscribe(
+            [BATCHES_TOPIC], lambda _: self.revoked(), lambda assigned: self.assigned({tp.partition for tp in assigned})
+        )
+        # As a worker can be (workers/membership.py), a replica left out of the group would leave its
+        # share of the batches to no one.
+        self.membership = MembershipWatch(self._consumer, GATEWAY_GROUP)
         batches.listen(lambda key, value: self._consider(value) if value is not None else None)
         self._thread = threading.Thread(target=self._member, name="batch-runner", daemon=True)
         self._thread.start()
@@ -60,7 +66,8 @@ class BatchRunner:
         """Keeps this replica in the group (records are read by the mirror, not here)."""
         while not self._stop.is_set():
             try:
-                self._consumer.poll(timeout_ms=500)
+                self._consumer.poll(timeout_ms=500, max_records=1)
+                self.membership.check(time.monotonic())
             except Exception as e:
                 log.warning("batch runner: %s; retrying", e)
                 time.sleep(1)
@@ -104,17 +111,6 @@ class BatchRunner:
         self._thread.join(timeout=5)
         self.revoked()
         self._consumer.close()
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, runner: BatchRunner):
-        self.runner = runner
-
-    def on_partitions_revoked(self, revoked):
-        self.runner.revoked()
-
-    def on_partitions_assigned(self, assigned):
-        self.runner.assigned({tp.partition for tp in assigned})
 
 
 class _Running:
