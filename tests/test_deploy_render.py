@@ -163,6 +163,7 @@ def test_dashboard_and_alerts_use_only_metrics_the_worker_exports():
         inflight=0,
         limit=None,
         max_inflight=512,
+        membership=SimpleNamespace(rejoins=0),
     )
     Metrics().before_start(worker)
     exported = {s.name for family in registry.collect() for s in family.samples}

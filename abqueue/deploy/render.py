@@ -572,6 +572,16 @@ def prometheus_rule(exp: ExperimentConfig, t: Target) -> dict:
                 "summary": "Requests of {{ $labels.variant }} go to the dead-letter topic ({{ $labels.reason }})"
             },
         },
+        {
+            "alert": "AbqWorkerRejoinedItsGroup",
+            # A gauge that only grows while the worker lives: changes(), not increase().
+            "expr": f"sum(changes(abq_group_rejoins{{{sel}}}[1h])) by (experiment, variant) > 0",
+            "labels": {"severity": "ticket"},
+            "annotations": {
+                "summary": "A worker of {{ $labels.variant }} was left holding no partitions while some had no owner, "
+                "and joined its group again (its log says when)"
+            },
+        },
     ]
     for v in exp.variants:
         so, hpa, group = _name(exp.name, v.name), f"keda-hpa-{_name(exp.name, v.name)}", exp.consumer_group(v.name)
