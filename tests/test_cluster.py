@@ -101,21 +101,26 @@ def test_topics_get_three_replicas_two_in_sync_and_a_weaker_one_is_reported(clus
         with caplog.at_level("WARNING"):
             ensure_topics(settings, exp)
 
-        def replicas():
-            # Asked of any broker: one that has not yet applied the new topic's metadata lists no partitions.
-            (resp,) = admin.describe_topics([exp.response_topic])
-            return {len(p["replica_nodes"]) for p in resp["partitions"]}
+        seen = {}
 
-        wait_until(lambda: replicas() != set(), 10, "the new topic's partitions described")
-        assert replicas() == {3}
+        def replicas():
+            # Asked of any broker: one that has not yet applied the new topic's metadata lists no partitions
+            # (even after another has answered: the answer is kept, not asked for twice).
+            (resp,) = admin.describe_topics([exp.response_topic])
+            seen["replicas"] = {len(p["replica_nodes"]) for p in resp["partitions"]}
+            return seen["replicas"] != set()
+
+        wait_until(replicas, 10, "the new topic's partitions described")
+        assert seen["replicas"] == {3}
 
         def min_insync():
             # Asked of any broker: one that has not yet applied the new topic's metadata knows no config.
             cfg = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, exp.response_topic)])
-            return cfg["topic"][exp.response_topic].get("min.insync.replicas", {}).get("value")
+            seen["min_insync"] = cfg["topic"][exp.response_topic].get("min.insync.replicas", {}).get("value")
+            return seen["min_insync"] is not None
 
-        wait_until(lambda: min_insync() is not None, 10, "the new topic's configs readable")
-        assert min_insync() == "2"
+        wait_until(min_insync, 10, "the new topic's configs readable")
+        assert seen["min_insync"] == "2"
     finally:
         admin.close()
     assert f"{weak} has 1 replicas and min.insync.replicas 2, configured 3 and 2" in caplog.text
