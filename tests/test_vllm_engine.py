@@ -167,7 +167,10 @@ def test_vllm_worker_serves_dead_letters_and_survives_a_kill_9_or_drains_on_sigt
     # SIGTERM; continuous batching is killed mid-stream and loses nothing.
     with AbqClient(settings, exp) as client:
         more, offset_of = set(), {}
-        for i in range(40):  # several batches of --max-batch 8: SIGTERM meets work with the engine
+        # Far more than the engine can finish before the fault lands, on a fast machine too: with 40
+        # (five batches of --max-batch 8) a fast runner had answered them all before the test first
+        # looked, and the signal met an idle worker.
+        for i in range(200):
             req, sent = client.publish(
                 InferenceRequest(experiment=exp.name, routing_key=f"d{i}", prompt=f"request {i}", max_tokens=48)
             )
