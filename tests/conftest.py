@@ -204,6 +204,10 @@ class StubWorker:
         return self
 
     def __exit__(self, *exc):
+        if exc[0] is not None:
+            # A test that failed while holding commits would leave the transaction thread waiting,
+            # and the interpreter waits for it at exit: the run would hang instead of failing.
+            self.broker.release_commits()
         self.worker.stop()
         self.thread.join(timeout=10)
         assert not self.thread.is_alive(), "stub worker did not stop within 10s"

@@ -66,6 +66,11 @@ class Delivery:
         from the engine, so that memory stays bounded however slowly publishing goes."""
         return len(self._held)
 
+    @property
+    def awaiting(self) -> bool:
+        """Whether anything sent is still to be confirmed by Kafka (the loop polls briefly meanwhile)."""
+        return self.unsent > 0
+
     def wait(self, timeout: float) -> None:
         """Block up to `timeout` while what was sent becomes safe (the loop has nothing else to do)."""
         time.sleep(timeout)
@@ -194,9 +199,15 @@ class ExactlyOnce(Delivery):
 
     @property
     def unsent(self) -> int:
-        in_txn = len(self._txn[1]) if self._txn else 0
-        # ...and those held behind a slower earlier offset, and those waiting for the next transaction
-        return len(self._held) + self.tracker.held() + len(self._released) + in_txn
+        # ...and those held behind a slower earlier offset, and those waiting for the next transaction.
+        # Not the transaction in flight's: they are the committing thread's now, and at most one
+        # window's worth (they were all counted here when it began). Counted, they took the engine's
+        # room while it committed: a worker draining a backlog idled a third of the time.
+        return len(self._held) + self.tracker.held() + len(self._released)
+
+    @property
+    def awaiting(self) -> bool:
+        return self._txn is not None or self.unsent > 0
 
     def _send(self, ready: list[Message]) -> list[Message]:
         for m in ready:

@@ -309,7 +309,7 @@ class Worker:
         # what was sent (a short wait: a new request is still taken at once), or new requests.
         idle, wait_ms = not self.inflight and not self._decided, 0
         if idle and not len(self.admission):
-            wait_ms = ACK_POLL_MS if self.delivery.unsent else IDLE_POLL_MS
+            wait_ms = ACK_POLL_MS if self.delivery.awaiting else IDLE_POLL_MS
         elif idle and self.delivery.unsent >= self.max_inflight:
             # Every slot holds an answer Kafka has not taken yet: nothing can be admitted until it does.
             # Polling without a wait meanwhile spun the loop, taking the CPU the broker needs.
