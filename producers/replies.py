@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from kafka import TopicPartition
 from pydantic import ValidationError
 
-from abqueue.kafka import KafkaSettings, consumer, topics, tracing
+from abqueue.kafka import IDLE_FETCH_WAIT_MS, FetchPark, KafkaSettings, consumer, topics, tracing
 from schemas import ConfigError, InferenceResponse, decode_response
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,13 @@ class ResponseListener:
         # read_committed: an exactly-once worker's responses count once their transaction commits;
         # responses of at-least-once workers are not transactional and read as soon as they land.
         self._consumer = consumer(
-            settings, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=50, isolation_level="read_committed"
+            settings,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=IDLE_FETCH_WAIT_MS,
+            isolation_level="read_committed",
         )
+        self.park = FetchPark(self._consumer)  # a reply landing on a partition left out of a parked fetch waits less
         partitions = self._consumer.partitions_for_topic(topic)
         if not partitions:
             self._consumer.close()
@@ -93,7 +98,9 @@ class ResponseListener:
 
     def poll(self, timeout_ms: int = 200) -> Iterator[Reply]:
         self._take_new_partitions()
-        for records in self._consumer.poll(timeout_ms=timeout_ms).values():
+        polled = self._consumer.poll(timeout_ms=timeout_ms)
+        self.park.polled(bool(polled))
+        for records in polled.values():
             for r in records:
                 try:
                     resp = decode_response(r.value)

@@ -1,5 +1,6 @@
 """Requests in, responses out, nothing lost: two variants, real broker, in-process workers."""
 
+import functools
 import math
 import time
 from collections import Counter
@@ -8,11 +9,13 @@ import pytest
 from conftest import new_experiment
 from kafka_helpers import committed, end_offsets, responses, wait_until
 
-from abqueue.kafka import ensure_topics, producer, tracing
+from abqueue.kafka import clients, ensure_topics, producer, tracing
 from producers import AbqClient, RequestTooLarge, assign_variant
-from schemas import InferenceRequest
+from producers.replies import ResponseListener
+from schemas import InferenceRequest, InferenceResponse, encode
+from schemas.response import Timings
 from workers.engines.echo import _fraction
-from workers.transport import kafka as transport
+from workers.transport.kafka import KafkaConsumerTransport
 
 
 def test_n_requests_over_two_variants_get_exactly_n_responses_from_the_assigned_variant(
@@ -188,36 +191,50 @@ def test_the_response_listener_reads_partitions_added_after_it_started(settings,
         listener.close()
 
 
-def test_a_worker_s_fetches_park_briefly_while_requests_flow_and_long_while_idle(settings, monkeypatch):
+@pytest.mark.parametrize("reader", ["worker", "reply listener"])
+def test_fetches_park_briefly_while_records_flow_and_long_while_idle(settings, monkeypatch, reader):
     """kafka-python leaves a partition out of the next fetch while records of it wait to be read, and
-    that fetch parks at the broker: a request landing there waited for the park to end (the worker's
-    p99 in bench/overhead.py was its fixed 100 ms park). While idle nothing is left out, and a long
-    park saves the CPU and the broker's work of empty fetches. Read from kafka-python's own fetcher,
-    so that a kafka-python that stops reading it there fails here, not silently."""
-    monkeypatch.setattr(transport, "BUSY_FOR_S", 0.5)
+    that fetch parks at the broker: a record landing there waited for the park to end (a worker's p99
+    in bench/overhead.py was its fixed 100 ms park). While idle nothing is left out, and a long park
+    saves the CPU and the broker's work of empty fetches. Read from kafka-python's own fetcher, so
+    that a kafka-python that stops reading it there fails here, not silently."""
+    monkeypatch.setattr(clients, "BUSY_FOR_S", 0.5)
     exp = new_experiment(variants=(("a", 100),), partitions=2)
     ensure_topics(settings, exp)
-    topic = exp.request_topic("a")
-    c = transport.KafkaConsumerTransport(settings, exp.consumer_group("a"), client_id="park", max_poll_records=10)
-    p = producer(settings)
-    try:
+    if reader == "worker":
+        topic = exp.request_topic("a")
+        c = KafkaConsumerTransport(settings, exp.consumer_group("a"), client_id="park", max_poll_records=10)
         c.subscribe([topic], lambda _: None, lambda _: None)
         wait_until(lambda: c.poll(timeout_ms=100, max_records=10) == [] and c.assignment(), 30, "an assignment")
-        assert c.fetch_wait_ms == transport.IDLE_FETCH_WAIT_MS
-        p.send(topic, b"a request")
+        poll = functools.partial(c.poll, timeout_ms=100, max_records=10)
+    else:
+        topic = exp.response_topic
+        c = ResponseListener(settings, topic)
+        poll = lambda: list(c.poll(timeout_ms=100))  # noqa: E731
+    p, now = producer(settings), Timings(enqueued=time.time(), dequeued=time.time(), finished=time.time())
+    try:
+        assert c.park.wait_ms == clients.IDLE_FETCH_WAIT_MS
+        p.send(
+            topic,
+            encode(
+                InferenceResponse(
+                    request_id="r", experiment=exp.name, variant="a", model="m", worker_id="w", timings=now
+                )
+            ),
+        )
         p.flush()
         got: list = []
-        wait_until(lambda: got.extend(c.poll(timeout_ms=100, max_records=10)) or got, 30, "the request")
-        assert c.fetch_wait_ms == transport.BUSY_FETCH_WAIT_MS
-        c.poll(timeout_ms=100, max_records=10)
-        assert c.fetch_wait_ms == transport.BUSY_FETCH_WAIT_MS  # an empty poll right after: still busy
+        wait_until(lambda: got.extend(poll()) or got, 30, "the record")
+        assert c.park.wait_ms == clients.BUSY_FETCH_WAIT_MS
+        poll()
+        assert c.park.wait_ms == clients.BUSY_FETCH_WAIT_MS  # an empty poll right after: still busy
         time.sleep(0.5)
-        c.poll(timeout_ms=100, max_records=10)
-        assert c.fetch_wait_ms == transport.IDLE_FETCH_WAIT_MS
-        # A paused partition is a backlog waiting: it is left out of the fetch until resumed.
-        c.pause(*c.assignment())
-        c.poll(timeout_ms=100, max_records=10)
-        assert c.fetch_wait_ms == transport.BUSY_FETCH_WAIT_MS
+        poll()
+        assert c.park.wait_ms == clients.IDLE_FETCH_WAIT_MS
+        if reader == "worker":  # a paused partition is a backlog waiting: left out of the fetch until resumed
+            c.pause(*c.assignment())
+            poll()
+            assert c.park.wait_ms == clients.BUSY_FETCH_WAIT_MS
     finally:
         c.close()
         p.close()

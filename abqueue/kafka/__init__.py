@@ -1,6 +1,13 @@
 """Kafka connection settings and client factories shared by every abqueue command."""
 
-from abqueue.kafka.clients import admin_client, consumer, producer, release_parked_records
+from abqueue.kafka.clients import (
+    IDLE_FETCH_WAIT_MS,
+    FetchPark,
+    admin_client,
+    consumer,
+    producer,
+    release_parked_records,
+)
 from abqueue.kafka.settings import KafkaSettings
 from abqueue.kafka.topics import RECORD_OVERHEAD, ensure_topic, ensure_topics, record_size, topic_max_message_bytes
 
@@ -14,5 +21,7 @@ __all__ = [
     "ensure_topics",
     "producer",
     "release_parked_records",
+    "FetchPark",
+    "IDLE_FETCH_WAIT_MS",
     "topic_max_message_bytes",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +10,8 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.structs import OffsetAndMetadata
 
 from abqueue.kafka import (
+    IDLE_FETCH_WAIT_MS,
+    FetchPark,
     KafkaSettings,
     admin_client,
     consumer,
@@ -20,17 +21,6 @@ from abqueue.kafka import (
 )
 from abqueue.kafka.topics import RECORD_OVERHEAD
 from workers.transport import Offsets, Record
-
-# How long a fetch may park at the broker waiting for records. kafka-python leaves a partition out of
-# the next fetch while records of it wait to be read, and that fetch parks: a request landing on the
-# partition left out waits for the park to end. With one fixed park of 100 ms that was the worker's
-# p99 at one request at a time (about 110 ms in bench/overhead.py, against a p95 of 11); with 25 ms
-# it was 17-21 ms. An idle worker leaves nothing out, so a long park costs it no latency, and a short
-# one costs CPU (an idle worker: 5% of a core at 25 ms, 1.5% at 100): the park follows the traffic
-# (five runs: p99 13-32 ms; an idle worker 0.45% of a core).
-BUSY_FETCH_WAIT_MS = 25
-IDLE_FETCH_WAIT_MS = 500  # kafka-python's default
-BUSY_FOR_S = 2.0  # after the last record polled
 
 
 def _with_metadata(offsets: Offsets) -> dict[TopicPartition, OffsetAndMetadata]:
@@ -80,24 +70,7 @@ class KafkaConsumerTransport:
             partition_assignment_strategy=(RangePartitionAssignor,),
         )
         self._consumer = self._make()
-        self._last_records = float("-inf")
-
-    @property
-    def fetch_wait_ms(self) -> int | None:
-        """How long kafka-python's next fetch may park at the broker (None: it no longer says)."""
-        fetcher = getattr(self._consumer, "_fetcher", None)
-        return getattr(fetcher, "config", {}).get("fetch_max_wait_ms")
-
-    def _park(self, got_records: bool) -> None:
-        now = time.monotonic()
-        if got_records:
-            self._last_records = now
-        # Paused partitions mean a backlog, however long ago the last records came: a resumed one is
-        # left out of the fetch parked meanwhile.
-        busy = now - self._last_records < BUSY_FOR_S or bool(self._consumer.paused())
-        wait = BUSY_FETCH_WAIT_MS if busy else IDLE_FETCH_WAIT_MS
-        if self.fetch_wait_ms not in (wait, None):
-            self._consumer._fetcher.config["fetch_max_wait_ms"] = wait  # read afresh for every fetch
+        self.park = FetchPark(self._consumer)
 
     def subscribe(self, topics, on_revoked, on_assigned) -> None:
         self._subscription = (list(topics), _Listener(on_revoked, on_assigned))
@@ -132,13 +105,14 @@ class KafkaConsumerTransport:
         assert self._subscription is not None, "rejoin before subscribe"
         self.close()
         self._consumer = self._make()
+        self.park = FetchPark(self._consumer)
         self._consumer.subscribe(self._subscription[0], listener=self._subscription[1])
 
     def poll(self, timeout_ms: int, max_records: int) -> list[Record]:
         release_parked_records(self._consumer)
         polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         records = [r for records in polled.values() for r in records]
-        self._park(bool(records))
+        self.park.polled(bool(records))
         return records
 
     def assignment(self) -> set[TopicPartition]:
