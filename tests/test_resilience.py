@@ -7,13 +7,14 @@ import time
 
 from conftest import ThreadWorker, new_experiment
 from kafka import TopicPartition
-from kafka_helpers import wait_until
+from kafka.admin import NewPartitions
+from kafka_helpers import responses, wait_until
 
-from abqueue.kafka import KafkaSettings, ensure_topics
+from abqueue.kafka import KafkaSettings, admin_client, ensure_topics, producer
 from abqueue.localkafka import LocalBroker
 from abqueue.localkafka.broker import free_port
 from producers import AbqClient
-from schemas import InferenceRequest
+from schemas import InferenceRequest, encode
 from workers.transport.kafka import KafkaConsumerTransport
 
 
@@ -83,3 +84,27 @@ def test_a_worker_holding_nothing_rejoins_only_when_a_partition_has_no_owner(set
         wait_until(joined, 30, "every partition after joining again")
     finally:
         left.close()
+
+
+def test_a_request_on_a_partition_added_while_the_worker_serves_is_answered_within_seconds(settings):
+    """An operator adds partitions to a request topic (to run more replicas than it had). kafka-python
+    learns of them only when it refreshes its metadata, every five minutes by default: until then
+    nobody in the group owned them, and requests on them waited unanswered that long."""
+    exp = new_experiment(variants=(("a", 100),), partitions=1)
+    ensure_topics(settings, exp)
+    topic = exp.request_topic("a")
+    with ThreadWorker(settings, exp, "a") as worker:
+        wait_until(lambda: len(worker.consumer.assignment()) == 3, 30, "the worker holding its three partitions")
+        admin = admin_client(settings)
+        try:
+            admin.create_partitions({topic: NewPartitions(total_count=2)})
+        finally:
+            admin.close()
+        request = InferenceRequest(experiment=exp.name, routing_key="u", variant="a", prompt="on the new partition")
+        p = producer(settings)
+        try:
+            p.send(topic, key=b"u", value=encode(request), partition=1).get(timeout=10)
+        finally:
+            p.close()
+        answered = responses(settings, exp.response_topic, expect=1, timeout=45)
+    assert [r.request_id for r in answered] == [request.id], "the request on the added partition went unanswered"

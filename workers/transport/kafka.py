@@ -22,6 +22,11 @@ from abqueue.kafka import (
 from abqueue.kafka.topics import RECORD_OVERHEAD
 from workers.transport import Offsets, Record
 
+# How old kafka-python's view of the topics may grow. Partitions added to a request topic (to run more
+# replicas) belong to no member until the group's leader sees them in its metadata: at kafka-python's
+# default of five minutes, requests on them waited that long. A metadata request every 10 s is cheap.
+METADATA_MAX_AGE_MS = 10_000
+
 
 def _with_metadata(offsets: Offsets) -> dict[TopicPartition, OffsetAndMetadata]:
     return {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
@@ -62,6 +67,7 @@ class KafkaConsumerTransport:
             session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=max(1000, session_timeout_ms // 4),
             fetch_max_wait_ms=IDLE_FETCH_WAIT_MS,
+            metadata_max_age_ms=METADATA_MAX_AGE_MS,
             # Requests published inside another pipeline's transaction count only once committed.
             isolation_level="read_committed",
             # Range splits each priority topic among the workers on its own; cooperative-sticky
