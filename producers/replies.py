@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from kafka import TopicPartition
 from pydantic import ValidationError
 
-from abqueue.kafka import IDLE_FETCH_WAIT_MS, FetchPark, KafkaSettings, consumer, topics, tracing
+from abqueue.kafka import FetchPark, KafkaSettings, consumer, topics, tracing
 from schemas import ConfigError, InferenceResponse, decode_response
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,7 @@ class ResponseListener:
         self._looked_at = time.monotonic()
         # read_committed: an exactly-once worker's responses count once their transaction commits;
         # responses of at-least-once workers are not transactional and read as soon as they land.
-        self._consumer = consumer(
-            settings,
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=IDLE_FETCH_WAIT_MS,
-            isolation_level="read_committed",
-        )
+        self._consumer = consumer(settings, group_id=None, enable_auto_commit=False, isolation_level="read_committed")
         self.park = FetchPark(self._consumer)  # a reply landing on a partition left out of a parked fetch waits less
         partitions = self._consumer.partitions_for_topic(topic)
         if not partitions:

@@ -1,7 +1,6 @@
 """Kafka connection settings and client factories shared by every abqueue command."""
 
 from abqueue.kafka.clients import (
-    IDLE_FETCH_WAIT_MS,
     FetchPark,
     admin_client,
     consumer,
@@ -22,6 +21,5 @@ __all__ = [
     "producer",
     "release_parked_records",
     "FetchPark",
-    "IDLE_FETCH_WAIT_MS",
     "topic_max_message_bytes",
 ]

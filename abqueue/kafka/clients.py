@@ -111,7 +111,7 @@ def release_parked_records(consumer: KafkaConsumer) -> None:
 # costs CPU (an idle worker: 5% of a core at 25 ms, 1.5% at 100): the park follows the traffic (five
 # runs: p99 13-32 ms; an idle worker 0.45% of a core).
 BUSY_FETCH_WAIT_MS = 25
-IDLE_FETCH_WAIT_MS = 500  # kafka-python's default; consumers that park this way are made with it
+IDLE_FETCH_WAIT_MS = 500
 BUSY_FOR_S = 2.0  # after the last records polled
 
 
@@ -123,6 +123,7 @@ class FetchPark:
     def __init__(self, consumer: KafkaConsumer) -> None:
         self._consumer = consumer
         self._last_records = float("-inf")
+        self.polled(False)  # idle until records come, whatever the consumer was made with
 
     @property
     def wait_ms(self) -> int | None:

@@ -10,7 +10,6 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.structs import OffsetAndMetadata
 
 from abqueue.kafka import (
-    IDLE_FETCH_WAIT_MS,
     FetchPark,
     KafkaSettings,
     admin_client,
@@ -66,7 +65,6 @@ class KafkaConsumerTransport:
             # replacement picks them up quickly (kafka-python's default is 45 s).
             session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=max(1000, session_timeout_ms // 4),
-            fetch_max_wait_ms=IDLE_FETCH_WAIT_MS,
             metadata_max_age_ms=METADATA_MAX_AGE_MS,
             # Requests published inside another pipeline's transaction count only once committed.
             isolation_level="read_committed",
