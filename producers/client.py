@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from typing import Literal
 
 from abqueue.errors import AbqError
-from abqueue.kafka import KafkaSettings
+from abqueue.kafka import KafkaSettings, ensure_topic
 from producers.publisher import RequestPublisher
 from producers.replies import Reply, ResponseListener
-from schemas import ExperimentConfig, InferenceRequest
+from schemas import ConfigError, ExperimentConfig, InferenceRequest
 
 
 class ReplyTimeout(AbqError, TimeoutError):
@@ -40,10 +40,20 @@ class AbqClient:
         tag: str | None = None,
         accept_untagged: bool = False,
     ):
-        """follow: take weights, overrides and new variants from the live config topic as they are applied.
+        """reply_topic: where this client reads its answers, and the reply_to of every request it
+        publishes (unless the request names its own); one of the experiment's reply topics, created
+        here if missing and create_topics (the producer role may create its own). None: the
+        experiment's responses topic.
+        follow: take weights, overrides and new variants from the live config topic as they are applied.
         tag: this client's caller_tag (a fresh random one by default; a batch job keeps one across reruns).
         accept_untagged: also take responses without a tag, to requests published by other means."""
         self.experiment = experiment
+        self.reply_to = reply_topic if reply_topic and reply_topic != experiment.response_topic else None
+        if self.reply_to is not None:
+            if refused := experiment.reply_to_refusal(self.reply_to):
+                raise ConfigError(refused)
+            if create_topics:
+                ensure_topic(settings, self.reply_to, experiment.partitions)
         self.tag = tag or uuid.uuid4().hex
         self.accept_untagged = accept_untagged
         self.follower = None
@@ -74,8 +84,12 @@ class AbqClient:
         return replies[request.id]
 
     def publish(self, request: InferenceRequest, traceparent: str | None = None):
-        """Publish without waiting, tagged as this client's; returns the assigned request and the send's future."""
-        return self.publisher.publish(request.model_copy(update={"caller_tag": self.tag}), traceparent)
+        """Publish without waiting, tagged as this client's (and answered on its reply topic, where it
+        has one); returns the assigned request and the send's future."""
+        update: dict[str, str] = {"caller_tag": self.tag}
+        if self.reply_to is not None and request.reply_to is None:
+            update["reply_to"] = self.reply_to
+        return self.publisher.publish(request.model_copy(update=update), traceparent)
 
     def feedback(
         self,
@@ -89,7 +103,8 @@ class AbqClient:
         from schemas import Feedback
 
         fb = Feedback(
-            request_id=request_id, experiment=self.experiment.name, thumbs=thumbs, score=score, comment=comment
+            request_id=request_id, experiment=self.experiment.name, caller_tag=self.tag, thumbs=thumbs, score=score,
+            comment=comment,
         )
         publish_feedback(self.publisher.settings, self.experiment, fb)
 

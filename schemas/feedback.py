@@ -1,4 +1,5 @@
-"""Feedback: what a user thought of a response (thumbs up/down, or a score), joined to it by request id."""
+"""Feedback: what a user thought of a response (thumbs up/down, or a score), joined to it by the
+caller's tag and request id: request ids are the callers' own, and two callers may use the same."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ class Feedback(BaseModel):
     schema_version: Literal[1] = 1
     request_id: str = Field(min_length=1, max_length=256)
     experiment: str = Field(min_length=1, max_length=100)
+    caller_tag: str | None = Field(
+        default=None,
+        max_length=64,
+        description="the caller_tag of the answer it judges (AbqClient.feedback sets its own; `abq submit` prints "
+        "it in the response): feedback lands only on the answer with the same tag and request id",
+    )
     thumbs: Literal["up", "down"] | None = None
     score: float | None = Field(default=None, description="any scale; compared as a mean per variant")
     comment: str | None = Field(default=None, max_length=10_000)

@@ -538,3 +538,39 @@ def test_a_report_streams_in_memory_bounded_by_the_variants_not_the_responses(mo
     assert t.count == 80_000 and t.duplicates == 80
     assert held[1] < held[0] * 1.1, held
     assert t.units.levels > 0
+
+
+def test_two_callers_requests_that_share_ids_are_both_counted_and_feedback_lands_on_its_own_callers_answer():
+    """Request ids are the callers' own: two batch jobs both numbering lines request-1..20 sent 40
+    requests, and a report counted 20 (the rest as duplicates); feedback given by one caller landed
+    on the other's answer. A duplicate is the same caller's request answered twice."""
+    from abqueue.analysis.tally import Tally
+
+    exp = ExperimentConfig.model_validate(
+        {"name": "shared-ids", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]}
+    )
+    mine = [r.model_copy(update={"request_id": f"request-{i}", "caller_tag": "job-1"}) for i, r in enumerate(_responses(exp, "a", 20, lambda i: 1.0, errors=0))]  # fmt: skip
+    theirs = [r.model_copy(update={"caller_tag": "job-2"}) for r in mine]
+    untagged = [r.model_copy(update={"caller_tag": None}) for r in mine]
+    feedback = [Feedback(request_id="request-3", experiment=exp.name, caller_tag="job-2", thumbs="down")]
+    t = Tally.of(mine + theirs + untagged + mine[:5], feedback)  # mine[:5] again: redelivered, counted once
+    assert (t.count, t.duplicates) == (60, 5)
+    assert (t.all["a"].rated, t.all["a"].thumbs_up) == (1, 0)  # job-2's thumbs-down, on job-2's answer alone
+
+
+def test_a_rollout_stage_counts_two_callers_requests_that_share_ids():
+    from abqueue.control.rollout import StageStats
+
+    exp = ExperimentConfig.model_validate(
+        {"name": "shared-ids", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]}
+    )
+    one = _responses(exp, "a", 20, lambda i: 1.0, errors=0)
+    records = [
+        type("Record", (), {"value": r.model_copy(update={"caller_tag": tag}).model_dump_json().encode()})
+        for tag in ("job-1", "job-2")
+        for r in one + one[:3]
+    ]
+    st = StageStats.__new__(StageStats)  # the counting alone, no consumer behind it
+    st._counting(since=0.0, version=None)
+    st._take(records)
+    assert st.count("a") == 40

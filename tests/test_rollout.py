@@ -194,8 +194,8 @@ def test_stage_statistics_keep_up_with_more_than_one_poll_of_responses_a_tick():
             return {"tp": batch} if batch else {}
 
     stats = StageStats.__new__(StageStats)  # the counting alone, no consumer behind it
-    stats.since, stats.latency, stats.errors, stats._seen, stats._c = 0.0, {}, {}, set(), Busy()
-    stats.version, stats.units, stats.slowest_s = None, {}, 0.0
+    stats._counting(since=0.0, version=None)
+    stats._c = Busy()
     stats.poll()
     assert stats.count("candidate") == 1500 and stats.errors["candidate"] == 15
 
@@ -367,3 +367,42 @@ def test_a_stage_halts_when_its_users_do_not_split_as_its_weights_say():
 
     assert f"(p={chisquare([1900, 100], [1800, 200]).pvalue:.2g})" in why
     assert stage(450, 10) is None  # too few users for the candidate's share to judge yet
+
+
+def test_a_controller_reads_each_rollout_record_once_and_keeps_a_bounded_sample_of_a_stage(settings, monkeypatch):
+    """Each tick read the whole abq.rollouts topic (a heartbeat every 5 s, never compacted in its
+    active segment: 0.68 s a read after two days' worth), and a stage kept every id and latency."""
+    from test_report import _responses
+
+    from abqueue.control import rollout
+    from abqueue.control.rollout import COMMANDS, HEARTBEATS, RolloutCommand, RolloutHeartbeat, StageStats
+
+    from abqueue.kafka import producer
+    from schemas import encode
+
+    name = f"t{random.randrange(10**9)}"
+    HEARTBEATS.ensure(settings)
+    p = producer(settings)
+    for i in range(100):
+        beat = RolloutHeartbeat(at=i, controller="c", stage=0, stage_ends_at=0)
+        p.send(HEARTBEATS.topic, key=f"{name}/heartbeat".encode(), value=encode(beat))
+    p.flush()
+    p.close()
+    tail = COMMANDS.tail(settings, {f"{name}/command"})
+    try:
+        assert tail.latest(f"{name}/command") is None and tail.read >= 100
+        before = tail.read
+        COMMANDS.put(settings, f"{name}/command", RolloutCommand(what="pause", at=1.0))
+        assert tail.latest(f"{name}/command").what == "pause"
+        assert tail.read - before == 1  # what is new, not the topic again
+    finally:
+        tail.close()
+
+    monkeypatch.setattr(rollout, "LATENCY_SAMPLE", 100)
+    exp = _experiment(0.0)
+    records = [type("R", (), {"value": r.model_dump_json().encode()}) for r in _responses(exp, "candidate", 1000, lambda i: i / 1000, errors=10)]  # fmt: skip
+    st = StageStats.__new__(StageStats)
+    st._counting(since=0.0, version=None)
+    st._take(records)
+    assert st.count("candidate") == 1000 and st.error_rate("candidate") == 0.01
+    assert len(st.latency["candidate"]) == 100 and 0.85 < st.p95("candidate") <= 1.0  # a uniform sample

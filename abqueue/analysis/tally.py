@@ -2,7 +2,10 @@
 number of variants, not of responses: per variant, counts, moments (with the prompt-length covariates
 for the regression adjustment), a quantile sketch and a fixed-size uniform sample of each measure
 for the bootstrap; a sample of units, chosen by hash, for the sample-ratio check; and the recent
-request ids, to count an at-least-once duplicate once.
+requests, to count an at-least-once duplicate once.
+
+A request is known by its caller's tag and its id together (`answer_key`): ids are the callers' own,
+and two callers (two batch jobs numbering lines 1..N) may use the same ones.
 
 Values are buffered and folded in a chunk at a time with numpy: per response the Python work is a
 few appends."""
@@ -187,8 +190,17 @@ class Group:
         self.ttft.extend(ttft[has], chars[has], prompt[has])
 
 
+AnswerKey = tuple[str | None, str]  # (caller_tag, request_id)
+
+
+def answer_key(r: InferenceResponse) -> AnswerKey:
+    """Which request r answers, across callers: the same request answered twice has the same key,
+    two callers' requests that share an id do not."""
+    return r.caller_tag, r.request_id
+
+
 class RecentIds:
-    """The request ids of the last RECENT_IDS to 2 x RECENT_IDS responses, in two generations: a
+    """The requests of the last RECENT_IDS to 2 x RECENT_IDS responses, in two generations: a
     redelivered request's second response comes within one worker's uncommitted window (seconds of
     traffic), far inside it; duplicates further apart than that would be counted twice."""
 
@@ -197,7 +209,7 @@ class RecentIds:
         self._now: set[int] = set()
         self._before: set[int] = set()
 
-    def first(self, key: tuple[str, str]) -> bool:
+    def first(self, key: tuple) -> bool:
         h = hash(key)
         if h in self._now or h in self._before:
             return False
@@ -247,7 +259,7 @@ class Tally:
     each response arrives, so it is given first; versions: the live config versions' experiments
     (their weights, for the sample-ratio check)."""
 
-    feedback: dict[str, Mark] = field(default_factory=dict)
+    feedback: dict[AnswerKey, Mark] = field(default_factory=dict)
     versions: dict[int, ExperimentConfig] = field(default_factory=dict)
     all: dict[str, Group] = field(default_factory=dict)  # per variant
     randomised: dict[str, Group] = field(default_factory=dict)  # per variant: weights and shadows
@@ -272,10 +284,11 @@ class Tally:
     def add(self, r: InferenceResponse) -> None:
         """Counts r, unless it is a second response to the same request from the same variant
         (at-least-once delivery: the first counts)."""
-        if not self._seen.first((r.request_id, r.variant)):
+        key = answer_key(r)
+        if not self._seen.first((*key, r.variant)):
             self.duplicates += 1
             return
-        mark = self.feedback.get(r.request_id)
+        mark = self.feedback.get(key)
         how = r.assigned_by or "weights"
         self._group(self.all, r.variant).add(r, mark)
         # Shadow copies are a random sample (by key) of their source variant's traffic, so they compare too.
@@ -301,11 +314,12 @@ class Tally:
         return groups[variant]
 
 
-def marks(feedback: Iterable[Feedback]) -> dict[str, Mark]:
-    """Each request's latest feedback."""
-    out: dict[str, Mark] = {}
+def marks(feedback: Iterable[Feedback]) -> dict[AnswerKey, Mark]:
+    """Each answer's latest feedback, by the caller's tag and request id (as answer_key)."""
+    out: dict[AnswerKey, Mark] = {}
     for f in feedback:
-        now = out.get(f.request_id)
+        key = (f.caller_tag, f.request_id)
+        now = out.get(key)
         if now is None or f.created_at >= now.created_at:
-            out[f.request_id] = Mark(f.thumbs, f.score, f.created_at)
+            out[key] = Mark(f.thumbs, f.score, f.created_at)
     return out

@@ -17,6 +17,11 @@ def register(sub) -> None:
     )
     options.add_experiment_flags(p)
     p.add_argument("--request-id", required=True, help="the id of the request the response answered")
+    p.add_argument(
+        "--caller-tag",
+        default=None,
+        help="the caller_tag of the response (abq submit prints it): the answer is the one with this tag and id",
+    )
     p.add_argument("--thumbs", choices=["up", "down"], default=None)
     p.add_argument("--score", type=float, default=None, help="any scale; compared as a mean per variant")
     p.add_argument("--comment", default=None)
@@ -32,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give --thumbs up|down or --score X (or both)")
     exp = options.experiment(args)
     fb = options.typed(
-        Feedback, "feedback", request_id=args.request_id, experiment=exp.name, thumbs=args.thumbs,
+        Feedback, "feedback", request_id=args.request_id, experiment=exp.name, caller_tag=args.caller_tag, thumbs=args.thumbs,
         score=args.score, comment=args.comment,
     )  # fmt: skip
     publish_feedback(options.kafka_settings(args), exp, fb)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import socket
 import time
 from typing import Literal
@@ -26,8 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from abqueue.analysis import sequential, stats
 from abqueue.analysis.stats import percentile
+from abqueue.analysis.tally import RecentIds, answer_key
 from abqueue.control import live_config
-from abqueue.control.store import KeyedStore
+from abqueue.control.store import KeyedStore, StoreTail
 from abqueue.kafka import KafkaSettings, consumer
 from producers.assignment import weight_shares
 from schemas import ConfigError, ExperimentConfig, InferenceResponse
@@ -145,6 +147,9 @@ def with_weight(exp: ExperimentConfig, candidate: str, control: str, percent: fl
 
 # Beyond the slowest answer seen (twice it), how long a user's answers may take to reach the controller.
 SETTLE_S = 1.0
+# Latencies kept per variant and stage: the p95 guardrail's test on a uniform sample this large is
+# valid and about as strong as on all of them, and a long stage's memory does not grow.
+LATENCY_SAMPLE = 50_000
 
 
 class StageStats:
@@ -153,11 +158,7 @@ class StageStats:
     def __init__(self, settings: KafkaSettings, exp: ExperimentConfig, since: float, version: int | None = None):
         """version: the live config version the stage set; its weights-assigned users are counted
         per variant for the sample-ratio check."""
-        self.since, self.version = since, version
-        self.latency: dict[str, list[float]] = {}
-        self.errors: dict[str, int] = {}
-        self.units: dict[str, dict[str, float]] = {}  # variant -> unit -> when its first request was published
-        self.slowest_s = 0.0  # the longest a stage's request took to be answered, so far
+        self._counting(since, version)
         self._c = consumer(settings, group_id=None, isolation_level="read_committed")
         tps = [
             TopicPartition(exp.response_topic, p)
@@ -170,7 +171,19 @@ class StageStats:
                 self._c.seek(tp, starts[tp].offset)
             else:
                 self._c.seek_to_end(tp)
-        self._seen: set[str] = set()
+
+    def _counting(self, since: float, version: int | None) -> None:
+        """Memory stays bounded however long the stage runs: latencies are a uniform sample of
+        LATENCY_SAMPLE per variant beside exact counts, and requests are remembered for the
+        duplicate check as a report's are (two generations)."""
+        self.since, self.version = since, version
+        self.latency: dict[str, list[float]] = {}  # per variant: a uniform sample of the answered requests' latencies
+        self.answered: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.units: dict[str, dict[str, float]] = {}  # variant -> unit -> when its first request was published
+        self.slowest_s = 0.0  # the longest a stage's request took to be answered, so far
+        self._seen = RecentIds()
+        self._rng = random.Random(0)
 
     def poll(self, most_s: float = 5.0) -> None:
         """Reads every response that has arrived (a poll brings at most 500; above 500 responses a
@@ -188,18 +201,24 @@ class StageStats:
                 resp = InferenceResponse.model_validate_json(r.value)
             except ValueError:
                 continue
-            if resp.timings.enqueued < self.since or resp.request_id in self._seen or not resp.counts_for_variant:
+            if resp.timings.enqueued < self.since or not resp.counts_for_variant:
                 continue
-            self._seen.add(resp.request_id)
+            if not self._seen.first((*answer_key(resp), resp.variant)):  # the same request answered again
+                continue
             t = resp.timings
             self.slowest_s = max(self.slowest_s, t.finished - t.enqueued)
             if self.version is not None and resp.config_version == self.version and resp.assigned_by == "weights":
                 units = self.units.setdefault(resp.variant, {})
                 unit = resp.unit or resp.request_id
                 units[unit] = min(units.get(unit, t.enqueued), t.enqueued)
-            self.latency.setdefault(resp.variant, [])
+            sample = self.latency.setdefault(resp.variant, [])
             if resp.ok:
-                self.latency[resp.variant].append(resp.timings.finished - resp.timings.enqueued)
+                n = self.answered[resp.variant] = self.answered.get(resp.variant, 0) + 1
+                latency = resp.timings.finished - resp.timings.enqueued
+                if len(sample) < LATENCY_SAMPLE:
+                    sample.append(latency)
+                elif (i := self._rng.randrange(n)) < LATENCY_SAMPLE:  # reservoir sampling (Algorithm R)
+                    sample[i] = latency
             else:
                 self.errors[resp.variant] = self.errors.get(resp.variant, 0) + 1
 
@@ -211,7 +230,7 @@ class StageStats:
         return {name: sum(at <= cutoff for at in units.values()) for name, units in self.units.items()}
 
     def count(self, variant: str) -> int:
-        return len(self.latency.get(variant, [])) + self.errors.get(variant, 0)
+        return self.answered.get(variant, 0) + self.errors.get(variant, 0)
 
     def error_rate(self, variant: str) -> float:
         n = self.count(variant)
@@ -228,14 +247,21 @@ P95_SHARE = 0.05  # of the control's requests are slower than its p95, by defini
 
 
 def breach(
-    g: Guardrails, cand_lat: list[float], cand_err: int, ctl_lat: list[float], ctl_err: int, stage: str = ""
+    g: Guardrails,
+    cand_lat: list[float],
+    cand_err: int,
+    ctl_lat: list[float],
+    ctl_err: int,
+    stage: str = "",
+    counts: tuple[int, int] | None = None,
 ) -> str | None:
     """Why the candidate breaks a guardrail, or None while the evidence allows that it does not.
     Three always-valid tests at alpha/3 each: its error rate above `max_error_rate`; its error rate
     above the control's by more than `max_error_increase`; and its p95 above `max_p95_ratio` times
     the control's, which is tested as the share of its requests slower than that: more than 5%
-    exactly when its p95 is beyond it."""
-    n_c, n_k = len(cand_lat) + cand_err, len(ctl_lat) + ctl_err
+    exactly when its p95 is beyond it. counts: the candidate's and control's responses, where the
+    latencies are a sample of their answers (else all of them)."""
+    n_c, n_k = counts or (len(cand_lat) + cand_err, len(ctl_lat) + ctl_err)
     if n_c < g.min_samples:
         return None
     a = g.alpha / 3
@@ -306,8 +332,9 @@ def verdict(state: RolloutState, st: StageStats, now: float) -> tuple[str, str]:
     n_c, n_k = st.count(cand), st.count(ctl)
     stage = f" at stage {state.stages[state.stage]:g}%"
     why = breach(
-        g, st.latency.get(cand, []), st.errors.get(cand, 0), st.latency.get(ctl, []), st.errors.get(ctl, 0), stage
-    )
+        g, st.latency.get(cand, []), st.errors.get(cand, 0), st.latency.get(ctl, []), st.errors.get(ctl, 0), stage,
+        counts=(n_c, n_k),
+    )  # fmt: skip
     if why is not None:
         return "rollback", f"{cand}: {why}"
     if now - state.stage_started_at < state.stage_duration_s:
@@ -342,6 +369,7 @@ class RolloutController:
         self._progress, self._progress_every_s = progress, progress_every_s
         self._said_at = self._beat_at = float("-inf")
         self._name = f"{socket.gethostname()}-{os.getpid()}"
+        self._commands: StoreTail[RolloutCommand] | None = None
 
     def _report(self, now: float, why: str) -> None:
         st, state = self._stats, self.state
@@ -406,9 +434,20 @@ class RolloutController:
             self._enter_stage(time.time())
         else:
             self._restart_stats()  # resumed after a restart: the stage's responses are read again
+        key = _command_key(self.state.experiment)
+        self._commands = COMMANDS.tail(self.settings, {key})
+        try:
+            return self._run(until, key)
+        finally:
+            self._commands.close()
+            if self._stats:
+                self._stats.close()
+
+    def _run(self, until, key: str) -> RolloutState:
+        assert self._commands is not None
         while self.state.status in ("running", "paused") and not until():
             time.sleep(self.tick_s)
-            command = COMMANDS.latest(self.settings, _command_key(self.state.experiment))
+            command = self._commands.latest(key)
             if command is not None and command.at > self.state.command_at:
                 self.state.requested, self.state.command_at = command.what, command.at
             req = self.state.requested
@@ -447,8 +486,6 @@ class RolloutController:
                     self.state.history.append(f"{time.strftime('%H:%M:%S')} advance: {why}")
                     self.state.stage += 1
                     self._enter_stage(time.time())
-        if self._stats:
-            self._stats.close()
         return self.state
 
 

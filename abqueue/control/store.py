@@ -5,11 +5,13 @@ configs and rollout state both live in one of these."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Generic, TypeVar
 
+from kafka import TopicPartition
 from pydantic import BaseModel
 
-from abqueue.kafka import KafkaSettings, ensure_topic, producer
+from abqueue.kafka import KafkaSettings, consumer, ensure_topic, producer
 from abqueue.kafka.reader import read_to_end
 from schemas import encode
 
@@ -63,3 +65,39 @@ class KeyedStore(Generic[M]):
             p.send(self.topic, key=key.encode(), value=encode(value)).get(timeout=30)
         finally:
             p.close()
+
+    def tail(self, settings: KafkaSettings, keys: set[str]) -> StoreTail[M]:
+        """A reader of `keys`' latest values that reads the topic once and then only what is new."""
+        return StoreTail(self, settings, keys)
+
+
+class StoreTail(Generic[M]):
+    """The latest values of some keys of a KeyedStore, kept up to date by reading on from where the
+    last read stopped: a controller that asks every tick reads each record once, not the whole topic
+    (which grows by a heartbeat every few seconds) again and again."""
+
+    def __init__(self, store: KeyedStore[M], settings: KafkaSettings, keys: set[str]):
+        self.store, self.keys = store, keys
+        self.values: dict[str, M | None] = {}
+        self.read = 0  # records read so far, of every key
+        store.ensure(settings)
+        self._c = consumer(settings, group_id=None, isolation_level="read_committed")
+        self._tps = [TopicPartition(store.topic, p) for p in sorted(self._c.partitions_for_topic(store.topic) or ())]
+        self._c.assign(self._tps)
+        self._c.seek_to_beginning(*self._tps)
+
+    def latest(self, key: str, timeout_s: float = 10.0) -> M | None:
+        """`key`'s value as of now: everything up to the topic's current end is read first."""
+        ends = self._c.end_offsets(self._tps)
+        until = time.monotonic() + timeout_s
+        while any(self._c.position(tp) < ends[tp] for tp in self._tps) and time.monotonic() < until:
+            for recs in self._c.poll(timeout_ms=200).values():
+                for r in recs:
+                    self.read += 1
+                    name = r.key.decode(errors="replace") if r.key else ""
+                    if name in self.keys:
+                        self.values[name] = self.store.parse(r.value, f"offset {r.offset}")
+        return self.values.get(key)
+
+    def close(self) -> None:
+        self._c.close()
