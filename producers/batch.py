@@ -89,7 +89,10 @@ def _object(n: int, raw: bytes) -> tuple[dict | None, str, str | None]:
     if not isinstance(obj, dict):
         return None, fallback_key, f"line {n} is not a JSON object"
     key = obj.get("custom_id") if openai_batch.is_openai_line(obj) else obj.get("id")
-    return obj, str(key or fallback_key), None
+    if isinstance(key, int) and not isinstance(key, bool):
+        key = str(key)
+    # Lines without a usable id are matched by their content: "None" or "" would be one id for many lines.
+    return obj, key if isinstance(key, str) and key else fallback_key, None
 
 
 def _item(n: int, raw: bytes, experiment: ExperimentConfig, fmt_openai: bool) -> Item:
@@ -101,6 +104,9 @@ def _item(n: int, raw: bytes, experiment: ExperimentConfig, fmt_openai: bool) ->
         kind = "OpenAI Batch" if fmt_openai else "abqueue request"
         return Item(n, key, error=f"line {n} mixes formats: the file started with {kind} lines")
     url = obj.get("url") if is_openai else None
+    if is_openai and (not isinstance(cid := obj["custom_id"], str) or not cid):
+        # Its answer could not be told from another line's: refused, as OpenAI refuses it.
+        return Item(n, key, url=url, error=f"line {n}: custom_id must be a non-empty string, not {cid!r}")
     try:
         # Lines without an id get one derived from their content, so a rerun matches them.
         fields = openai_batch.to_request_fields(obj) if is_openai else {"routing_key": key, **obj, "id": key}

@@ -103,7 +103,11 @@ class AbqClient:
         from schemas import Feedback
 
         fb = Feedback(
-            request_id=request_id, experiment=self.experiment.name, caller_tag=self.tag, thumbs=thumbs, score=score,
+            request_id=request_id,
+            experiment=self.experiment.name,
+            caller_tag=self.tag,
+            thumbs=thumbs,
+            score=score,
             comment=comment,
         )
         publish_feedback(self.publisher.settings, self.experiment, fb)

@@ -37,6 +37,12 @@ def _text(content: Any) -> str:
     raise UnsupportedLine("message content must be a string or a list of text parts")
 
 
+def _kind(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
 def to_request_fields(obj: dict) -> dict[str, Any]:
     """Our request fields (without experiment/variant) from one OpenAI batch input line."""
     method, url, body = obj.get("method", "POST"), obj.get("url"), obj.get("body")
@@ -49,6 +55,9 @@ def to_request_fields(obj: dict) -> dict[str, Any]:
         msgs = body.get("messages")
         if not isinstance(msgs, list):
             raise UnsupportedLine("chat body needs a 'messages' list")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise UnsupportedLine(f"messages.{i} must be an object with 'role' and 'content', not JSON {_kind(m)}")
         fields["messages"] = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in msgs]
     elif url == COMPLETIONS_URL:
         prompt = body.get("prompt")

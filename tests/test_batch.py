@@ -304,3 +304,41 @@ def test_a_rerun_waits_for_what_is_queued_instead_of_submitting_it_again(setting
     )
     assert code == 1 and "0 submitted" in stdout, stdout
     assert sum(end_offsets(settings, exp.request_topic("a", "batch")).values()) == 12
+
+
+def test_openai_lines_without_a_usable_custom_id_or_with_a_non_object_message_go_to_the_errors_file(
+    settings, kafka_bootstrap, thread_worker, tmp_path
+):
+    """Lines whose custom_id was null all got request id "None": the second line received the first's
+    answer, and a rerun wrote it for both. A message that is not an object crashed every rerun with an
+    AttributeError. Both are refused into the errors file; the other lines run (and the reply topic,
+    which no command created, is created by the job)."""
+    exp = new_experiment(variants=(("a", 100),))
+    ensure_topics(settings, exp)
+    cfg = write_config(exp, tmp_path)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    good = list(_openai_lines(2))
+    nulls = [{**line, "custom_id": None, "body": {"model": "any", "prompt": f"null {i}"}, "url": "/v1/completions"} for i, line in enumerate(good)]  # fmt: skip
+    _write(
+        inp,
+        [
+            *good,
+            *nulls,
+            {**good[0], "custom_id": ""},
+            {**good[1], "custom_id": "not-an-object", "body": {"model": "any", "messages": ["hi"]}},
+        ],
+    )
+    with thread_worker(exp, "a"):
+        for run in range(2):  # the rerun finds every line done
+            code, stdout, stderr = _run_batch(
+                kafka_bootstrap, cfg, inp, out, "--no-progress", "--timeout", "30",
+                "--reply-to", f"abq.{exp.name}.replies.jobs",
+            )  # fmt: skip
+            assert code == (3, 0)[run] and "Traceback" not in stderr, stderr
+    assert "6 already done" in stdout, stdout
+    assert sorted(r["custom_id"] for r in _lines(out)) == ["req-0", "req-1"]
+    errors = _lines(tmp_path / "out.errors.jsonl")
+    assert len(errors) == 4, errors
+    messages = sorted(e["error"]["message"] for e in errors)
+    assert sum("custom_id must be a non-empty string" in m for m in messages) == 3, messages
+    assert any("messages.0 must be an object with 'role' and 'content', not JSON string" in m for m in messages)

@@ -52,7 +52,7 @@ def _bookkeeping(listener, publisher) -> AbqClient:
     client.listener, client.publisher = listener, publisher
     client._reading, client._state = threading.Lock(), threading.Lock()
     client._waiting, client._arrived = Counter(), {}
-    client.tag, client.accept_untagged = "me", False
+    client.tag, client.accept_untagged, client.reply_to = "me", False, None
     return client
 
 

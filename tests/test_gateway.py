@@ -204,3 +204,39 @@ def test_abq_gateway_refuses_a_public_address_without_keys_and_serves_the_sdk(
         proc.terminate()
         log = proc.communicate(timeout=30)[0].decode()
     assert "sk-acme" not in log
+
+
+def test_segment_overrides_match_the_documented_headers_and_never_a_forged_tenant(settings, thread_worker):
+    """The README's own example (match: {user_group: beta-testers}, header x-user-group) routed by the
+    weights, silently: only a literal `user_group:` header matched, which proxies drop. And a caller's
+    header could overwrite the authenticated tenant in the metadata. Bodies that are not objects, or
+    messages that are not, were a plain 500."""
+    exp = new_experiment(variants=(("a", 100), ("b", 0)))
+    exp = exp.model_copy(
+        update={
+            "overrides": [
+                SegmentOverride(name="beta", match={"user_group": "beta-testers"}, variant="b"),
+                SegmentOverride(name="tenant-beta", match={"tenant": "beta"}, variant="b"),
+            ]
+        }
+    )
+    ensure_topics(settings, exp)
+    with thread_worker(exp, "a"), thread_worker(exp, "b"), serving(settings, [exp]) as url:
+        client = _client(url, max_retries=0)
+
+        def variant(key="sk-acme-0123456789abcdef", **headers):
+            raw = _client(url, key=key).completions.with_raw_response.create(
+                model=exp.name, prompt="x", extra_headers=headers
+            )
+            return raw.headers["x-abq-variant"]
+
+        assert variant() == "a"
+        assert variant(**{"x-user-group": "beta-testers"}) == "b"  # the README's example
+        assert variant(**{"tenant": "beta"}) == "a" and variant(**{"x-tenant": "beta"}) == "a"  # forged: ignored
+        assert variant(key="sk-beta-0123456789abcdef") == "b"  # the authenticated tenant
+        with pytest.raises(openai.BadRequestError) as e:
+            client.post("/completions", body=[1], cast_to=object)
+        assert e.value.code == "invalid_body"
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=exp.name, messages=["hi"])
+        assert "messages.0 must be an object" in e.value.message

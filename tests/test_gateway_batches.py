@@ -211,3 +211,58 @@ def test_a_gateway_killed_mid_batch_is_replaced_and_every_line_is_in_the_output_
             if p is not None and p.poll() is None:
                 p.terminate()
                 p.wait(30)
+
+
+def _upload_until_answered(url: str, body_bytes: int, chunked: bool) -> tuple[bytes, int]:
+    """Streams a multipart upload of `body_bytes` to the gateway on a raw socket until it answers;
+    (the status line, the bytes sent by then)."""
+    import select
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    head = (
+        f"POST /v1/files HTTP/1.1\r\nHost: {u.hostname}\r\nAuthorization: Bearer sk-acme-0123456789abcdef\r\n"
+        "Content-Type: multipart/form-data; boundary=XyZ\r\n"
+        + ("Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {body_bytes}\r\n")
+        + "\r\n"
+    )
+    sock.sendall(head.encode())
+    part = b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+    sent, line = 0, b'{"custom_id": "x", "method": "POST"}\n' * 2000
+    chunk = part
+    try:
+        while sent < body_bytes:
+            if select.select([sock], [], [], 0)[0]:
+                break  # it answered
+            data = chunk[: body_bytes - sent]
+            sock.sendall(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            sent += len(data)
+            chunk = line
+    except OSError:
+        pass  # it answered and closed while we were still sending
+    status = sock.recv(200).split(b"\r\n")[0]
+    sock.close()
+    return status, sent
+
+
+def test_an_upload_over_the_file_limit_is_refused_before_it_is_taken_whole(settings, tmp_path):
+    """A 30 MB file against a 1 MB --max-file-bytes was spooled whole before its limit was checked;
+    a non-file field could hold up to the file limit in memory. Refused as soon as a limit is crossed."""
+    exp = new_experiment(variants=(("a", 100),))
+    ensure_topics(settings, exp)
+    big = 30_000_000
+    with serving(settings, [exp], storage=tmp_path / "s", max_file_bytes=1_000_000) as url:
+        status, sent = _upload_until_answered(url, big, chunked=False)
+        assert b" 413 " in status and sent < big / 3, (status, sent)  # by its Content-Length, before the body
+        status, sent = _upload_until_answered(url, big, chunked=True)
+        assert b" 413 " in status and sent < big / 3, (status, sent)  # while it streams in
+        client = _client(url, max_retries=0)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.post("/files", files={"purpose": (None, "b" * 100_000), "file": ("x.jsonl", b"{}")}, cast_to=object, options={"headers": {"Content-Type": "multipart/form-data"}})  # fmt: skip
+        assert "form" in e.value.message
+        with pytest.raises(openai.BadRequestError) as e:  # a line whose message is not an object: named, not a 500
+            line = {"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": exp.name, "messages": ["hi"]}}  # fmt: skip
+            client.files.create(file=("in.jsonl", orjson.dumps(line)), purpose="batch")
+        assert "line 1: messages.0 must be an object" in e.value.message

@@ -96,15 +96,20 @@ def test_reply_to_topic_gets_the_response_too(settings, experiment, thread_worke
     assert reply.response.ok and reply.response.outputs == ["to me"]
 
 
-def test_a_client_with_a_reply_topic_creates_it_and_has_its_requests_answered_there(settings, experiment, thread_worker):
+def test_a_client_with_a_reply_topic_creates_it_and_has_its_requests_answered_there(
+    settings, experiment, thread_worker
+):
     """One setting does both: the client creates its reply topic (no command did, and workers may not)
     and names it as reply_to of what it submits (it listened there while workers answered elsewhere)."""
     from schemas import ConfigError
 
     mine = f"abq.{experiment.name}.replies.mine"
-    with thread_worker(experiment, "a"), thread_worker(experiment, "b"):
-        with AbqClient(settings, experiment, reply_topic=mine) as client:
-            reply = client.submit(InferenceRequest(experiment=experiment.name, routing_key="u", prompt="hi"), timeout=30)
+    with (
+        thread_worker(experiment, "a"),
+        thread_worker(experiment, "b"),
+        AbqClient(settings, experiment, reply_topic=mine) as client,
+    ):
+        reply = client.submit(InferenceRequest(experiment=experiment.name, routing_key="u", prompt="hi"), timeout=30)
     assert reply.response.ok and reply.response.outputs == ["hi"]
     other = f"abq.{experiment.name}x.replies.mine"  # another experiment's: refused by the rule, not "does not exist"
     with pytest.raises(ConfigError, match="is not allowed: experiment .* allows reply topics matching"):

@@ -376,7 +376,6 @@ def test_a_controller_reads_each_rollout_record_once_and_keeps_a_bounded_sample_
 
     from abqueue.control import rollout
     from abqueue.control.rollout import COMMANDS, HEARTBEATS, RolloutCommand, RolloutHeartbeat, StageStats
-
     from abqueue.kafka import producer
     from schemas import encode
 

@@ -61,6 +61,13 @@ class Limits:
     max_file_bytes: int = 200_000_000
 
 
+def metadata_header(key: str) -> str:
+    """The request header that carries metadata `key` for segment overrides: `x-` and the key with
+    '-' for '_' (user_group: x-user-group), lower-case; a key already starting with x- is its own."""
+    key = key.lower().replace("_", "-")
+    return key if key.startswith("x-") else f"x-{key}"
+
+
 class Gateway:
     """The gateway's state: one client per experiment (publishing, and reading this instance's
     reply topic), the tenants, the backlog readers, and the metrics."""
@@ -154,6 +161,8 @@ class Gateway:
     def request(self, tenant: str, body: dict, url: str, headers) -> InferenceRequest:
         """The request an OpenAI body makes, assigned to its variant (pinned or by the experiment's
         weights and overrides), or ApiError."""
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", "invalid_body")
         model = body.get("model")
         name, _, pinned = (model or "").partition(":") if isinstance(model, str) else ("", "", "")
         rid = f"gw-{uuid.uuid4().hex}"
@@ -163,10 +172,11 @@ class Gateway:
             raise ApiError(404, f"model {model!r} does not exist; GET /v1/models lists the experiments", "model_not_found", "model")  # fmt: skip
         if pinned and not any(v.name == pinned and v.shadow_of is None for v in exp.variants):
             raise ApiError(404, f"model {model!r}: experiment {name} has no variant {pinned!r} to pin", "model_not_found", "model")  # fmt: skip
-        # Overrides match on metadata: the request headers they name (x-user-group: beta-testers) are it.
-        wanted = {k.lower(): k for o in exp.overrides for k in o.match}
-        metadata = {**fields.pop("metadata", {}), "tenant": tenant}
-        metadata.update({key: headers[h] for h, key in wanted.items() if h in headers})
+        # Overrides match on metadata: the request headers they name are it (metadata_header), and the
+        # tenant is the authenticated one whatever a caller sends.
+        wanted = {metadata_header(k): k for o in exp.overrides for k in o.match if k != "tenant"}
+        metadata = {**fields.pop("metadata", {}), **{key: headers[h] for h, key in wanted.items() if h in headers}}
+        metadata["tenant"] = tenant
         fields.pop("routing_key")  # the batch line's: its custom_id where no user is given
         routing = body.get("user") or headers.get(ROUTING_HEADER) or tenant
         client = self.clients[name]

@@ -11,7 +11,8 @@ import anyio
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from abqueue.gateway.files import check_batch_input
 from abqueue.gateway.openai_api import ApiError
@@ -19,6 +20,41 @@ from abqueue.gateway.records import MAX_WINDOW_S, TERMINAL, BatchRecord, FileRec
 
 if TYPE_CHECKING:
     from abqueue.gateway.app import Gateway
+
+
+FORM_OVERHEAD = 64 * 1024  # the multipart envelope and the small fields around the file
+MAX_FORM_FIELDS = 8  # purpose, and room for what SDKs add; each at most FORM_OVERHEAD
+
+
+async def _bounded_form(request: Request, max_file_bytes: int) -> FormData:
+    """The upload's form, refused (413) as soon as the body crosses the file limit plus the form's
+    envelope: by its Content-Length before a byte is read, else while it streams in. Fields
+    other than the file are few and small."""
+    limit = max_file_bytes + FORM_OVERHEAD
+    too_large = ApiError(413, f"the upload is over this gateway's {max_file_bytes} bytes (--max-file-bytes)", "file_too_large")  # fmt: skip
+    size = request.headers.get("content-length")
+    if size and size.isdigit() and int(size) > limit:
+        raise too_large
+
+    async def counted():
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                raise too_large
+            yield chunk
+
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(400, "upload the file as multipart/form-data", "invalid_value", "file")
+    parser = MultiPartParser(
+        request.headers, counted(), max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=FORM_OVERHEAD
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise ApiError(400, f"the upload's form: {e.message}", "invalid_value", "file") from None
+    request.scope["abq.form"] = form
+    return form
 
 
 def files_and_batches(app: FastAPI, gateway: Gateway, tenant_of, error) -> None:
@@ -53,8 +89,15 @@ def files_and_batches(app: FastAPI, gateway: Gateway, tenant_of, error) -> None:
 
     @answers
     async def upload(request: Request, tenant: str) -> Response:
+        try:
+            return await _upload(request, tenant)
+        finally:
+            if (form := request.scope.get("abq.form")) is not None:
+                await form.close()  # the spooled file part
+
+    async def _upload(request: Request, tenant: str) -> Response:
         storage, files, _ = enabled()
-        form = await request.form(max_part_size=gateway.limits.max_file_bytes)
+        form = await _bounded_form(request, gateway.limits.max_file_bytes)
         purpose, upload = form.get("purpose"), form.get("file")
         if purpose != "batch":
             raise ApiError(400, f"purpose {purpose!r} is not supported; upload batch input with purpose=batch", "invalid_value", "purpose")  # fmt: skip
