@@ -57,6 +57,8 @@ def test_every_subcommand_has_help(sub):
         (["worker", "--variant", "a", "--experiment", "other"], {}, "--experiment other does not match"),
         (["worker", "--variant", "a"], {"ABQ_SECURITY_PROTOCOL": "SASL_SSL"}, "needs ABQ_SASL_MECHANISM"),
         (["worker", "--variant", "a", "--poll-records", "0"], {}, "--poll-records must be >= 1"),
+        # Feedback names its experiment: without --config it was recorded on the demo, silently.
+        (["feedback", "--request-id", "r1", "--thumbs", "up"], {}, "give --config FILE: the experiment whose answer"),
         (  # an existing directory, so the argument check is what refuses
             [
                 "worker",

@@ -187,6 +187,7 @@ def test_the_worker_drains_for_the_variant_s_drain_seconds_inside_the_pod_s_grac
         (container,) = pod["containers"]
         args = build_parser().parse_args(["worker", *container["args"]])  # the worker's own parser accepts them
         assert args.drain_seconds == v.scaling.drain_seconds
+        assert args.follow  # deployed workers take the live config's limits, prompts and sampling
         assert pod["terminationGracePeriodSeconds"] == v.scaling.drain_seconds + 30
 
 
@@ -362,3 +363,26 @@ def test_the_gateway_renders_valid_and_its_command_line_is_one_abq_gateway_accep
     assert env["ABQ_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == gateway_user
     assert gateway_user in {u["metadata"]["name"] for u in users["k8s/kafkausers.yaml"]}
     assert "k8s/gateway.yaml" not in render(exp, Target(bootstrap_servers="b:9092"))
+
+
+def test_every_principal_gets_its_own_kafka_user_and_reserved_client_names_are_refused():
+    """`_` -> `-` and a cut to 63 characters mapped distinct principals to one user (variants gpu_a
+    and gpu-a; two long clients), and render wrote two KafkaUsers with one name; a producer client
+    named `gateway` got the gateway's reply topics."""
+    from abqueue.kafka.acls import principals
+    from schemas import ConfigError, ExperimentConfig
+
+    exp = ExperimentConfig.model_validate(
+        {"name": "a-rather-long-experiment-name-for-users", "variants": [
+            {"name": "gpu_a", "weight": 50}, {"name": "gpu-a", "weight": 50}]}
+    )  # fmt: skip
+    users = [p.user for p in principals(exp, ["billing-service-a", "billing-service-b"])]
+    assert len(set(users)) == len(users), users
+    assert all(len(u) <= 63 and u == u.lower() and "_" not in u for u in users)
+    files = render(exp, Target(bootstrap_servers="b:9093", security_protocol="SASL_SSL", kafka_users="scram-sha-512"))
+    names = [u["metadata"]["name"] for u in files["k8s/kafkausers.yaml"]]
+    assert len(set(names)) == len(names) == len(users) - 1  # render has one client, "app"
+    plain = ExperimentConfig.model_validate({"name": "chat", "variants": [{"name": "a", "weight": 100}]})
+    assert principals(plain, ["svc"])[0].user == "abq-chat-producer-svc"  # valid names stay as they were
+    with pytest.raises(ConfigError, match="client name 'gateway' is reserved"):
+        principals(plain, ["gateway"])

@@ -35,6 +35,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.thumbs is None and args.score is None:
         raise UsageError("give --thumbs up|down or --score X (or both)")
+    if args.config is None and args.experiment != "demo":
+        # Without it, feedback meant for another experiment was recorded on the built-in demo, silently.
+        raise UsageError(
+            "give --config FILE: the experiment whose answer the feedback is on (--experiment demo for the demo)"
+        )
     exp = options.experiment(args)
     fb = options.typed(
         Feedback, "feedback", request_id=args.request_id, experiment=exp.name, caller_tag=args.caller_tag, thumbs=args.thumbs,

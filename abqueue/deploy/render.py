@@ -136,7 +136,9 @@ def deployment(exp: ExperimentConfig, variant: str, t: Target) -> dict:
     d, sc = v.deploy, v.scaling
     labels = _labels(exp, variant)
     # The worker drains for as long as the pod's grace period allows (drain_seconds + 30 for the rest).
-    args = ["--config", f"{CONFIG_DIR}/experiment.yaml", "--variant", variant, "--drain-seconds", str(sc.drain_seconds)]
+    # --follow: the live config's limits, system prompts and sampling reach deployed workers too.
+    args = ["--config", f"{CONFIG_DIR}/experiment.yaml", "--variant", variant, "--drain-seconds", str(sc.drain_seconds),
+            "--follow"]  # fmt: skip
     if d.max_inflight:
         args += ["--max-inflight", str(d.max_inflight)]
     user = acls.user_name(exp, "worker", variant)

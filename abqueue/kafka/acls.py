@@ -7,6 +7,7 @@ or not the topic exists, so it learns nothing about other callers' topics."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -138,9 +139,21 @@ class Principal:
     grants: tuple[Grant, ...]
 
 
+RESERVED_CLIENTS = {GATEWAY_CLIENT: "the gateway's reply topics are abq.<experiment>.replies.gateway.*"}
+_DNS_1123 = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
 def user_name(exp: ExperimentConfig, role: str, name: str | None = None) -> str:
-    """A Kafka user name that is also a Kubernetes name (DNS-1123), as Strimzi needs."""
-    return "-".join(["abq", exp.name, role, *([name] if name else [])]).replace("_", "-").lower()[:63]
+    """A Kafka user name that is also a Kubernetes name (DNS-1123), as Strimzi needs, and one per
+    principal: where the plain name is not a DNS-1123 name as it stands (an '_', over 63
+    characters), it is cut and ends in a hash of the exact experiment, role and name, so that
+    `gpu_a` and `gpu-a`, or two clients cut to the same 63 characters, never share a user."""
+    plain = "-".join(["abq", exp.name, role, *([name] if name else [])])
+    if _DNS_1123.fullmatch(plain):
+        return plain
+    digest = hashlib.sha256("\x00".join([exp.name, role, name or ""]).encode()).hexdigest()[:8]
+    cut = re.sub(r"[^a-z0-9-]", "-", plain.lower())[: 63 - len(digest) - 1].rstrip("-")
+    return f"{cut}-{digest}"
 
 
 def principals(exp: ExperimentConfig, clients: list[str]) -> list[Principal]:
@@ -149,6 +162,8 @@ def principals(exp: ExperimentConfig, clients: list[str]) -> list[Principal]:
     for c in clients:
         if not CLIENT_PATTERN.fullmatch(c):
             raise ConfigError(f"client name {c!r} must be lower-case letters, digits and '-', at most 31 characters")
+        if c in RESERVED_CLIENTS:
+            raise ConfigError(f"client name {c!r} is reserved ({RESERVED_CLIENTS[c]}); name the client otherwise")
     out = [
         Principal("producer", f"producer-{c}", user_name(exp, "producer", c), tuple(producer(exp, c))) for c in clients
     ]
@@ -159,6 +174,9 @@ def principals(exp: ExperimentConfig, clients: list[str]) -> list[Principal]:
     out.append(Principal("operator", "operator", user_name(exp, "operator"), tuple(operator(exp))))
     out.append(Principal("keda", "keda", user_name(exp, "keda"), tuple(keda(exp))))
     out.append(Principal("gateway", "gateway", user_name(exp, "gateway"), tuple(gateway(exp))))
+    users = [p.user for p in out]
+    if twice := sorted({u for u in users if users.count(u) > 1}):
+        raise ConfigError(f"two principals would share Kafka user {twice[0]}; give them distinct names")
     return out
 
 
