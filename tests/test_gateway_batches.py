@@ -266,3 +266,22 @@ def test_an_upload_over_the_file_limit_is_refused_before_it_is_taken_whole(setti
             line = {"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": exp.name, "messages": ["hi"]}}  # fmt: skip
             client.files.create(file=("in.jsonl", orjson.dumps(line)), purpose="batch")
         assert "line 1: messages.0 must be an object" in e.value.message
+
+
+def test_a_terminal_batch_status_never_changes_whatever_a_stale_replica_writes():
+    """A replica with a stale view wrote `cancelling` after the owner wrote `completed`; the owner
+    ran it again and finalised it as cancelled, its completed_at lost. Every replica reads the
+    records in one order and keeps the first terminal status."""
+    from abqueue.gateway.records import BatchRecord, merge_batch
+
+    b = BatchRecord(id="batch_1", endpoint="/v1/chat/completions", input_file_id="f", completion_window="24h", created_at=1, tenant="acme")  # fmt: skip
+    running = b.model_copy(update={"status": "in_progress"})
+    completed = b.model_copy(update={"status": "completed", "completed_at": 5})
+    stale_cancel = running.model_copy(update={"status": "cancelling", "cancelling_at": 6})
+    kept = merge_batch(merge_batch(running, completed), stale_cancel)
+    assert (kept.status, kept.completed_at) == ("completed", 5)
+    for later in (running, b.model_copy(update={"status": "cancelled", "cancelled_at": 7})):
+        assert merge_batch(kept, later) is kept
+    cancelling = merge_batch(running, stale_cancel)
+    assert merge_batch(cancelling, running).status == "cancelling"  # progress written meanwhile keeps the cancel
+    assert merge_batch(cancelling, b.model_copy(update={"status": "cancelled", "cancelled_at": 8})).status == "cancelled"

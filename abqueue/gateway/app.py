@@ -37,7 +37,7 @@ from abqueue.gateway.records import (
     BatchRecord,
     BatchStatus,
     FileRecord,
-    keep_cancel,
+    merge_batch,
 )
 from abqueue.gateway.tenants import Tenants
 from abqueue.kafka import KafkaSettings, ensure_topic
@@ -127,7 +127,7 @@ class Gateway:
                     )
                 self.storage = Storage(storage)
                 self.files = Mirror(settings, FILES_TOPIC, FileRecord)
-                self.batches = Mirror(settings, BATCHES_TOPIC, BatchRecord, BATCH_PARTITIONS, merge=keep_cancel)
+                self.batches = Mirror(settings, BATCHES_TOPIC, BatchRecord, BATCH_PARTITIONS, merge=merge_batch)
                 lines = self.batch_lines
                 self.runner = BatchRunner(
                     settings, self.experiments, self.storage, self.batches, self.files,

@@ -198,6 +198,8 @@ def files_and_batches(app: FastAPI, gateway: Gateway, tenant_of, error) -> None:
         cancelling = b.model_copy(update={"status": "cancelling", "cancelling_at": int(time.time())})
         kept = await anyio.to_thread.run_sync(enabled()[2].put, batch_id, cancelling)
         assert kept is not None
+        if kept.status in TERMINAL and kept.status != "cancelled":  # it ended meanwhile: the end stands
+            raise ApiError(409, f"batch {batch_id} is {kept.status} and cannot be cancelled", "batch_not_cancellable")
         return JSONResponse(kept.api())
 
     app.add_api_route("/v1/files", upload, methods=["POST"])

@@ -78,9 +78,13 @@ class BatchRecord(_Stored):
     model: str | None = None
 
 
-def keep_cancel(old: BatchRecord | None, new: BatchRecord) -> BatchRecord:
-    """A batch asked to cancel stays cancelling until it ends, whatever progress its runner wrote
-    in the meantime (the runner and the cancelling replica write independently)."""
+def merge_batch(old: BatchRecord | None, new: BatchRecord) -> BatchRecord:
+    """What a replica keeps of a batch when a record of it arrives; replicas write independently.
+    A terminal status never changes (a replica with a stale view wrote `cancelling` after the owner
+    wrote `completed`, and the batch ended cancelled, its completed_at lost). A batch asked to cancel
+    stays cancelling until it ends, whatever progress its runner wrote in the meantime."""
+    if old is not None and old.status in TERMINAL:
+        return old
     if old is not None and old.status == "cancelling" and new.status in ("validating", "in_progress", "finalizing"):
         return new.model_copy(update={"status": "cancelling", "cancelling_at": old.cancelling_at})
     return new
