@@ -284,4 +284,6 @@ def test_a_terminal_batch_status_never_changes_whatever_a_stale_replica_writes()
         assert merge_batch(kept, later) is kept
     cancelling = merge_batch(running, stale_cancel)
     assert merge_batch(cancelling, running).status == "cancelling"  # progress written meanwhile keeps the cancel
-    assert merge_batch(cancelling, b.model_copy(update={"status": "cancelled", "cancelled_at": 8})).status == "cancelled"
+    assert (
+        merge_batch(cancelling, b.model_copy(update={"status": "cancelled", "cancelled_at": 8})).status == "cancelled"
+    )

@@ -159,20 +159,27 @@ def test_alpha_spending_keeps_an_early_look_from_declaring_a_winner():
     from abqueue.analysis.report import report
     from abqueue.analysis.tally import Tally
 
-    # 2% vs 7.5% errors over 400 requests each: significant on its own (p < 0.001), but only 400 of
-    # a planned 5,000 have been seen, and an early look spends almost none of alpha.
+    # Thumbs up 50% vs 62% over 400 requests each: significant on its own (p < 0.001), but only 400
+    # of a planned 5,000 have been seen, and an early look spends almost none of alpha.
     a = _responses(exp, "a", 400, lambda i: 1.0, errors=8)
     b = _responses(exp, "b", 400, lambda i: 1.0, errors=30)
-    _, p_alone = sm_prop.proportions_ztest([30, 8], [400, 400])
+    feedback = [
+        Feedback(request_id=r.request_id, experiment=exp.name, thumbs="up" if i < up else "down")
+        for rs, up in ((a, 200), (b, 248))
+        for i, r in enumerate(rs)
+    ]
+    _, p_alone = sm_prop.proportions_ztest([248, 200], [400, 400])
     assert p_alone < 0.001
-    early = report(Tally.of(a + b), exp, planned_n=5000)["comparisons"]["b"]
+    early = report(Tally.of(a + b, feedback), exp, planned_n=5000)["comparisons"]["b"]
     assert early["information_fraction"] == pytest.approx(0.08)
-    assert early["error_rate"]["p_value"] == pytest.approx(p_alone, rel=1e-9)
-    assert early["alpha_spent"] < 1e-6 and not early["error_rate"]["significant"]
+    assert early["thumbs_up_rate"]["p_value"] == pytest.approx(p_alone, rel=1e-9)
+    assert early["alpha_spent"] < 1e-6 and not early["thumbs_up_rate"]["significant"]
+    # The error rate is a guardrail: judged at alpha from the first look (2% vs 7.5%, p < 0.001).
+    assert early["error_rate"]["significant"]
     # The same data at the planned size: all of alpha is spent, and the difference is significant.
-    final = report(Tally.of(a + b), exp, planned_n=400)["comparisons"]["b"]
+    final = report(Tally.of(a + b, feedback), exp, planned_n=400)["comparisons"]["b"]
     assert final["information_fraction"] == 1.0 and final["alpha_spent"] == pytest.approx(0.05)
-    assert final["error_rate"]["significant"]
+    assert final["thumbs_up_rate"]["significant"]
 
 
 def test_report_reads_responses_shadow_answers_and_feedback_from_the_topics(settings, kafka_bootstrap, tmp_path):
@@ -574,3 +581,48 @@ def test_a_rollout_stage_counts_two_callers_requests_that_share_ids():
     st._counting(since=0.0, version=None)
     st._take(records)
     assert st.count("a") == 40
+
+
+def test_the_error_rate_is_a_guardrail_judged_at_alpha_and_the_headline_says_what_the_numbers_say():
+    """A candidate failing ~25% of requests got "error rate no detectable difference": the error rate
+    went through the peeking guard, whose alpha is planned from latency's sample size."""
+    from abqueue.analysis.report import report
+    from abqueue.analysis.tally import Tally
+
+    exp = ExperimentConfig.model_validate(
+        {"name": "errs", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]}
+    )
+    rnd = random.Random(5)
+    rs = _responses(exp, "a", 60, lambda i: rnd.lognormvariate(0, 0.5), errors=1)
+    rs += _responses(exp, "b", 60, lambda i: rnd.lognormvariate(0, 0.5), errors=15)
+    out = report(Tally.of(rs), exp, planned_n=10_000)  # early: the guard spends almost no alpha
+    err = out["comparisons"]["b"]["error_rate"]
+    assert err["p_value"] < 0.01 and out["comparisons"]["b"]["alpha_spent"] < 1e-6
+    assert err["significant"] and "p_adjusted" not in err
+    (line,) = [s for s in out["summary"] if s.startswith("b:")]
+    assert "error rate 25.0% against 1.7% (+23.3 points" in line and "significant at alpha" in line, line
+
+
+def test_lift_and_difference_on_one_line_are_one_estimate_when_regression_adjusted():
+    """The difference, CI and p were CUPED-adjusted, the lift and its CI were not ("tokens diff
+    -0.044 CI [-0.24, 0.15] lift -49.1% [-60.1%, -38.1%] p 0.66")."""
+    from abqueue.analysis.report import report, to_table
+    from abqueue.analysis.tally import Tally
+
+    exp = ExperimentConfig.model_validate(
+        {"name": "cuped-lift", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]}
+    )
+    rnd = random.Random(11)
+    rs = []
+    for variant, long_prompts in (("a", 0), ("b", 1)):  # b happened to get longer prompts: raw means differ
+        for r in _responses(exp, variant, 400, lambda i: 1.0, errors=0):
+            c = rnd.randint(10, 1000) + 800 * long_prompts
+            finished = r.timings.enqueued + 0.5 + c / 1000 + rnd.gauss(0, 0.05)
+            rs.append(r.model_copy(update={"usage": r.usage.model_copy(update={"prompt_chars": c}), "timings": r.timings.model_copy(update={"finished": finished})}))  # fmt: skip
+    out = report(Tally.of(rs), exp, planned_n=400)
+    lat = out["comparisons"]["b"]["latency_s"]
+    assert lat["cuped"]["used"] and not lat["significant"]
+    assert lat["lift"] * lat["control_mean"] == pytest.approx(lat["difference"])
+    assert lat["lift_ci"][0] < 0 < lat["lift_ci"][1]  # as the adjusted difference's CI: no difference
+    assert lat["unadjusted_lift"] > 0.5  # the raw means' lift, kept apart and named
+    assert "CUPED" in to_table(out)

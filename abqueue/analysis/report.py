@@ -234,8 +234,15 @@ def _means(c: Column, t: Column, alpha: float, mde: float, spent: float, covaria
         used = adj["variance_reduction"] >= stats.CUPED_MIN_REDUCTION
         out["cuped"] = {"theta": adj["theta"], "variance_reduction": adj["variance_reduction"], "used": used}
         if used:
+            # Every estimate on the line is the adjusted one: a lift left unadjusted beside an adjusted
+            # difference told two stories (the forest plot drew the unadjusted one as significant).
             out["unadjusted_p_value"], out["unadjusted_ci"] = out["p_value"], out["ci"]
+            out["unadjusted_lift"], out["unadjusted_lift_ci"] = out["lift"], out["lift_ci"]
             out["p_value"], out["ci"], out["difference"] = adj["p_value"], adj["ci"], adj["difference"]
+            lift, lift_ci = stats.lift_of_difference(
+                cs.mean, cs.variance, cs.count, adj["difference"], adj["ci"], alpha
+            )
+            out["lift"], out["lift_ci"] = lift, list(lift_ci)
             out["significant"] = bool(adj["p_value"] < spent) if not math.isnan(adj["p_value"]) else False
     return out
 
@@ -390,9 +397,12 @@ def _judge(out: dict, correction: str) -> None:
     for (c, m), p in zip(cells, adjusted, strict=True):
         c[m]["p_adjusted"] = p
     for c in out["comparisons"].values():
-        for m in (*PRIMARY, *GUARDRAILS):
-            p = c[m].get("p_adjusted", c[m]["p_value"])
+        for m in PRIMARY:
+            p = c[m]["p_adjusted"]
             c[m]["significant"] = bool(p < c["alpha_spent"]) if not math.isnan(p) else False
+        for m in GUARDRAILS:  # reported apart, at alpha: neither adjusted nor held back by the peeking guard
+            p = c[m]["p_value"]
+            c[m]["significant"] = bool(p < out["alpha"]) if not math.isnan(p) else False
 
 
 def summary_lines(out: dict) -> list[str]:
@@ -429,10 +439,11 @@ def summary_lines(out: dict) -> list[str]:
             parts.append("no detectable difference in latency, TTFT, output tokens or thumbs-up rate (yet)")
         for m in GUARDRAILS:
             r = c[m]
+            rates = f"{_pct(r['treatment_rate'], sign=False)} against {_pct(r['control_rate'], sign=False)}"
             parts.append(
-                f"{LABELS[m]} {_pct(r['difference'])} points, significant"
-                if r["significant"]
-                else f"{LABELS[m]} no detectable difference"
+                f"{LABELS[m]} {rates} ({_points(r['difference'])} points, {level}% CI {_points(r['ci'][0])} to "
+                f"{_points(r['ci'][1])}, p={r['p_value']:.2g}), "
+                + ("significant at alpha" if r["significant"] else "no detectable difference")
             )
         lines.append(f"{name}: " + "; ".join(parts))
     return lines
@@ -517,5 +528,9 @@ def _fmt(x, width: int) -> str:
     return f"{x:>{width}.4g}" if isinstance(x, float) else f"{x:>{width}}"
 
 
-def _pct(x) -> str:
-    return "-" if x is None or math.isnan(x) else f"{100 * x:+.1f}%"
+def _points(x) -> str:
+    return "-" if x is None or math.isnan(x) else f"{100 * x:+.1f}"
+
+
+def _pct(x, sign: bool = True) -> str:
+    return "-" if x is None or math.isnan(x) else f"{100 * x:+.1f}%" if sign else f"{100 * x:.1f}%"

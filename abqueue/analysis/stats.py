@@ -239,6 +239,21 @@ def relative_lift(m1: float, var1: float, n1: int, m2: float, var2: float, n2: i
     return lift, (lift - zc * se, lift + zc * se)
 
 
+def lift_of_difference(
+    m1: float, var1: float, n1: int, difference: float, ci: tuple[float, float], alpha: float = 0.05
+):
+    """difference / m1 with a delta-method CI, for a difference estimated otherwise than as the
+    means' (regression-adjusted, say): its standard error is read from its own interval, so the
+    lift and the difference on one line are one estimate."""
+    if not m1 or not n1 or math.isnan(difference):
+        return float("nan"), (float("nan"), float("nan"))
+    zc = _N.inv_cdf(1 - alpha / 2)
+    se_diff = (ci[1] - ci[0]) / (2 * zc)
+    lift = difference / m1
+    se = math.sqrt(se_diff**2 / m1**2 + difference**2 * var1 / n1 / m1**4)
+    return lift, (lift - zc * se, lift + zc * se)
+
+
 def sample_size_proportions(p1: float, p2: float, alpha: float = 0.05, power: float = 0.8) -> int:
     """Per group, to detect p1 vs p2 (Cohen's h, as statsmodels' NormalIndPower with ratio 1)."""
     h = abs(2 * math.asin(math.sqrt(p2)) - 2 * math.asin(math.sqrt(p1)))
