@@ -266,3 +266,29 @@ def test_a_following_worker_applies_new_limits_without_a_restart(settings):
     finally:
         follower.close()
     assert [(dl.request_id, dl.reason) for dl in letters] == [(req.id, "oversized_prompt")]
+
+
+def test_config_versions_are_unique_and_ordered_when_two_writers_race(settings, monkeypatch):
+    """Two writers (a rollout controller and `abq experiment apply`) read version N and both
+    published N+1 with different weights; the sample-ratio check then judged by the wrong weights."""
+    exp = new_experiment(variants=(("a", 50), ("b", 50)))
+    first = live_config.apply(settings, exp)
+    follower = live_config.ConfigFollower(settings)
+    try:
+        ours = exp.model_copy(update={"variants": [exp.variants[0].model_copy(update={"weight": 90}), exp.variants[1].model_copy(update={"weight": 10})]})  # fmt: skip
+        theirs = exp.model_copy(update={"variants": [exp.variants[0].model_copy(update={"weight": 20}), exp.variants[1].model_copy(update={"weight": 80})]})  # fmt: skip
+        other = live_config.apply(settings, theirs)  # the other writer, having read version 1 too
+        real_current = live_config.current
+        stale = iter([first])  # this writer's first read was before the other's write
+        monkeypatch.setattr(live_config, "current", lambda s, n: next(stale, None) or real_current(s, n))
+        mine = live_config.apply(settings, ours)
+        monkeypatch.undo()
+        assert (first.version, other.version, mine.version) == (1, 2, 3)
+        versions = [r.version for r in live_config.read_all(settings, exp.name)]
+        assert versions == [1, 2, 3]  # the lost write of version 2 is passed over by every reader
+        live = live_config.current(settings, exp.name)
+        assert live.version == 3 and live.experiment == ours
+        wait_until(lambda: (r := follower.get(exp.name)) is not None and r.version == 3, 10, "the follower at v3")
+        assert follower.get(exp.name).experiment == ours
+    finally:
+        follower.close()

@@ -13,14 +13,14 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from kafka import TopicPartition
 from pydantic import BaseModel, ConfigDict, Field
 
 from abqueue.control.store import KeyedStore
 from abqueue.kafka import KafkaSettings, consumer
-from schemas import ExperimentConfig
+from schemas import ConfigError, ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,21 @@ def ensure_config_topic(settings: KafkaSettings) -> None:
 
 def read_all(settings: KafkaSettings, name: str | None = None, timeout_s: float = 10.0) -> list[ConfigRecord]:
     """Every version still in the topic, oldest first (of one experiment, if named)."""
-    return [rec for _, rec in CONFIGS.history(settings, name, timeout_s) if rec is not None]
+    return winners(rec for _, rec in CONFIGS.history(settings, name, timeout_s) if rec is not None)
+
+
+def winners(records: Iterable[ConfigRecord]) -> list[ConfigRecord]:
+    """The versions that count, in the topic's order: a record whose version is not above the last
+    one of its experiment lost a race (two writers read version N and both wrote N+1) and is
+    passed over. The topic has one partition, so every reader sees one order and the same winners;
+    the loser's writer sees it lost and writes again (`apply`)."""
+    last: dict[str, int] = {}
+    out = []
+    for rec in records:
+        if rec.version > last.get(rec.experiment.name, 0):
+            last[rec.experiment.name] = rec.version
+            out.append(rec)
+    return out
 
 
 def current(settings: KafkaSettings, name: str) -> ConfigRecord | None:
@@ -60,18 +74,29 @@ def current(settings: KafkaSettings, name: str) -> ConfigRecord | None:
     return versions[-1] if versions else None
 
 
+APPLY_TRIES = 10
+
+
 def apply(settings: KafkaSettings, experiment: ExperimentConfig, comment: str | None = None) -> ConfigRecord:
-    """Publish `experiment` as its next version; it was validated when it was built."""
-    prev = current(settings, experiment.name)
-    record = ConfigRecord(
-        experiment=experiment,
-        version=(prev.version + 1) if prev else 1,
-        applied_at=time.time(),
-        applied_by=f"{getpass.getuser()}@{socket.gethostname()}",
-        comment=comment,
+    """Publish `experiment` as its next version (it was validated when it was built). Versions are
+    unique and ordered whatever the writers do: where another writer published the same version
+    first, this one is written again as the version after it."""
+    for _ in range(APPLY_TRIES):
+        prev = current(settings, experiment.name)
+        record = ConfigRecord(
+            experiment=experiment,
+            version=(prev.version + 1) if prev else 1,
+            applied_at=time.time(),
+            applied_by=f"{getpass.getuser()}@{socket.gethostname()}",
+            comment=comment,
+        )
+        CONFIGS.put(settings, experiment.name, record)
+        if any(rec == record for rec in read_all(settings, experiment.name)):
+            return record
+        log.info("config version %d of %s was taken by another writer; applying again", record.version, experiment.name)
+    raise ConfigError(
+        f"could not apply {experiment.name}: other writers took each of {APPLY_TRIES} versions in turn; try again"
     )
-    CONFIGS.put(settings, experiment.name, record)
-    return record
 
 
 class ConfigFollower:
@@ -137,7 +162,7 @@ class ConfigFollower:
         if rec is None:
             return
         old = self._latest.get(rec.experiment.name)
-        if old is not None and old.version > rec.version:
+        if old is not None and old.version >= rec.version:  # an older version, or one that lost a race (winners)
             return
         self._latest[rec.experiment.name] = rec
         for cb in self._callbacks:
