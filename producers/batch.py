@@ -338,6 +338,9 @@ class _Run:
             start_offsets=state.start_offsets if state else None,
             tag=state.tag if state and state.tag else None,
             accept_untagged=bool(state and not state.tag),
+            # A batch lives for days: its lines go by the live weights as the synchronous calls do (a
+            # candidate rolled back to 0% kept getting batch traffic by the file's weights).
+            follow=True,
         )
         self.client = client
         if state is None:

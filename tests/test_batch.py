@@ -342,3 +342,23 @@ def test_openai_lines_without_a_usable_custom_id_or_with_a_non_object_message_go
     messages = sorted(e["error"]["message"] for e in errors)
     assert sum("custom_id must be a non-empty string" in m for m in messages) == 3, messages
     assert any("messages.0 must be an object with 'role' and 'content', not JSON string" in m for m in messages)
+
+
+def test_a_batch_assigns_its_lines_by_the_live_weights_not_the_file_s(settings, thread_worker, tmp_path):
+    """Gateway batches and `abq batch` assigned by the weights in the startup file: a candidate rolled
+    back to 0% kept receiving batch traffic for the batch's life while the same gateway's synchronous
+    calls followed the live weights. (The gateway's batches run this same job.)"""
+    from abqueue.control import live_config
+    from producers.batch import BatchJob
+
+    exp = new_experiment(variants=(("control", 50), ("candidate", 50)))
+    ensure_topics(settings, exp)
+    rolled_back = exp.model_copy(update={"variants": [exp.variants[0].model_copy(update={"weight": 100}), exp.variants[1].model_copy(update={"weight": 0})]})  # fmt: skip
+    live_config.apply(settings, rolled_back, comment="candidate rolled back")
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(inp, [{"id": f"r{i}", "prompt": f"line {i}", "routing_key": f"user-{i}"} for i in range(40)])
+    with thread_worker(exp, "control"), thread_worker(exp, "candidate"):
+        summary = BatchJob(settings, exp, inp, out, timeout_s=30, progress=False).run()
+    assert summary.ok == 40
+    assert Counter(r["variant"] for r in _lines(out)) == {"control": 40}
+    assert {r["config_version"] for r in _lines(out)} == {live_config.current(settings, exp.name).version}
