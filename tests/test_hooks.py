@@ -8,12 +8,14 @@ import time
 
 import pytest
 from conftest import ThreadWorker, metric_values, new_experiment
-from kafka_helpers import dead_letters
+from kafka_helpers import dead_letters, wait_until
 
 from abqueue.hooks import extract_json, redact_pii
 from abqueue.kafka import ensure_topics
 from producers import AbqClient
 from schemas import ConfigError, ExperimentConfig, InferenceRequest
+from schemas.experiment import HookConfig
+from workers.middleware.hooks import Hooks
 
 
 def shout(request, outputs):
@@ -85,6 +87,80 @@ def test_a_hook_that_raises_hangs_or_returns_the_wrong_thing_fails_only_its_requ
     assert len(letters) == 5 and failures == 4
     (after,) = [r for r in w.responses() if r.request_id == later.id]
     assert after.ok and after.outputs == ['["served","after"]']
+
+
+def slow_for_some(request):
+    if request.prompt == "hang":
+        time.sleep(3)
+    return request.model_copy(update={"prompt": request.prompt.upper()})
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_a_slow_hook_costs_its_own_requests_and_no_one_else_s(stub_worker, batching):
+    """Hooks ran one request at a time on the worker's loop, each waiting out its time limit: twelve
+    hanging requests held another variant's request 6 s, and 512 in flight could block the loop past
+    max.poll.interval.ms. Each call now runs on its own; a request with a quick hook is answered
+    while the others hang."""
+    data = new_experiment(variants=(("slow", 50), ("fast", 50))).model_dump()
+    for v in data["variants"]:
+        v["pool"], v["model"], v["engine_args"] = "p", "echo", {"batching": batching}
+    data["variants"][0]["hooks"] = {"timeout_s": 1.0, "request": "test_hooks:slow_for_some"}
+    exp = ExperimentConfig.model_validate(data)
+    with stub_worker(exp, "p", max_batch=32) as w:
+        for i in range(12):
+            w.send(variant="slow", prompt="hang", routing_key=f"h{i}")
+        t0 = time.monotonic()
+        other = w.send(variant="fast", prompt="quick one")
+        mine = w.send(variant="slow", prompt="quick too")
+        w.broker.wait_for(lambda: {r.request_id for r in w.responses()} >= {other.id, mine.id}, 5, "the quick answers")
+        took = time.monotonic() - t0
+        answers = w.wait_responses(14, timeout=10)
+    assert took < 0.9, f"the quick requests waited {took:.2f}s behind hanging hooks"  # one limit is 1 s, twelve 12 s
+    by = {r.request_id: r for r in answers}
+    assert by[other.id].outputs == ["quick one"] and by[mine.id].outputs == ["QUICK TOO"]
+    hung = [r for r in answers if r.request_id not in (other.id, mine.id)]
+    assert len(hung) == 12 and all(r.error.code == "invalid_request" and "took longer than 1s" in r.error.message for r in hung)  # fmt: skip
+
+
+def test_a_vllm_worker_keeps_no_prepared_prompt_for_a_request_a_hook_replaced(monkeypatch):
+    """5,000 requests through redact_pii left 5,000 token-id cache entries: the engine prepared the
+    request before the hook replaced it, and the replaced one was never run. The hooked request is
+    what the engine checks and prepares now, and the cache is bounded whatever happens."""
+    from workers.engines import vllm_common
+
+    class Words:
+        chat_template = None
+
+        def encode(self, text, add_special_tokens=True):
+            return [len(w) for w in text.split()]
+
+    monkeypatch.setattr(vllm_common, "sampling_params", lambda request, final_only=False: None)
+    prep = vllm_common.PromptPrep()
+    prep.tokenizer, prep.max_model_len, prep.batching = Words(), 1000, "continuous"
+    prep._init_prep()
+    ran = []
+    prep.submit = lambda request, done: (ran.append(prep.token_ids(request)), done(None))
+    hooks = Hooks({"a": HookConfig(request="abqueue.hooks:redact_pii", timeout_s=5)})
+    hooks._experiment = "e"
+    from prometheus_client import CollectorRegistry
+
+    worker = type(
+        "W", (), {"engine": prep, "experiment": type("E", (), {"name": "e"}), "registry": CollectorRegistry()}
+    )
+    hooks.before_start(worker)
+    from workers.runners import engine_call
+
+    call = hooks.wrap_engine(worker, engine_call(prep))
+    finished = []
+    for i in range(500):
+        req = InferenceRequest(experiment="e", routing_key="k", variant="a", prompt=f"write to ada{i}@example.com now")
+        assert prep.check(req) is None  # EngineCheck, before the hook
+        call([req], lambda j, result: finished.append(result))
+    wait_until(lambda: len(finished) == 500, 10, "500 requests through the hook")
+    assert ran[0] == [5, 2, 7, 3] and len(prep._token_ids) == 0  # "[EMAIL]": the hooked prompt ran
+    for _ in range(vllm_common.PREPARED_MAX + 10):  # checked, never run: the oldest are let go
+        prep.check(InferenceRequest(experiment="e", routing_key="k", prompt="x"))
+    assert len(prep._token_ids) == vllm_common.PREPARED_MAX
 
 
 def test_a_hook_that_cannot_be_loaded_stops_the_worker_in_one_line(stub_worker):

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import cast
 
 from schemas import InferenceRequest
-from workers.engines.base import Completion, Engine, EngineDead, EngineError, Result
+from workers.engines.base import Completion, Engine, EngineDead, EngineError, Refused, Result
 from workers.message import Message
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ class Runner:
     def _finish(self, m: Message, result: Result) -> None:
         if isinstance(result, EngineDead):
             m.engine_dead = result  # not the request's fault: it gets no answer, a healthy replica serves it
+        elif isinstance(result, Refused):
+            m.completion = Completion(finish_reason="error", refused=result.rejection)
         elif isinstance(result, BaseException):
             log.error("engine failed request %s: %s", m.request.id if m.request else "?", result)
             m.completion = Completion.failed(str(result) or type(result).__name__)

@@ -105,7 +105,7 @@ class Worker:
         self.middleware = middleware if middleware is not None else default_middleware()
         hooks = {v.name: v.hooks for v in served if v.hooks is not None}
         if hooks and not any(isinstance(m, Hooks) for m in self.middleware):
-            self.middleware = [*self.middleware, Hooks(hooks)]  # last: on validated requests
+            self.middleware = [*self.middleware, Hooks(hooks)]  # innermost: on the requests that reach the engine
         self.registry = CollectorRegistry()
         self._stop = threading.Event()
         self._heartbeat = time.monotonic()
@@ -355,7 +355,9 @@ class Worker:
         self.completed += len(finished)
         emit_before(self.middleware, "after_engine", self, finished)
         for m in finished:
-            if not m.done:  # a middleware may have decided it (a response hook that failed)
+            if not m.done and m.completion is not None and (refused := m.completion.refused) is not None:
+                m.reject(refused.reason, refused.detail, self)  # a hook failed, or the engine refused what it made
+            if not m.done:  # a middleware may have decided it
                 m.answer_completion(model=self.engine.model, worker_id=self.worker_id)
         ready, self._decided = self._decided + finished, []
         self._delivered(self.delivery.deliver(ready))

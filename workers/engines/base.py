@@ -30,6 +30,15 @@ class EngineDead(EngineError):
     worker stops instead of answering its backlog with errors; a healthy replica serves it."""
 
 
+class Refused(EngineError):
+    """A request refused on its way to or from the engine (a hook that failed, a hooked prompt the
+    engine cannot take): dead-lettered with `rejection`, its caller answered with invalid_request."""
+
+    def __init__(self, rejection: Rejection):
+        super().__init__(rejection.detail)
+        self.rejection = rejection
+
+
 @dataclass
 class Completion:
     outputs: list[str] = field(default_factory=list)
@@ -39,6 +48,7 @@ class Completion:
     first_token_at: float | None = None  # Unix time, where the engine reports it
     error: ErrorInfo | None = None
     logprobs: list[list[TokenLogprob]] | None = None  # per output, where the request asked for them
+    refused: Rejection | None = None  # Refused: the worker dead-letters the request instead of answering it
 
     @classmethod
     def failed(cls, message: str) -> Completion:

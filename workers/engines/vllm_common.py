@@ -61,6 +61,12 @@ def import_vllm():
     return vllm
 
 
+# Requests prepared and not yet run, at most: far above what a worker holds in flight, so only one that
+# was checked and then never ran (rejected later, replaced by a hook) is ever dropped; run later, it
+# would only be tokenised again.
+PREPARED_MAX = 8192
+
+
 class PromptPrep:
     """Tokenises once in check() and reuses the ids when the request runs. The cache is keyed by the
     request object the worker holds for one delivery, never by the caller-chosen id: two requests
@@ -118,7 +124,15 @@ class PromptPrep:
                 f"context of {self.max_model_len} tokens; shorten the prompt or lower max_tokens",
             )
         self._token_ids[id(request)] = (request, ids)
+        while len(self._token_ids) > PREPARED_MAX:  # a request checked and never run: the oldest go
+            del self._token_ids[next(iter(self._token_ids))]
         return None
+
+    def forget(self, request: InferenceRequest) -> None:
+        """Drop what check() prepared for a request that will not run as it was (a hook replaced it)."""
+        cached = self._token_ids.get(id(request))
+        if cached is not None and cached[0] is request:
+            del self._token_ids[id(request)]
 
     def token_ids(self, request: InferenceRequest) -> list[int]:
         """The ids check() made for this very request object (rendered again if it made none)."""

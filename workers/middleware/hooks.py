@@ -6,26 +6,30 @@ naming the hook and what went wrong; the worker serves on. Per-hook time is a me
 from __future__ import annotations
 
 import dataclasses
+import functools
+import heapq
 import importlib
+import itertools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from prometheus_client import Counter, Histogram
 
 from schemas import ConfigError, InferenceRequest
 from schemas.experiment import HookConfig
+from workers.engines.base import Completion, Refused, Rejection, Result
 from workers.middleware import Middleware
+from workers.runners import Done, EngineCall
 
 log = logging.getLogger(__name__)
 
-POOL = 4  # threads that run hooks; one a hook never returns from is given up, and replaced
 HOOK_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
+GATHER_S = 0.01  # static batching: hooked requests that return this close together run as one batch
+OVERRUNNING_WARN = 64  # hook calls past their limit and still running, beyond which the log says so
 
 
 def load_hook(path: str) -> Callable[..., Any]:
@@ -55,44 +59,48 @@ def _same_request(request: InferenceRequest) -> Callable[[Any], str | None]:
     return check
 
 
-class _DaemonPool:
-    """Threads that run hook calls and never hold up the process's exit: concurrent.futures joins
-    its threads at exit, so one hook stuck for good would keep a stopping worker alive."""
+class _Deadlines:
+    """One daemon thread that calls each callback when its time comes (a hook call's time limit),
+    instead of a timer thread per call."""
 
-    def __init__(self, size: int):
-        self._size = size
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        for i in range(size):
-            threading.Thread(target=self._work, name=f"abq-hook-{i}", daemon=True).start()
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._wake = threading.Condition()
+        threading.Thread(target=self._run, name="abq-hook-deadlines", daemon=True).start()
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        future: Future = Future()
-        self._calls.put((future, fn, args))
-        return future
+    def at(self, when: float, fn: Callable[[], None]) -> None:
+        with self._wake:
+            heapq.heappush(self._due, (when, next(self._seq), fn))
+            self._wake.notify()
 
-    def _work(self) -> None:
-        while (call := self._calls.get()) is not None:
-            future, fn, args = call
-            if not future.set_running_or_notify_cancel():
-                continue  # given up on before it started
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._wake.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                _, _, fn = heapq.heappop(self._due)
             try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # the hook's own failure, handed to the caller
-                future.set_exception(e)
-
-    def shutdown(self) -> None:
-        for _ in range(self._size):
-            self._calls.put(None)
+                fn()
+            except Exception:
+                log.exception("a hook deadline's callback failed")
 
 
 class Hooks(Middleware):
+    """Runs each hook call in a thread of its own, off the worker's loop: a request enters the engine
+    when its request hook returns, and is answered when its response hook returns, so a slow or
+    hanging hook costs its own requests and no one else's (run one at a time on the loop, twelve
+    hanging calls held another variant's request 6 s). Innermost of the middleware around the engine
+    call: what the engine checks and prepares is the hooked request."""
+
     def __init__(self, configs: dict[str, HookConfig]):
         """configs: variant -> its hooks (a pool's variants may each have their own)."""
         self.configs = configs
         self.request_hooks = {v: load_hook(c.request) for v, c in configs.items() if c.request}
         self.response_hooks = {v: load_hook(c.response) for v, c in configs.items() if c.response}
-        self._pool = _DaemonPool(POOL)
-        self._stuck: list[Future] = []  # calls that overran and are still running
+        self._deadlines = _Deadlines()
+        self._lock = threading.Lock()
+        self.overrunning = 0  # calls past their limit that have not returned
 
     def before_start(self, worker) -> None:
         self._experiment = worker.experiment.name
@@ -107,68 +115,166 @@ class Hooks(Middleware):
             registry=worker.registry,
         )
 
-    def before_batch(self, worker, batch) -> None:
-        if not self.request_hooks:
-            return
-        for m in batch:
-            if m.done or m.request is None or (hook := self.request_hooks.get(m.variant)) is None:
-                continue
-            ok, value = self._call(m.variant, "request", hook, (m.request,), _same_request(m.request))
-            if ok:
-                m.request = value
-            else:
-                m.reject("hook_failed", f"request hook {self.configs[m.variant].request} {value}", worker)
+    def wrap_engine(self, worker, call: EngineCall) -> EngineCall:
+        engine = worker.engine
+        static = engine.batching == "static"
 
-    def after_engine(self, worker, finished) -> None:
+        def hooked(requests: list[InferenceRequest], done: Done) -> None:
+            done = self._answering(requests, done)
+            plain = [i for i, r in enumerate(requests) if r.variant not in self.request_hooks]
+            if static:  # in the runner's thread: what is ready runs as a batch, the rest as their hooks return
+                settled: queue.SimpleQueue[tuple[int, InferenceRequest | None]] = queue.SimpleQueue()
+                waiting = [i for i in range(len(requests)) if i not in set(plain)]
+
+                def failed(i: int, e: Refused) -> None:
+                    done(i, e)
+                    settled.put((i, None))
+
+                for i in waiting:
+                    self._request_hook(engine, requests[i], lambda r, i=i: settled.put((i, r)),
+                                       functools.partial(failed, i))  # fmt: skip
+                ready, left = {i: requests[i] for i in plain}, len(waiting)
+                while ready or left:
+                    if not ready:  # wait for the first, then gather what settles with it
+                        i, r = settled.get()
+                        left -= 1
+                        ready = {i: r} if r is not None else {}
+                        until = time.monotonic() + GATHER_S
+                        while left and (wait := until - time.monotonic()) > 0:
+                            try:
+                                i, r = settled.get(timeout=wait)
+                            except queue.Empty:
+                                break
+                            left -= 1
+                            if r is not None:
+                                ready[i] = r
+                    if ready:
+                        run = sorted(ready)
+                        call([ready[i] for i in run], _remap(done, run))
+                        ready = {}
+                return
+            if plain:
+                call([requests[i] for i in plain], _remap(done, plain))
+            for i, r in enumerate(requests):
+                if r.variant in self.request_hooks:  # enters the engine when its hook returns
+                    self._request_hook(engine, r, lambda new, i=i: call([new], _remap(done, [i])),
+                                       lambda e, i=i: done(i, e))  # fmt: skip
+
+        return hooked
+
+    def _request_hook(self, engine, request: InferenceRequest, run, fail, then=lambda: None) -> None:
+        """Calls the request's hook; run(hooked request), or fail(Refused) where it failed or the
+        engine refuses what it made."""
+        variant = request.variant or ""
+        path = self.configs[variant].request
+
+        def settle(ok: bool, value: Any) -> None:
+            try:
+                if not ok:
+                    fail(Refused(Rejection("hook_failed", f"request hook {path} {value}")))
+                elif value is request:
+                    run(value)
+                elif (refused := _engine_check(engine, value)) is not None:
+                    fail(Refused(refused))
+                else:
+                    forget = getattr(engine, "forget", None)
+                    if forget is not None:
+                        forget(request)  # prepared before the hook changed it: not what runs
+                    run(value)
+            finally:
+                then()
+
+        self._call(variant, "request", self.request_hooks[variant], (request,), _same_request(request), settle)
+
+    def _answering(self, requests: list[InferenceRequest], done: Done) -> Done:
+        """`done`, with each completion passed through its variant's response hook first."""
         if not self.response_hooks:
-            return
-        for m in finished:
-            c = m.completion
-            hook = self.response_hooks.get(m.variant)
-            if hook is None or m.done or m.request is None or c is None or c.error is not None:
-                continue
-            ok, value = self._call(
-                m.variant, "response", hook, (m.request, list(c.outputs)),
-                lambda v: None if isinstance(v, list) and all(isinstance(x, str) for x in v) else "a list of str",
-            )  # fmt: skip
-            if ok:
-                m.completion = dataclasses.replace(c, outputs=value)
-            else:
-                m.reject("hook_failed", f"response hook {self.configs[m.variant].response} {value}", worker)
+            return done
+
+        def one(i: int, result: Result) -> None:
+            r = requests[i]
+            hook = self.response_hooks.get(r.variant or "")
+            if hook is None or not isinstance(result, Completion) or result.error is not None or result.refused:
+                done(i, result)
+                return
+            path = self.configs[r.variant or ""].response
+
+            def settle(ok: bool, value: Any) -> None:
+                if ok:
+                    done(i, dataclasses.replace(result, outputs=value))
+                else:
+                    done(i, Refused(Rejection("hook_failed", f"response hook {path} {value}")))
+
+            self._call(r.variant or "", "response", hook, (r, list(result.outputs)), _strings, settle)
+
+        return one
 
     def _call(
-        self, variant: str, kind: str, fn: Callable[..., Any], args: tuple, expected: Callable[[Any], str | None]
-    ) -> tuple[bool, Any]:
-        """(True, what the hook returned) or (False, why it failed), within the time limit.
+        self,
+        variant: str,
+        kind: str,
+        fn: Callable[..., Any],
+        args: tuple,
+        expected: Callable[[Any], str | None],
+        settle: Callable[[bool, Any], None],
+    ) -> None:
+        """Runs fn(*args) in a thread of its own and settles once: (True, what it returned), or
+        (False, why it failed: raised, returned the wrong thing, or overran its time limit).
         expected(value): None where the value is what the hook must return, else what that is."""
         labels, limit = (self._experiment, variant, kind), self.configs[variant].timeout_s
         t0 = time.perf_counter()
-        future = self._pool.submit(fn, *args)
-        try:
-            value = future.result(timeout=limit)
-            if (want := expected(value)) is None:
-                return True, value
-            why = f"returned {type(value).__name__}, not {want}"
-        except FutureTimeout:
-            self._give_up(future)
-            why = f"took longer than {limit:g}s"
-        except Exception as e:
-            why = f"raised {type(e).__name__}: {str(e)[:300]}"
-        finally:
+        lock = threading.Lock()
+        state = {"settled": False, "overran": False}
+
+        def once(ok: bool, value: Any) -> None:
+            with lock:
+                if state["settled"]:
+                    return
+                state["settled"] = True
             self.seconds.labels(*labels).observe(time.perf_counter() - t0)
-        self.failures.labels(*labels).inc()
-        return False, why
+            if not ok:
+                self.failures.labels(*labels).inc()
+            settle(ok, value)
 
-    def _give_up(self, future: Future) -> None:
-        """A thread cannot be stopped: leave it in its call, and once every pool thread is stuck so,
-        start a fresh pool (the stuck threads are daemons: they never hold up the worker's exit)."""
-        if future.cancel():
-            return  # it never started: the pool was busy
-        self._stuck = [f for f in self._stuck if not f.done()] + [future]
-        if len(self._stuck) >= POOL:
-            log.error("%d hook calls never returned; starting a fresh pool of hook threads", len(self._stuck))
-            self._pool.shutdown()
-            self._pool, self._stuck = _DaemonPool(POOL), []
+        def run() -> None:
+            try:
+                value = fn(*args)
+            except Exception as e:
+                once(False, f"raised {type(e).__name__}: {str(e)[:300]}")
+            else:
+                want = expected(value)
+                once(want is None, value if want is None else f"returned {type(value).__name__}, not {want}")
+            with lock:
+                returned_late = state["overran"]
+            if returned_late:
+                with self._lock:
+                    self.overrunning -= 1
 
-    def after_stop(self, worker) -> None:
-        self._pool.shutdown()
+        def overrun() -> None:
+            with lock:
+                if state["settled"]:
+                    return
+                state["overran"] = True
+            with self._lock:
+                self.overrunning += 1
+                if self.overrunning == OVERRUNNING_WARN:
+                    log.error("%d hook calls ran past their time limit and have not returned", self.overrunning)
+            once(False, f"took longer than {limit:g}s")
+
+        threading.Thread(target=run, name=f"abq-hook-{kind}", daemon=True).start()
+        self._deadlines.at(time.monotonic() + limit, overrun)
+
+
+def _strings(value: Any) -> str | None:
+    return None if isinstance(value, list) and all(isinstance(x, str) for x in value) else "a list of str"
+
+
+def _engine_check(engine, request: InferenceRequest) -> Rejection | None:
+    try:
+        return engine.check(request)
+    except Exception as e:  # as EngineCheck: a tokenizer choking on one input fails that request only
+        return Rejection("unsupported", f"the engine could not prepare this request: {type(e).__name__}: {e}"[:1000])
+
+
+def _remap(done: Done, indices: list[int]) -> Done:
+    return lambda j, result: done(indices[j], result)
