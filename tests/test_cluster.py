@@ -207,6 +207,29 @@ def test_every_request_is_answered_through(fault, cluster, settings):
     assert duplicates <= DUPLICATES_PER_FAULT * faults, f"{duplicates} duplicate responses after the {what}"
 
 
+def test_a_producer_started_right_after_a_broker_dies_rides_it_out(cluster, settings):
+    """`abq submit` and AbqClient(follow=True) exited with a 58-line KafkaConnectionError traceback
+    (from topic_max_message_bytes / describe_topics) for seconds after one broker of three died,
+    until metadata moved on; running workers rode it out. Now the client does too."""
+    wait_until(lambda: _in_sync(cluster), 90, "the cluster in sync before the run", every=1)
+    exp = new_experiment(variants=(("a", 100),), partitions=3)
+    ensure_topics(settings, exp)
+    with ThreadWorker(settings, exp, "a"):
+        node = cluster.node(_leader(settings, exp.request_topics("a")["normal"]))
+        node.send_signal(signal.SIGKILL)
+        try:
+            for attempt in range(3):  # at once, and while metadata still names the dead broker
+                with AbqClient(settings, exp, follow=True) as client:
+                    reply = client.submit(
+                        InferenceRequest(experiment=exp.name, routing_key=f"u{attempt}", prompt="still here"),
+                        timeout=60,
+                    )
+                assert reply.response.ok and reply.response.outputs == ["still here"]
+        finally:
+            cluster.start()  # brings back the node that is down
+    wait_until(lambda: _in_sync(cluster), 90, "the cluster in sync after the run", every=1)
+
+
 def test_a_stopped_broker_left_a_zombie_by_a_parent_that_never_reaps_counts_as_gone():
     # In a container whose PID 1 does not reap, a broker started by `abq kafka up` (which has exited)
     # stays a zombie after it stops: `down` waited its full timeout for it, then SIGKILLed a corpse.

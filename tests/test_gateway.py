@@ -240,3 +240,22 @@ def test_segment_overrides_match_the_documented_headers_and_never_a_forged_tenan
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=exp.name, messages=["hi"])
         assert "messages.0 must be an object" in e.value.message
+
+
+def test_a_broker_outage_during_a_request_is_a_503_in_openai_s_shape(settings, monkeypatch):
+    """It was a plain 500. (The outage is injected at the client: the session's one broker cannot be
+    killed under the other tests; the cluster tests kill real brokers under the client itself.)"""
+    from kafka.errors import KafkaTimeoutError
+
+    exp = _two_variants(settings)
+    with serving(settings, [exp]) as url:
+        from producers.client import AbqClient
+
+        def outage(self, request, timeout=60.0, traceparent=None):
+            raise KafkaTimeoutError("Failed to update metadata after 60.0 secs.")
+
+        monkeypatch.setattr(AbqClient, "submit", outage)
+        with pytest.raises(openai.InternalServerError) as e:
+            _client(url, max_retries=0).completions.create(model=exp.name, prompt="x")
+    assert e.value.status_code == 503 and e.value.code == "kafka_unavailable"
+    assert e.value.response.headers["retry-after"] == "1"

@@ -18,6 +18,7 @@ import anyio
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
@@ -41,6 +42,7 @@ from abqueue.gateway.records import (
 )
 from abqueue.gateway.tenants import Tenants
 from abqueue.kafka import KafkaSettings, ensure_topic
+from abqueue.kafka.clients import KafkaUnavailable
 from producers import openai_batch
 from producers.client import AbqClient, ReplyTimeout
 from producers.publisher import RequestTooLarge
@@ -216,6 +218,12 @@ class Gateway:
         return status, openai_batch.error_body(resp)
 
 
+def unavailable(e: BaseException) -> ApiError:
+    log.warning("Kafka did not take a request: %s: %s", type(e).__name__, e)
+    return ApiError(503, f"Kafka is unavailable ({type(e).__name__}); retry the request", "kafka_unavailable",
+                    headers={"retry-after": "1"})  # fmt: skip
+
+
 def create_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="abqueue gateway", docs_url=None, redoc_url=None, openapi_url=None)
     waiting = anyio.CapacityLimiter(gateway.limits.max_waiting)
@@ -252,6 +260,8 @@ def create_app(gateway: Gateway) -> FastAPI:
             response: Response = JSONResponse(answer, status_code=status, headers=headers)
         except ApiError as e:
             status, response = e.status, error(e, headers)
+        except (KafkaError, KafkaUnavailable) as e:  # a broker outage: the caller may retry, as for any 503
+            status, response = 503, error(unavailable(e), headers)
         except AbqError as e:  # a user-fixable problem on this side (a config the live version refuses)
             status, response = 400, error(ApiError(400, str(e), "invalid_request"), headers)
         gateway.requests.labels(endpoint, str(status), variant).inc()

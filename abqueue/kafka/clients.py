@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
@@ -13,6 +16,9 @@ from abqueue.errors import AbqError
 from abqueue.kafka.header_keys import read_unreadable_header_keys
 from abqueue.kafka.redact import redact
 from abqueue.kafka.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class KafkaUnavailable(AbqError):
@@ -88,6 +94,39 @@ def consumer(settings: KafkaSettings, *topics: str, **overrides: Any) -> KafkaCo
 
 def admin_client(settings: KafkaSettings, **overrides: Any) -> KafkaAdminClient:
     return _build(KafkaAdminClient, settings, {}, overrides)
+
+
+def transient(e: BaseException) -> bool:
+    """A Kafka error that passes once metadata moves on (a broker of several died, a leader moves)."""
+    return isinstance(e, KafkaError) and bool(getattr(e, "retriable", False))
+
+
+TRANSIENT_TRIES = 8  # about 15 s of backoff in all: longer than a cluster takes to move off a dead broker
+
+
+def riding_out(fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn`, tried again on transient Kafka errors with backoff (logged), as the rest of the client
+    rides out a broker's death; the last error is raised if it does not pass."""
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt
+
+    from workers.backoff import delay_s
+
+    @functools.wraps(fn)
+    def tried(*args: Any, **kwargs: Any) -> T:
+        for attempt in Retrying(
+            retry=retry_if_exception(transient),
+            stop=stop_after_attempt(TRANSIENT_TRIES),
+            wait=lambda rs: delay_s(rs.attempt_number, 0.25, 4.0),
+            reraise=True,
+            before_sleep=lambda rs: log.warning(
+                "%s: %s; retrying", fn.__name__, rs.outcome.exception() if rs.outcome else "?"
+            ),
+        ):
+            with attempt:
+                return fn(*args, **kwargs)
+        raise AssertionError("unreachable: Retrying re-raises the last error")
+
+    return tried
 
 
 def release_parked_records(consumer: KafkaConsumer) -> None:

@@ -8,7 +8,7 @@ from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import TopicAlreadyExistsError, TopicAuthorizationFailedError, UnknownTopicOrPartitionError
 
 from abqueue.kafka import replication
-from abqueue.kafka.clients import admin_client
+from abqueue.kafka.clients import admin_client, riding_out
 from abqueue.kafka.settings import KafkaSettings
 from schemas.experiment import ExperimentConfig
 
@@ -40,6 +40,7 @@ def _presence(admin, topics: list[str]) -> tuple[dict[str, dict], list[str]]:
     return existing, sorted(missing)
 
 
+@riding_out
 def visible(settings: KafkaSettings, topic: str) -> bool:
     """False if this principal's ACLs hide `topic` (it may or may not exist: Kafka does not say)."""
     admin = admin_client(settings)
@@ -49,6 +50,7 @@ def visible(settings: KafkaSettings, topic: str) -> bool:
         admin.close()
 
 
+@riding_out
 def ensure_topic(
     settings: KafkaSettings,
     name: str,
@@ -81,6 +83,7 @@ def ensure_topic(
         admin.close()
 
 
+@riding_out
 def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list[str]:
     """Create the experiment's topics that do not exist yet; returns the ones created. Existing
     topics replicated less than configured are logged as a warning, never silently accepted."""
@@ -113,6 +116,7 @@ def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list
         admin.close()
 
 
+@riding_out
 def topic_max_message_bytes(settings: KafkaSettings, topics: list[str]) -> dict[str, int]:
     """The largest record each topic accepts (its max.message.bytes, else the broker default)."""
     admin = admin_client(settings)
