@@ -109,6 +109,9 @@ def test_invalid_configs_are_refused_with_one_line_and_never_published(settings,
             {**raw, "variants": [raw["variants"][0], {**raw["variants"][1], "name": "a"}]},
             "duplicate variant",
         ),
+        # Valid on its own, impossible on this one-broker cluster: it was applied, then every producer
+        # and worker refused it.
+        "replicas": ({**raw, "replication_factor": 3}, "replication_factor 3 needs 3 brokers but the cluster has 1"),
     }
     for name, (bad, words) in cases.items():
         path = tmp_path / f"{name}.yaml"

@@ -21,6 +21,12 @@ def register(sub) -> None:
     )
     a.add_argument("file", help="experiment config YAML")
     a.add_argument("--comment", default=None, help="why, kept in the history")
+    a.add_argument(
+        "--create-topics",
+        action="store_true",
+        help="also create the experiment's topics that do not exist yet (the operator's job where ACLs apply: "
+        "workers and producers may not)",
+    )
     options.add_kafka_flags(a)
     a.set_defaults(func=run_apply)
     s = esub.add_parser("show", help="the current config of an experiment and its history")
@@ -36,12 +42,22 @@ def _weights(exp) -> str:
 
 def run_apply(args: argparse.Namespace) -> int:
     from abqueue.control import live_config
+    from abqueue.kafka import admin_client, ensure_topics, replication
     from schemas import load_experiment
 
     exp = load_experiment(
         args.file, given_as="as FILE"
     )  # refuses an invalid config with one line, before anything is sent
     settings = options.kafka_settings(args)
+    # What every producer and worker would refuse is refused here, before it is published.
+    admin = admin_client(settings)
+    try:
+        replication.for_experiment(admin, exp.replication_factor, exp.min_insync_replicas)
+    finally:
+        admin.close()
+    if args.create_topics:
+        created = ensure_topics(settings, exp)
+        print(f"created {len(created)} topics of {exp.name}" + (f": {', '.join(created)}" if created else ""))
     prev = live_config.current(settings, exp.name)
     if prev is not None and prev.experiment == exp:
         print(f"{exp.name} v{prev.version} is already this config; nothing applied")

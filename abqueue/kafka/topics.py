@@ -5,12 +5,17 @@ from __future__ import annotations
 import logging
 
 from kafka.admin import ConfigResource, ConfigResourceType
-from kafka.errors import TopicAlreadyExistsError, TopicAuthorizationFailedError, UnknownTopicOrPartitionError
+from kafka.errors import (
+    ClusterAuthorizationFailedError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 
 from abqueue.kafka import replication
 from abqueue.kafka.clients import admin_client, riding_out
 from abqueue.kafka.settings import KafkaSettings
-from schemas.experiment import ExperimentConfig
+from schemas.experiment import ConfigError, ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +114,15 @@ def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list
                 admin.create_topics(missing, wait_for_metadata=True)
             except TopicAlreadyExistsError:
                 pass  # another process won the race; the topic is there either way
+            except (TopicAuthorizationFailedError, ClusterAuthorizationFailedError):
+                # kafka-python's text holds the whole request's repr: thousands of characters.
+                names = sorted(missing)
+                shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                raise ConfigError(
+                    f"topics {shown} of experiment {experiment.name} do not exist, and user "
+                    f"{settings.sasl_username or '(no SASL user)'} may not create them; the operator creates an "
+                    f"experiment's topics: `abq experiment apply FILE --create-topics` (README, Roles and ACLs)"
+                ) from None
             # The replication chosen is said where it is used: unset in the config, it follows the cluster's size.
             log.info("created topics %s (%s)", ", ".join(sorted(missing)), want)
         return sorted(missing)
