@@ -11,6 +11,7 @@ from kafka import TopicPartition
 from pydantic import ValidationError
 
 from abqueue.kafka import FetchPark, KafkaSettings, consumer, topics, tracing
+from abqueue.kafka.clients import riding_out
 from schemas import ConfigError, InferenceResponse, decode_response
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,13 @@ class ResponseListener:
         # responses of at-least-once workers are not transactional and read as soon as they land.
         self._consumer = consumer(settings, group_id=None, enable_auto_commit=False, isolation_level="read_committed")
         self.park = FetchPark(self._consumer)  # a reply landing on a partition left out of a parked fetch waits less
-        partitions = self._consumer.partitions_for_topic(topic)
+        try:  # a broker of several just died: metadata and offsets come once the client moves off it
+            partitions = riding_out(self._consumer.partitions_for_topic)(topic)
+            if partitions:
+                riding_out(self._start)(partitions, start_offsets)
+        except BaseException:
+            self._consumer.close()
+            raise
         if not partitions:
             self._consumer.close()
             if not topics.visible(settings, topic):
@@ -58,7 +65,9 @@ class ResponseListener:
             raise ConfigError(
                 f"topic {topic} does not exist; create it, or start a worker of the experiment, which creates its topics"
             )
-        self._tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+
+    def _start(self, partitions: set[int], start_offsets: dict[int, int] | None) -> None:
+        self._tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         self._consumer.assign(self._tps)
         self._consumer.seek_to_end(*self._tps)
         for tp in self._tps:

@@ -217,16 +217,24 @@ def test_a_producer_started_right_after_a_broker_dies_rides_it_out(cluster, sett
     with ThreadWorker(settings, exp, "a"):
         node = cluster.node(_leader(settings, exp.request_topics("a")["normal"]))
         node.send_signal(signal.SIGKILL)
+        sent: list[tuple[AbqClient, str]] = []
         try:
             for attempt in range(3):  # at once, and while metadata still names the dead broker
-                with AbqClient(settings, exp, follow=True) as client:
-                    reply = client.submit(
-                        InferenceRequest(experiment=exp.name, routing_key=f"u{attempt}", prompt="still here"),
-                        timeout=60,
-                    )
-                assert reply.response.ok and reply.response.outputs == ["still here"]
+                client = AbqClient(settings, exp, follow=True)
+                req, _ = client.publish(
+                    InferenceRequest(experiment=exp.name, routing_key=f"u{attempt}", prompt="still here")
+                )
+                sent.append((client, req.id))
+                time.sleep(0.5)
+            time.sleep(2)
+            cluster.start()  # brings back the node that is down, as the fault tests above do
+            for client, rid in sent:  # each client takes its own answer
+                got = client.wait({rid}, timeout=120)
+                assert rid in got and got[rid].response.outputs == ["still here"]
         finally:
-            cluster.start()  # brings back the node that is down
+            for client, _ in sent:
+                client.close()
+            cluster.start()
     wait_until(lambda: _in_sync(cluster), 90, "the cluster in sync after the run", every=1)
 
 

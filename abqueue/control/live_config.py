@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from abqueue.control.store import KeyedStore
 from abqueue.kafka import KafkaSettings, consumer
+from abqueue.kafka.clients import riding_out
 from schemas import ConfigError, ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class ConfigFollower:
         tp = TopicPartition(CONFIG_TOPIC, 0)
         self._consumer.assign([tp])
         self._consumer.seek_to_beginning(tp)
-        self._end = self._consumer.end_offsets([tp])[tp]
+        self._end = riding_out(self._consumer.end_offsets)([tp])[tp]  # a broker of several may have just died
         self._tp = tp
         self.caught_up = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(poll_ms,), name="abq-config", daemon=True)
