@@ -95,6 +95,19 @@ def _object(n: int, raw: bytes) -> tuple[dict | None, str, str | None]:
     return obj, key if isinstance(key, str) and key else fallback_key, None
 
 
+def _other_model(obj: dict, experiment: ExperimentConfig) -> str | None:
+    """Why an OpenAI line's `model` is not for this job: it must name the experiment (or
+    experiment:variant), as the gateway's `model` does; left out, the job's experiment serves it."""
+    body = obj.get("body")
+    model = body.get("model") if isinstance(body, dict) else None
+    if model is None or (isinstance(model, str) and model.partition(":")[0] == experiment.name):
+        return None
+    return (
+        f"model {model!r} is not this experiment ({experiment.name}); name it, or {experiment.name}:VARIANT to pin "
+        "one, as the gateway's model does"
+    )
+
+
 def _item(n: int, raw: bytes, experiment: ExperimentConfig, fmt_openai: bool) -> Item:
     obj, key, error = _object(n, raw)
     if obj is None:
@@ -107,9 +120,13 @@ def _item(n: int, raw: bytes, experiment: ExperimentConfig, fmt_openai: bool) ->
     if is_openai and (not isinstance(cid := obj["custom_id"], str) or not cid):
         # Its answer could not be told from another line's: refused, as OpenAI refuses it.
         return Item(n, key, url=url, error=f"line {n}: custom_id must be a non-empty string, not {cid!r}")
+    if is_openai and (refused := _other_model(obj, experiment)):
+        return Item(n, key, url=url, error=f"line {n}: {refused}")
     try:
         # Lines without an id get one derived from their content, so a rerun matches them.
         fields = openai_batch.to_request_fields(obj) if is_openai else {"routing_key": key, **obj, "id": key}
+        if is_openai and isinstance(model := obj["body"].get("model"), str) and ":" in model:
+            fields["variant"] = model.partition(":")[2]  # experiment:variant pins one, as at the gateway
         fields.setdefault("experiment", experiment.name)
         fields.setdefault("priority", "batch")  # bulk work yields to interactive traffic
         return Item(n, key, InferenceRequest.model_validate(fields), url)

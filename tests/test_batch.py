@@ -15,21 +15,21 @@ from abqueue.kafka import ensure_topics
 from producers.batch import BatchInputError, scan_input
 
 
-def _openai_lines(n, start=0):
+def _openai_lines(n, model, start=0):
     for i in range(start, start + n):
         if i % 2:
             yield {
                 "custom_id": f"req-{i}",
                 "method": "POST",
                 "url": "/v1/chat/completions",
-                "body": {"model": "any", "messages": [{"role": "user", "content": f"chat {i}"}], "max_tokens": 8},
+                "body": {"model": model, "messages": [{"role": "user", "content": f"chat {i}"}], "max_tokens": 8},
             }
         else:
             yield {
                 "custom_id": f"req-{i}",
                 "method": "POST",
                 "url": "/v1/completions",
-                "body": {"model": "any", "prompt": f"complete {i}", "max_tokens": 8, "user": f"user-{i % 7}"},
+                "body": {"model": model, "prompt": f"complete {i}", "max_tokens": 8, "user": f"user-{i % 7}"},
             }
 
 
@@ -76,7 +76,7 @@ def test_interrupted_batch_resumes_and_the_output_has_each_id_exactly_once(
     cfg = write_config(exp, tmp_path)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     bad = {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}
-    _write(inp, [*_openai_lines(60), bad])
+    _write(inp, [*_openai_lines(60, exp.name), bad])
     # Four records a poll, and a pass waits for the engine between polls: the answers come spread out,
     # so the kill below lands midway.
     with thread_worker(exp, "a", max_batch=4, poll_records=4, max_wait_ms=10):
@@ -317,15 +317,18 @@ def test_openai_lines_without_a_usable_custom_id_or_with_a_non_object_message_go
     ensure_topics(settings, exp)
     cfg = write_config(exp, tmp_path)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    good = list(_openai_lines(2))
-    nulls = [{**line, "custom_id": None, "body": {"model": "any", "prompt": f"null {i}"}, "url": "/v1/completions"} for i, line in enumerate(good)]  # fmt: skip
+    good = list(_openai_lines(2, exp.name))
+    nulls = [{**line, "custom_id": None, "body": {"model": exp.name, "prompt": f"null {i}"}, "url": "/v1/completions"} for i, line in enumerate(good)]  # fmt: skip
     _write(
         inp,
         [
             *good,
             *nulls,
             {**good[0], "custom_id": ""},
-            {**good[1], "custom_id": "not-an-object", "body": {"model": "any", "messages": ["hi"]}},
+            {**good[1], "custom_id": "not-an-object", "body": {"model": exp.name, "messages": ["hi"]}},
+            # Another model than the experiment: refused as the gateway refuses it, not run on this one.
+            {**good[1], "custom_id": "elsewhere", "body": {**good[1]["body"], "model": "gpt-4o"}},
+            {**good[1], "custom_id": "pinned", "body": {**good[1]["body"], "model": f"{exp.name}:a"}},
         ],
     )
     with thread_worker(exp, "a"):
@@ -335,13 +338,14 @@ def test_openai_lines_without_a_usable_custom_id_or_with_a_non_object_message_go
                 "--reply-to", f"abq.{exp.name}.replies.jobs",
             )  # fmt: skip
             assert code == (3, 0)[run] and "Traceback" not in stderr, stderr
-    assert "6 already done" in stdout, stdout
-    assert sorted(r["custom_id"] for r in _lines(out)) == ["req-0", "req-1"]
+    assert "8 already done" in stdout, stdout
+    assert sorted(r["custom_id"] for r in _lines(out)) == ["pinned", "req-0", "req-1"]
     errors = _lines(tmp_path / "out.errors.jsonl")
-    assert len(errors) == 4, errors
+    assert len(errors) == 5, errors
     messages = sorted(e["error"]["message"] for e in errors)
     assert sum("custom_id must be a non-empty string" in m for m in messages) == 3, messages
     assert any("messages.0 must be an object with 'role' and 'content', not JSON string" in m for m in messages)
+    assert any(f"model 'gpt-4o' is not this experiment ({exp.name})" in m for m in messages), messages
 
 
 def test_a_batch_assigns_its_lines_by_the_live_weights_not_the_file_s(settings, thread_worker, tmp_path):

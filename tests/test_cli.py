@@ -220,8 +220,13 @@ def test_kafka_up_status_down(tmp_path):
 def test_demo_runs_end_to_end_and_prints_per_variant_results(kafka_bootstrap):
     # On the session's broker (the demo honours KAFKA_BOOTSTRAP_SERVERS); `make demo` starts its own.
     env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
-    r = abq("demo", "--requests", "120", "--users", "80", env=env, timeout=180)
+    r = abq("demo", "--requests", "120", "--users", "80", "--port", "19999", env=env, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
+    # It says which broker it uses, and that --port did not choose it (a user was left guessing).
+    assert (
+        f"demo: using Kafka at {kafka_bootstrap} (from KAFKA_BOOTSTRAP_SERVERS); --port 19999 is for the local "
+        "broker and is not used"
+    ) in r.stderr
     assert "experiment demo: 120/120 responses" in r.stdout
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.startswith(("a ", "b "))}
     assert set(rows) == {"a", "b"} and int(rows["a"][2]) + int(rows["b"][2]) == 120

@@ -386,3 +386,22 @@ def test_every_principal_gets_its_own_kafka_user_and_reserved_client_names_are_r
     assert principals(plain, ["svc"])[0].user == "abq-chat-producer-svc"  # valid names stay as they were
     with pytest.raises(ConfigError, match="client name 'gateway' is reserved"):
         principals(plain, ["gateway"])
+
+
+def test_kafka_users_and_the_sasl_flags_follow_one_rule(tmp_path):
+    """--kafka-users scram-sha-512 with --sasl-mechanism demanded --sasl-secret, and then refused it
+    ("drop --sasl-secret"): no command line could pass."""
+    base = ["deploy", "render", "--config", str(EXAMPLE), "--bootstrap-servers", "b:9093", "--security-protocol", "SASL_SSL"]  # fmt: skip
+
+    def render_with(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(abq_cmd(*base, "--out", str(tmp_path / str(len(flags))), *flags), capture_output=True, text=True, cwd=REPO)  # fmt: skip
+
+    ok = render_with("--kafka-users", "scram-sha-512", "--sasl-mechanism", "SCRAM-SHA-512")
+    assert ok.returncode == 0, ok.stderr
+    for flags, line in (
+        (("--kafka-users", "scram-sha-512", "--sasl-mechanism", "PLAIN"), "makes SCRAM-SHA-512 users; drop --sasl-mechanism PLAIN"),
+        (("--kafka-users", "scram-sha-512", "--sasl-mechanism", "SCRAM-SHA-512", "--sasl-secret", "s"), "drop --sasl-secret"),
+        (("--sasl-mechanism", "SCRAM-SHA-512"), "--sasl-mechanism needs --sasl-secret"),
+    ):  # fmt: skip
+        refused = render_with(*flags)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and line in refused.stderr, refused.stderr

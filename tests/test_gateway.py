@@ -18,7 +18,7 @@ from kafka_helpers import wait_until
 
 from abqueue.gateway.app import Gateway, Limits, create_app
 from abqueue.gateway.tenants import Tenants
-from abqueue.kafka import ensure_topics
+from abqueue.kafka import admin_client, ensure_topics
 from schemas.experiment import SegmentOverride
 
 KEYS = {"sk-acme-0123456789abcdef": "acme", "sk-beta-0123456789abcdef": "beta"}
@@ -200,6 +200,22 @@ def test_abq_gateway_refuses_a_public_address_without_keys_and_serves_the_sdk(
             wait_until(up, 60, "abq gateway serving")
             out = client.chat.completions.create(model=exp.name, messages=[{"role": "user", "content": "hi"}])
             assert out.choices[0].message.content == "hi"
+            # A second gateway on the same port: one line, exit 2, and no reply topic of its own created
+            # (it printed a serving banner and exited 3, after creating its reply topic).
+            taken = subprocess.run(
+                abq_cmd("gateway", "--config", str(cfg), "--port", str(port), "--api-keys", str(keys), "--instance", "second"),
+                capture_output=True, text=True, env=env, cwd=REPO, timeout=60,
+            )  # fmt: skip
+            assert taken.returncode == 2, taken.stderr
+            assert taken.stderr.strip() == f"abq: error: port {port} on 127.0.0.1 is in use; stop what listens there or pass another --port"  # fmt: skip
+            from abqueue.kafka.topics import visible
+
+            admin = admin_client(settings)
+            try:
+                assert f"abq.{exp.name}.replies.gateway.second" not in admin.list_topics()
+            finally:
+                admin.close()
+            assert visible(settings, exp.response_topic)
     finally:
         proc.terminate()
         log = proc.communicate(timeout=30)[0].decode()
@@ -240,6 +256,9 @@ def test_segment_overrides_match_the_documented_headers_and_never_a_forged_tenan
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=exp.name, messages=["hi"])
         assert "messages.0 must be an object" in e.value.message
+        with pytest.raises(openai.BadRequestError) as e:  # pydantic's "Value error," prefix never reaches a caller
+            client.completions.create(model=exp.name, prompt="x", stop=[""])
+        assert e.value.body["message"] == "'stop' sequences must not be empty strings", e.value.body
 
 
 def test_a_broker_outage_during_a_request_is_a_503_in_openai_s_shape(settings, monkeypatch):

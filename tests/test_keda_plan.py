@@ -297,3 +297,21 @@ def test_live_plan_reads_lag_of_a_real_consumer_group(settings, kafka_bootstrap,
     )
     assert out.returncode == 0, out.stderr
     assert f"{topic}: lag 15 [0:8 1:7?] -> metric 10, cap 2" in out.stdout
+
+
+def test_a_trap_on_every_priority_topic_is_one_warning_naming_them_all():
+    """keda plan printed each warning once per priority topic: three lines saying the same thing."""
+    spec = {
+        "minReplicas": 0,
+        "maxReplicas": 8,
+        "triggers": [
+            {"metadata": {"topic": t, "lagThreshold": "10"}, "partitions": [P(5, 0), P(5, 0)]}
+            for t in ("abq.chat.a.requests.high", "abq.chat.a.requests", "abq.chat.a.requests.batch")
+        ],
+    }
+    warnings = plan_situation({"variants": {"a": spec}})["variants"]["a"]["warnings"]
+    assert warnings == [
+        "topics abq.chat.a.requests.high, abq.chat.a.requests, abq.chat.a.requests.batch: maxReplicas 8 is above the "
+        "2 partitions; KEDA caps the lag metric at 2 replicas, so the rest never start; add partitions or lower "
+        "maxReplicas"
+    ]

@@ -801,3 +801,15 @@ def test_a_worker_left_holding_nothing_that_no_one_else_holds_joins_its_group_ag
     assert later.id in {r.request_id for r in responses}
     assert w.consumer.rejoins == 1 and "joining the group again with a fresh consumer" in caplog.text
     assert metric_values(generate_latest(w.worker.registry).decode())["abq_group_rejoins"] == 1
+
+
+def test_the_worker_logs_the_partitions_it_holds_after_a_rebalance(stub_worker, caplog):
+    """It logged the partitions the callback named ("assigned 0 partitions") while serving three."""
+    exp = new_experiment(variants=(("a", 100),), partitions=3)
+    with stub_worker(exp) as w:
+        w.broker.wait_for(lambda: len(w.consumer.assignment()) == 9, 5, "every partition assigned")  # 3 levels x 3
+        with caplog.at_level(logging.INFO, logger="workers.worker"):
+            w.worker._on_assigned(set())
+            w.worker._on_assigned({TopicPartition(exp.request_topic("a", "normal"), 0)})
+    lines = [r.getMessage() for r in caplog.records if "partitions" in r.getMessage()]
+    assert lines == ["holding 9 partitions (0 newly assigned)", "holding 9 partitions (1 newly assigned)"]

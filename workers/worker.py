@@ -383,7 +383,8 @@ class Worker:
         if assigned:
             self.consumer.resume(*assigned)  # nothing of them is buffered here any more
         self._restart = {}
-        log.info("assigned %d partitions", len(assigned))
+        # What it holds, not what this callback named: it logged "assigned 0 partitions" while serving three.
+        log.info("holding %d partitions (%d newly assigned)", len(self.consumer.assignment()), len(assigned))
 
 
 def default_worker_id() -> str:

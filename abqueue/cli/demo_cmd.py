@@ -62,10 +62,15 @@ def run(args: argparse.Namespace) -> int:
     options.engine_args(args)  # a malformed --engine-arg fails here, not in every worker
     options.kafka_settings(args)  # and bad Kafka settings before a broker is started for nothing
     broker = None
+    # Which broker the demo uses is said whenever it is not the local one on --port: a user who set
+    # ABQ_BOOTSTRAP_SERVERS long ago and passed --port was left guessing.
+    named_by = "--bootstrap-servers" if args.bootstrap_servers is not None else "ABQ_BOOTSTRAP_SERVERS"
     if args.bootstrap_servers is None and "ABQ_BOOTSTRAP_SERVERS" not in os.environ:
         # Like the tests, the demo runs on a cluster named by KAFKA_BOOTSTRAP_SERVERS when one is.
         args.bootstrap_servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        named_by = "KAFKA_BOOTSTRAP_SERVERS"
         if args.bootstrap_servers is None:
+            named_by = ""
             broker = LocalBroker(port=args.port)
             started_here = not broker.running()
             print(f"demo: starting local Kafka on 127.0.0.1:{args.port}...", file=sys.stderr)
@@ -73,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
             if not started_here:
                 broker = None  # someone else's broker: leave it running
     settings = options.kafka_settings(args)
+    if named_by:
+        unused = f"; --port {args.port} is for the local broker and is not used" if args.port != 9092 else ""
+        print(f"demo: using Kafka at {settings.bootstrap_servers} (from {named_by}){unused}", file=sys.stderr)
     # Workers' routine INFO lines would bury the summary; ABQ_LOG_LEVEL still wins where set.
     env = {"ABQ_LOG_LEVEL": "WARNING", **os.environ, "ABQ_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
     procs, ports = [], []

@@ -86,8 +86,19 @@ def run_render(args: argparse.Namespace) -> int:
     from schemas import load_experiment
 
     exp = load_experiment(args.config)
-    if args.sasl_mechanism and not args.sasl_secret:
-        raise UsageError("--sasl-mechanism needs --sasl-secret (a Secret with username and password)")
+    # One rule: --kafka-users makes every pod's user and its Secret (SCRAM-SHA-512 or a certificate), so
+    # it takes no --sasl-secret and at most the mechanism it uses; without it, a mechanism needs a Secret.
+    # (It demanded --sasl-secret with --kafka-users, and then refused it.)
+    if args.kafka_users == "scram-sha-512" and args.sasl_mechanism and args.sasl_mechanism.upper() != "SCRAM-SHA-512":
+        raise UsageError(
+            f"--kafka-users scram-sha-512 makes SCRAM-SHA-512 users; drop --sasl-mechanism {args.sasl_mechanism}"
+        )
+    if args.kafka_users == "tls" and args.sasl_mechanism:
+        raise UsageError("--kafka-users tls authenticates each pod by its certificate; drop --sasl-mechanism")
+    if args.sasl_mechanism and not args.sasl_secret and not args.kafka_users:
+        raise UsageError(
+            "--sasl-mechanism needs --sasl-secret (a Secret with username and password), or --kafka-users scram-sha-512"
+        )
     if args.sasl_secret and not args.security_protocol.startswith("SASL"):
         raise UsageError(
             f"--sasl-secret needs --security-protocol SASL_PLAINTEXT or SASL_SSL, not {args.security_protocol}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
 import re
@@ -95,14 +96,41 @@ def run(args: argparse.Namespace) -> int:
         args.request_timeout, args.max_body_bytes, args.max_backlog,
         max_file_lines=args.max_file_lines, max_file_bytes=args.max_file_bytes,
     )  # fmt: skip
-    gateway = Gateway(options.kafka_settings(args), experiments, tenants, instance, limits, storage=args.storage)
+    # The port first: taken, it is one line and nothing is created (it printed a serving banner and
+    # exited 3, after creating its reply topic).
+    listening = _listen(args.host, args.port)
+    try:
+        gateway = Gateway(options.kafka_settings(args), experiments, tenants, instance, limits, storage=args.storage)
+    except BaseException:
+        listening.close()
+        raise
     try:
         log.info(
             "gateway for %s on http://%s:%d/v1 (%s)", ", ".join(names), args.host, args.port,
             "anonymous" if tenants.anonymous else "API keys",
         )  # fmt: skip
         # No access log: its lines would carry every caller's address and path at INFO, and ours say enough.
-        uvicorn.run(create_app(gateway), host=args.host, port=args.port, access_log=False, log_level="warning")
+        config = uvicorn.Config(create_app(gateway), host=args.host, port=args.port, access_log=False, log_level="warning")  # fmt: skip
+        uvicorn.Server(config).run(sockets=[listening])
     finally:
         gateway.close()
+        listening.close()
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for the server, or a one-line UsageError where that cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UsageError(
+                f"port {port} on {host} is in use; stop what listens there or pass another --port"
+            ) from None
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port") from None
+    sock.set_inheritable(True)
+    return sock

@@ -74,7 +74,7 @@ def register(sub) -> None:
 def run_start(args: argparse.Namespace) -> int:
     from abqueue.analysis import stats
     from abqueue.control import live_config
-    from abqueue.control.rollout import Guardrails, RolloutController, RolloutState, load_state
+    from abqueue.control.rollout import IN_WORDS, Guardrails, RolloutController, RolloutState, load_state
 
     stats.require_extra()  # the sample-ratio check: not a controller that dies at its first stage
     settings = options.kafka_settings(args)
@@ -93,8 +93,12 @@ def run_start(args: argparse.Namespace) -> int:
     state = load_state(settings, exp.name)
     if state and state.status in ("running", "paused"):
         if state.candidate != args.candidate:
-            raise UsageError(f"a rollout of {state.candidate} is {state.status} for {exp.name}; abort it first")
-        print(f"resuming the rollout of {state.candidate} at stage {state.stages[state.stage]:g}% ({state.status})")
+            raise UsageError(
+                f"a rollout of {state.candidate} is {IN_WORDS[state.status]} for {exp.name}; abort it first"
+            )
+        print(
+            f"resuming the rollout of {state.candidate} at stage {state.stages[state.stage]:g}% ({IN_WORDS[state.status]})"
+        )
     else:
         guardrails = options.typed(
             Guardrails,
@@ -117,12 +121,12 @@ def run_start(args: argparse.Namespace) -> int:
         )
         print(f"rolling out {args.candidate} through {', '.join(f'{x:g}%' for x in stages)}")
     final = RolloutController(settings, state, base, progress=lambda line: print(line, flush=True)).run()
-    print(f"rollout {final.status}: {final.reason or ''}".rstrip(": "))
+    print(f"rollout {IN_WORDS[final.status]}: {final.reason or ''}".rstrip(": "))
     return 0 if final.status == "completed" else 1
 
 
 def run_request(args: argparse.Namespace) -> int:
-    from abqueue.control.rollout import abort_here, alive, heartbeat, load_state, request
+    from abqueue.control.rollout import IN_WORDS, abort_here, alive, heartbeat, load_state, request
 
     settings = options.kafka_settings(args)
     if args.action == "status":
@@ -131,7 +135,7 @@ def run_request(args: argparse.Namespace) -> int:
             print(f"no rollout recorded for {args.experiment}")
             return 3
         print(
-            f"{state.experiment}: {state.candidate} {state.status} at stage {state.stage + 1}/{len(state.stages)} "
+            f"{state.experiment}: {state.candidate} {IN_WORDS[state.status]} at stage {state.stage + 1}/{len(state.stages)} "
             f"({state.stages[state.stage]:g}%){': ' + state.reason if state.reason else ''}"
         )
         if state.status in ("running", "paused"):

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 ROLLOUT_TOPIC = "abq.rollouts"
 Status = Literal["running", "paused", "completed", "rolled_back", "aborted"]
+# What a user reads: a status in words, never the stored name.
+IN_WORDS = {"running": "running", "paused": "paused", "completed": "completed", "rolled_back": "rolled back", "aborted": "aborted"}  # fmt: skip
 
 
 class Guardrails(BaseModel):
@@ -421,12 +423,12 @@ class RolloutController:
 
     def _finish(self, status: Status, reason: str, percent: float | None) -> None:
         if percent is not None:
-            self._set_weight(percent, f"rollout {status}: {reason}")
+            self._set_weight(percent, f"rollout {IN_WORDS[status]}: {reason}")
         self.state.status, self.state.reason = status, reason
-        self.state.history.append(f"{time.strftime('%H:%M:%S')} {status}: {reason}")
+        self.state.history.append(f"{time.strftime('%H:%M:%S')} {IN_WORDS[status]}: {reason}")
         save_state(self.settings, self.state)
         log.warning(
-            "rollout of %s %s: %s", self.state.candidate, status, reason
+            "rollout of %s %s: %s", self.state.candidate, IN_WORDS[status], reason
         ) if status != "completed" else log.info("rollout of %s completed", self.state.candidate)
 
     def run(self, until=lambda: False) -> RolloutState:

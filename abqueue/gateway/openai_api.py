@@ -69,4 +69,5 @@ def validation_error(e: ValidationError) -> ApiError:
     first = e.errors()[0]
     loc = [str(p) for p in first["loc"]]
     param = ".".join(loc) or None
-    return ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], "invalid_value", param)
+    msg = first["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's message, not ours
+    return ApiError(400, f"{param}: {msg}" if param else msg, "invalid_value", param)

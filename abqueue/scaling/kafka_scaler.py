@@ -177,6 +177,13 @@ def desired_replicas(
     return min(max_replicas, max(wanted, min_replicas, 1))
 
 
+def _on_topics(topics: list[str]) -> str:
+    named = [t for t in topics if t]
+    if not named:
+        return ""
+    return f"topic {named[0]}: " if len(named) == 1 else f"topics {', '.join(named)}: "
+
+
 def warnings(
     triggers: list[TriggerPlan],
     min_replicas: int,
@@ -186,25 +193,27 @@ def warnings(
     cooldown_period: int | None = None,
     drain_seconds: int | None = None,
 ) -> list[str]:
-    """Settings that are known traps, each as one line with what to change."""
-    out = []
+    """Settings that are known traps, each as one line with what to change, once: the same trap on
+    several topics (a variant's priority levels) is one line naming them all."""
+    by_trap: dict[str, list[str]] = {}  # the trap's line -> the topics it is found on
     for t in triggers:
         s, n = t.settings, len(t.partitions)
-        where = f"topic {s['topic']}: " if s.get("topic") else ""
+        topic = s.get("topic") or ""
+        out: list[str] = []
         if max_replicas > n and not s["allowIdleConsumers"] and n:
             out.append(
-                f"{where}maxReplicas {max_replicas} is above the {n} partitions; KEDA caps the lag metric at "
+                f"maxReplicas {max_replicas} is above the {n} partitions; KEDA caps the lag metric at "
                 f"{n} replicas, so the rest never start; add partitions or lower maxReplicas"
             )
         if max_inflight and s["lagThreshold"] > max_inflight:
             out.append(
-                f"{where}lagThreshold {s['lagThreshold']} is above a worker's --max-inflight {max_inflight}: a replica is "
+                f"lagThreshold {s['lagThreshold']} is above a worker's --max-inflight {max_inflight}: a replica is "
                 f"added only once lag exceeds what one worker can even hold; use a lagThreshold <= {max_inflight}"
             )
         uncommitted = [pl for pl in t.partitions if pl.invalid_offset]
         if min_replicas == 0 and uncommitted and s["scaleToZeroOnInvalidOffset"]:
             out.append(
-                f"{where}{len(uncommitted)} partitions have no committed offset and scaleToZeroOnInvalidOffset counts "
+                f"{len(uncommitted)} partitions have no committed offset and scaleToZeroOnInvalidOffset counts "
                 "them as 0: requests there never wake a variant at zero replicas"
             )
         if (
@@ -216,19 +225,22 @@ def warnings(
             and all(pl.invalid_offset for pl in t.partitions)
         ):
             out.append(
-                f"{where}with no committed offsets and offsetResetPolicy latest each partition counts as lag 1, never "
+                f"with no committed offsets and offsetResetPolicy latest each partition counts as lag 1, never "
                 f"above activationLagThreshold {s['activationLagThreshold']}: activation never fires; use earliest"
             )
         if s["excludePersistentLag"] and any(pl.persistent for pl in t.partitions):
             out.append(
-                f"{where}lag that has not moved since the last poll is excluded (excludePersistentLag); a stuck "
+                "lag that has not moved since the last poll is excluded (excludePersistentLag); a stuck "
                 "worker then looks idle to the autoscaler"
             )
         if t.cap is not None and t.total_lag // s["lagThreshold"] == t.cap and t.total_lag > t.cap * s["lagThreshold"]:
             out.append(
-                f"{where}KEDA's integer division leaves lag {t.total_lag} uncapped at {t.cap} partitions; the HPA asks "
+                f"KEDA's integer division leaves lag {t.total_lag} uncapped at {t.cap} partitions; the HPA asks "
                 f"for {math.ceil(t.total_lag / s['lagThreshold'])} replicas, one more than can work"
             )
+        for line in out:
+            by_trap.setdefault(line, []).append(topic)
+    out = [_on_topics(topics) + line for line, topics in by_trap.items()]
     if (
         cooldown_period is not None
         and drain_seconds is not None
