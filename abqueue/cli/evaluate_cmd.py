@@ -29,10 +29,22 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from abqueue.analysis import stats
 
-    stats.require_extra()
+    # Every missing extra named at once, before any work (it named the analysis extra, and only once
+    # that was installed, the embedding model's).
+    missing = []
+    try:
+        stats.require_extra()
+    except UsageError:
+        missing.append("scipy and statsmodels (`pip install 'abqueue[analysis]'`)")
+    from abqueue.analysis.quality import EMBEDDER_EXTRA, embedder_missing
+
+    if embedder_missing():
+        missing.append(EMBEDDER_EXTRA)
+    if missing:
+        raise UsageError("evaluation needs " + " and ".join(missing))
     from abqueue.analysis.quality import evaluate, read_references, to_table
     from abqueue.analysis.report import responses, to_json
-    from abqueue.analysis.tally import RecentIds
+    from abqueue.analysis.tally import RecentIds, answer_key
 
     exp = options.experiment(args)
     if not args.references.exists():
@@ -40,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     refs = read_references(args.references)
     settings = options.kafka_settings(args) if args.input is None else None
     seen = RecentIds()  # at-least-once delivery: the first response per request and variant counts
-    kept = [r for r in responses(settings, exp, args.input) if seen.first((r.request_id, r.variant))]
+    kept = [r for r in responses(settings, exp, args.input) if seen.first((*answer_key(r), r.variant))]
     result = evaluate(exp, kept, refs)
     print(to_json(result) if args.format == "json" else to_table(result))
     return 0

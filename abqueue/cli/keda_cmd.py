@@ -217,6 +217,10 @@ def _settings(args: argparse.Namespace):
 def run_simulate(args: argparse.Namespace) -> int:
     from abqueue.scaling.simulate import profile, read_trace, sweep
 
+    if args.png:  # a missing extra is named before the work, not after the whole simulation
+        from abqueue.scaling.chart import require_matplotlib
+
+        require_matplotlib()
     arrivals = read_trace(args.trace, args.time_field) if args.trace else profile(args.profile, args.duration)
     name, values = None, []
     if args.sweep:

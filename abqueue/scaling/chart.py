@@ -8,7 +8,9 @@ from abqueue.analysis.stats import weighted_percentile
 from schemas import ConfigError
 
 
-def write_png(results, path: Path, label: str | None) -> Path:
+def require_matplotlib():
+    """matplotlib's pyplot, or a one-line ConfigError: checked before any work, not after a whole
+    simulation has run."""
     try:
         import matplotlib
 
@@ -16,6 +18,11 @@ def write_png(results, path: Path, label: str | None) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("charts need matplotlib; `pip install 'abqueue[plot]'`, or leave out --png") from None
+    return plt
+
+
+def write_png(results, path: Path, label: str | None) -> Path:
+    plt = require_matplotlib()
     fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
     for r in results:
         name = f"{label}={getattr(r.settings, label)}" if label else "simulated"
