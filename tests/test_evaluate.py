@@ -64,6 +64,9 @@ def test_variants_are_scored_against_references_with_intervals_and_costed(tmp_pa
         _resp(exp, "good", k, v.replace("The ", "the "), 1000.0 + i, 1.0) for i, (k, v) in enumerate(QUESTIONS.items())
     ]
     rs += [_resp(exp, "bad", k, OFF_TOPIC[i], 2000.0 + i, 1.0) for i, k in enumerate(QUESTIONS)]
+    # Another caller asked the same questions under the same ids: its answers count too (they were dropped
+    # as duplicates of the first caller's); a redelivered answer still counts once.
+    rs += [r.model_copy(update={"caller_tag": "another-caller"}) for r in rs[:6]] + rs[:1]
     path = tmp_path / "responses.jsonl"
     path.write_text("".join(r.model_dump_json() + "\n" for r in rs))
     out = subprocess.run(
@@ -85,7 +88,7 @@ def test_variants_are_scored_against_references_with_intervals_and_costed(tmp_pa
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout[out.stdout.index("{") :])
     good, bad = res["variants"]["good"], res["variants"]["bad"]
-    assert good["similarity"]["n"] == bad["similarity"]["n"] == 6
+    assert (good["similarity"]["n"], bad["similarity"]["n"]) == (12, 6)
     assert good["similarity"]["mean"] > 0.95  # the same sentences, one letter's case apart
     assert bad["similarity"]["mean"] < 0.3
     assert good["similarity"]["ci"][0] > bad["similarity"]["ci"][1]  # the intervals do not overlap
