@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import heapq
 import importlib
-import itertools
 import logging
 import queue
 import threading
@@ -21,6 +19,7 @@ from prometheus_client import Counter, Histogram
 
 from schemas import ConfigError, InferenceRequest
 from schemas.experiment import HookConfig
+from workers.deadlines import Deadlines
 from workers.engines.base import Completion, Refused, Rejection, Result
 from workers.middleware import Middleware
 from workers.runners import Done, EngineCall
@@ -59,33 +58,6 @@ def _same_request(request: InferenceRequest) -> Callable[[Any], str | None]:
     return check
 
 
-class _Deadlines:
-    """One daemon thread that calls each callback when its time comes (a hook call's time limit),
-    instead of a timer thread per call."""
-
-    def __init__(self) -> None:
-        self._due: list[tuple[float, int, Callable[[], None]]] = []
-        self._seq = itertools.count()
-        self._wake = threading.Condition()
-        threading.Thread(target=self._run, name="abq-hook-deadlines", daemon=True).start()
-
-    def at(self, when: float, fn: Callable[[], None]) -> None:
-        with self._wake:
-            heapq.heappush(self._due, (when, next(self._seq), fn))
-            self._wake.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._due or self._due[0][0] > time.monotonic():
-                    self._wake.wait(self._due[0][0] - time.monotonic() if self._due else None)
-                _, _, fn = heapq.heappop(self._due)
-            try:
-                fn()
-            except Exception:
-                log.exception("a hook deadline's callback failed")
-
-
 class Hooks(Middleware):
     """Runs each hook call in a thread of its own, off the worker's loop: a request enters the engine
     when its request hook returns, and is answered when its response hook returns, so a slow or
@@ -98,7 +70,7 @@ class Hooks(Middleware):
         self.configs = configs
         self.request_hooks = {v: load_hook(c.request) for v, c in configs.items() if c.request}
         self.response_hooks = {v: load_hook(c.response) for v, c in configs.items() if c.response}
-        self._deadlines = _Deadlines()
+        self._deadlines = Deadlines("abq-hook-deadlines", "a hook's time limit")
         self._lock = threading.Lock()
         self.overrunning = 0  # calls past their limit that have not returned
 
@@ -262,7 +234,7 @@ class Hooks(Middleware):
             once(False, f"took longer than {limit:g}s")
 
         threading.Thread(target=run, name=f"abq-hook-{kind}", daemon=True).start()
-        self._deadlines.at(time.monotonic() + limit, overrun)
+        self._deadlines.at(time.monotonic() + limit, overrun, lambda: not state["settled"])
 
 
 def _strings(value: Any) -> str | None:
