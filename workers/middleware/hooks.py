@@ -94,9 +94,9 @@ class Hooks(Middleware):
         def hooked(requests: list[InferenceRequest], done: Done) -> None:
             done = self._answering(requests, done)
             plain = [i for i, r in enumerate(requests) if r.variant not in self.request_hooks]
+            waiting = [i for i, r in enumerate(requests) if r.variant in self.request_hooks]
             if static:  # in the runner's thread: what is ready runs as a batch, the rest as their hooks return
                 settled: queue.SimpleQueue[tuple[int, InferenceRequest | None]] = queue.SimpleQueue()
-                waiting = [i for i in range(len(requests)) if i not in set(plain)]
 
                 def failed(i: int, e: Refused) -> None:
                     done(i, e)
@@ -127,34 +127,30 @@ class Hooks(Middleware):
                 return
             if plain:
                 call([requests[i] for i in plain], _remap(done, plain))
-            for i, r in enumerate(requests):
-                if r.variant in self.request_hooks:  # enters the engine when its hook returns
-                    self._request_hook(engine, r, lambda new, i=i: call([new], _remap(done, [i])),
-                                       lambda e, i=i: done(i, e))  # fmt: skip
+            for i in waiting:  # each enters the engine when its hook returns
+                self._request_hook(engine, requests[i], lambda new, i=i: call([new], _remap(done, [i])),
+                                   lambda e, i=i: done(i, e))  # fmt: skip
 
         return hooked
 
-    def _request_hook(self, engine, request: InferenceRequest, run, fail, then=lambda: None) -> None:
+    def _request_hook(self, engine, request: InferenceRequest, run, fail) -> None:
         """Calls the request's hook; run(hooked request), or fail(Refused) where it failed or the
         engine refuses what it made."""
         variant = request.variant or ""
         path = self.configs[variant].request
 
         def settle(ok: bool, value: Any) -> None:
-            try:
-                if not ok:
-                    fail(Refused(Rejection("hook_failed", f"request hook {path} {value}")))
-                elif value is request:
-                    run(value)
-                elif (refused := _engine_check(engine, value)) is not None:
-                    fail(Refused(refused))
-                else:
-                    forget = getattr(engine, "forget", None)
-                    if forget is not None:
-                        forget(request)  # prepared before the hook changed it: not what runs
-                    run(value)
-            finally:
-                then()
+            if not ok:
+                fail(Refused(Rejection("hook_failed", f"request hook {path} {value}")))
+            elif value is request:
+                run(value)
+            elif (refused := _engine_check(engine, value)) is not None:
+                fail(Refused(refused))
+            else:
+                forget = getattr(engine, "forget", None)
+                if forget is not None:
+                    forget(request)  # prepared before the hook changed it: not what runs
+                run(value)
 
         self._call(variant, "request", self.request_hooks[variant], (request,), _same_request(request), settle)
 
