@@ -107,24 +107,14 @@ TRANSIENT_TRIES = 8  # about 15 s of backoff in all: longer than a cluster takes
 def riding_out(fn: Callable[..., T]) -> Callable[..., T]:
     """`fn`, tried again on transient Kafka errors with backoff (logged), as the rest of the client
     rides out a broker's death; the last error is raised if it does not pass."""
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt
-
-    from workers.backoff import delay_s
+    from workers.backoff import retrying
 
     @functools.wraps(fn)
     def tried(*args: Any, **kwargs: Any) -> T:
-        for attempt in Retrying(
-            retry=retry_if_exception(transient),
-            stop=stop_after_attempt(TRANSIENT_TRIES),
-            wait=lambda rs: delay_s(rs.attempt_number, 0.25, 4.0),
-            reraise=True,
-            before_sleep=lambda rs: log.warning(
-                "%s: %s; retrying", fn.__name__, rs.outcome.exception() if rs.outcome else "?"
-            ),
-        ):
+        for attempt in retrying(fn.__name__, transient, TRANSIENT_TRIES, first_wait_s=0.25, max_wait_s=4.0):
             with attempt:
                 return fn(*args, **kwargs)
-        raise AssertionError("unreachable: Retrying re-raises the last error")
+        raise AssertionError("unreachable: retrying re-raises the last error")
 
     return tried
 
