@@ -3,11 +3,11 @@
 .PHONY: demo test bench
 
 demo:
-	@venv=$$(scripts/env.sh) && $$venv/bin/abq demo
+	@venv=$$(scripts/env.sh) && $$venv/bin/abq demo $(ARGS)
 
 test:
 	@venv=$$(scripts/env.sh vllm) && $$venv/bin/ruff check . && $$venv/bin/ruff format --check . && $$venv/bin/mypy \
-		&& ABQ_REQUIRE_VLLM=1 $$venv/bin/python -m pytest -q
+		&& ABQ_REQUIRE_VLLM=1 $$venv/bin/python -m pytest -q -n auto
 
 bench:
 	@venv=$$(scripts/env.sh) && $$venv/bin/python bench/overhead.py

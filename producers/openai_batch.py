@@ -128,6 +128,17 @@ def completion_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
 
 STATUS = {"expired": 408, "invalid_request": 400, "too_large": 413, "engine_error": 500, "internal": 500}
 
+# OpenAI's error types by HTTP status: the one vocabulary of every error body abqueue writes (the
+# gateway's own refusals and the answers workers failed), so a client never meets a second one. The
+# worker's own code (engine_error, expired, ...) stays in `code`.
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+               405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error", 504: "timeout"}  # fmt: skip
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
 
 def output_line(custom_id: str, resp: InferenceResponse, url: str) -> dict[str, Any]:
     """One OpenAI batch output line for a response (a failed one carries an error body). The line
@@ -141,7 +152,7 @@ ABQ_KEY = "abq"
 
 def _openai_line(custom_id: str, resp: InferenceResponse, url: str) -> dict[str, Any]:
     status = STATUS.get(resp.error.code, 500) if resp.error is not None else 200
-    body = error_body(resp) if resp.error is not None else completion_body(resp, url)
+    body = error_body(resp, status) if resp.error is not None else completion_body(resp, url)
     return {
         "id": f"batch_req_{uuid.uuid4().hex}",
         "custom_id": custom_id,
@@ -150,10 +161,12 @@ def _openai_line(custom_id: str, resp: InferenceResponse, url: str) -> dict[str,
     }
 
 
-def error_body(resp: InferenceResponse) -> dict[str, Any]:
-    """OpenAI's error object for a failed response."""
+def error_body(resp: InferenceResponse, status: int) -> dict[str, Any]:
+    """OpenAI's error object for a failed response answered with `status`."""
     assert resp.error is not None
-    return {"error": {"message": resp.error.message, "type": resp.error.code, "param": None, "code": resp.error.code}}
+    return {
+        "error": {"message": resp.error.message, "type": error_type(status), "param": None, "code": resp.error.code}
+    }
 
 
 def completion_body(resp: InferenceResponse, url: str) -> dict[str, Any]:

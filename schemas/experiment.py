@@ -30,11 +30,15 @@ class VllmSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dtype: str | None = Field(default=None, description="auto, float16, bfloat16, float32")
-    max_model_len: int | None = Field(default=None, ge=16)
-    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
-    max_num_seqs: int | None = Field(default=None, ge=1)
-    max_num_batched_tokens: int | None = Field(default=None, ge=1)
-    enable_prefix_caching: bool | None = None
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="context length in tokens (prompt + output); unset: the model's"
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="share of the GPU's memory vLLM may take for weights and KV cache"
+    )
+    max_num_seqs: int | None = Field(default=None, ge=1, description="most requests the engine runs at once")
+    max_num_batched_tokens: int | None = Field(default=None, ge=1, description="most tokens in one engine step")
+    enable_prefix_caching: bool | None = Field(default=None, description="reuse the KV cache of shared prompt prefixes")
     quantization: str | None = Field(default=None, description="e.g. awq, gptq, fp8")
     tensor_parallel_size: int | None = Field(default=None, ge=1, description="GPUs per worker")
 
@@ -51,7 +55,7 @@ class ScalingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     min_replicas: int = Field(default=0, ge=0, description="0 lets the variant scale to zero")
-    max_replicas: int = Field(default=4, ge=1)
+    max_replicas: int = Field(default=4, ge=1, description="at most this many workers; above the partitions they idle")
     lag_threshold: int = Field(default=32, ge=1, description="target lag per replica (KEDA lagThreshold)")
     activation_lag_threshold: int = Field(default=0, ge=0, description="lag above which a variant at zero wakes")
     polling_interval: int = Field(default=15, ge=1, description="seconds between KEDA's lag checks")
@@ -59,11 +63,23 @@ class ScalingConfig(BaseModel):
     offset_reset_policy: Literal["earliest", "latest"] = Field(
         default="earliest", description="must match the workers (earliest)"
     )
-    allow_idle_consumers: bool = False
-    limit_to_partitions_with_lag: bool = False
-    exclude_persistent_lag: bool = False
-    scale_to_zero_on_invalid_offset: bool = False
-    ensure_even_distribution_of_partitions: bool = False
+    allow_idle_consumers: bool = Field(
+        default=False, description="KEDA allowIdleConsumers: replicas beyond the partitions"
+    )
+    limit_to_partitions_with_lag: bool = Field(
+        default=False, description="KEDA limitToPartitionsWithLag: cap replicas at the partitions with lag"
+    )
+    exclude_persistent_lag: bool = Field(
+        default=False,
+        description="KEDA excludePersistentLag: leave out partitions whose committed offset does not move",
+    )
+    scale_to_zero_on_invalid_offset: bool = Field(
+        default=False, description="KEDA scaleToZeroOnInvalidOffset: no committed offset counts as no lag"
+    )
+    ensure_even_distribution_of_partitions: bool = Field(
+        default=False,
+        description="KEDA ensureEvenDistributionOfPartitions: replicas a divisor of the partitions",
+    )
     scale_down_stabilization_seconds: int = Field(default=300, ge=0, description="HPA scale-down window")
     drain_seconds: int = Field(default=120, ge=1, description="longest a worker needs to finish its in-flight work")
 
@@ -87,10 +103,12 @@ class DeployConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     gpus: int = Field(default=1, ge=0, description="nvidia.com/gpu per worker")
-    cpu: str = "4"
-    memory: str = "32Gi"
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    cpu: str = Field(default="4", description="CPU request and limit per worker (Kubernetes quantity)")
+    memory: str = Field(default="32Gi", description="memory request and limit per worker (Kubernetes quantity)")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="labels a worker's node must have")
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Kubernetes tolerations of a worker pod"
+    )
     max_inflight: int | None = Field(default=None, ge=1, description="the worker's --max-inflight")
     delivery: Literal["at-least-once", "exactly-once"] = Field(
         default="at-least-once",
@@ -148,8 +166,8 @@ class SamplingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="in place of the request's")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="in place of the request's")
     max_tokens: int | None = Field(default=None, ge=1, description="a ceiling: requests asking for more get this many")
 
 
@@ -158,9 +176,11 @@ POOL_FIELDS = ("engine", "model", "vllm", "engine_args", "scaling", "deploy")
 
 
 class VariantConfig(BaseModel):
+    """One arm of the experiment: a model, an adapter or settings, and its share of the traffic."""
+
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, description="[a-z0-9_-], part of topic and group names")
     weight: float = Field(ge=0, le=100, description="percent of routing keys; two decimals at most")
     engine: Literal["echo", "vllm", "vllm-batch", "sim"] = Field(
         default="echo",
@@ -174,9 +194,11 @@ class VariantConfig(BaseModel):
     max_tokens_limit: int = Field(default=4096, ge=1, description="larger max_tokens are dead-lettered")
     shadow_of: str | None = Field(default=None, description="a shadow variant gets copies of this variant's requests")
     shadow_percent: float = Field(default=100, gt=0, le=100, description="share of shadow_of's requests copied")
-    price: PriceConfig = Field(default_factory=PriceConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    deploy: DeployConfig = Field(default_factory=DeployConfig)
+    price: PriceConfig = Field(
+        default_factory=PriceConfig, description="for the cost per 1,000 requests in abq evaluate"
+    )
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="how KEDA scales the workers on lag")
+    deploy: DeployConfig = Field(default_factory=DeployConfig, description="the worker pods abq deploy render writes")
     hooks: HookConfig | None = Field(default=None, description="request and response hooks the worker runs")
     pool: str | None = Field(
         default=None,
@@ -217,8 +239,10 @@ class SegmentOverride(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN, description="reported as assigned_by override:<name>")
-    match: dict[str, str | int | bool | list[str | int | bool]] = Field(min_length=1)
-    variant: str
+    match: dict[str, str | int | bool | list[str | int | bool]] = Field(
+        min_length=1, description="metadata key: value (or a list of values) a request must have; every key must match"
+    )
+    variant: str = Field(description="where matching requests go")
 
     def matches(self, metadata: dict[str, Any]) -> bool:
         for key, want in self.match.items():
@@ -229,10 +253,12 @@ class SegmentOverride(BaseModel):
 
 
 class ExperimentConfig(BaseModel):
+    """An experiment: its variants with their weights, and how requests reach them."""
+
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=NAME_PATTERN)
-    variants: list[VariantConfig] = Field(min_length=1)
+    name: str = Field(pattern=NAME_PATTERN, description="[a-z0-9_-], part of every topic and group name")
+    variants: list[VariantConfig] = Field(min_length=1, description="the models, adapters or settings compared")
     control: str | None = Field(default=None, description="the baseline variant; the first one if unset")
     partitions: int = Field(default=6, ge=1, le=1000, description="partitions of each variant's topic")
     replication_factor: int | None = Field(

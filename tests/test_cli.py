@@ -8,6 +8,7 @@ import urllib.request
 
 import orjson
 import pytest
+import recipes
 from conftest import REPO, abq_cmd, metric_values, write_config
 
 from abqueue.localkafka.broker import free_port
@@ -231,6 +232,15 @@ def test_demo_runs_end_to_end_and_prints_per_variant_results(kafka_bootstrap):
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.startswith(("a ", "b "))}
     assert set(rows) == {"a", "b"} and int(rows["a"][2]) + int(rows["b"][2]) == 120
     assert int(rows["a"][2]) > int(rows["b"][2])  # 90/10 over 80 users
+    # The README's Quickstart shows this output: its summary and table have the same shape.
+    readme = (REPO / "README.md").read_text()
+    shown = (
+        readme.split("test_demo_runs_end_to_end_and_prints_per_variant_results")[1]
+        .split("```text\n")[1]
+        .split("```")[0]
+    )
+    summary = shown[shown.index("experiment demo:") :].splitlines()
+    assert recipes.check_shape(summary, r.stdout) is None, (summary, r.stdout)
 
 
 def test_kafka_up_never_wipes_a_directory_it_did_not_make(tmp_path):

@@ -7,10 +7,12 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 
 import openai  # a test dependency: a missing one must fail, never skip
+import orjson
 import pytest
 import uvicorn
 from conftest import REPO, abq_cmd, metric_values, new_experiment, write_config
@@ -142,6 +144,34 @@ def test_errors_keep_openai_s_shape_and_status(settings, thread_worker, caplog):
             assert e.value.status_code == 413
         for key in KEYS:
             assert key not in caplog.text  # keys never reach a log
+
+
+OPENAI_ERROR_TYPES = {"invalid_request_error", "rate_limit_error", "server_error", "timeout"}
+
+
+def test_every_error_the_gateway_answers_has_openai_s_shape_and_one_type_vocabulary(settings, thread_worker):
+    """Errors a worker answered (an engine error, a request it refused) and requests no route takes
+    carry OpenAI's error types too; a worker's own codes (engine_error, invalid_request) were the type."""
+    exp = new_experiment(variants=(("a", 50), ("b", 50)))
+    exp.variants[1].engine_args = {"error_rate": 1.0}
+    ensure_topics(settings, exp)
+    with thread_worker(exp, "a"), thread_worker(exp, "b"), serving(settings, [exp]) as url:
+        client = _client(url, max_retries=0)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model=f"{exp.name}:b", prompt="x")
+        assert e.value.body["type"] == "server_error" and e.value.code == "engine_error"
+        with pytest.raises(openai.BadRequestError) as e:  # the worker refuses it: over max_tokens_limit
+            client.completions.create(model=f"{exp.name}:a", prompt="x", max_tokens=5000)
+        assert e.value.body["type"] == "invalid_request_error" and e.value.code == "invalid_request"
+        for method, path in (("GET", "/nowhere"), ("DELETE", "/chat/completions")):
+            req = urllib.request.Request(
+                url + path, method=method, headers={"Authorization": f"Bearer {next(iter(KEYS))}"}
+            )
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=10)
+            body = orjson.loads(e.value.read())
+            assert set(body["error"]) == {"message", "type", "param", "code"}, body
+            assert body["error"]["type"] in OPENAI_ERROR_TYPES and e.value.code in (404, 405)
 
 
 def test_no_answer_in_time_is_504_and_an_over_bound_backlog_is_429_with_retry_after(settings):

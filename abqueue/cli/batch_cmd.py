@@ -9,7 +9,17 @@ import threading
 from pathlib import Path
 
 from abqueue.cli import options
+from abqueue.cli.exits import ExitCode
 from abqueue.errors import UsageError
+
+TIMED_OUT = ExitCode(
+    1,
+    "some requests got no result within --timeout; those that came are kept: rerun the same command to collect the rest",
+)
+SOME_LINES_INVALID = ExitCode(
+    3,
+    "every line that could be submitted has its result, but some lines could not be submitted; their line numbers and reasons are in the errors file",
+)
 
 
 def register(sub) -> None:
@@ -96,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
             f"abq: {s.missing} requests got no result within {args.timeout:g}s; rerun the same command to collect them",
             file=sys.stderr,
         )
-        return 1
+        return TIMED_OUT
     if s.invalid:
         print(f"abq: {s.invalid} lines could not be submitted; their reasons are in {job.errors_path}", file=sys.stderr)
-        return 3
+        return SOME_LINES_INVALID
     return 0

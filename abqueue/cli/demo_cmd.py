@@ -12,7 +12,10 @@ import time
 import urllib.request
 
 from abqueue.cli import options
+from abqueue.cli.exits import ExitCode
 from abqueue.errors import UsageError
+
+MISSING = ExitCode(1, "some requests got no response within --timeout")
 
 
 def register(sub) -> None:
@@ -163,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     missing = len(sent_at) - len(got)
     if missing:
         print(f"abq: {missing} requests got no response within {args.timeout:g}s", file=sys.stderr)
-        return 1
+        return MISSING
     return 0
 
 

@@ -6,9 +6,12 @@ import argparse
 import os
 import sys
 
+from abqueue.cli.exits import ExitCode
 from abqueue.errors import UsageError
 from abqueue.localkafka import LocalCluster
 from abqueue.localkafka.broker import port_open
+
+NOT_RUNNING = ExitCode(3, "`status`: the broker, or a node of the cluster, is not running")
 
 
 def register(sub) -> None:
@@ -29,8 +32,8 @@ def register(sub) -> None:
         sp.add_argument(
             "--port",
             type=int,
-            default=9092,
-            help="client port on 127.0.0.1 (default 9092); a cluster's nodes count up from it",
+            default=int(os.environ.get("ABQ_KAFKA_PORT") or 9092),
+            help="client port on 127.0.0.1 (env ABQ_KAFKA_PORT; default 9092); a cluster's nodes count up from it",
         )
         sp.add_argument("--data-dir", default=None, help="broker state dir (default: under the cache dir, per port)")
         sp.add_argument(
@@ -177,7 +180,7 @@ def _status(cluster: LocalCluster) -> int:
             print(f"running on {node.bootstrap} (pid {node.pid()}, data {node.data_dir})")
             return 0
         print(f"not running on {node.bootstrap}")
-        return 3
+        return NOT_RUNNING
     st = cluster.status()
     for n in st.nodes:
         state = f"running (pid {n.pid})" if n.running else "not running"
@@ -196,7 +199,7 @@ def _status(cluster: LocalCluster) -> int:
             for line in st.fewer_replicas:
                 print(f"  {line}")
     print(f"data {cluster.data_dir}")
-    return 0 if all(n.running for n in st.nodes) else 3
+    return 0 if all(n.running for n in st.nodes) else NOT_RUNNING
 
 
 def _acl(args: argparse.Namespace, cluster: LocalCluster) -> int:

@@ -25,6 +25,7 @@ from abqueue.cli import (
     submit_cmd,
     worker_cmd,
 )
+from abqueue.cli.exits import INTERRUPTED, PIPE_CLOSED, USER_ERROR
 from abqueue.errors import AbqError
 
 
@@ -149,20 +150,20 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except AbqError as e:  # anything else is a bug: its traceback is printed and the exit code is 1
         print(f"abq: error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     except KafkaAuthorizationError as e:
         # The broker's ACLs said no: not a bug, and the fix is the user's role, not this command.
         print(f"abq: error: {refusal(e, args)}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     except KeyboardInterrupt:
         hint = getattr(args, "interrupt_hint", None)
         print(f"abq: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except BrokenPipeError:
         # `abq ... | head`: the reader has what it wanted. Quietly, as a shell reports SIGPIPE; stdout
         # goes to /dev/null so that Python's own flush at exit does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        return PIPE_CLOSED
 
 
 if __name__ == "__main__":

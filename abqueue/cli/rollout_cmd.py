@@ -7,7 +7,16 @@ import re
 import time
 
 from abqueue.cli import options
+from abqueue.cli.exits import ExitCode
 from abqueue.errors import UsageError
+
+ROLLED_BACK = ExitCode(
+    1, "`start`: the rollout ended without completing: a guardrail rolled it back, or an operator aborted it"
+)
+NO_ROLLOUT = ExitCode(3, "`status`: no rollout is recorded for the experiment")
+NO_CONTROLLER = ExitCode(
+    3, "`pause`, `resume`: recorded, but no controller is running to act on it until `start` resumes the rollout"
+)
 
 
 def duration(text: str) -> float:
@@ -122,7 +131,7 @@ def run_start(args: argparse.Namespace) -> int:
         print(f"rolling out {args.candidate} through {', '.join(f'{x:g}%' for x in stages)}")
     final = RolloutController(settings, state, base, progress=lambda line: print(line, flush=True)).run()
     print(f"rollout {IN_WORDS[final.status]}: {final.reason or ''}".rstrip(": "))
-    return 0 if final.status == "completed" else 1
+    return 0 if final.status == "completed" else ROLLED_BACK
 
 
 def run_request(args: argparse.Namespace) -> int:
@@ -133,7 +142,7 @@ def run_request(args: argparse.Namespace) -> int:
         state = load_state(settings, args.experiment)
         if state is None:
             print(f"no rollout recorded for {args.experiment}")
-            return 3
+            return NO_ROLLOUT
         print(
             f"{state.experiment}: {state.candidate} {IN_WORDS[state.status]} at stage {state.stage + 1}/{len(state.stages)} "
             f"({state.stages[state.stage]:g}%){': ' + state.reason if state.reason else ''}"
@@ -157,7 +166,7 @@ def run_request(args: argparse.Namespace) -> int:
         f"{args.action} recorded, but no controller is running ({gone}); it takes effect when "
         f"`abq rollout start --config FILE --candidate {state.candidate}` resumes the rollout"
     )
-    return 3
+    return NO_CONTROLLER
 
 
 def _last_seen(beat) -> str:

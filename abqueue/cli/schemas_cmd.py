@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from abqueue.cli.exits import ExitCode
+
+STALE = ExitCode(1, "`check`: a JSON Schema file differs from the models; `abq schemas export` rewrites them")
+
 
 def register(sub) -> None:
     p = sub.add_parser("schemas", help="export or check the JSON Schema files of the message contracts")
@@ -30,4 +34,4 @@ def run(args: argparse.Namespace) -> int:
     stale = check(args.dir)
     for path in stale:
         print(f"out of date: {path}; run `abq schemas export`")
-    return 1 if stale else 0
+    return STALE if stale else 0

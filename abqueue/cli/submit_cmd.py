@@ -8,8 +8,13 @@ import sys
 import orjson
 
 from abqueue.cli import options
+from abqueue.cli.exits import ExitCode
 from abqueue.errors import UsageError
 from schemas.request import PRIORITIES
+
+ERROR_ANSWER = ExitCode(
+    1, "the answer is an error response (expired, engine_error, invalid_request, ...): it is printed"
+)
 
 
 def register(sub) -> None:
@@ -98,4 +103,4 @@ def run(args: argparse.Namespace) -> int:
     )
     if reply.traceparent:
         print(f"traceparent: {reply.traceparent}", file=sys.stderr)
-    return 0 if reply.response.ok else 1
+    return 0 if reply.response.ok else ERROR_ANSWER

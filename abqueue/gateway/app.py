@@ -22,6 +22,7 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from abqueue.errors import AbqError
 from abqueue.gateway.backlog import Backlog
@@ -215,7 +216,7 @@ class Gateway:
         if resp.error is None:
             return 200, openai_batch.completion_body(resp, url)
         status = 504 if resp.error.code == "expired" else openai_batch.STATUS.get(resp.error.code, 500)
-        return status, openai_batch.error_body(resp)
+        return status, openai_batch.error_body(resp, status)
 
 
 def unavailable(e: BaseException) -> ApiError:
@@ -230,6 +231,13 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     def error(e: ApiError, extra: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers={**e.headers, **(extra or {})})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def no_route(request: Request, exc: StarletteHTTPException) -> Response:
+        # A path no route takes (404) or a method it does not (405): OpenAI's shape, as every answer.
+        what = "no such endpoint" if exc.status_code == 404 else f"{request.method} is not allowed here"
+        code = {404: "unknown_url", 405: "method_not_allowed"}.get(exc.status_code)
+        return error(ApiError(exc.status_code, f"{what}: {request.method} {request.url.path}", code))
 
     def tenant_of(request: Request) -> str:
         tenant = gateway.tenants.tenant(request.headers.get("authorization"))

@@ -23,9 +23,6 @@ AT_DEFAULT = {"frequency_penalty": 0, "presence_penalty": 0, "echo": False, "bes
 class ApiError(Exception):
     """An answer in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "timeout"}  # fmt: skip
-
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
                  headers: dict[str, str] | None = None):  # fmt: skip
         super().__init__(message)
@@ -33,7 +30,7 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        kind = self.TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        kind = openai_batch.error_type(self.status)
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 

@@ -21,15 +21,23 @@ class KafkaSettings(BaseSettings):
         default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or DEFAULT_BOOTSTRAP,
         description="host:port[,host:port...]",
     )
-    client_id: str = "abqueue"
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    ssl_password: SecretStr | None = None
+    client_id: str = Field(default="abqueue", description="the client id brokers log and quote")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="how clients talk to the brokers"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None, description="with a SASL security protocol"
+    )
+    sasl_username: str | None = Field(default=None, description="the SASL user")
+    sasl_password: SecretStr | None = Field(
+        default=None, description="the SASL user's password; prefer the variable to the flag, which shows in ps"
+    )
+    ssl_cafile: Path | None = Field(
+        default=None, description="PEM file of the CA that signed the brokers' certificates"
+    )
+    ssl_certfile: Path | None = Field(default=None, description="PEM client certificate (mTLS)")
+    ssl_keyfile: Path | None = Field(default=None, description="PEM private key of the client certificate (mTLS)")
+    ssl_password: SecretStr | None = Field(default=None, description="password of the private key, if it has one")
 
     @model_validator(mode="after")
     def _coherent(self) -> KafkaSettings:

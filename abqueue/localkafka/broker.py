@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import logging
@@ -57,6 +58,18 @@ def fetch_jars(cache_dir: Path, log=print) -> Path:
         raise BrokerError("Maven (mvn) is not on PATH; install it (apt-get install maven) to fetch the Kafka jars once")
     if shutil.which("java") is None:
         raise BrokerError("Java is not on PATH; install a JDK 17+ (apt-get install openjdk-17-jre-headless)")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Brokers started at once on a fresh machine (parallel test workers, a demo beside the tests) fetch
+    # one at a time: the second finds the first's jars, instead of deleting its half-written download.
+    with open(cache_dir / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / ".complete").exists():
+            return target
+        _download(target, log)
+    return target
+
+
+def _download(target: Path, log) -> None:
     log(f"fetching Kafka broker jars from Maven Central into {target} (once)...")
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -73,7 +86,6 @@ def fetch_jars(cache_dir: Path, log=print) -> Path:
     (tmp / ".complete").touch()
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return target
 
 
 def new_cluster_id() -> str:
