@@ -281,6 +281,7 @@ class JobState:
 
 
 CHECKPOINT_EVERY_S = 1.0  # how often acknowledged sends are recorded in the state file
+WAITING_AFTER_S = 5.0  # without a result for this long, the progress line says what the job waits for
 
 
 class BatchJob:
@@ -336,6 +337,7 @@ class _Run:
         self.pending: dict[str, Item] = {}  # by request id: submitted (now or by an earlier run), no result yet
         self.ok = self.failed = self.invalid = self.sent = 0
         self.progress: Progress | None = None
+        self.last_result = time.monotonic()  # of the last result taken, or of the job's start
         self.openai = False
 
     def run(self, t0: float) -> BatchSummary:
@@ -374,6 +376,7 @@ class _Run:
             deadline = time.monotonic() + job.timeout_s
             while self.pending and not job.stop() and (left := deadline - time.monotonic()) > 0:
                 client.wait(set(self.pending), min(1.0, left), on_reply=self._take)
+                self._waiting()
         finally:
             client.close()
         missing = scan.lines - skipped - self.ok - self.failed - self.invalid
@@ -501,6 +504,7 @@ class _Run:
         if it is None:
             return
         resp = reply.response
+        self.last_result = time.monotonic()
         line = (
             openai_batch.output_line(it.key, resp, it.url or "")
             if self.openai
@@ -516,6 +520,16 @@ class _Run:
             self.job.on_counts(self.ok, self.failed)
         if self.progress:
             self.progress.update(self.ok + self.failed, f"sent {self.sent} ok {self.ok} failed {self.failed}")
+
+    def _waiting(self) -> None:
+        """Between results, say what the job waits for: with no worker running, nothing else would."""
+        quiet = time.monotonic() - self.last_result
+        if self.progress and quiet >= WAITING_AFTER_S:
+            self.progress.update(
+                self.ok + self.failed,
+                f"sent {self.sent} ok {self.ok} failed {self.failed}; waiting for {len(self.pending)} results, "
+                f"no result for {quiet:.0f}s (are {self.job.experiment.name}'s workers running?)",
+            )
 
     def _invalid(self, it: Item) -> None:
         self.invalid += 1

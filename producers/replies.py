@@ -60,7 +60,7 @@ class ResponseListener:
             if not topics.visible(settings, topic):
                 raise ConfigError(
                     f"not allowed to read {topic}: user {settings.sasl_username or '(no SASL user)'} has no ACL for it; "
-                    "a producer reads only its own reply topics abq.EXPERIMENT.replies.CLIENT.* (README, Roles and ACLs)"
+                    "a producer reads only its own reply topics abq.EXPERIMENT.replies.CLIENT.* (docs/guides/kafka-security.md)"
                 )
             raise ConfigError(
                 f"topic {topic} does not exist; create it, or start a worker of the experiment, which creates its topics"

@@ -1,7 +1,8 @@
 """Runs the recipes of a Markdown page: its fenced blocks marked `{.bash .recipe}` or `{.python .recipe}`,
 in order, as one shell script (so a variable set or a process started in one block is there in the
 next), and checks each `{.text .expect}` block against the output of the recipe before it, by shape:
-every expected line must appear in that output, in order, with numbers and hex ids free to differ.
+every expected line must appear in that output, in order, with numbers and hex ids free to differ
+(or verbatim, in a block also marked `.exact`).
 
 pytest-markdown-docs runs a page's Python blocks one by one inside the test process; a recipe is a
 sequence whose Python steps need the broker, workers and gateway its shell steps started, so the
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FENCE = re.compile(r"^```\{(?P<attrs>[^}]*)\}\s*$")
+SNIPPET = re.compile(r'^--8<-- "(?P<path>[^"]+)"$', re.M)  # pymdownx.snippets' include, as the site shows it
+REPO = Path(__file__).resolve().parent.parent
 MARKER = "::recipe-block::"
 
 
@@ -27,7 +30,9 @@ class Block:
     kind: str  # bash, python, expect
     line: int  # where the block starts in the page (1-based), for the failure message
     text: str
-    expected: list[str] = field(default_factory=list)  # for a recipe: the expect blocks after it
+    expected: list[tuple[str, bool]] = field(
+        default_factory=list
+    )  # for a recipe: (line, exact) of the expect blocks after it
 
 
 def blocks(page: Path) -> list[Block]:
@@ -42,14 +47,14 @@ def blocks(page: Path) -> list[Block]:
             continue
         classes = set(m["attrs"].split())
         end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
-        text = "\n".join(lines[i + 1 : end])
+        text = SNIPPET.sub(lambda m: (REPO / m["path"]).read_text().rstrip("\n"), "\n".join(lines[i + 1 : end]))
         if ".recipe" in classes:
             kind = "python" if ".python" in classes else "bash"
             out.append(Block(kind, i + 1, text))
         elif ".expect" in classes:
             if not out:
                 raise ValueError(f"{page}:{i + 1}: an expect block before any recipe")
-            out[-1].expected += text.splitlines()
+            out[-1].expected += [(line, ".exact" in classes) for line in text.splitlines()]
         i = end + 1
     return out
 
@@ -71,14 +76,17 @@ def shape(line: str) -> str:
     return " ".join(line.split())
 
 
-def check_shape(expected: list[str], output: str) -> str | None:
-    """None if every expected line appears in the output in order (by shape); else the first missing one."""
-    got = iter(shape(line) for line in output.splitlines())
-    for want in expected:
-        w = shape(want)
+def check_shape(expected: list[str] | list[tuple[str, bool]], output: str) -> str | None:
+    """None if every expected line appears in the output in order, by shape (or verbatim where marked
+    exact: `{.text .expect .exact}`, for output that does not vary); else the first missing line."""
+    got = iter(output.splitlines())
+    for item in expected:
+        want, exact = item if isinstance(item, tuple) else (item, False)
+        norm = (lambda line: line.rstrip()) if exact else shape
+        w = norm(want)
         if not w:
             continue
-        if not any(w == g for g in got):
+        if not any(w == norm(g) for g in got):
             return want
     return None
 

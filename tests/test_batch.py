@@ -366,3 +366,18 @@ def test_a_batch_assigns_its_lines_by_the_live_weights_not_the_file_s(settings, 
     assert summary.ok == 40
     assert Counter(r["variant"] for r in _lines(out)) == {"control": 40}
     assert {r["config_version"] for r in _lines(out)} == {live_config.current(settings, exp.name).version}
+
+
+def test_a_batch_waiting_on_absent_workers_says_so_on_its_progress_line(settings, kafka_bootstrap, tmp_path):
+    """With no worker running, a batch sat silent until its timeout: its progress line only moved
+    when a result came. It now says what it waits for, and that no result has come for how long."""
+    exp = new_experiment(variants=(("a", 100),))
+    ensure_topics(settings, exp)
+    cfg = write_config(exp, tmp_path)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(inp, [{"id": f"w-{i}", "routing_key": f"u{i}", "prompt": "x", "max_tokens": 2} for i in range(5)])
+    code, _, stderr = _run_batch(kafka_bootstrap, cfg, inp, out, "--timeout", "12")
+    assert code == 1, stderr
+    waiting = [line for line in stderr.splitlines() if "waiting for 5 results" in line]
+    assert waiting, stderr
+    assert "no result for" in waiting[-1] and f"are {exp.name}'s workers running?" in waiting[-1], waiting

@@ -96,21 +96,31 @@ def test_every_example_header_names_commands_that_parse():
                     parser.parse_args(command)  # argparse exits (failing the test) on anything it does not take
 
 
+RECIPE_PAGES = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md") if ".recipe}" in p.read_text())
+
+
 @pytest.mark.slow
-def test_the_getting_started_page_runs_as_written(tmp_path):
-    """Every recipe of docs/getting-started.md, in order, on a broker of its own started by the page
-    (`abq kafka up`), from a directory holding a copy of examples/."""
+@pytest.mark.parametrize("page", RECIPE_PAGES)
+def test_the_page_runs_as_written(page, tmp_path):
+    """Every recipe of the page, in order, from a directory holding a copy of examples/, on a broker
+    of its own where the page starts one (`abq kafka up`: on ABQ_KAFKA_PORT, a free port here)."""
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     port = free_port()
     env = {**_clean_env(), "ABQ_KAFKA_PORT": str(port), "ABQ_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}"}
     if "ABQ_CACHE_DIR" in os.environ:
         env["ABQ_CACHE_DIR"] = os.environ["ABQ_CACHE_DIR"]
     try:
-        recipes.run(DOCS / "getting-started.md", tmp_path, env, timeout_s=280)
+        recipes.run(DOCS / page, tmp_path, env, timeout_s=280)
     finally:
         subprocess.run(
             [sys.executable, "-m", "abqueue.cli.main", "kafka", "reset"], env=env, capture_output=True, timeout=60
         )
+
+
+def test_the_pages_a_newcomer_follows_are_tested():
+    for page in ("getting-started.md", "guides/gateway.md", "guides/batch.md", "guides/send-requests.md",
+                 "guides/kubernetes.md", "guides/tuning-keda.md", "concepts/scaling.md"):  # fmt: skip
+        assert page in RECIPE_PAGES, f"{page} has no tested recipe"
 
 
 def test_the_recipe_runner_fails_on_a_failing_step_and_on_output_of_another_shape(tmp_path):

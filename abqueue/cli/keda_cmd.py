@@ -28,7 +28,7 @@ def register(sub) -> None:
         "--input",
         type=Path,
         default=None,
-        help="offline: a situation JSON file (format in the README) instead of the cluster",
+        help="offline: a situation JSON file (format in docs/concepts/scaling.md) instead of the cluster",
     )
     plan.add_argument("--format", choices=["table", "json"], default="table")
     plan.add_argument(
@@ -113,7 +113,7 @@ def run_plan(args: argparse.Namespace) -> int:
             situation = orjson.loads(args.input.read_bytes())
         except FileNotFoundError:
             raise UsageError(
-                f"situation file {args.input} does not exist; pass a JSON file (format in the README)"
+                f"situation file {args.input} does not exist; pass a JSON file (format in docs/concepts/scaling.md)"
             ) from None
         except orjson.JSONDecodeError as e:
             raise UsageError(f"situation file {args.input} is not valid JSON: {e}") from None

@@ -124,7 +124,7 @@ def refusal(e: KafkaAuthorizationError, args: argparse.Namespace) -> str:
     detail = _one_line(e).removeprefix(f"[Error {e.errno}] ").removeprefix(type(e).__name__).lstrip(": ")
     return (
         f"Kafka refused {what} to user {user} ({type(e).__name__}{': ' + detail if detail else ''}); "
-        "its role's ACLs do not allow it: run this as a user whose role does (README, Roles and ACLs)"
+        "its role's ACLs do not allow it: run this as a user whose role does (docs/guides/kafka-security.md)"
     )
 
 

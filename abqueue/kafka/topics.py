@@ -121,7 +121,7 @@ def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list
                 raise ConfigError(
                     f"topics {shown} of experiment {experiment.name} do not exist, and user "
                     f"{settings.sasl_username or '(no SASL user)'} may not create them; the operator creates an "
-                    f"experiment's topics: `abq experiment apply FILE --create-topics` (README, Roles and ACLs)"
+                    f"experiment's topics: `abq experiment apply FILE --create-topics` (docs/guides/kafka-security.md)"
                 ) from None
             # The replication chosen is said where it is used: unset in the config, it follows the cluster's size.
             log.info("created topics %s (%s)", ", ".join(sorted(missing)), want)

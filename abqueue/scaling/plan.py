@@ -1,5 +1,5 @@
 """`abq keda plan`: per variant, what KEDA would do with the lag there is now (live) or in a
-situation described in JSON (offline). The JSON format is documented in the README."""
+situation described in JSON (offline). The JSON format is documented in docs/concepts/scaling.md."""
 
 from __future__ import annotations
 

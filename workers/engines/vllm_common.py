@@ -56,7 +56,7 @@ def import_vllm():
         import vllm
     except ImportError:
         raise ConfigError(
-            "vLLM is not installed; `pip install 'abqueue[vllm]'` (GPU) or see the README for the CPU build"
+            "vLLM is not installed; `pip install 'abqueue[vllm]'` (GPU) or see docs/guides/gpu-workers.md for the CPU build"
         ) from None
     return vllm
 

@@ -1,4 +1,4 @@
-"""Metrics: Prometheus counters, histograms and gauges per experiment and variant (names in the README)."""
+"""Metrics: Prometheus counters, histograms and gauges per experiment and variant (docs/reference/metrics.md is generated from them)."""
 
 from __future__ import annotations
 
