@@ -7,7 +7,7 @@ demo:
 
 test:
 	@venv=$$(scripts/env.sh vllm) && $$venv/bin/ruff check . && $$venv/bin/ruff format --check . && $$venv/bin/mypy \
-		&& ABQ_REQUIRE_VLLM=1 $$venv/bin/python -m pytest -q -n auto
+		&& ABQ_REQUIRE_VLLM=1 $$venv/bin/python -m pytest -q -n auto --dist worksteal
 
 bench:
 	@venv=$$(scripts/env.sh) && $$venv/bin/python bench/overhead.py

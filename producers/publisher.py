@@ -54,14 +54,16 @@ class RequestPublisher:
         if self.create_topics:
             ensure_topics(self.settings, new)  # before any request can be routed to a new variant
         self._max_bytes = {**self._max_bytes, **topic_max_message_bytes(self.settings, self._topics(new))}
-        old = {v.name: v.weight for v in self.experiment.variants}
+        old = ", ".join(f"{v.name} {v.weight:g}" for v in self.experiment.variants)
+        weights = ", ".join(f"{v.name} {v.weight:g}" for v in new.variants)
         self._live = (new, record.version)
+        # The first config read (the live one where the file was used so far) is news only if it differs.
         log.info(
-            "experiment %s v%d: weights %s (were %s)",
+            "experiment %s v%d: weights %s%s",
             new.name,
             record.version,
-            {v.name: v.weight for v in new.variants},
-            old,
+            weights,
+            f" (were {old})" if old != weights else "",
         )
 
     @property

@@ -71,7 +71,9 @@ def _answered_all(settings, exp) -> int:
 def test_interrupted_batch_resumes_and_the_output_has_each_id_exactly_once(
     settings, kafka_bootstrap, thread_worker, tmp_path
 ):
-    exp = new_experiment(variants=(("a", 100),), latency_ms=150)
+    # 60 lines in batches of 4, 400 ms each: six seconds of answers, so that a busy machine (the
+    # suite runs in parallel) still kills the job midway.
+    exp = new_experiment(variants=(("a", 100),), latency_ms=400)
     ensure_topics(settings, exp)
     cfg = write_config(exp, tmp_path)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"

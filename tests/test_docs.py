@@ -79,6 +79,10 @@ def test_the_readme_is_short_and_links_into_the_docs():
     assert len(readme.splitlines()) <= 200
     for link in re.findall(r"\]\((docs/[^)#]+)", readme):
         assert (REPO / link).is_file(), f"README links to {link}, which does not exist"
+    # Its code is what a tested page runs: each Python block is part of a recipe.
+    tested = "\n".join(b.text for page in RECIPE_PAGES for b in recipes.blocks(DOCS / page))
+    for block in re.findall(r"```python\n(.*?)```", readme, re.S):
+        assert block.strip() in tested, f"the README's Python block is not run by any page:\n{block}"
 
 
 def test_every_example_header_names_commands_that_parse():

@@ -28,6 +28,12 @@ from abqueue.cli import (
 from abqueue.cli.exits import INTERRUPTED, PIPE_CLOSED, USER_ERROR
 from abqueue.errors import AbqError
 
+# In the order `abq --help` lists them.
+COMMANDS = (
+    demo_cmd, worker_cmd, submit_cmd, batch_cmd, gateway_cmd, feedback_cmd, experiment_cmd, rollout_cmd,
+    report_cmd, evaluate_cmd, kafka_cmd, keda_cmd, deploy_cmd, schemas_cmd,
+)  # fmt: skip
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -40,22 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{', '.join(LOG_LEVELS)} (env ABQ_LOG_LEVEL)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (
-        demo_cmd,
-        worker_cmd,
-        submit_cmd,
-        batch_cmd,
-        gateway_cmd,
-        feedback_cmd,
-        experiment_cmd,
-        rollout_cmd,
-        report_cmd,
-        evaluate_cmd,
-        kafka_cmd,
-        keda_cmd,
-        deploy_cmd,
-        schemas_cmd,
-    ):
+    for module in COMMANDS:
         module.register(sub)
     return p
 

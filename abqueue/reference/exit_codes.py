@@ -8,7 +8,7 @@ from abqueue.reference.markdown import cell
 
 
 def page() -> str:
-    from abqueue.cli import batch_cmd, demo_cmd, kafka_cmd, rollout_cmd, schemas_cmd, submit_cmd
+    from abqueue.cli.main import COMMANDS
 
     lines = [
         "# Exit codes",
@@ -24,14 +24,8 @@ def page() -> str:
         "| command | code | meaning |",
         "| --- | --- | --- |",
     ]
-    for command, module in (
-        ("abq batch", batch_cmd),
-        ("abq demo", demo_cmd),
-        ("abq kafka", kafka_cmd),
-        ("abq rollout", rollout_cmd),
-        ("abq schemas", schemas_cmd),
-        ("abq submit", submit_cmd),
-    ):
+    for module in sorted(COMMANDS, key=lambda m: m.__name__):
+        command = "abq " + module.__name__.rsplit(".", 1)[1].removesuffix("_cmd")
         codes = sorted((v for v in vars(module).values() if isinstance(v, ExitCode)), key=int)
         lines += [f"| `{command}` | {int(c)} | {cell(c.meaning)} |" for c in codes]
     return "\n".join(lines) + "\n"
