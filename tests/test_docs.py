@@ -100,7 +100,7 @@ def test_every_example_header_names_commands_that_parse():
                     parser.parse_args(command)  # argparse exits (failing the test) on anything it does not take
 
 
-RECIPE_PAGES = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md") if ".recipe}" in p.read_text())
+RECIPE_PAGES = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md") if recipes.blocks(p))
 
 
 @pytest.mark.slow
