@@ -132,7 +132,7 @@ STATUS = {"expired": 408, "invalid_request": 400, "too_large": 413, "engine_erro
 # gateway's own refusals and the answers workers failed), so a client never meets a second one. The
 # worker's own code (engine_error, expired, ...) stays in `code`.
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+               405: "invalid_request_error", 408: "timeout", 409: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error", 504: "timeout"}  # fmt: skip
 
 

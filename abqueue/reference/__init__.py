@@ -5,6 +5,7 @@ writes them under docs/reference/; `--check` fails where a page is stale (a test
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from abqueue.reference import cli, config, exit_codes, metrics
@@ -21,4 +22,10 @@ PAGES: dict[str, Callable[[], str]] = {
 
 
 def render() -> dict[str, str]:
-    return {name: GENERATED + make() for name, make in PAGES.items()}
+    # Defaults some options take from the environment (ABQ_LOG_LEVEL, ABQ_KAFKA_PORT, ...) are shown as
+    # the code's own, whoever generates the pages in whatever shell.
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith(("ABQ_", "KAFKA_"))}
+    try:
+        return {name: GENERATED + make() for name, make in PAGES.items()}
+    finally:
+        os.environ.update(saved)
