@@ -52,14 +52,24 @@ def scipy_stats():
     return stats
 
 
-def require_extra() -> None:
-    """Fail at once, with the install line, where a command will need the analysis extra later."""
+ANALYSIS_EXTRA = "scipy and statsmodels (`pip install 'abqueue[analysis]'`)"  # for a line naming several extras
+
+
+def analysis_missing() -> bool:
+    """True where the analysis extra's packages cannot be imported."""
     try:
         import numpy  # noqa: F401
         import scipy.stats  # noqa: F401
         import statsmodels.stats.multitest  # noqa: F401
     except ImportError:
-        raise UsageError(NEEDS_EXTRA) from None
+        return True
+    return False
+
+
+def require_extra() -> None:
+    """Fail at once, with the install line, where a command will need the analysis extra later."""
+    if analysis_missing():
+        raise UsageError(NEEDS_EXTRA)
 
 
 def _numpy():

@@ -31,13 +31,9 @@ def run(args: argparse.Namespace) -> int:
 
     # Every missing extra named at once, before any work (it named the analysis extra, and only once
     # that was installed, the embedding model's).
-    missing = []
-    try:
-        stats.require_extra()
-    except UsageError:
-        missing.append("scipy and statsmodels (`pip install 'abqueue[analysis]'`)")
     from abqueue.analysis.quality import EMBEDDER_EXTRA, embedder_missing
 
+    missing = [stats.ANALYSIS_EXTRA] if stats.analysis_missing() else []
     if embedder_missing():
         missing.append(EMBEDDER_EXTRA)
     if missing:

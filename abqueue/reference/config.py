@@ -103,7 +103,7 @@ def _table(model: type[BaseModel]) -> list[str]:
 
 
 def page() -> str:
-    from abqueue.kafka.settings import KafkaSettings
+    from abqueue.kafka.settings import DEFAULT_BOOTSTRAP, KafkaSettings
     from schemas import ExperimentConfig
 
     out = [
@@ -132,7 +132,8 @@ def page() -> str:
         "| --- | --- | --- | --- |",
     ]
     for name, field in KafkaSettings.model_fields.items():
-        default = "`127.0.0.1:9092`" if name == "bootstrap_servers" else _default(field)
+        # Its default is a factory that reads KAFKA_BOOTSTRAP_SERVERS first; what it falls back to is shown.
+        default = code(DEFAULT_BOOTSTRAP) if name == "bootstrap_servers" else _default(field)
         out.append(
             f"| `ABQ_{name.upper()}` | {_type(field.annotation)} | {default} | {cell(field.description or '')} |"
         )
