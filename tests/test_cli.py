@@ -5,13 +5,14 @@ import os
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import orjson
 import pytest
 import recipes
 from conftest import REPO, abq_cmd, metric_values, write_config
 
-from abqueue.localkafka.broker import free_port
+from abqueue.localkafka.broker import free_port, port_open
 
 SUBCOMMANDS = [
     ["demo"],
@@ -323,3 +324,14 @@ def test_the_local_broker_keeps_its_data_across_a_restart_and_reset_wipes_it(tmp
     reset = abq("kafka", "reset", *where)
     assert reset.returncode == 0 and f"deleted {data}" in reset.stdout
     assert not (tmp_path / "broker").exists()
+
+
+def test_free_ports_lie_below_the_range_outgoing_connections_take_theirs_from():
+    """A port the OS picked (bind to 0) comes from the ephemeral range, where every client connection
+    takes its own: with the suite in parallel, a cluster's second port, free when checked, was taken
+    by another test's connection before its broker bound it ("Address already in use")."""
+    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(20):
+        assert free_port() < low
+        base = free_port(consecutive=3)
+        assert base + 2 < low and not any(port_open("127.0.0.1", base + i) for i in range(3))

@@ -17,7 +17,7 @@ from kafka_helpers import read_all, wait_until
 
 from abqueue.kafka import KafkaSettings, admin_client, ensure_topics
 from abqueue.localkafka import LocalCluster
-from abqueue.localkafka.broker import free_port, port_open
+from abqueue.localkafka.broker import free_port
 from producers import AbqClient
 from schemas import InferenceRequest, InferenceResponse
 
@@ -25,14 +25,6 @@ MAX_INFLIGHT, MAX_BATCH = 8, 8
 # The documented window (README, "Guarantees"): per fault, a worker may answer again what it had
 # answered but not yet committed: at most two rounds of --max-inflight.
 DUPLICATES_PER_FAULT = 2 * MAX_INFLIGHT
-
-
-def _three_free_ports() -> int:
-    for _ in range(50):
-        base = free_port()
-        if base < 65000 and not any(port_open("127.0.0.1", base + i) for i in range(3)):
-            return base
-    raise RuntimeError("no three consecutive free ports")
 
 
 def abq(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -44,7 +36,7 @@ def abq(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    port, data = _three_free_ports(), tmp_path_factory.mktemp("cluster")
+    port, data = free_port(consecutive=3), tmp_path_factory.mktemp("cluster")
     where = ("--port", str(port), "--data-dir", str(data))
     up = abq("kafka", "up", "--brokers", "3", *where)
     try:

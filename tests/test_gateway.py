@@ -3,7 +3,6 @@ hand-written HTTP), against the real broker and echo workers."""
 
 import logging
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -21,22 +20,17 @@ from kafka_helpers import wait_until
 from abqueue.gateway.app import Gateway, Limits, create_app
 from abqueue.gateway.tenants import Tenants
 from abqueue.kafka import admin_client, ensure_topics
+from abqueue.localkafka.broker import free_port
 from schemas.experiment import SegmentOverride
 
 KEYS = {"sk-acme-0123456789abcdef": "acme", "sk-beta-0123456789abcdef": "beta"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
 def serving(settings, exps, keys=KEYS, storage=None, **limits):
     """A gateway in a thread of the test process, on a free port; yields its base URL."""
     gateway = Gateway(settings, exps, Tenants(keys), f"test-{os.getpid()}", Limits(**limits), storage=storage)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(gateway), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -212,7 +206,7 @@ def test_abq_gateway_refuses_a_public_address_without_keys_and_serves_the_sdk(
     keys = tmp_path / "keys.yaml"
     keys.write_text("acme: [sk-acme-0123456789abcdef]\n")
     keys.chmod(0o600)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         abq_cmd("gateway", "--config", str(cfg), "--port", str(port), "--api-keys", str(keys)),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,

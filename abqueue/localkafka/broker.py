@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -102,10 +103,33 @@ def port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def free_port() -> int:
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_port(consecutive: int = 1) -> int:
+    """The first of `consecutive` free ports on 127.0.0.1, below the ephemeral range. A port the OS
+    picks (bind to 0) comes from that range, where every outgoing connection takes its own: between
+    the check and the broker's bind, a client elsewhere on the machine could take it (parallel tests
+    did, for a cluster's second port)."""
+    high = _ephemeral_low() - consecutive
+    for _ in range(200):
+        base = random.randint(min(20000, high - 1000), high)
+        if all(_binds(base + i) for i in range(consecutive)):
+            return base
+    raise BrokerError(f"no {consecutive} consecutive free ports below {high + consecutive} on 127.0.0.1")
+
+
+def _binds(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @dataclass
