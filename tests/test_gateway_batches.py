@@ -13,9 +13,10 @@ import orjson
 import pytest
 from conftest import REPO, abq_cmd, metric_values, new_experiment, write_config
 from kafka_helpers import wait_until
-from test_gateway import _client, _free_port, serving
+from test_gateway import _client, serving
 
 from abqueue.kafka import ensure_topics
+from abqueue.localkafka.broker import free_port
 
 OTHER = "sk-beta-0123456789abcdef"  # the second tenant's key (test_gateway.KEYS)
 
@@ -172,7 +173,7 @@ def test_a_gateway_killed_mid_batch_is_replaced_and_every_line_is_in_the_output_
     env = {**os.environ, "ABQ_BOOTSTRAP_SERVERS": kafka_bootstrap}
 
     def gateway(name):
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             abq_cmd("gateway", "--config", str(cfg), "--port", str(port), "--api-keys", str(keys),
                     "--storage", str(tmp_path / "shared"), "--instance", name),
