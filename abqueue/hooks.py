@@ -7,6 +7,7 @@ import json
 import re
 
 from schemas import InferenceRequest
+from schemas.body import map_texts
 
 # Order matters: card numbers before phone numbers, which would match their digits too.
 PII = [
@@ -26,6 +27,9 @@ def redact(text: str) -> str:
 def redact_pii(request: InferenceRequest) -> InferenceRequest:
     """abqueue.hooks:redact_pii: e-mail addresses, card and phone numbers and IP addresses in the
     prompt or the messages become [EMAIL], [CARD], [PHONE], [IP] before the model sees them."""
+    if request.body is not None:
+        assert request.endpoint is not None
+        return request.model_copy(update={"body": map_texts(request.endpoint, request.body, redact)})
     if request.prompt is not None:
         return request.model_copy(update={"prompt": redact(request.prompt)})
     messages = [m.model_copy(update={"content": redact(m.content)}) for m in request.messages or ()]

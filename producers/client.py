@@ -8,13 +8,14 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 from abqueue.errors import AbqError
 from abqueue.kafka import KafkaSettings, ensure_topic
 from producers.publisher import RequestPublisher
 from producers.replies import Reply, ResponseListener
 from schemas import ConfigError, ExperimentConfig, InferenceRequest
+from schemas.body import CHAT, EMBEDDINGS
 
 
 class ReplyTimeout(AbqError, TimeoutError):
@@ -82,6 +83,29 @@ class AbqClient:
                 f"variant {request.variant} (`abq worker --variant {request.variant}`)?"
             )
         return replies[request.id]
+
+    def call(self, endpoint: str, body: dict[str, Any], routing_key: str, timeout: float = 60.0, **envelope) -> Reply:
+        """Send an OpenAI request body to `endpoint` (/v1/chat/completions, /v1/completions,
+        /v1/embeddings, ...) and wait for its answer; `reply.response.body` is the OpenAI response
+        body. envelope: abqueue's own request fields (priority, deadline, metadata, variant, id)."""
+        request = InferenceRequest.model_validate(
+            {
+                **envelope,
+                "experiment": self.experiment.name,
+                "routing_key": routing_key,
+                "endpoint": endpoint,
+                "body": body,
+            }
+        )
+        return self.submit(request, timeout)
+
+    def chat(self, messages: list[dict[str, Any]], routing_key: str, timeout: float = 60.0, **body) -> Reply:
+        """A chat completion: `body` takes any field of OpenAI's (tools, response_format, ...)."""
+        return self.call(CHAT, {"messages": messages, **body}, routing_key, timeout)
+
+    def embed(self, input: str | list[str], routing_key: str, timeout: float = 60.0, **body) -> Reply:
+        """Embeddings of one text or a list of them, from an embedding variant."""
+        return self.call(EMBEDDINGS, {"input": input, **body}, routing_key, timeout)
 
     def publish(self, request: InferenceRequest, traceparent: str | None = None):
         """Publish without waiting, tagged as this client's (and answered on its reply topic, where it

@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
 from schemas import InferenceResponse
-from schemas.response import TokenLogprob
+from schemas.answers import generated_body
+from schemas.body import CHAT, COMPLETIONS, ENDPOINTS, BodyError, body_asks
 
-CHAT_URL = "/v1/chat/completions"
-COMPLETIONS_URL = "/v1/completions"
+CHAT_URL = CHAT
+COMPLETIONS_URL = COMPLETIONS
 
 
 class UnsupportedLine(ValueError):
@@ -22,107 +22,29 @@ def is_openai_line(obj: dict) -> bool:
     return "custom_id" in obj and "body" in obj
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts: only text parts make sense for a text model
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise UnsupportedLine(
-                    f"content part of type {part.get('type') if isinstance(part, dict) else type(part).__name__} is not supported; send text parts only"
-                )
-            texts.append(part.get("text", ""))
-        return "".join(texts)
-    raise UnsupportedLine("message content must be a string or a list of text parts")
-
-
-def _kind(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number"
-    )
-
-
 def to_request_fields(obj: dict) -> dict[str, Any]:
-    """Our request fields (without experiment/variant) from one OpenAI batch input line."""
+    """Our request fields (without experiment/variant) from one OpenAI batch input line: its body,
+    for its url, as the line wrote it (the variant's engine serves any field it knows)."""
     method, url, body = obj.get("method", "POST"), obj.get("url"), obj.get("body")
     if method != "POST":
         raise UnsupportedLine(f"method {method!r} is not supported; batch lines use POST")
+    if url not in ENDPOINTS:
+        raise UnsupportedLine(f"url {url!r} is not an endpoint abqueue serves; use one of {', '.join(ENDPOINTS)}")
     if not isinstance(body, dict):
         raise UnsupportedLine("'body' must be an object")
-    fields: dict[str, Any] = {"id": str(obj["custom_id"])}
-    if url == CHAT_URL:
-        msgs = body.get("messages")
-        if not isinstance(msgs, list):
-            raise UnsupportedLine("chat body needs a 'messages' list")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict):
-                raise UnsupportedLine(f"messages.{i} must be an object with 'role' and 'content', not JSON {_kind(m)}")
-        fields["messages"] = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in msgs]
-    elif url == COMPLETIONS_URL:
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise UnsupportedLine("completions body needs 'prompt' as one string")
-        fields["prompt"] = prompt
-    else:
-        raise UnsupportedLine(f"url {url!r} is not supported; use {CHAT_URL} or {COMPLETIONS_URL}")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        fields["max_tokens"] = max_tokens
-    for name in ("temperature", "top_p", "seed", "n"):
-        if body.get(name) is not None:
-            fields[name] = body[name]
-    stop = body.get("stop")
-    if stop is not None:
-        fields["stop"] = [stop] if isinstance(stop, str) else stop
-    fields.update(_logprobs(body, chat=url == CHAT_URL))
-    fields["routing_key"] = str(body.get("user") or obj["custom_id"])
-    fields["metadata"] = {"openai_url": url, **({"requested_model": body["model"]} if "model" in body else {})}
-    return fields
-
-
-def _logprobs(body: dict, chat: bool) -> dict[str, Any]:
-    """Chat: `logprobs` true and `top_logprobs` K. Completions (legacy): `logprobs` K, the chosen
-    token's plus the K likeliest."""
-    want, top = body.get("logprobs"), body.get("top_logprobs")
-    if chat:
-        if want is None or want is False:
-            if top is not None:
-                raise UnsupportedLine("top_logprobs needs logprobs: true")
-            return {}
-        if want is not True:
-            raise UnsupportedLine("logprobs must be true or false in a chat body")
-        return {"logprobs": True, **({"top_logprobs": top} if top is not None else {})}
-    if want is None:
-        return {}
-    if isinstance(want, bool) or not isinstance(want, int) or not 0 <= want <= 5:
-        raise UnsupportedLine("logprobs in a completions body is a number of top tokens from 0 to 5")
-    return {"logprobs": True, "top_logprobs": want}
-
-
-def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
-    """A chat choice's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
-
-    def entry(token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-    return {"content": [
-        {**entry(t.token, t.logprob), "top_logprobs": [entry(x.token, x.logprob) for x in t.top_logprobs]}
-        for t in tokens
-    ], "refusal": None}  # fmt: skip
-
-
-def completion_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
-    """A completions choice's legacy `logprobs`: parallel lists, top tokens as {token: logprob}."""
-    offsets, at = [], 0
-    for t in tokens:
-        offsets.append(at)
-        at += len(t.token)
+    if body.get("stream"):
+        raise UnsupportedLine("stream: true is not supported in a batch line; leave it out")
+    try:
+        body_asks(url, body)
+    except BodyError as e:
+        raise UnsupportedLine(str(e)) from None
+    model = body.get("model")
     return {
-        "tokens": [t.token for t in tokens],
-        "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [{x.token: x.logprob for x in t.top_logprobs} for t in tokens],
-        "text_offset": offsets,
+        "id": str(obj["custom_id"]),
+        "endpoint": url,
+        "body": body,
+        "routing_key": str(body.get("user") or obj["custom_id"]),
+        "metadata": {"requested_model": model} if isinstance(model, str) else {},
     }
 
 
@@ -170,30 +92,14 @@ def error_body(resp: InferenceResponse, status: int) -> dict[str, Any]:
 
 
 def completion_body(resp: InferenceResponse, url: str) -> dict[str, Any]:
-    """OpenAI's chat.completion or text_completion object for an answered response."""
-    chat = url == CHAT_URL
-    choices = []
-    for i, text in enumerate(resp.outputs):
-        tokens = resp.logprobs[i] if resp.logprobs is not None and i < len(resp.logprobs) else None
-        logprobs = None if tokens is None else chat_logprobs(tokens) if chat else completion_logprobs(tokens)
-        choice: dict[str, Any] = {"index": i, "finish_reason": resp.finish_reason, "logprobs": logprobs}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        choices.append(choice)
-    return {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{resp.request_id}",
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(resp.timings.finished or time.time()),
-        "model": resp.model,
-        "choices": choices,
-        "usage": {
-            "prompt_tokens": resp.usage.prompt_tokens,
-            "completion_tokens": resp.usage.completion_tokens,
-            "total_tokens": resp.usage.prompt_tokens + resp.usage.completion_tokens,
-        },
-    }
+    """OpenAI's response body for an answered response: the one the engine made for a request with a
+    body, else a chat.completion or text_completion made from the outputs of one without."""
+    if resp.body is not None:
+        return resp.body
+    return generated_body(
+        url, resp.request_id, resp.model, resp.outputs, resp.finish_reason, resp.logprobs,
+        resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.timings.finished,
+    )  # fmt: skip
 
 
 def input_error_line(custom_id: str, code: str, message: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -41,9 +41,59 @@ class VllmSettings(BaseModel):
     enable_prefix_caching: bool | None = Field(default=None, description="reuse the KV cache of shared prompt prefixes")
     quantization: str | None = Field(default=None, description="e.g. awq, gptq, fp8")
     tensor_parallel_size: int | None = Field(default=None, ge=1, description="GPUs per worker")
+    runner: Literal["auto", "generate", "pooling"] | None = Field(
+        default=None,
+        description="pooling: an embedding (or scoring) variant that serves /v1/embeddings; unset: vLLM's guess",
+    )
+    convert: str | None = Field(
+        default=None,
+        description="with runner pooling: adapt a generative model to embed, classify, ... (vLLM's convert)",
+    )
+    tool_call_parser: str | None = Field(
+        default=None, description="the parser that turns the model's output into tool_calls (hermes, llama3_json, ...)"
+    )
+    enable_auto_tool_choice: bool | None = Field(
+        default=None, description='tool_choice "auto": the model decides when to call a tool (needs tool_call_parser)'
+    )
+    tool_strict_level: Literal["auto", "function", "parameter"] | None = Field(
+        default=None,
+        description="parameter: every tool call's arguments follow its schema, as if each tool were strict: true "
+        "(auto, vLLM's default: only tools marked strict)",
+    )
+    reasoning_parser: str | None = Field(
+        default=None, description="the parser that splits a reasoning model's thinking into message.reasoning"
+    )
+    structured_outputs_backend: str | None = Field(
+        default=None,
+        description="response_format and tool schemas: auto, xgrammar, guidance, outlines, lm-format-enforcer",
+    )
+    disable_any_whitespace: bool | None = Field(
+        default=None, description="structured outputs without free whitespace: shorter JSON, and no run of blanks"
+    )
+
+    # Settings of vLLM's OpenAI serving layer rather than of its engine.
+    FRONTEND: ClassVar[tuple[str, ...]] = ("tool_call_parser", "enable_auto_tool_choice", "tool_strict_level")
+    STRUCTURED: ClassVar[dict[str, str]] = {"structured_outputs_backend": "backend", "disable_any_whitespace": "disable_any_whitespace"}  # fmt: skip
+
+    @model_validator(mode="after")
+    def _settings_that_need_another(self) -> VllmSettings:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser (e.g. hermes); set both")
+        if self.disable_any_whitespace and self.structured_outputs_backend not in ("xgrammar", "guidance"):
+            raise ValueError("disable_any_whitespace needs structured_outputs_backend xgrammar or guidance; set it")
+        return self
 
     def args(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+        """vLLM engine arguments (structured outputs as vLLM's structured_outputs_config)."""
+        values = self.model_dump(exclude_none=True, exclude={*self.FRONTEND, *self.STRUCTURED})
+        structured = {
+            self.STRUCTURED[k]: v for k, v in self.model_dump(include=set(self.STRUCTURED), exclude_none=True).items()
+        }
+        return {**values, **({"structured_outputs_config": structured} if structured else {})}
+
+    def frontend(self) -> dict[str, Any]:
+        """Arguments of vLLM's OpenAI serving layer (`vllm serve`'s frontend arguments)."""
+        return self.model_dump(include=set(self.FRONTEND), exclude_none=True)
 
 
 ENGINES = ("echo", "vllm", "vllm-batch", "sim")

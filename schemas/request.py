@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.body import CHAT, COMPLETIONS, Asks, BodyError, Endpoint, body_asks
+
 # Bounds that protect the engine: a request outside them is dead-lettered by the worker rather than
 # handed to vLLM, where a bad value can fail a whole batch.
 MAX_N = 16
@@ -32,7 +34,10 @@ class ChatMessage(BaseModel):
 
 
 class InferenceRequest(BaseModel):
-    """One inference request. Exactly one of `prompt` or `messages` is set."""
+    """One inference request: an OpenAI `body` for an `endpoint`, as the caller wrote it, inside
+    abqueue's envelope. Requests from producers older than `body` carry `prompt` or `messages` and the
+    sampling fields instead, and are served as they always were: exactly one of `body`, `prompt` or
+    `messages` is set. What abqueue reads from either shape, it reads through `asks()`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -50,8 +55,16 @@ class InferenceRequest(BaseModel):
         description="the live config version whose weights assigned it (set by a producer that follows the live "
         "config); the sample-ratio check compares each version's traffic with its own weights",
     )
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    endpoint: Endpoint | None = Field(
+        default=None, description="the OpenAI endpoint the body is for (with body): /v1/chat/completions, ..."
+    )
+    body: dict[str, Any] | None = Field(
+        default=None,
+        description="the OpenAI request body as the caller wrote it (any field the variant's engine serves); "
+        "its model is replaced by the variant's served model",
+    )
+    prompt: str | None = Field(default=None, description="without body: the prompt of a completion")
+    messages: list[ChatMessage] | None = Field(default=None, description="without body: the messages of a chat")
     max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -81,8 +94,20 @@ class InferenceRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_input(self) -> InferenceRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("exactly one of 'prompt' or 'messages' must be set")
+        if (self.body is None) != (self.endpoint is None):
+            raise ValueError("'endpoint' and 'body' go together")
+        if sum(x is not None for x in (self.body, self.prompt, self.messages)) != 1:
+            raise ValueError("exactly one of 'body', 'prompt' or 'messages' must be set")
+        if self.body is not None:
+            try:
+                asks = self.asks()
+            except BodyError as e:
+                raise ValueError(f"body: {e}") from None
+            if asks.n > MAX_N:
+                raise ValueError(f"body: n must be at most {MAX_N}")
+            if asks.max_tokens is not None and asks.max_tokens > MAX_TOKENS_LIMIT:
+                raise ValueError(f"body: max_tokens must be at most {MAX_TOKENS_LIMIT}")
+            return self
         if self.messages is not None and not self.messages:
             raise ValueError("'messages' must not be empty")
         if self.top_logprobs is not None and not self.logprobs:
@@ -91,7 +116,14 @@ class InferenceRequest(BaseModel):
             raise ValueError("'stop' sequences must not be empty strings")
         return self
 
+    def asks(self) -> Asks:
+        """What the request asks for, read from its body or from the fields of a request without one."""
+        if self.body is not None:
+            assert self.endpoint is not None
+            return body_asks(self.endpoint, self.body)
+        texts = (self.prompt,) if self.prompt is not None else tuple(m.content for m in self.messages or ())
+        endpoint = COMPLETIONS if self.prompt is not None else CHAT
+        return Asks(endpoint, self.max_tokens, self.n, bool(self.logprobs), self.top_logprobs, texts)
+
     def prompt_chars(self) -> int:
-        if self.prompt is not None:
-            return len(self.prompt)
-        return sum(len(m.content) for m in self.messages or ())
+        return self.asks().prompt_chars

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.body import GENERATE, answer_texts
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -91,7 +93,15 @@ class InferenceResponse(BaseModel):
         "sample-ratio check counts units, so one busy user cannot look like a broken split",
     )
     model: str
-    outputs: list[str] = Field(default_factory=list, description="one text per requested sample (n)")
+    endpoint: str | None = Field(default=None, description="copied from a request with a body")
+    body: dict[str, Any] | None = Field(
+        default=None,
+        description="for a request with a body: the OpenAI response body as the engine made it (ChatCompletion, "
+        "Completion, CreateEmbeddingResponse, ...)",
+    )
+    outputs: list[str] = Field(
+        default_factory=list, description="for a request without a body: one text per requested sample (n)"
+    )
     finish_reason: FinishReason | None = None
     logprobs: list[list[TokenLogprob]] | None = Field(
         default=None, description="where the request asked for logprobs: per output (as outputs), one entry per token"
@@ -107,7 +117,7 @@ class InferenceResponse(BaseModel):
 
     @model_validator(mode="after")
     def _outputs_or_error(self) -> InferenceResponse:
-        if self.error is not None and self.outputs:
+        if self.error is not None and (self.outputs or self.body is not None):
             raise ValueError("a failed response carries no outputs")
         return self
 
@@ -115,6 +125,12 @@ class InferenceResponse(BaseModel):
         """The mean log probability of the output tokens: a confidence signal (None without logprobs)."""
         values = [t.logprob for sample in self.logprobs or () for t in sample]
         return sum(values) / len(values) if values else None
+
+    def texts(self) -> list[str]:
+        """The generated texts, one per sample, whichever shape the answer has (none for embeddings)."""
+        if self.body is not None and self.endpoint is not None:
+            return answer_texts(self.endpoint, self.body) if self.endpoint in GENERATE else []
+        return list(self.outputs)
 
     @property
     def ok(self) -> bool:

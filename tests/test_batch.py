@@ -77,7 +77,7 @@ def test_interrupted_batch_resumes_and_the_output_has_each_id_exactly_once(
     ensure_topics(settings, exp)
     cfg = write_config(exp, tmp_path)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    bad = {"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}
+    bad = {"custom_id": "bad-url", "method": "POST", "url": "/v1/audio/speech", "body": {"input": "x"}}
     _write(inp, [*_openai_lines(60, exp.name), bad])
     # Four records a poll, and a pass waits for the engine between polls: the answers come spread out,
     # so the kill below lands midway.
@@ -113,7 +113,7 @@ def test_interrupted_batch_resumes_and_the_output_has_each_id_exactly_once(
     comp = next(line for line in lines if line["custom_id"] == "req-0")["response"]["body"]
     assert comp["object"] == "text_completion" and comp["choices"][0]["text"] == "complete 0"
     errors = _lines(tmp_path / "out.errors.jsonl")
-    assert [e["custom_id"] for e in errors] == ["bad-url"] and "not supported" in errors[0]["error"]["message"]
+    assert [e["custom_id"] for e in errors] == ["bad-url"] and "not an endpoint abqueue serves" in errors[0]["error"]["message"]
     # A third run finds nothing to do and writes nothing twice.
     code, stdout, _ = _run_batch(kafka_bootstrap, cfg, inp, out, "--no-progress")
     assert code == 0 and "61 already done" in stdout and len(_lines(out)) == 60

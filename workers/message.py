@@ -10,6 +10,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from abqueue.kafka import tracing
 from schemas import DeadLetter, ErrorInfo, InferenceRequest, InferenceResponse, Timings, Usage
+from schemas.answers import generated_body
 from schemas.deadletter import DeadLetterReason
 from schemas.response import FinishReason, unit_of
 from workers.engines.base import Completion, EngineDead
@@ -98,9 +99,14 @@ class Message:
         first_token: float | None = None,
         error: ErrorInfo | None = None,
         logprobs: list | None = None,
+        body: dict | None = None,
+        ttft_s: float | None = None,
+        tpot_s: float | None = None,
         experiment: str = "",
     ) -> None:
-        """experiment: what an undecodable request is answered as (its own claim is not trusted)."""
+        """experiment: what an undecodable request is answered as (its own claim is not trusted).
+        ttft_s, tpot_s: where the engine measured them itself (vLLM's serving layer), in place of the
+        worker's reckoning from first_token."""
         req, rid = self.request, self.request_id
         assert rid is not None, "only a request whose id can be read is answered"
         finished = time.time()
@@ -108,12 +114,14 @@ class Message:
         if req is not None:
             chars = self.prompt_chars if self.prompt_chars is not None else req.prompt_chars()
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, prompt_chars=chars)
-        ttft = tpot = None
-        if first_token is not None and self.started is not None and req is not None:
+        ttft, tpot = ttft_s, tpot_s
+        if ttft is None and first_token is not None and self.started is not None and req is not None:
             ttft = max(0.0, first_token - self.started)
-            per_sample = completion_tokens / max(1, req.n)
+            per_sample = completion_tokens / max(1, req.asks().n)
             if per_sample > 1:
                 tpot = max(0.0, finished - first_token) / (per_sample - 1)
+        if first_token is None and ttft is not None and self.started is not None:
+            first_token = self.started + ttft
         exp_name = req.experiment if req else experiment
         self.response = InferenceResponse(
             request_id=rid,
@@ -123,6 +131,8 @@ class Message:
             config_version=req.config_version if req else None,
             unit=unit_of(exp_name, key) if (key := self.routing_key) else None,
             model=model,
+            endpoint=req.endpoint if req is not None and req.body is not None else None,
+            body=body,
             outputs=outputs or [],
             finish_reason=finish_reason,
             logprobs=logprobs,
@@ -144,15 +154,30 @@ class Message:
     def answer_completion(self, *, model: str, worker_id: str) -> None:
         c = self.completion
         assert c is not None, "answer_completion needs what the engine made"
+        outputs, logprobs, body = c.outputs, c.logprobs, c.body
+        req = self.request
+        if req is not None and req.body is not None and c.error is None:
+            # A request with a body is answered with an OpenAI body: the engine's own (vLLM's serving
+            # layer), or one made from the texts of an engine without it, in the same shape.
+            if body is None:
+                assert req.endpoint is not None
+                body = generated_body(
+                    req.endpoint, req.id, model, outputs, c.finish_reason, logprobs,
+                    c.prompt_tokens, c.completion_tokens,
+                )  # fmt: skip
+            outputs, logprobs = [], None
         self.answer(
             variant=self.variant,
             model=model,
             worker_id=worker_id,
-            outputs=c.outputs,
+            outputs=outputs,
             finish_reason=c.finish_reason,
             error=c.error,
-            logprobs=c.logprobs,
+            logprobs=logprobs,
+            body=body,
             first_token=c.first_token_at,
+            ttft_s=c.ttft_s,
+            tpot_s=c.tpot_s,
             prompt_tokens=c.prompt_tokens,
             completion_tokens=c.completion_tokens,
         )

@@ -111,7 +111,7 @@ def cost_per_1k(exp: ExperimentConfig, variant: str, rs: list[InferenceResponse]
 
 
 def evaluate(exp: ExperimentConfig, responses: list[InferenceResponse], refs: dict[str, str], embedder=None) -> dict:
-    ok = [r for r in responses if r.ok and r.outputs]
+    ok = [r for r in responses if r.ok and r.texts()]
     by: dict[str, list[InferenceResponse]] = {}
     for r in ok:
         by.setdefault(r.variant, []).append(r)
@@ -121,15 +121,15 @@ def evaluate(exp: ExperimentConfig, responses: list[InferenceResponse], refs: di
         rs = by.get(name, [])
         scored = [r for r in rs if r.request_id in refs]
         sims = (
-            embedder.similarity([r.outputs[0] for r in scored], [refs[r.request_id] for r in scored])
+            embedder.similarity([r.texts()[0] for r in scored], [refs[r.request_id] for r in scored])
             if scored and embedder
             else []
         )
         out["variants"][name] = {
             "responses": len(rs),
             "similarity": mean_ci(sims),
-            "length_chars": mean_ci([float(len(r.outputs[0])) for r in rs]),
-            "length_words": mean_ci([float(len(r.outputs[0].split())) for r in rs]),
+            "length_chars": mean_ci([float(len(r.texts()[0])) for r in rs]),
+            "length_words": mean_ci([float(len(r.texts()[0].split())) for r in rs]),
             "cost": cost_per_1k(exp, name, rs),
         }
     return out

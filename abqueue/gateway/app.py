@@ -1,4 +1,4 @@
-"""`abq gateway`: OpenAI's chat and completion endpoints over abqueue's queues. A request names an
+"""`abq gateway`: OpenAI's chat, completion and embedding endpoints over abqueue's queues. A request names an
 experiment as its `model` (`experiment:variant` pins a variant), is assigned by the experiment's
 weights and overrides like any producer's, queued, served by the variant's workers and answered
 from this gateway's own reply topic, with `x-abq-variant` and `x-abq-request-id` headers."""
@@ -48,6 +48,7 @@ from producers import openai_batch
 from producers.client import AbqClient, ReplyTimeout
 from producers.publisher import RequestTooLarge
 from schemas import ConfigError, ExperimentConfig, InferenceRequest
+from schemas.body import EMBEDDINGS
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,6 @@ class Gateway:
         wanted = {metadata_header(k): k for o in exp.overrides for k in o.match if k != "tenant"}
         metadata = {**fields.pop("metadata", {}), **{key: headers[h] for h, key in wanted.items() if h in headers}}
         metadata["tenant"] = tenant
-        fields.pop("routing_key")  # the batch line's: its custom_id where no user is given
         routing = body.get("user") or headers.get(ROUTING_HEADER) or tenant
         client = self.clients[name]
         try:
@@ -283,6 +283,10 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await completion(request, openai_batch.COMPLETIONS_URL)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await completion(request, EMBEDDINGS)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

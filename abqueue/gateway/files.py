@@ -13,8 +13,8 @@ import orjson
 from pydantic import ValidationError
 
 from abqueue.gateway.openai_api import ApiError, request_fields
-from producers import openai_batch
 from schemas import ExperimentConfig, InferenceRequest
+from schemas.body import ENDPOINTS
 from schemas.codec import describe
 
 SHOWN_BAD_LINES = 20  # a refusal names this many bad lines, then counts the rest
@@ -105,8 +105,8 @@ def _check_line(n: int, raw: bytes, experiments: dict[str, ExperimentConfig], se
     if obj.get("method") != "POST":
         return "method must be POST"
     url = obj.get("url")
-    if url not in (openai_batch.CHAT_URL, openai_batch.COMPLETIONS_URL):
-        return f"url must be {openai_batch.CHAT_URL} or {openai_batch.COMPLETIONS_URL}"
+    if url not in ENDPOINTS:
+        return f"url must be one of {', '.join(ENDPOINTS)}"
     body = obj.get("body")
     if not isinstance(body, dict):
         return "body must be a JSON object"
@@ -115,7 +115,7 @@ def _check_line(n: int, raw: bytes, experiments: dict[str, ExperimentConfig], se
         return f"model {name!r} is not an experiment of this gateway ({', '.join(experiments)}); batches are assigned by its weights"  # fmt: skip
     try:
         fields = request_fields(body, url, cid)
-        InferenceRequest(**{**fields, "experiment": name})
+        InferenceRequest(**{**fields, "experiment": name, "routing_key": cid})
     except ApiError as e:
         return e.message
     except ValidationError as e:

@@ -49,6 +49,9 @@ class Completion:
     error: ErrorInfo | None = None
     logprobs: list[list[TokenLogprob]] | None = None  # per output, where the request asked for them
     refused: Rejection | None = None  # Refused: the worker dead-letters the request instead of answering it
+    body: dict | None = None  # the OpenAI response body, where the engine made one (vLLM's serving layer)
+    ttft_s: float | None = None  # where the engine measured them (vLLM's per-request metrics)
+    tpot_s: float | None = None
 
     @classmethod
     def failed(cls, message: str) -> Completion:

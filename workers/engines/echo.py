@@ -9,6 +9,8 @@ import threading
 import time
 
 from schemas import ConfigError, InferenceRequest
+from schemas.answers import embedding_body
+from schemas.body import EMBEDDINGS, GENERATE
 from schemas.response import TokenLogprob, TopLogprob
 from workers.engines.base import Completion, EngineDead, Rejection, TransientEngineError
 
@@ -18,7 +20,9 @@ def _fraction(text: str) -> float:
 
 
 class EchoEngine:
-    """Answers each request with its own prompt (or last message), cut to max_tokens words.
+    """Answers each request with its own prompt (or last message), cut to max_tokens words; an
+    embeddings request with a deterministic unit vector per input (ECHO_DIMENSIONS numbers, from a
+    hash of the text: equal texts, equal vectors). Score and rerank need vLLM.
 
     Knobs (engine_args in the experiment config), to rehearse failure handling without a GPU:
       latency_ms          time to the first token (per batch with static batching)
@@ -63,6 +67,8 @@ class EchoEngine:
         self._timer: threading.Thread | None = None
 
     def check(self, request: InferenceRequest) -> Rejection | None:
+        if request.endpoint not in (None, *GENERATE, EMBEDDINGS):
+            return Rejection("unsupported", f"the echo engine does not serve {request.endpoint}; vLLM does")
         return None
 
     def warm_up(self) -> None:
@@ -87,21 +93,31 @@ class EchoEngine:
     def _complete(self, r: InferenceRequest, first: float) -> Completion:
         if self.error_rate and _fraction(r.id) < self.error_rate:
             return Completion.failed("echo engine: rehearsed failure (error_rate)")
+        asks = r.asks()
+        if asks.endpoint == EMBEDDINGS:
+            inputs = list(asks.texts)
+            tokens = sum(len(t.split()) for t in inputs)
+            vectors = [echo_vector(t) for t in inputs]
+            return Completion(
+                prompt_tokens=tokens, first_token_at=first, finish_reason="stop",
+                body=embedding_body(r.id, self.model, vectors, tokens),
+            )  # fmt: skip
         words = _text(r).split()
-        kept = words[: r.max_tokens]
+        limit = asks.max_tokens if asks.max_tokens is not None else len(words)
+        kept = words[:limit]
         sure = None
-        if r.logprobs:  # an echo is certain of every word it says: log probability 0, no other candidate
-            top = r.top_logprobs or 0
+        if asks.logprobs:  # an echo is certain of every word it says: log probability 0, no other candidate
+            top = asks.top_logprobs or 0
             sure = [
                 TokenLogprob(token=w, logprob=0.0, top_logprobs=[TopLogprob(token=w, logprob=0.0)][:top]) for w in kept
             ]
         return Completion(
-            outputs=[" ".join(kept)] * r.n,
-            finish_reason="length" if len(words) > r.max_tokens else "stop",
+            outputs=[" ".join(kept)] * asks.n,
+            finish_reason="length" if len(words) > limit else "stop",
             prompt_tokens=len(words),
-            completion_tokens=len(kept) * r.n,
+            completion_tokens=len(kept) * asks.n,
             first_token_at=first,
-            logprobs=[sure] * r.n if sure is not None else None,
+            logprobs=[sure] * asks.n if sure is not None else None,
         )
 
     # static batching
@@ -113,7 +129,7 @@ class EchoEngine:
         if self.latency_s:
             time.sleep(self.latency_s)
         first = time.time()
-        longest = max((min(len(_text(r).split()), r.max_tokens) for r in requests), default=0)
+        longest = max((_words_out(r) for r in requests), default=0)
         if self.per_token_s and longest:
             time.sleep(self.per_token_s * longest)
         return [self._complete(r, first) for r in requests]
@@ -127,7 +143,7 @@ class EchoEngine:
             done(TransientEngineError("echo engine: rehearsed transient failure"))
             return
         now = time.time()
-        tokens = min(len(_text(request).split()), request.max_tokens)
+        tokens = _words_out(request)
         first = now + self.latency_s
         with self._wake:
             if self._timer is None:
@@ -156,7 +172,25 @@ class EchoEngine:
 
 
 def _text(r: InferenceRequest) -> str:
-    if r.prompt is not None:
-        return r.prompt
-    assert r.messages, "a request has a prompt or messages"
-    return r.messages[-1].content
+    """What an echo says back: the prompt, or the last message's text."""
+    texts = r.asks().texts
+    return texts[-1] if texts else ""
+
+
+def _words_out(r: InferenceRequest) -> int:
+    asks = r.asks()
+    if asks.endpoint == EMBEDDINGS:
+        return 0
+    words = len(_text(r).split())
+    return words if asks.max_tokens is None else min(words, asks.max_tokens)
+
+
+ECHO_DIMENSIONS = 16
+
+
+def echo_vector(text: str) -> list[float]:
+    """A unit vector made from the text's hash: deterministic, so tests and demos can compare."""
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [(b - 127.5) / 127.5 for b in digest[:ECHO_DIMENSIONS]]
+    norm = sum(x * x for x in raw) ** 0.5 or 1.0
+    return [round(x / norm, 6) for x in raw]

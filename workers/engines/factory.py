@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from schemas import ConfigError, VariantConfig
 from schemas.experiment import ENGINES
 from workers.engines import lora
@@ -41,11 +43,14 @@ def make_engine(
         served = pool or [variant]
         adapters = lora.adapters(served)
         templates = {v.name: v.chat_template for v in served if v.chat_template is not None}
-        cls = AsyncVllmEngine if kind == "vllm" else VllmEngine
-        return cls(
-            model=model or variant.model,
-            engine_args=lora.engine_args(adapters, args),
-            adapters=adapters,
-            templates=templates,
-        )
+        common: dict[str, Any] = {
+            "model": model or variant.model,
+            "engine_args": lora.engine_args(adapters, args),
+            "adapters": adapters,
+            "templates": templates,
+        }
+        if kind == "vllm":
+            frontend = variant.vllm.frontend() if variant.engine.startswith("vllm") else {}
+            return AsyncVllmEngine(**common, frontend=frontend)
+        return VllmEngine(**common)
     raise ConfigError(f"unknown engine {kind!r}; use {', '.join(repr(e) for e in ENGINES)}")

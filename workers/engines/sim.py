@@ -29,7 +29,13 @@ import time
 from dataclasses import dataclass
 
 from schemas import ConfigError, InferenceRequest
+from schemas.answers import embedding_body
+from schemas.body import EMBEDDINGS, GENERATE
 from workers.engines.base import Completion, Rejection
+from workers.engines.echo import echo_vector
+
+# What a body without max_tokens generates here (vLLM would run to the end of the context).
+DEFAULT_OUTPUT_TOKENS = 256
 
 
 @dataclass
@@ -37,13 +43,21 @@ class _Running:
     request: InferenceRequest
     done: object
     prompt_tokens: int
-    left: int  # tokens still to generate
+    out_tokens: int  # per sample; an embedding's one step is its prefill
+    n: int
+    left: int = 0  # tokens still to generate
     first_token_at: float | None = None
 
+    @classmethod
+    def of(cls, request: InferenceRequest, done=None) -> _Running:
+        asks = request.asks()
+        prompt = max(1, sum(len(t.split()) for t in asks.texts))
+        out = 1 if not asks.generates else asks.max_tokens or DEFAULT_OUTPUT_TOKENS
+        return cls(request, done, prompt, out, asks.n, left=out)
 
-def _prompt_tokens(r: InferenceRequest) -> int:
-    text = r.prompt if r.prompt is not None else " ".join(m.content for m in r.messages or [])
-    return max(1, len(text.split()))
+    @property
+    def kv_need(self) -> int:
+        return self.prompt_tokens + self.out_tokens * self.n
 
 
 class SimEngine:
@@ -80,7 +94,9 @@ class SimEngine:
         self._thread.start()
 
     def check(self, request: InferenceRequest) -> Rejection | None:
-        need = _prompt_tokens(request) + request.max_tokens * request.n
+        if request.endpoint not in (None, *GENERATE, EMBEDDINGS):
+            return Rejection("unsupported", f"the sim engine does not serve {request.endpoint}; vLLM does")
+        need = _Running.of(request).kv_need
         if need > self.kv_tokens:
             return Rejection("oversized_prompt", f"{need} tokens exceed the sim engine's KV budget of {self.kv_tokens}")
         return None
@@ -90,7 +106,7 @@ class SimEngine:
 
     def submit(self, request: InferenceRequest, done) -> None:
         with self._wake:
-            self._waiting.append(_Running(request, done, _prompt_tokens(request), request.max_tokens))
+            self._waiting.append(_Running.of(request, done))
             self._wake.notify()
 
     def _admit(self) -> int:
@@ -99,7 +115,7 @@ class SimEngine:
         prefill = 0
         while self._waiting and len(self._running) < self.max_num_seqs:
             r = self._waiting[0]
-            need = r.prompt_tokens + r.request.max_tokens * r.request.n
+            need = r.kv_need
             if self._kv_used + need > self.kv_tokens:
                 break
             self._waiting.popleft()
@@ -135,18 +151,25 @@ class SimEngine:
                 if finished:
                     self._running = [r for r in self._running if r.left > 0]
                     for r in finished:
-                        self._kv_used -= r.prompt_tokens + r.request.max_tokens * r.request.n
+                        self._kv_used -= r.kv_need
             for r in finished:
-                n = r.request.max_tokens
-                r.done(  # type: ignore[operator]
-                    Completion(
-                        outputs=[f"<{n} simulated tokens>"] * r.request.n,
-                        finish_reason="length",
-                        prompt_tokens=r.prompt_tokens,
-                        completion_tokens=n * r.request.n,
-                        first_token_at=r.first_token_at,
-                    )
-                )
+                r.done(self._completion(r))  # type: ignore[operator]
+
+    def _completion(self, r: _Running) -> Completion:
+        if r.request.endpoint == EMBEDDINGS:
+            vectors = [echo_vector(t) for t in r.request.asks().texts]
+            body = embedding_body(r.request.id, self.model, vectors, r.prompt_tokens)
+            return Completion(
+                finish_reason="stop", prompt_tokens=r.prompt_tokens, first_token_at=r.first_token_at, body=body
+            )
+        n = r.out_tokens
+        return Completion(
+            outputs=[f"<{n} simulated tokens>"] * r.n,
+            finish_reason="length",
+            prompt_tokens=r.prompt_tokens,
+            completion_tokens=n * r.n,
+            first_token_at=r.first_token_at,
+        )
 
     def stats(self) -> dict[str, float]:
         """What vLLM's scheduler reports: running and waiting requests, KV-cache usage (0..1), and

@@ -14,7 +14,8 @@ import logging
 import threading
 
 from schemas import PRIORITIES, InferenceRequest
-from workers.engines.base import Completion
+from schemas.body import EMBEDDINGS
+from workers.engines.base import Completion, Rejection
 from workers.engines.vllm_common import (
     PromptPrep,
     completion,
@@ -24,6 +25,7 @@ from workers.engines.vllm_common import (
     load_error,
     sampling_params,
 )
+from workers.engines.vllm_serving import ServingLayer, check_parsers
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +65,23 @@ class AsyncVllmEngine(PromptPrep):
     batching = "continuous"
 
     def __init__(
-        self, model: str, engine_args: dict | None = None, adapters: dict | None = None, templates: dict | None = None
+        self,
+        model: str,
+        engine_args: dict | None = None,
+        adapters: dict | None = None,
+        templates: dict | None = None,
+        frontend: dict | None = None,
     ):
+        """frontend: settings of vLLM's OpenAI serving layer (tool_call_parser, enable_auto_tool_choice)."""
         import_vllm()
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = engine_kwargs(model, engine_args, AsyncEngineArgs)
+        check_parsers(frontend or {}, args)
+        if isinstance(args.get("structured_outputs_config"), dict):
+            args["structured_outputs_config"] = StructuredOutputsConfig(**args["structured_outputs_config"])
         # Request priorities reach vLLM's scheduler only under its priority policy.
         self._use_priority = args.get("scheduling_policy") == "priority"
         self._stats = EngineStats()
@@ -93,10 +105,34 @@ class AsyncVllmEngine(PromptPrep):
         self._ids = itertools.count()
         self._running: dict[int, concurrent.futures.Future] = {}  # by request object: ids are the caller's
         self._init_prep(adapters, templates)
+        try:
+            self.serving = asyncio.run_coroutine_threadsafe(
+                ServingLayer.start(
+                    self.llm, args["model"], model, adapters or {}, templates or {}, frontend or {}, self._use_priority
+                ),
+                self._loop,
+            ).result()
+        except Exception as e:
+            self.close()
+            raise load_error(model, e) from None
+        # Requests without a body run with the LoRARequests the serving layer loaded: one id per adapter.
+        loaded = self.serving.lora_requests()
+        self._loras = {v: loaded[a.name] for v, a in (adapters or {}).items() if a.name in loaded}
+        self.generates = "generate" in self.serving.tasks
+
+    def check(self, request: InferenceRequest):
+        if request.body is not None:
+            return self.serving.refusal(request)
+        if not self.generates:
+            return Rejection("unsupported", f"model {self.model} is a pooling model: send an embeddings body")
+        return super().check(request)
 
     def submit(self, request: InferenceRequest, done) -> None:
-        prompt = self.prompt(request)
-        running = asyncio.run_coroutine_threadsafe(self._run(request, prompt, done), self._loop)
+        if request.body is not None:
+            work = self._serve(request, done)
+        else:
+            work = self._run(request, self.prompt(request), done)
+        running = asyncio.run_coroutine_threadsafe(work, self._loop)
         self._running[id(request)] = running
         running.add_done_callback(lambda _: self._running.pop(id(request), None))
 
@@ -105,6 +141,13 @@ class AsyncVllmEngine(PromptPrep):
         running = self._running.get(id(request))
         if running is not None:
             running.cancel()
+
+    async def _serve(self, request: InferenceRequest, done) -> None:
+        try:
+            result = await self.serving.serve(request)
+        except Exception as e:  # answered once whatever fails, as in _run
+            result = engine_failure(e)
+        done(result)
 
     async def _run(self, request: InferenceRequest, prompt, done) -> None:
         final = None
@@ -136,7 +179,13 @@ class AsyncVllmEngine(PromptPrep):
             result.append(outcome)
             finished.set()
 
-        self.submit(InferenceRequest(experiment="warm-up", routing_key="-", prompt="warm up", max_tokens=1), done)
+        if self.generates:
+            warm = InferenceRequest(experiment="warm-up", routing_key="-", prompt="warm up", max_tokens=1)
+        else:
+            warm = InferenceRequest(
+                experiment="warm-up", routing_key="-", endpoint=EMBEDDINGS, body={"input": "warm up"}
+            )
+        self.submit(warm, done)
         finished.wait()
         if isinstance(result[0], BaseException):
             raise result[0]
@@ -146,6 +195,8 @@ class AsyncVllmEngine(PromptPrep):
 
     def close(self) -> None:
         self._token_ids.clear()
+        if not hasattr(self, "llm"):
+            return
         try:
             self.llm.shutdown()
         finally:

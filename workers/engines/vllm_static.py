@@ -1,9 +1,15 @@
-"""VllmEngine: static batching, a thin adapter over vLLM's offline `LLM.generate`, one call per batch."""
+"""VllmEngine: static batching, a thin adapter over vLLM's offline `LLM.generate`, one call per batch.
+
+`LLM.generate` has no OpenAI serving layer: a request with a body is served where it can be lowered
+to a prompt or messages and the common sampling fields (schemas/legacy.py), and refused with the field
+at fault otherwise; the worker answers it with an OpenAI body made from the texts."""
 
 from __future__ import annotations
 
 from schemas import InferenceRequest
-from workers.engines.base import Completion
+from schemas.body import BodyError
+from schemas.legacy import lowered
+from workers.engines.base import Completion, Rejection
 from workers.engines.vllm_common import (
     PromptPrep,
     completion,
@@ -41,7 +47,19 @@ class VllmEngine(PromptPrep):
             use_tqdm=False,
         )
 
+    def check(self, request: InferenceRequest) -> Rejection | None:
+        if request.body is None:
+            return super().check(request)
+        try:
+            low = lowered(request)
+        except BodyError as e:
+            return Rejection("unsupported", f"the vllm-batch engine cannot serve this body: {e}")
+        rejection = super().check(low)
+        self.forget(low)  # generate() lowers the request again: what check() prepared for this copy is not used
+        return rejection
+
     def generate(self, requests: list[InferenceRequest]) -> list[Completion]:
+        requests = [lowered(r) for r in requests]
         prompts = [self.prompt(r) for r in requests]
         params = [sampling_params(r) for r in requests]
         try:

@@ -18,6 +18,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 
 from schemas import ConfigError, InferenceRequest
+from schemas.body import GENERATE, answer_texts, with_answer_texts
 from schemas.experiment import HookConfig
 from workers.deadlines import Deadlines
 from workers.engines.base import Completion, Refused, Rejection, Result
@@ -166,14 +167,24 @@ class Hooks(Middleware):
                 done(i, result)
                 return
             path = self.configs[r.variant or ""].response
+            endpoint = r.endpoint or ""
+            if result.body is not None and endpoint not in GENERATE:
+                done(i, result)  # embeddings and scores have no text for a response hook
+                return
+            # An answer the engine made as an OpenAI body: the hook reads and replaces its choices' texts.
+            texts = answer_texts(endpoint, result.body) if result.body is not None else list(result.outputs)
 
             def settle(ok: bool, value: Any) -> None:
-                if ok:
-                    done(i, dataclasses.replace(result, outputs=value))
-                else:
+                if ok and result.body is not None and len(value) != len(texts):
+                    ok, value = False, f"returned {len(value)} texts for {len(texts)} outputs"
+                if not ok:
                     done(i, Refused(Rejection("hook_failed", f"response hook {path} {value}")))
+                elif result.body is not None:
+                    done(i, dataclasses.replace(result, body=with_answer_texts(endpoint, result.body, value)))
+                else:
+                    done(i, dataclasses.replace(result, outputs=value))
 
-            self._call(r.variant or "", "response", hook, (r, list(result.outputs)), _strings, settle)
+            self._call(r.variant or "", "response", hook, (r, texts), _strings, settle)
 
         return one
 

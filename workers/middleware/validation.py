@@ -53,26 +53,29 @@ class Validation(Middleware):
                     f"request is for variant {req.variant!r}, this topic serves {variant.name!r}",
                     worker,
                 )
-            elif req.max_tokens > variant.max_tokens_limit:
+            elif (asks := req.asks()).max_tokens is not None and asks.max_tokens > variant.max_tokens_limit:
                 m.reject(
                     "invalid_params",
-                    f"max_tokens {req.max_tokens} exceeds the variant's limit of {variant.max_tokens_limit}",
+                    f"max_tokens {asks.max_tokens} exceeds the variant's limit of {variant.max_tokens_limit}",
                     worker,
                 )
-            elif req.prompt_chars() > variant.max_prompt_chars:
+            elif asks.prompt_chars > variant.max_prompt_chars:
                 m.reject(
                     "oversized_prompt",
-                    f"prompt of {req.prompt_chars()} characters exceeds the variant's limit of {variant.max_prompt_chars}",
+                    f"prompt of {asks.prompt_chars} characters exceeds the variant's limit of {variant.max_prompt_chars}",
                     worker,
                 )
-            elif (req.top_logprobs or 0) > variant.max_top_logprobs:
+            elif (asks.top_logprobs or 0) > variant.max_top_logprobs:
                 m.reject(
                     "invalid_params",
-                    f"top_logprobs {req.top_logprobs} exceeds the variant's limit of {variant.max_top_logprobs}",
+                    f"top_logprobs {asks.top_logprobs} exceeds the variant's limit of {variant.max_top_logprobs}",
                     worker,
                 )
+            elif req.body is not None and req.body.get("chat_template") is not None:
+                # The chat template is the variant's (its treatment); a caller's Jinja never runs on a worker.
+                m.reject("unsupported", "chat_template is the variant's setting; leave it out of the body", worker)
             else:
-                m.prompt_chars = req.prompt_chars()
+                m.prompt_chars = asks.prompt_chars
                 m.request = apply_variant(req, variant)
 
     @staticmethod
