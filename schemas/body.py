@@ -24,6 +24,8 @@ RERANK: Final = "/v1/rerank"
 Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/score", "/v1/rerank"]
 ENDPOINTS: tuple[str, ...] = (CHAT, COMPLETIONS, EMBEDDINGS, SCORE, RERANK)
 GENERATE = (CHAT, COMPLETIONS)
+# What reports call the endpoint of a request without a body (a prompt or messages).
+NO_BODY = "none"
 
 # The body fields that hold a prompt's text, by endpoint (what the hooks and the echo engine read).
 _INPUT_FIELDS = {

@@ -113,7 +113,9 @@ def test_interrupted_batch_resumes_and_the_output_has_each_id_exactly_once(
     comp = next(line for line in lines if line["custom_id"] == "req-0")["response"]["body"]
     assert comp["object"] == "text_completion" and comp["choices"][0]["text"] == "complete 0"
     errors = _lines(tmp_path / "out.errors.jsonl")
-    assert [e["custom_id"] for e in errors] == ["bad-url"] and "not an endpoint abqueue serves" in errors[0]["error"]["message"]
+    assert [e["custom_id"] for e in errors] == ["bad-url"] and "not an endpoint abqueue serves" in errors[0]["error"][
+        "message"
+    ]
     # A third run finds nothing to do and writes nothing twice.
     code, stdout, _ = _run_batch(kafka_bootstrap, cfg, inp, out, "--no-progress")
     assert code == 0 and "61 already done" in stdout and len(_lines(out)) == 60

@@ -626,3 +626,42 @@ def test_lift_and_difference_on_one_line_are_one_estimate_when_regression_adjust
     assert lat["lift_ci"][0] < 0 < lat["lift_ci"][1]  # as the adjusted difference's CI: no difference
     assert lat["unadjusted_lift"] > 0.5  # the raw means' lift, kept apart and named
     assert "CUPED" in to_table(out)
+
+
+def test_the_endpoint_is_a_column_and_one_endpoint_is_reported_alone(tmp_path):
+    """Embeddings answer in milliseconds and chats in seconds: one variant's two endpoints must not be
+    one latency distribution. The report says how many answers each endpoint has per variant, warns
+    when the figures mix them, and --endpoint reports one."""
+    exp = ExperimentConfig.model_validate(
+        {"name": "ends", "control": "a", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]}
+    )
+    rs = []
+    for v in ("a", "b"):
+        chats = _responses(exp, v, 60, lambda i: 2.0, errors=0)
+        rs += [r.model_copy(update={"endpoint": "/v1/chat/completions", "outputs": [],
+                                    "body": {"object": "chat.completion", "choices": []}}) for r in chats]  # fmt: skip
+        vectors = _responses(exp, v, 40, lambda i: 0.01, errors=0, assigned_by="embed")
+        rs += [r.model_copy(update={"endpoint": "/v1/embeddings", "outputs": [], "body": {"object": "list"}})
+               for r in vectors]  # fmt: skip
+        rs += _responses(exp, v, 10, lambda i: 1.0, errors=0, assigned_by="old")  # no body: endpoint "none"
+    path = tmp_path / "responses.jsonl"
+    path.write_text("".join(r.model_dump_json() + "\n" for r in rs))
+    path.with_name("none.jsonl").write_text("")
+
+    def report(*flags):
+        out = subprocess.run(
+            abq_cmd("report", "--config", str(write_config(exp, tmp_path)), "--input", str(path), "--feedback",
+                    str(path.with_name("none.jsonl")), "--format", "json", *flags),
+            capture_output=True, text=True, cwd=REPO,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    whole = report()
+    assert whole["endpoints"]["a"] == {"/v1/chat/completions": 60, "/v1/embeddings": 40, "none": 10}
+    assert any(line.startswith("ENDPOINTS: the figures below mix") for line in whole["summary"])
+    alone = report("--endpoint", "/v1/embeddings")
+    assert {n: v["count"] for n, v in alone["variants"].items()} == {"a": 40, "b": 40}
+    assert alone["variants"]["a"]["latency_s_p95"] < 0.1  # the chats' 2 s are not in it
+    assert not any(line.startswith("ENDPOINTS") for line in alone["summary"])
+    assert report("--endpoint", "none")["endpoints"]["b"] == {"none": 10}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import orjson
 
 from abqueue.analysis import stats
-from abqueue.analysis.tally import Column, Group, Tally, marks
+from abqueue.analysis.tally import Column, Group, Tally, endpoint_of, marks
 from abqueue.errors import UsageError
 from abqueue.kafka import KafkaSettings
 from abqueue.kafka.reader import iter_to_end
@@ -117,6 +118,7 @@ class Window:
     since: float | None = None
     until: float | None = None
     config_version: int | None = None
+    endpoint: str | None = None  # one endpoint's answers (tally.NO_BODY: requests without a body)
 
     def __call__(self, r: InferenceResponse) -> bool:
         t = r.timings.enqueued
@@ -124,6 +126,7 @@ class Window:
             (self.since is None or t >= self.since)
             and (self.until is None or t < self.until)
             and (self.config_version is None or r.config_version == self.config_version)
+            and (self.endpoint is None or endpoint_of(r) == self.endpoint)
         )
 
 
@@ -341,6 +344,7 @@ def report(
         "srm": srm,
         "srm_mismatch": any(c.get("mismatch") for c in srm),
         "variants": {name: summarise(tally.all.get(name) or empty()) for name in names},
+        "endpoints": {name: {e: n for (v, e), n in sorted(tally.endpoints.items()) if v == name} for name in names},
         "comparisons": {},
     }
     control = tally.randomised.get(exp.control_variant) or empty()
@@ -426,6 +430,15 @@ def summary_lines(out: dict) -> list[str]:
             lines.append(f"SRM: none (min p={min(c['p_value'] for c in tested):.2g})")
         else:
             lines.append("SRM: not checked: " + (untested[0] if untested else "no traffic assigned by the weights"))
+    mixed: Counter[str] = Counter()
+    for counts in out.get("endpoints", {}).values():
+        mixed.update(counts)
+    if len(mixed) > 1:
+        what = ", ".join(f"{e} ({n})" for e, n in sorted(mixed.items()))
+        lines.append(
+            f"ENDPOINTS: the figures below mix {what}: their latencies are not one distribution; "
+            "pass --endpoint to report one"
+        )
     adjusted = {"holm": "after Holm", "bh": "after Benjamini-Hochberg", "none": "unadjusted"}[out["correction"]]
     level = round(100 * (1 - out["alpha"]))
     for name, c in out["comparisons"].items():

@@ -22,6 +22,7 @@ import numpy as np
 
 from abqueue.analysis import stats
 from schemas import ExperimentConfig, Feedback, InferenceResponse
+from schemas.body import NO_BODY
 
 CHUNK = 10_000  # answered requests buffered per group before their values are folded in
 SKETCH_ACCURACY = 0.005  # every percentile beyond the exact range is within 0.5% of the true value
@@ -193,6 +194,11 @@ class Group:
 AnswerKey = tuple[str | None, str]  # (caller_tag, request_id)
 
 
+def endpoint_of(r: InferenceResponse) -> str:
+    """The endpoint a response answers, for the report's endpoint column and --endpoint."""
+    return r.endpoint or NO_BODY
+
+
 def answer_key(r: InferenceResponse) -> AnswerKey:
     """Which request r answers, across callers: the same request answered twice has the same key,
     two callers' requests that share an id do not."""
@@ -265,6 +271,7 @@ class Tally:
     randomised: dict[str, Group] = field(default_factory=dict)  # per variant: weights and shadows
     units: UnitSample = field(default_factory=UnitSample)
     timeline: Counter[tuple[str, int, bool]] = field(default_factory=Counter)  # (variant, minute, failed)
+    endpoints: Counter[tuple[str, str]] = field(default_factory=Counter)  # (variant, endpoint_of)
     duplicates: int = 0
     _seen: RecentIds = field(default_factory=RecentIds)
     _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))  # seeded: reports reproduce
@@ -297,6 +304,7 @@ class Tally:
         if how == "weights":
             self.units.add(r.config_version, r.variant, r.unit or r.request_id)
         self.timeline[(r.variant, int(r.timings.enqueued // 60), bool(r.error and r.error.code != "expired"))] += 1
+        self.endpoints[(r.variant, endpoint_of(r))] += 1
 
     def done(self) -> Tally:
         for groups in (self.all, self.randomised):

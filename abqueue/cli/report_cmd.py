@@ -8,6 +8,7 @@ from pathlib import Path
 
 from abqueue.cli import options
 from abqueue.errors import UsageError
+from schemas.body import ENDPOINTS, NO_BODY
 
 
 def moment(text: str) -> float:
@@ -60,6 +61,13 @@ def register(sub) -> None:
     p.add_argument(
         "--config-version", type=int, default=None, help="only requests assigned under this live config version"
     )
+    p.add_argument(
+        "--endpoint",
+        choices=[*ENDPOINTS, NO_BODY],
+        default=None,
+        help="only answers to this endpoint (none: requests without a body), so that one variant's embeddings and "
+        "chats are not one latency distribution",
+    )
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--plot", type=Path, default=None, metavar="DIR", help="write PNG charts here (needs matplotlib)")
     options.add_kafka_flags(p)
@@ -76,10 +84,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--alpha must be in (0, 1) and --mde > 0, e.g. --alpha 0.05 --mde 0.1")
     exp = options.experiment(args)
     settings = options.kafka_settings(args) if args.input is None else None
-    window = Window(args.since, args.until, args.config_version)
+    window = Window(args.since, args.until, args.config_version, args.endpoint)
     tally = load(settings, exp, args.input, args.feedback, window)
     if not tally.count:
-        narrowed = " and --since/--until/--config-version" if window != Window() else ""
+        narrowed = " and --since/--until/--config-version/--endpoint" if window != Window() else ""
         raise UsageError(f"no responses of experiment {exp.name} to report on; check --config/--input{narrowed}")
     result = report(tally, exp, args.alpha, args.mde, args.planned_n, args.correction)
     print(to_json(result) if args.format == "json" else to_table(result))

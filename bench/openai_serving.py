@@ -1,0 +1,242 @@
+"""abqueue against what a user would run instead: `vllm serve` on the same model, the official openai
+SDK as the client of both, same prompts, same sampling, same number of concurrent callers.
+
+  (a) SDK -> `vllm serve` (vLLM's own OpenAI server);
+  (b) SDK -> `abq gateway` -> Kafka -> `abq worker --engine vllm` (vLLM's serving layer in-process)
+      -> Kafka -> the gateway.
+Reports output tokens/s and latency percentiles of both and the ratio b/a (the bar: >= 0.9). Every
+request asks for exactly --max-tokens tokens (`ignore_eos`), so both paths do the same work.
+
+Then the CPU the serving layer adds to a worker: the worker process's own CPU seconds (vLLM's engine
+core runs in a child process and is not counted) per request, for the same chats sent (c) as OpenAI
+bodies (vLLM's serving layer) and (d) in the request format without a body (abqueue's hand-rolled
+prompt path), published at once through one AbqClient.
+
+CPU (default): the "small" random Llama of tests/tiny_model.py (~30M parameters, so the engine, not
+the queue, dominates as a real model does on a GPU). GPU: --model /path/to/model [--engine-arg k=v].
+
+Run:  python bench/openai_serving.py [--requests 256] [--concurrency 32] [--max-tokens 64]
+Uses ABQ_BOOTSTRAP_SERVERS / KAFKA_BOOTSTRAP_SERVERS if set, else starts a local broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+from common import bootstrap, cpu_seconds, free_port, leave_no_trace, percentile, start_worker, wait_ready
+
+from abqueue.kafka import KafkaSettings, ensure_topics
+from producers import AbqClient
+from schemas import ExperimentConfig, InferenceRequest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tiny_model import make_tiny_model
+
+WORDS = [
+    "queue",
+    "worker",
+    "batch",
+    "token",
+    "engine",
+    "kafka",
+    "model",
+    "variant",
+    "rollout",
+    "latency",
+    "prompt",
+    "answer",
+]
+
+
+def prompts(n: int) -> list[str]:
+    return [" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(12 + i % 9)) for i in range(n)]
+
+
+def engine_flags(args) -> dict:
+    flags = {"max_model_len": 512, "max_num_seqs": args.concurrency, "dtype": "float32", "enforce_eager": True}
+    if args.model is None:
+        flags["load_format"] = "dummy"
+    for kv in args.engine_arg:
+        k, _, v = kv.partition("=")
+        flags[k] = yaml.safe_load(v)
+    return flags
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url} exited while starting; its log: {log}\n{log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{url} did not answer within {timeout:.0f}s; its log: {log}")
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(1)
+
+
+def drive(base_url: str, model: str, texts: list[str], args) -> dict:
+    """Every prompt as a chat through the SDK, --concurrency at a time: tokens/s and latencies."""
+    import openai
+
+    sdk = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+
+    def one(i: int) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        r = sdk.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": texts[i]}], max_tokens=args.max_tokens,
+            temperature=0, user=f"user-{i}", extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        return time.perf_counter() - t0, r.usage.completion_tokens
+
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        list(pool.map(one, range(min(args.concurrency, len(texts)))))  # warm: connections, the first batches
+        t0 = time.perf_counter()
+        done = list(pool.map(one, range(len(texts))))
+        elapsed = time.perf_counter() - t0
+    latencies = [d for d, _ in done]
+    tokens = sum(t for _, t in done)
+    return {
+        "tokens_per_s": tokens / elapsed,
+        "requests_per_s": len(done) / elapsed,
+        "tokens": tokens,
+        "p50_s": statistics.median(latencies),
+        "p95_s": percentile(latencies, 95),
+    }
+
+
+def vllm_serve(model: str, texts: list[str], args, workdir: Path) -> dict:
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--port", str(port),
+           "--served-model-name", "bench", "--disable-log-requests"]  # fmt: skip
+    for k, v in engine_flags(args).items():
+        flag = "--" + k.replace("_", "-")
+        cmd += [flag] if v is True else [] if v is False else [flag, str(v)]
+    log = workdir / "vllm-serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, 900, log)
+        return drive(f"http://127.0.0.1:{port}/v1", "bench", texts, args)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+
+
+def through_abqueue(addr: str, model: str, texts: list[str], args, workdir: Path) -> tuple[dict, dict]:
+    settings = KafkaSettings(bootstrap_servers=addr)
+    flags = engine_flags(args)
+    typed = {k: flags.pop(k) for k in ("max_model_len", "max_num_seqs", "dtype")}
+    exp = ExperimentConfig(
+        name=f"oas{uuid.uuid4().hex[:8]}",
+        partitions=4,
+        variants=[{"name": "v", "weight": 100, "engine": "vllm", "model": model, "vllm": typed, "engine_args": flags}],
+    )
+    ensure_topics(settings, exp)
+    leave_no_trace(f"abq.{exp.name}.")
+    cfg = workdir / f"{exp.name}.yaml"
+    cfg.write_text(yaml.safe_dump(exp.model_dump(mode="json")))
+    metrics, port = free_port(), free_port()
+    worker = start_worker(exp, addr, "v", "--metrics-port", str(metrics))
+    env = {**os.environ, "ABQ_BOOTSTRAP_SERVERS": addr, "ABQ_LOG_LEVEL": "WARNING"}
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "abqueue.cli.main", "gateway", "--config", str(cfg), "--port", str(port),
+         "--request-timeout", "600"], env=env,
+    )  # fmt: skip
+    try:
+        wait_ready(worker, metrics, 900)
+        wait_http(f"http://127.0.0.1:{port}/readyz", gateway, 120, Path("(the gateway's output above)"))
+        through = drive(f"http://127.0.0.1:{port}/v1", exp.name, texts, args)
+        cpu = worker_cpu(settings, exp, worker.pid, texts, args)
+        return through, cpu
+    finally:
+        gateway.terminate()
+        worker.terminate()
+        gateway.wait(60)
+        worker.wait(120)
+
+
+def worker_cpu(settings, exp: ExperimentConfig, pid: int, texts: list[str], args) -> dict:
+    """The worker process's CPU seconds per request, the same chats as bodies and without one."""
+
+    def body(i: int) -> InferenceRequest:
+        return InferenceRequest(
+            experiment=exp.name, routing_key=f"u{i}", endpoint="/v1/chat/completions",
+            body={"messages": [{"role": "user", "content": texts[i]}], "max_tokens": args.max_tokens,
+                  "temperature": 0, "ignore_eos": True},
+        )  # fmt: skip
+
+    def plain(i: int) -> InferenceRequest:
+        return InferenceRequest(
+            experiment=exp.name, routing_key=f"u{i}", messages=[{"role": "user", "content": texts[i]}],
+            max_tokens=args.max_tokens, temperature=0,
+        )  # fmt: skip
+
+    out = {}
+    with AbqClient(settings, exp) as client:
+        for name, make in (("body", body), ("plain", plain), ("body_again", body), ("plain_again", plain)):
+            before = cpu_seconds(pid)
+            sent = {client.publish(make(i))[0].id for i in range(len(texts))}
+            client.publisher.flush()
+            got = client.wait(sent, timeout=1800)
+            assert len(got) == len(sent) and all(r.response.ok for r in got.values()), name
+            tokens = sum(r.response.usage.completion_tokens for r in got.values())
+            out[name] = {"cpu_ms_per_request": 1000 * (cpu_seconds(pid) - before) / len(sent), "tokens": tokens}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--model", help="a local model directory (default: a small random Llama, vLLM's CPU build)")
+    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    workdir = Path(tempfile.mkdtemp(prefix="abq-bench-oas-"))
+    model = args.model or str(make_tiny_model(workdir / "small", size="small"))
+    texts = prompts(args.requests)
+    addr, broker = bootstrap()
+    try:
+        print("(a) openai SDK -> vllm serve", file=sys.stderr)
+        a = vllm_serve(model, texts, args, workdir)
+        print("(b) openai SDK -> abq gateway -> Kafka -> abq worker", file=sys.stderr)
+        b, cpu = through_abqueue(addr, model, texts, args, workdir)
+    finally:
+        if broker:
+            broker.stop()
+    print(f"\n{args.requests} chats of {args.max_tokens} tokens, {args.concurrency} concurrent callers, the openai SDK")
+    print(f"{'':<46}{'tokens/s':>10}{'req/s':>8}{'p50 s':>8}{'p95 s':>8}")
+    for name, r in (("(a) vllm serve", a), ("(b) abq gateway -> Kafka -> abq worker", b)):
+        print(f"{name:<46}{r['tokens_per_s']:>10.0f}{r['requests_per_s']:>8.1f}{r['p50_s']:>8.2f}{r['p95_s']:>8.2f}")
+    print(f"{'output tokens/s, b/a (bar: >= 0.90)':<46}{b['tokens_per_s'] / a['tokens_per_s']:>10.2f}")
+    body = (cpu["body"]["cpu_ms_per_request"] + cpu["body_again"]["cpu_ms_per_request"]) / 2
+    plain = (cpu["plain"]["cpu_ms_per_request"] + cpu["plain_again"]["cpu_ms_per_request"]) / 2
+    print("\nthe worker process's CPU per request (the engine core's process not counted), two rounds each:")
+    for name, r in cpu.items():
+        print(f"  {name:<14}{r['cpu_ms_per_request']:>8.2f} ms   ({r['tokens']} output tokens)")
+    print(f"  vLLM's serving layer adds {body - plain:+.2f} ms a request ({body / plain:.2f}x the path without a body)")
+    print(
+        f"\nrerun: python bench/openai_serving.py --requests {args.requests} --concurrency {args.concurrency} "
+        f"--max-tokens {args.max_tokens}" + (f" --model {args.model}" if args.model else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
