@@ -240,3 +240,15 @@ def test_embeddings_on_all_minilm_l6_v2_match_sentence_transformers(settings, sp
     with AbqClient(settings, exp) as abq:
         reply = abq.embed(texts[0], routing_key="u1")
         assert cosine(reply.response.body["data"][0]["embedding"], reference[0]) >= 0.99
+
+
+@pytest.mark.parametrize("setting", ["tool_call_parser", "reasoning_parser"])
+def test_a_parser_vllm_does_not_know_is_one_line_before_the_model_loads(tmp_path, setting):
+    from schemas import ConfigError, VariantConfig
+    from workers.engines.factory import make_engine
+
+    variant = VariantConfig(name="v", weight=100, engine="vllm", model=str(make_tiny_model(tmp_path / "tiny")),
+                            vllm={setting: "hermes-typo"})  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"vllm.{setting} 'hermes-typo' is not one vLLM knows; use one of .*") as e:
+        make_engine(variant)
+    assert "\n" not in str(e.value)

@@ -114,8 +114,6 @@ class ServingLayer:
     def refusal(self, request: InferenceRequest) -> Rejection | None:
         """What this engine cannot serve, known before it runs."""
         assert request.body is not None and request.endpoint is not None
-        if request.body.get("stream"):
-            return Rejection("unsupported", "stream: true is not served through the queue yet; leave it out")
         if self._handlers.get(request.endpoint) is None:
             return Rejection(
                 "unsupported",
