@@ -288,3 +288,21 @@ def test_a_terminal_batch_status_never_changes_whatever_a_stale_replica_writes()
     assert (
         merge_batch(cancelling, b.model_copy(update={"status": "cancelled", "cancelled_at": 8})).status == "cancelled"
     )
+
+
+def test_an_embeddings_batch_is_answered_with_openai_s_embedding_objects(settings, thread_worker, tmp_path):
+    exp = _experiment(settings)
+    lines = [{"custom_id": f"e-{i}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": exp.name, "input": [f"text {i}", "same"], "user": f"u-{i}"}} for i in range(6)]  # fmt: skip
+    with thread_worker(exp, "a"), thread_worker(exp, "b"), serving(settings, [exp], storage=tmp_path / "s") as url:
+        client = _client(url)
+        f = client.files.create(file=("in.jsonl", b"".join(orjson.dumps(x) + b"\n" for x in lines)), purpose="batch")
+        b = client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+        done = _status(client, b.id, {"completed", "failed"})
+        assert done.status == "completed" and done.request_counts.completed == 6, done
+        out = {r["custom_id"]: r["response"]["body"] for r in _results(client, done.output_file_id)}
+    assert sorted(out) == [x["custom_id"] for x in lines]
+    for body in out.values():
+        assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
+    # The echo engine's vectors come from the text: the same text, the same vector, in every line.
+    assert len({tuple(b["data"][1]["embedding"]) for b in out.values()}) == 1

@@ -408,6 +408,18 @@ def test_regression_adjustment_removes_the_variance_its_covariate_explains():
     assert width_adj < 0.3 * width_raw and latency["significant"]
 
 
+def _report_json(exp, path, tmp_path, *flags) -> dict:
+    """`abq report --format json` over the responses at `path`, without feedback."""
+    path.with_name("none.jsonl").write_text("")
+    out = subprocess.run(
+        abq_cmd("report", "--config", str(write_config(exp, tmp_path)), "--input", str(path), "--feedback",
+                str(path.with_name("none.jsonl")), "--format", "json", *flags),
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def test_a_report_covers_only_its_window_of_time_and_config_version(tmp_path):
     exp = ExperimentConfig.model_validate(
         {"name": "window", "control": "a", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]}
@@ -421,15 +433,8 @@ def test_a_report_covers_only_its_window_of_time_and_config_version(tmp_path):
     path.write_text("".join(r.model_dump_json() + "\n" for r in rs))
 
     def counts(*flags):
-        out = subprocess.run(
-            abq_cmd("report", "--config", str(write_config(exp, tmp_path)), "--input", str(path), "--feedback",
-                    str(path.with_name("none.jsonl")), "--format", "json", *flags),
-            capture_output=True, text=True, cwd=REPO,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr
-        return {name: v["count"] for name, v in json.loads(out.stdout)["variants"].items()}
+        return {name: v["count"] for name, v in _report_json(exp, path, tmp_path, *flags)["variants"].items()}
 
-    path.with_name("none.jsonl").write_text("")
     assert counts() == {"a": 100, "b": 100}
     assert counts("--since", "1700000010", "--until", "1700000030") == {"a": 20, "b": 20}
     assert counts("--since", "2023-11-14T22:13:40Z") == {"a": 80, "b": 80}  # 1_700_000_020
@@ -646,16 +651,9 @@ def test_the_endpoint_is_a_column_and_one_endpoint_is_reported_alone(tmp_path):
         rs += _responses(exp, v, 10, lambda i: 1.0, errors=0, assigned_by="old")  # no body: endpoint "none"
     path = tmp_path / "responses.jsonl"
     path.write_text("".join(r.model_dump_json() + "\n" for r in rs))
-    path.with_name("none.jsonl").write_text("")
 
     def report(*flags):
-        out = subprocess.run(
-            abq_cmd("report", "--config", str(write_config(exp, tmp_path)), "--input", str(path), "--feedback",
-                    str(path.with_name("none.jsonl")), "--format", "json", *flags),
-            capture_output=True, text=True, cwd=REPO,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
+        return _report_json(exp, path, tmp_path, *flags)
 
     whole = report()
     assert whole["endpoints"]["a"] == {"/v1/chat/completions": 60, "/v1/embeddings": 40, "none": 10}

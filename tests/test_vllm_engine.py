@@ -238,18 +238,27 @@ def _pool_serves_each_variant_with_its_adapter_and_logprobs(settings, exp, port,
     }  # fmt: skip
     sampled = InferenceRequest(experiment=exp.name, routing_key="s", variant="lora-a", prompt=prompt, max_tokens=6,
                                n=3, temperature=0.9, seed=3, logprobs=True)  # fmt: skip
+    # The same prompts as OpenAI bodies, served by vLLM's serving layer with the adapters as served models.
+    bodies = {
+        v: InferenceRequest(experiment=exp.name, routing_key="u", variant=v, endpoint="/v1/completions",
+                            body={"model": exp.name, "prompt": prompt, "max_tokens": 8, "temperature": 0})
+        for v in greedy
+    }  # fmt: skip
     with AbqClient(settings, exp) as client:
-        for r in [*greedy.values(), sampled]:
+        for r in [*greedy.values(), sampled, *bodies.values()]:
             client.publish(r)
         client.publisher.flush()
-        got = client.wait({r.id for r in [*greedy.values(), sampled]}, timeout=400)
-    assert len(got) == 4
+        got = client.wait({r.id for r in [*greedy.values(), sampled, *bodies.values()]}, timeout=400)
+    assert len(got) == 7
     answers = {v: got[r.id].response for v, r in greedy.items()}
     assert all(a.ok and a.variant == v and a.model == str(model) for v, a in answers.items()), answers
     # Each adapter really runs: greedy decoding of one prompt gives three different continuations.
     runs = {v: tuple(round(t.logprob, 4) for t in a.logprobs[0]) for v, a in answers.items()}
     assert len(set(runs.values())) == 3, runs
     assert len({a.outputs[0] for a in answers.values()}) == 3, {v: a.outputs for v, a in answers.items()}
+    for v, r in bodies.items():  # each adapter's own continuation, whichever path served it
+        body = got[r.id].response.body
+        assert body is not None and body["choices"][0]["text"] == answers[v].outputs[0], (v, body, answers[v].outputs)
     for a in answers.values():  # OpenAI's semantics: the chosen token, and the top 2 at each position
         (tokens,) = a.logprobs
         assert len(tokens) == a.usage.completion_tokens
@@ -265,5 +274,5 @@ def _pool_serves_each_variant_with_its_adapter_and_logprobs(settings, exp, port,
         metrics = _get(port, "/metrics")[1]
         return {v: _values(metrics, variant=v).get("abq_requests_total") for v in greedy}
 
-    wait_until(lambda: counted()["lora-a"] == 2 and counted()["lora-b"] == 1, 10, f"per-variant counts ({counted()})")
+    wait_until(lambda: counted()["lora-a"] == 3 and counted()["lora-b"] == 2, 10, f"per-variant counts ({counted()})")
     assert counted()["tiny"] > 1  # the base variant's requests are counted under their own label

@@ -10,6 +10,7 @@ import orjson
 from abqueue.cli import options
 from abqueue.cli.exits import ExitCode
 from abqueue.errors import UsageError
+from schemas.body import CHAT, ENDPOINTS
 from schemas.request import PRIORITIES
 
 ERROR_ANSWER = ExitCode(
@@ -27,6 +28,14 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--messages", help='chat messages as JSON, e.g. \'[{"role":"user","content":"hi"}]\'')
+    src.add_argument(
+        "--body",
+        help="an OpenAI request body as JSON, for --endpoint, with any field the variant's engine serves "
+        '(e.g. \'{"input": "a cat"}\' with --endpoint /v1/embeddings); the sampling flags below do not apply',
+    )
+    p.add_argument(
+        "--endpoint", choices=ENDPOINTS, default=CHAT, help="with --body: the endpoint it is for (default: chat)"
+    )
     p.add_argument(
         "--routing-key", required=True, help="user or session key; the same key always gets the same variant"
     )
@@ -64,18 +73,14 @@ def run(args: argparse.Namespace) -> int:
     from schemas import InferenceRequest
 
     exp = options.experiment(args)
-    fields = dict(
-        experiment=exp.name,
-        routing_key=args.routing_key,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        stop=args.stop,
-        seed=args.seed,
-        n=args.n,
-        reply_to=args.reply_to,
-        priority=args.priority,
+    fields: dict = dict(
+        experiment=exp.name, routing_key=args.routing_key, reply_to=args.reply_to, priority=args.priority
     )
+    if args.body is None:
+        fields.update(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, stop=args.stop, seed=args.seed,
+            n=args.n,
+        )  # fmt: skip
     if args.metadata is not None:
         try:
             fields["metadata"] = orjson.loads(args.metadata)
@@ -87,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
         fields["deadline"] = time.time() + args.deadline_s
     if args.prompt is not None:
         fields["prompt"] = args.prompt
+    elif args.body is not None:
+        try:
+            fields.update(endpoint=args.endpoint, body=orjson.loads(args.body))
+        except orjson.JSONDecodeError as e:
+            raise UsageError(f'--body is not JSON ({e}); pass an object like \'{{"input": "a cat"}}\'') from None
     else:
         try:
             fields["messages"] = orjson.loads(args.messages)

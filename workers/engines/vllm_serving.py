@@ -12,7 +12,7 @@ import itertools
 import json
 from typing import Any
 
-from schemas import ConfigError, InferenceRequest
+from schemas import PRIORITIES, ConfigError, InferenceRequest
 from schemas.body import CHAT, COMPLETIONS, EMBEDDINGS, RERANK, SCORE
 from workers.engines.base import Completion, Refused, Rejection
 from workers.engines.vllm_common import TRANSIENT_ERRORS, engine_failure
@@ -130,14 +130,15 @@ class ServingLayer:
             # Unique per submission: a redelivered request must not collide with itself in the engine.
             body["request_id"] = f"{request.id}-{next(self._ids)}"
             if self._priority:
-                body["priority"] = request_priority(request)
+                body["priority"] = PRIORITIES.index(request.priority)
         if request.endpoint == CHAT and variant in self._templates:
             body["chat_template"] = self._templates[variant]
         return body
 
     async def serve(self, request: InferenceRequest) -> Completion | BaseException:
         """The request served by its endpoint's handler: a Completion carrying vLLM's response body,
-        one carrying vLLM's refusal (`refused`), or the engine's failure."""
+        vLLM's refusal of the body (Refused: a dead letter and an invalid_request answer), or the
+        engine's failure."""
         assert request.endpoint is not None
         handler = self._handlers[request.endpoint]
         endpoint = request.endpoint
@@ -159,12 +160,6 @@ class ServingLayer:
 
             response = create_error_response(e)
         return answer(endpoint, response)
-
-
-def request_priority(request: InferenceRequest) -> int:
-    from schemas import PRIORITIES
-
-    return PRIORITIES.index(request.priority)
 
 
 def _validation_message(e: Exception) -> str:
