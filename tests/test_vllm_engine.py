@@ -167,6 +167,20 @@ def test_vllm_worker_serves_dead_letters_and_survives_a_kill_9_or_drains_on_sigt
     else:
         assert _values(metrics)["abq_batch_size_count"] >= 1
     assert proc.poll() is None  # the worker is still serving
+    # An OpenAI body: vLLM's serving layer on the continuous engine; lowered to a prompt on the static
+    # one, which refuses what it cannot lower (tools) in one line.
+    with AbqClient(settings, exp) as client:
+        chat_body = {"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 4, "temperature": 0}
+        reply = client.call("/v1/chat/completions", chat_body, routing_key="u9", timeout=120, variant="tiny")
+        assert reply.response.ok and reply.response.body["object"] == "chat.completion", reply.response
+        assert reply.response.body["usage"]["completion_tokens"] == reply.response.usage.completion_tokens <= 4
+        if engine == "vllm-batch":
+            tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+            refused = client.call("/v1/chat/completions", {**chat_body, "tools": tools}, routing_key="u9", timeout=120,
+                                  variant="tiny").response  # fmt: skip
+            assert (
+                refused.error is not None and "tools needs an engine with vLLM's serving layer" in refused.error.message
+            )
     if engine == "vllm":
         _pool_serves_each_variant_with_its_adapter_and_logprobs(settings, exp, port, tiny_model)
     if engine == "vllm":  # the gateway in front of the real engine, through the official SDK
