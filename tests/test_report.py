@@ -637,6 +637,8 @@ def test_the_endpoint_is_a_column_and_one_endpoint_is_reported_alone(tmp_path):
     """Embeddings answer in milliseconds and chats in seconds: one variant's two endpoints must not be
     one latency distribution. The report says how many answers each endpoint has per variant, warns
     when the figures mix them, and --endpoint reports one."""
+    from abqueue.analysis.report import Window, load, report, to_json
+
     exp = ExperimentConfig.model_validate(
         {"name": "ends", "control": "a", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]}
     )
@@ -652,14 +654,14 @@ def test_the_endpoint_is_a_column_and_one_endpoint_is_reported_alone(tmp_path):
     path = tmp_path / "responses.jsonl"
     path.write_text("".join(r.model_dump_json() + "\n" for r in rs))
 
-    def report(*flags):
-        return _report_json(exp, path, tmp_path, *flags)
+    def in_process(endpoint=None):  # the command's own steps, without a process's start-up for each
+        return json.loads(to_json(report(load(None, exp, path, None, Window(endpoint=endpoint)), exp)))
 
-    whole = report()
+    whole = in_process()
     assert whole["endpoints"]["a"] == {"/v1/chat/completions": 60, "/v1/embeddings": 40, "none": 10}
     assert any(line.startswith("ENDPOINTS: the figures below mix") for line in whole["summary"])
-    alone = report("--endpoint", "/v1/embeddings")
+    alone = _report_json(exp, path, tmp_path, "--endpoint", "/v1/embeddings")  # the flag, through the command
     assert {n: v["count"] for n, v in alone["variants"].items()} == {"a": 40, "b": 40}
     assert alone["variants"]["a"]["latency_s_p95"] < 0.1  # the chats' 2 s are not in it
     assert not any(line.startswith("ENDPOINTS") for line in alone["summary"])
-    assert report("--endpoint", "none")["endpoints"]["b"] == {"none": 10}
+    assert in_process("none")["endpoints"]["b"] == {"none": 10}
