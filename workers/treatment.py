@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from schemas import ChatMessage, InferenceRequest, VariantConfig
 from schemas.body import CHAT, COMPLETIONS, GENERATE
+from schemas.experiment import SamplingConfig
 
 
 def apply_variant(request: InferenceRequest, variant: VariantConfig) -> InferenceRequest:
@@ -21,15 +22,16 @@ def apply_variant(request: InferenceRequest, variant: VariantConfig) -> Inferenc
             update["messages"] = [ChatMessage(role="system", content=system), *rest]
         else:
             update["prompt"] = f"{system}\n\n{request.prompt}"
-    if variant.sampling is not None:
-        s = variant.sampling
-        if s.temperature is not None:
-            update["temperature"] = s.temperature
-        if s.top_p is not None:
-            update["top_p"] = s.top_p
+    if (s := variant.sampling) is not None:
+        update.update(_replaced(s))
         if s.max_tokens is not None:
             update["max_tokens"] = min(request.max_tokens, s.max_tokens)
     return request.model_copy(update=update) if update else request
+
+
+def _replaced(s: SamplingConfig) -> dict:
+    """The sampling fields a variant sets in place of the request's."""
+    return {name: value for name, value in (("temperature", s.temperature), ("top_p", s.top_p)) if value is not None}
 
 
 def _apply_to_body(request: InferenceRequest, variant: VariantConfig) -> InferenceRequest:
@@ -44,12 +46,8 @@ def _apply_to_body(request: InferenceRequest, variant: VariantConfig) -> Inferen
             body["messages"] = [{"role": "system", "content": system}, *rest]
         elif endpoint == COMPLETIONS and isinstance(body.get("prompt"), str):
             body["prompt"] = f"{system}\n\n{body['prompt']}"
-    if variant.sampling is not None and endpoint in GENERATE:
-        s = variant.sampling
-        if s.temperature is not None:
-            body["temperature"] = s.temperature
-        if s.top_p is not None:
-            body["top_p"] = s.top_p
+    if (s := variant.sampling) is not None and endpoint in GENERATE:
+        body.update(_replaced(s))
         if s.max_tokens is not None:
             names = [n for n in ("max_completion_tokens", "max_tokens") if body.get(n) is not None] or ["max_tokens"]
             for name in names:
