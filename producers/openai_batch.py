@@ -8,14 +8,15 @@ from typing import Any
 
 from schemas import InferenceResponse
 from schemas.answers import generated_body
-from schemas.body import CHAT, COMPLETIONS, ENDPOINTS, BodyError, body_asks
-
-CHAT_URL = CHAT
-COMPLETIONS_URL = COMPLETIONS
+from schemas.body import ENDPOINTS, BodyError, body_asks
 
 
 class UnsupportedLine(ValueError):
-    pass
+    """A batch line abqueue cannot send; `param` names the body's field at fault, where one is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def is_openai_line(obj: dict) -> bool:
@@ -37,7 +38,7 @@ def to_request_fields(obj: dict) -> dict[str, Any]:
     try:
         body_asks(url, body)
     except BodyError as e:
-        raise UnsupportedLine(str(e)) from None
+        raise UnsupportedLine(str(e), e.param) from None
     model = body.get("model")
     return {
         "id": str(obj["custom_id"]),

@@ -48,7 +48,7 @@ from producers import openai_batch
 from producers.client import AbqClient, ReplyTimeout
 from producers.publisher import RequestTooLarge
 from schemas import ConfigError, ExperimentConfig, InferenceRequest
-from schemas.body import EMBEDDINGS
+from schemas.body import CHAT, COMPLETIONS, EMBEDDINGS
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,7 @@ class Gateway:
         wanted = {metadata_header(k): k for o in exp.overrides for k in o.match if k != "tenant"}
         metadata = {**fields.pop("metadata", {}), **{key: headers[h] for h, key in wanted.items() if h in headers}}
         metadata["tenant"] = tenant
+        fields.pop("routing_key")  # the batch line's: its custom_id where no user is given
         routing = body.get("user") or headers.get(ROUTING_HEADER) or tenant
         client = self.clients[name]
         try:
@@ -278,11 +279,11 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        return await completion(request, openai_batch.CHAT_URL)
+        return await completion(request, CHAT)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await completion(request, openai_batch.COMPLETIONS_URL)
+        return await completion(request, COMPLETIONS)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:

@@ -115,7 +115,7 @@ def _check_line(n: int, raw: bytes, experiments: dict[str, ExperimentConfig], se
         return f"model {name!r} is not an experiment of this gateway ({', '.join(experiments)}); batches are assigned by its weights"  # fmt: skip
     try:
         fields = request_fields(body, url, cid)
-        InferenceRequest(**{**fields, "experiment": name, "routing_key": cid})
+        InferenceRequest(**{**fields, "experiment": name})
     except ApiError as e:
         return e.message
     except ValidationError as e:

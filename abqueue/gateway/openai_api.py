@@ -8,7 +8,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from producers import openai_batch
-from schemas.body import BodyError, body_asks
 
 
 class ApiError(Exception):
@@ -26,8 +25,8 @@ class ApiError(Exception):
 
 
 def request_fields(body: Any, url: str, request_id: str) -> dict[str, Any]:
-    """Our request's fields (all but experiment, variant and routing) from an OpenAI body: the body
-    itself, for the variant's engine to serve (vLLM validates every field it knows, and its refusal
+    """Our request's fields (all but experiment and variant; the routing key is a batch line's) from an
+    OpenAI body, as a batch line makes them: the body itself, for the variant's engine to serve (vLLM validates every field it knows, and its refusal
     comes back as a 400 with its message), or ApiError 400 naming the field abqueue could not read."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_body")
@@ -36,11 +35,10 @@ def request_fields(body: Any, url: str, request_id: str) -> dict[str, Any]:
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise ApiError(400, "model is required: the experiment's name (or experiment:variant to pin one)", "missing_required_parameter", "model")  # fmt: skip
     try:
-        body_asks(url, body)
-    except BodyError as e:
+        return openai_batch.to_request_fields({"custom_id": request_id, "method": "POST", "url": url, "body": body})
+    except openai_batch.UnsupportedLine as e:
         code = "missing_required_parameter" if str(e).endswith("is required") else "invalid_value"
         raise ApiError(400, str(e), code, e.param) from None
-    return {"id": request_id, "endpoint": url, "body": body, "metadata": {"requested_model": body["model"]}}
 
 
 def validation_error(e: ValidationError) -> ApiError:

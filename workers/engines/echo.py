@@ -10,7 +10,7 @@ import time
 
 from schemas import ConfigError, InferenceRequest
 from schemas.answers import embedding_body
-from schemas.body import EMBEDDINGS, GENERATE
+from schemas.body import EMBEDDINGS, GENERATE, Asks
 from schemas.response import TokenLogprob, TopLogprob
 from workers.engines.base import Completion, EngineDead, Rejection, TransientEngineError
 
@@ -102,7 +102,7 @@ class EchoEngine:
                 prompt_tokens=tokens, first_token_at=first, finish_reason="stop",
                 body=embedding_body(r.id, self.model, vectors, tokens),
             )  # fmt: skip
-        words = _text(r).split()
+        words = _text(asks).split()
         limit = asks.max_tokens if asks.max_tokens is not None else len(words)
         kept = words[:limit]
         sure = None
@@ -171,17 +171,16 @@ class EchoEngine:
             self._wake.notify()
 
 
-def _text(r: InferenceRequest) -> str:
+def _text(asks: Asks) -> str:
     """What an echo says back: the prompt, or the last message's text."""
-    texts = r.asks().texts
-    return texts[-1] if texts else ""
+    return asks.texts[-1] if asks.texts else ""
 
 
 def _words_out(r: InferenceRequest) -> int:
     asks = r.asks()
     if asks.endpoint == EMBEDDINGS:
         return 0
-    words = len(_text(r).split())
+    words = len(_text(asks).split())
     return words if asks.max_tokens is None else min(words, asks.max_tokens)
 
 

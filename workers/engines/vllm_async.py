@@ -104,7 +104,7 @@ class AsyncVllmEngine(PromptPrep):
         self.max_model_len = self.llm.model_config.max_model_len
         self._ids = itertools.count()
         self._running: dict[int, concurrent.futures.Future] = {}  # by request object: ids are the caller's
-        self._init_prep(adapters, templates)
+        self._init_prep(None, templates)  # the LoRARequests are the serving layer's, below
         try:
             self.serving = asyncio.run_coroutine_threadsafe(
                 ServingLayer.start(
