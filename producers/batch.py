@@ -398,7 +398,7 @@ class _Run:
     def _submit_all(self, done: set[int], resuming: bool) -> None:
         job, client, state = self.job, self.client, self.state
         interval = 1.0 / job.rate if job.rate else 0.0
-        next_at = time.monotonic()
+        next_at: float | None = None  # when the next send is due; the clock starts at the first send
         unacked: list = []  # send futures since the last checkpoint
         checkpoint_at = time.monotonic() + CHECKPOINT_EVERY_S
         caught_up = not resuming
@@ -420,7 +420,7 @@ class _Run:
                 continue
             if job.stop() or not self._room():
                 break  # stopped, or nothing came back for timeout_s: what is left stays for a rerun
-            if interval:
+            if interval and next_at is not None:
                 delay = next_at - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
@@ -434,6 +434,10 @@ class _Run:
                 it.error = f"line {n}: {e}"
                 self._invalid(it)
                 continue
+            if interval and next_at is None:
+                # Only once the first send returns: it waits for the topic's metadata before stamping
+                # its record, and a clock started before that wait would send the second at once.
+                next_at = time.monotonic() + interval
             self.pending[it.request.id] = it
             unacked.append(future)
             self.sent += 1

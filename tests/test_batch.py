@@ -1,5 +1,6 @@
 """`abq batch`: OpenAI Batch and own lines, results as they arrive, errors apart, resume without loss."""
 
+import itertools
 import os
 import signal
 import subprocess
@@ -12,7 +13,8 @@ from conftest import REPO, abq_cmd, new_experiment, write_config
 from kafka_helpers import committed, end_offsets, wait_until
 
 from abqueue.kafka import ensure_topics
-from producers.batch import BatchInputError, scan_input
+from producers.batch import BatchInputError, BatchJob, scan_input
+from producers.client import AbqClient
 
 
 def _openai_lines(n, model, start=0):
@@ -178,20 +180,29 @@ def test_a_line_too_large_for_the_topic_goes_to_the_errors_file_and_the_rest_run
     assert err["key"] == "huge" and "max.message.bytes" in err["error"]["message"]
 
 
-def test_rate_flag_spaces_submissions(settings, kafka_bootstrap, thread_worker, tmp_path):
+def test_rate_flag_spaces_submissions(settings, kafka_bootstrap, thread_worker, tmp_path, monkeypatch):
+    """Record timestamps are taken at send, so 11 sends at 10/s span a second, less the millisecond
+    resolution. The first send stamps its record only after fetching the topic's metadata (about
+    100 ms on CI, made 150 ms here); pacing whose clock started before that fetch sent the second
+    record at once, and the eleven spanned 0.892 s."""
     exp = new_experiment(variants=(("a", 100),))
     ensure_topics(settings, exp)
-    cfg = write_config(exp, tmp_path)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write(inp, [{"id": f"r{i}", "prompt": f"rate {i}"} for i in range(11)])
+    publish, calls = AbqClient.publish, []
+
+    def slow_first(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.15)
+        return publish(self, *args, **kwargs)
+
+    monkeypatch.setattr(AbqClient, "publish", slow_first)
     with thread_worker(exp, "a"):
-        code, _, stderr = _run_batch(kafka_bootstrap, cfg, inp, out, "--rate", "10", "--no-progress")
-    assert code == 0, stderr
-    # Record timestamps are taken at send, so 11 sends at 10/s span a second. The first send stamps
-    # its record only after fetching the topic's metadata, which can bring it near the second: count
-    # nine intervals, not ten, less the millisecond resolution.
+        summary = BatchJob(settings, exp, inp, out, rate=10, timeout_s=30, progress=False).run()
+    assert summary.ok == 11
     sent = sorted(line["timings"]["enqueued"] for line in _lines(out))
-    assert len(sent) == 11 and sent[-1] - sent[0] >= 0.9 - 0.002
+    assert sent[-1] - sent[0] >= 1.0 - 0.002, [round(b - a, 3) for a, b in itertools.pairwise(sent)]
 
 
 def test_lines_that_can_never_finish_go_to_the_errors_file_with_their_line_numbers(
@@ -357,7 +368,6 @@ def test_a_batch_assigns_its_lines_by_the_live_weights_not_the_file_s(settings, 
     back to 0% kept receiving batch traffic for the batch's life while the same gateway's synchronous
     calls followed the live weights. (The gateway's batches run this same job.)"""
     from abqueue.control import live_config
-    from producers.batch import BatchJob
 
     exp = new_experiment(variants=(("control", 50), ("candidate", 50)))
     ensure_topics(settings, exp)
