@@ -497,7 +497,7 @@ class _Run:
 
     def _collect(self, timeout_ms: int) -> None:
         for reply in self.client.listener.poll(timeout_ms=timeout_ms):
-            if self.client.mine(reply):
+            if isinstance(reply, Reply) and self.client.mine(reply):
                 self._take(reply)
         self.out.sync()
         self.err.sync()

@@ -6,8 +6,9 @@ import contextlib
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from abqueue.errors import AbqError
@@ -15,11 +16,36 @@ from abqueue.kafka import KafkaSettings, ensure_topic
 from producers.publisher import RequestPublisher
 from producers.replies import Reply, ResponseListener
 from schemas import ConfigError, ExperimentConfig, InferenceRequest
-from schemas.body import CHAT, EMBEDDINGS
+from schemas.body import CHAT, EMBEDDINGS, GENERATE
+from schemas.chunks import split
+from schemas.stream import StreamPart
 
 
 class ReplyTimeout(AbqError, TimeoutError):
     pass
+
+
+class StreamError(AbqError):
+    """A stream that ends without its answer: `code` says why (OpenAI's error code style), and
+    `reply` is the request's error answer where that is what ended it."""
+
+    def __init__(self, message: str, code: str, reply: Reply | None = None):
+        super().__init__(message)
+        self.code, self.reply = code, reply
+
+
+# A streamed answer's parts wait here until their reader takes them. A reader that falls this far
+# behind is ended (StreamError "slow_reader"): the thread that reads the reply topic for everyone
+# never waits for one slow reader.
+MAX_BUFFERED_PARTS = 512
+
+
+@dataclass
+class _Parts:
+    """The parts of one streamed answer that arrived and its reader has not taken yet."""
+
+    items: deque = field(default_factory=deque)
+    overflowed: bool = False
 
 
 class AbqClient:
@@ -66,10 +92,16 @@ class AbqClient:
         # The publisher first: it creates the experiment's topics, the responses topic among them.
         self.publisher = RequestPublisher(settings, experiment, create_topics, follow=self.follower)
         self.listener = ResponseListener(settings, reply_topic or experiment.response_topic, start_offsets)
+        self._bookkeeping()
+
+    def _bookkeeping(self) -> None:
+        """What the threads sharing this client know of each other's replies."""
         self._reading = threading.Lock()  # one thread reads the listener at a time
         self._state = threading.Lock()
+        self._news = threading.Condition(self._state)  # something arrived, or the reading thread let go
         self._waiting: Counter[str] = Counter()  # ids callers wait for now
         self._arrived: dict[str, Reply] = {}  # their replies, read by another caller's thread
+        self._streams: dict[str, _Parts] = {}  # by request id: streams callers read now
 
     def submit(self, request: InferenceRequest, timeout: float = 60.0, traceparent: str | None = None) -> Reply:
         """Publish one request and block until its response arrives (or ReplyTimeout)."""
@@ -167,19 +199,138 @@ class AbqClient:
                 self._collect(pending, got, on_reply)
                 if not pending or time.monotonic() >= deadline:
                     break
-                if self._reading.acquire(timeout=0.1):  # kafka-python's consumer is not thread-safe
-                    try:
-                        for reply in self.listener.poll(timeout_ms=100):
-                            if not self.mine(reply):
-                                continue
-                            with self._state:
-                                rid = reply.response.request_id
-                                if self._waiting[rid] and rid not in self._arrived:
-                                    self._arrived[rid] = reply
-                    finally:
-                        self._reading.release()
+                self._read_or_wait()
             self._collect(pending, got, on_reply)
         return got
+
+    def _read_or_wait(self) -> None:
+        """Read the reply topic for every caller of this client, or, while another thread does,
+        wait until it hands something out or lets go (kafka-python's consumer is not thread-safe)."""
+        if not self._reading.acquire(blocking=False):
+            with self._news:
+                self._news.wait(0.1)
+            return
+        try:
+            for item in self.listener.poll(timeout_ms=100):
+                self._hand_out(item)
+        finally:
+            self._reading.release()
+            with self._news:
+                self._news.notify_all()
+
+    def _hand_out(self, item: Reply | StreamPart) -> None:
+        if isinstance(item, StreamPart):
+            if item.caller_tag != self.tag and not (item.caller_tag is None and self.accept_untagged):
+                return
+            with self._news:
+                parts = self._streams.get(item.request_id)
+                if parts is None:
+                    return
+                if len(parts.items) >= MAX_BUFFERED_PARTS:
+                    parts.overflowed = True
+                    parts.items.clear()
+                else:
+                    parts.items.append(item)
+                self._news.notify_all()
+            return
+        if not self.mine(item):
+            return
+        with self._news:
+            rid = item.response.request_id
+            if self._waiting[rid] and rid not in self._arrived:
+                self._arrived[rid] = item
+                self._news.notify_all()
+
+    def stream(self, request: InferenceRequest, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
+        """Publish a chat or completions request with stream: true and yield OpenAI's chunk objects
+        as the worker makes them (it publishes them to this client's reply topic, a few at a time).
+        Ends after the last chunk; StreamError where the answer is an error, or where the stream
+        broke after some of it was yielded (its worker died and another redid the request: the
+        chunks of two attempts never mix), or where this reader fell too far behind; ReplyTimeout
+        where no chunk or answer came for `timeout` seconds."""
+        if self.reply_to is None and request.reply_to is None:
+            raise ConfigError(
+                f"streaming needs a reply topic: create the client with reply_topic="
+                f"'{self.experiment.reply_topic_patterns[0].replace('*', 'NAME')}'"
+            )
+        if request.body is None or request.endpoint not in GENERATE:
+            raise ConfigError("only chat and completions bodies stream; send the request with call() instead")
+        return self._streaming(request.model_copy(update={"body": {**request.body, "stream": True}}), timeout)
+
+    def _streaming(self, request: InferenceRequest, timeout: float) -> Iterator[dict[str, Any]]:
+        with self._news:
+            if request.id in self._streams:
+                raise ConfigError(f"request {request.id} is already being streamed by this client; use a new id")
+            self._streams[request.id] = parts = _Parts()
+        try:
+            with self.expecting({request.id}):
+                request, future = self.publish(request)
+                future.get(timeout=timeout)
+                yield from self._stream_of(request, parts, timeout)
+        finally:
+            with self._news:
+                self._streams.pop(request.id, None)
+
+    def stream_chat(
+        self, messages: list[dict[str, Any]], routing_key: str, timeout: float = 60.0, **body
+    ) -> Iterator[dict[str, Any]]:
+        """stream() of a chat completion: `body` takes any field of OpenAI's (stream_options, tools, ...)."""
+        request = InferenceRequest.model_validate(
+            {"experiment": self.experiment.name, "routing_key": routing_key, "endpoint": CHAT,
+             "body": {"messages": messages, **body, "stream": True}}
+        )  # fmt: skip
+        return self.stream(request, timeout)
+
+    def _stream_of(self, request: InferenceRequest, parts: _Parts, timeout: float) -> Iterator[dict[str, Any]]:
+        rid, asks = request.id, request.asks()
+        attempt, seq, yielded = None, 0, False
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._news:
+                part = parts.items.popleft() if parts.items else None
+                overflowed, reply = parts.overflowed, self._arrived.get(rid)
+            if overflowed:
+                raise StreamError(
+                    f"request {rid}: this reader fell more than {MAX_BUFFERED_PARTS} records behind its stream",
+                    "slow_reader",
+                )
+            if part is not None:
+                if part.attempt != attempt:
+                    if yielded:
+                        raise StreamError(
+                            f"request {rid}: the worker streaming it stopped and another redid it; what was "
+                            "streamed so far is not all of the answer, retry the request",
+                            "stream_interrupted",
+                        )
+                    attempt, seq = part.attempt, 0
+                if part.seq != seq:
+                    raise StreamError(f"request {rid}: part {seq} of its stream never came", "stream_incomplete")
+                seq += 1
+                deadline = time.monotonic() + timeout
+                for chunk in part.chunks:
+                    yielded = True
+                    yield chunk
+                if part.last:
+                    return
+                continue
+            if reply is not None:
+                resp = reply.response
+                if resp.error is not None:
+                    raise StreamError(f"request {rid}: {resp.error.message}", resp.error.code, reply)
+                if yielded or resp.body is None:
+                    raise StreamError(
+                        f"request {rid}: its stream ended early; the whole answer is on the responses topic",
+                        "stream_incomplete",
+                        reply,
+                    )
+                yield from split(asks.endpoint, resp.body, asks.include_usage)  # a worker that did not stream it
+                return
+            if time.monotonic() >= deadline:
+                raise ReplyTimeout(
+                    f"nothing of request {rid} came within {timeout:g}s; is a worker running for "
+                    f"variant {request.variant} (`abq worker --variant {request.variant}`)?"
+                )
+            self._read_or_wait()
 
     def _collect(self, pending: set[str], got: dict[str, Reply], on_reply) -> None:
         with self._state:

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from abqueue.kafka import FetchPark, KafkaSettings, consumer, topics, tracing
 from abqueue.kafka.clients import riding_out
 from schemas import ConfigError, InferenceResponse, decode_response
+from schemas.stream import StreamPart, decode_part, is_part
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,17 @@ class ResponseListener:
         self._consumer.seek_to_beginning(*new)
         log.info("reading %d partitions added to %s", len(new), self.topic)
 
-    def poll(self, timeout_ms: int = 200) -> Iterator[Reply]:
+    def poll(self, timeout_ms: int = 200) -> Iterator[Reply | StreamPart]:
+        """Whole responses, and the parts of streamed answers (on a reply topic that has them)."""
         self._take_new_partitions()
         polled = self._consumer.poll(timeout_ms=timeout_ms)
         self.park.polled(bool(polled))
         for records in polled.values():
             for r in records:
                 try:
+                    if is_part(r.headers):
+                        yield decode_part(r.value)
+                        continue
                     resp = decode_response(r.value)
                 except (ValidationError, ValueError) as e:
                     log.warning("skipping undecodable record at %s/%d@%d: %s", r.topic, r.partition, r.offset, e)

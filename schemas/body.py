@@ -56,6 +56,8 @@ class Asks:
     logprobs: bool
     top_logprobs: int | None
     texts: tuple[str, ...]  # the prompt's text, in order (chat: each message's text)
+    stream: bool = False  # answered as chunks as they are made, on the request's reply topic
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
     @property
     def prompt_chars(self) -> int:
@@ -164,7 +166,26 @@ def body_asks(endpoint: str, body: dict) -> Asks:
         raise BodyError(f"endpoint {endpoint!r} is not one abqueue serves; use one of {', '.join(ENDPOINTS)}")
     if endpoint in GENERATE:
         _spec_bounds(body)
-    return Asks(endpoint, max_tokens, _int(body, "n", 1) or 1, logprobs, top, tuple(texts))
+    stream, include_usage = _stream(endpoint, body)
+    return Asks(endpoint, max_tokens, _int(body, "n", 1) or 1, logprobs, top, tuple(texts), stream, include_usage)
+
+
+def _stream(endpoint: str, body: dict) -> tuple[bool, bool]:
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream is not None and not isinstance(stream, bool):
+        raise BodyError("stream must be true or false", "stream")
+    if stream and endpoint not in GENERATE:
+        raise BodyError(f"{endpoint} does not stream; leave stream out", "stream")
+    if options is None:
+        return bool(stream), False
+    if not stream:
+        raise BodyError("stream_options is only allowed when stream is true", "stream_options")
+    if not isinstance(options, dict):
+        raise BodyError("stream_options must be an object", "stream_options")
+    usage = options.get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise BodyError("stream_options.include_usage must be true or false", "stream_options.include_usage")
+    return True, bool(usage)
 
 
 def map_texts(endpoint: str, body: dict, fn: Callable[[str], str]) -> dict:

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from schemas.body import CHAT, COMPLETIONS, Asks, BodyError, Endpoint, body_asks
 
@@ -91,6 +91,17 @@ class InferenceRequest(BaseModel):
     priority: Priority = Field(default="normal", description="high, normal or batch; higher levels are served first")
     metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time, description="Unix time in seconds")
+    # Never on the wire: where a worker's engine puts this request's chunks as it makes them (the
+    # worker's stream for a request with stream: true). model_copy keeps it, so a request the
+    # treatment or a hook changed still streams.
+    _chunks: Any = PrivateAttr(default=None)
+
+    def stream_to(self, sink: Any) -> None:
+        self._chunks = sink
+
+    def chunk_sink(self) -> Any:
+        """The worker's stream of this request (put(chunk), restart()), or None: answer it whole."""
+        return self._chunks
 
     @model_validator(mode="after")
     def _one_input(self) -> InferenceRequest:

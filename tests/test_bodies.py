@@ -97,7 +97,9 @@ def test_what_a_worker_refuses_in_a_body_is_dead_lettered_and_answered(stub_work
     chat = [{"role": "user", "content": "hi"}]
     with stub_worker(exp) as w:
         sent = {
-            "unsupported: stream": w.send(prompt=None, endpoint=CHAT, body={"messages": chat, "stream": True}),
+            "invalid_params: stream: true needs a reply_to topic": w.send(
+                prompt=None, endpoint=CHAT, body={"messages": chat, "stream": True}
+            ),
             "unsupported: chat_template": w.send(prompt=None, endpoint=CHAT, body={"messages": chat, "chat_template": "{{ x }}"}),
             "invalid_params: max_tokens 51": w.send(prompt=None, endpoint=CHAT, body={"messages": chat, "max_tokens": 51}),
             "invalid_params: top_logprobs 3": w.send(prompt=None, endpoint=CHAT, body={"messages": chat, "logprobs": True, "top_logprobs": 3}),

@@ -2,7 +2,6 @@
 
 import queue
 import threading
-from collections import Counter
 from types import SimpleNamespace
 
 from producers.client import AbqClient
@@ -50,8 +49,7 @@ def test_a_reply_read_by_another_thread_before_its_caller_waits_is_kept_for_it()
 def _bookkeeping(listener, publisher) -> AbqClient:
     client = AbqClient.__new__(AbqClient)  # the reply bookkeeping alone: no Kafka behind it
     client.listener, client.publisher = listener, publisher
-    client._reading, client._state = threading.Lock(), threading.Lock()
-    client._waiting, client._arrived = Counter(), {}
+    client._bookkeeping()
     client.tag, client.accept_untagged, client.reply_to = "me", False, None
     return client
 

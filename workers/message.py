@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kafka.consumer.fetcher import ConsumerRecord
 
@@ -37,6 +37,7 @@ class Message:
     reply_to: str | None = None  # a reply topic validation allowed; the sink writes nowhere else
     outbox: list | None = None  # records of its answer Kafka has not acknowledged yet (built at first publish)
     sending: list = field(default_factory=list)  # (record, send result) of the publish in progress
+    stream: Any = None  # its ChunkStream, while a streamed request is with the engine (workers/streams.py)
 
     @property
     def done(self) -> bool:
@@ -85,6 +86,10 @@ class Message:
     @property
     def routing_key(self) -> str | None:
         return self.request.routing_key if self.request else self.address.get("routing_key")
+
+    def response_key(self) -> bytes:
+        """The key of its response records (and of its stream's parts, which so share a partition)."""
+        return (self.routing_key or self.request_id or "").encode()
 
     def answer(
         self,

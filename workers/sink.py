@@ -151,7 +151,7 @@ class ResponseSink:
         child = tracing.child_of(m.traceparent)
         if child:
             headers.append((tracing.HEADER, child.encode("ascii")))
-        key = (m.routing_key or m.response.request_id).encode()
+        key = m.response_key()
         value = self._fit_response(m, key, headers)
         if m.reply_to and m.reply_to != self.response_topic:
             problem = self._reply_problem(m.reply_to, record_size(key, value, headers))

@@ -29,7 +29,9 @@ from workers.membership import STRANDED_AFTER_S, MembershipWatch
 from workers.message import Message
 from workers.middleware import Middleware, default_middleware, emit_after, emit_before, wrap_engine
 from workers.middleware.hooks import Hooks
+from workers.middleware.streaming import Streaming
 from workers.runners import Runner, engine_call, make_runner
+from workers.streams import StreamPublisher
 from workers.transport import Consumer, Offsets
 
 log = logging.getLogger(__name__)
@@ -78,12 +80,14 @@ class Worker:
         drain_timeout_s: float = 120.0,
         follow=None,
         stranded_after_s: float = STRANDED_AFTER_S,
+        streams: StreamPublisher | None = None,
     ):
         """Serves one variant, or a pool of variants on one engine (`variant` names either), through
         `consumer` and `delivery`; does no I/O until run().
         `Worker.from_settings` builds both on Kafka. follow: a ConfigFollower; the variant's limits
         (max_prompt_chars, max_tokens_limit) then come from the live config as it changes. Engine
-        settings need a restart (a rolling update)."""
+        settings need a restart (a rolling update). streams: where streamed requests' chunks are
+        published (Worker.from_settings makes one); without it a streamed request is answered whole."""
         self.experiment = experiment
         served = experiment.serving(variant)
         self.serves = served[0].pool or served[0].name  # a pool's name, or the one variant's
@@ -106,6 +110,9 @@ class Worker:
         hooks = {v.name: v.hooks for v in served if v.hooks is not None}
         if hooks and not any(isinstance(m, Hooks) for m in self.middleware):
             self.middleware = [*self.middleware, Hooks(hooks)]  # innermost: on the requests that reach the engine
+        if streams is not None and not any(isinstance(m, Streaming) for m in self.middleware):
+            # Last: its before_batch sees only what validation and deadlines let through.
+            self.middleware = [*self.middleware, Streaming(streams)]
         self.registry = CollectorRegistry()
         self._stop = threading.Event()
         self._heartbeat = time.monotonic()
@@ -172,6 +179,8 @@ class Worker:
             )
 
         strategy = make_delivery(delivery, producer, *topics)
+        if "streams" not in options:
+            options["streams"] = StreamPublisher(KafkaProducerTransport(settings, [responses]), worker_id)
         return cls(
             experiment,
             variant,
@@ -360,6 +369,7 @@ class Worker:
             if not m.done:  # a middleware may have decided it
                 m.answer_completion(model=self.engine.model, worker_id=self.worker_id)
         ready, self._decided = self._decided + finished, []
+        emit_before(self.middleware, "before_deliver", self, ready)
         self._delivered(self.delivery.deliver(ready))
 
     def _delivered(self, safe: list[Message]) -> None:

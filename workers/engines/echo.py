@@ -8,7 +8,7 @@ import itertools
 import threading
 import time
 
-from schemas import ConfigError, InferenceRequest
+from schemas import ConfigError, InferenceRequest, chunks
 from schemas.answers import embedding_body
 from schemas.body import EMBEDDINGS, GENERATE, Asks
 from schemas.response import TokenLogprob, TopLogprob
@@ -145,11 +145,16 @@ class EchoEngine:
         now = time.time()
         tokens = _words_out(request)
         first = now + self.latency_s
+        events = [(first + self.per_token_s * tokens, lambda: done(self._complete(request, first)))]
+        if (sink := request.chunk_sink()) is not None:
+            sink.restart()
+            events = [*_stream_events(request, self.model, first, self.per_token_s, sink), *events]
         with self._wake:
             if self._timer is None:
                 self._timer = threading.Thread(target=self._fire, name="abq-echo", daemon=True)
                 self._timer.start()
-            heapq.heappush(self._due, (first + self.per_token_s * tokens, next(self._seq), request, first, done))
+            for due, fire in events:  # the sequence number keeps a request's events in order at equal times
+                heapq.heappush(self._due, (due, next(self._seq), fire))
             self._wake.notify()
 
     def _fire(self) -> None:
@@ -159,8 +164,8 @@ class EchoEngine:
                     self._wake.wait(timeout=(self._due[0][0] - time.time()) if self._due else None)
                 if self._closed:
                     return
-                _, _, request, first, done = heapq.heappop(self._due)
-            done(self._complete(request, first))
+                _, _, fire = heapq.heappop(self._due)
+            fire()
 
     def stats(self) -> dict[str, float]:
         return {"running": len(self._due)}
@@ -169,6 +174,33 @@ class EchoEngine:
         with self._wake:
             self._closed = True
             self._wake.notify()
+
+
+def _stream_events(request: InferenceRequest, model: str, first: float, per_token_s: float, sink) -> list:
+    """(due, put one chunk) per word as the echo says it: the first at `first`, then one per
+    per_token_s, every choice's word together; then each choice's finish and, where asked, the usage."""
+    asks = request.asks()
+    if asks.endpoint == EMBEDDINGS:
+        return []
+    words = _text(asks).split()
+    limit = asks.max_tokens if asks.max_tokens is not None else len(words)
+    kept, reason = words[:limit], "length" if len(words) > limit else "stop"
+    created, ep = int(first), asks.endpoint
+    events = []
+
+    def put(choices: list[dict], usage: dict | None = None):
+        return lambda: sink.put(chunks.chunk(ep, request.id, model, created, choices, usage))
+
+    for i, word in enumerate(kept):
+        text = word if i == 0 else f" {word}"
+        events.append((first + per_token_s * i, put([chunks.delta(ep, c, text, first=i == 0) for c in range(asks.n)])))
+    done_at = first + per_token_s * len(kept)
+    events.append((done_at, put([chunks.delta(ep, c, "", reason, first=not kept) for c in range(asks.n)])))
+    if asks.include_usage:
+        usage = {"prompt_tokens": len(words), "completion_tokens": len(kept) * asks.n,
+                 "total_tokens": len(words) + len(kept) * asks.n}  # fmt: skip
+        events.append((done_at, lambda: sink.put(chunks.usage_chunk(ep, request.id, model, created, usage))))
+    return events
 
 
 def _text(asks: Asks) -> str:

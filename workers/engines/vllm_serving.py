@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from typing import Any
 
-from schemas import PRIORITIES, ConfigError, InferenceRequest
+from schemas import PRIORITIES, ConfigError, InferenceRequest, chunks
 from schemas.body import CHAT, COMPLETIONS, EMBEDDINGS, RERANK, SCORE
 from workers.engines.base import Completion, Refused, Rejection
 from workers.engines.vllm_common import TRANSIENT_ERRORS, engine_failure
@@ -133,6 +134,10 @@ class ServingLayer:
                 body["priority"] = PRIORITIES.index(request.priority)
         if request.endpoint == CHAT and variant in self._templates:
             body["chat_template"] = self._templates[variant]
+        if body.get("stream") is True:
+            # The usage always: the whole answer recorded on the responses topic needs it. The caller
+            # is sent the usage chunk only where it asked for it.
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return body
 
     async def serve(self, request: InferenceRequest) -> Completion | BaseException:
@@ -147,12 +152,15 @@ class ServingLayer:
         except Exception as e:  # pydantic's ValidationError, or vLLM's own checks in its validators
             return refused(_validation_message(e))
         try:
+            started = time.monotonic()
             if endpoint == CHAT:
                 response = await handler.create_chat_completion(parsed, None)
             elif endpoint == COMPLETIONS:
                 response = await handler.create_completion(parsed, None)
             else:
                 response = await handler(parsed, None)
+            if hasattr(response, "__aiter__"):  # stream: true
+                return await _streamed(request, response, started)
         except Exception as e:
             if type(e).__name__ == "EngineDeadError" or type(e).__name__ in TRANSIENT_ERRORS:
                 return engine_failure(e)
@@ -160,6 +168,38 @@ class ServingLayer:
 
             response = create_error_response(e)
         return answer(endpoint, response)
+
+
+async def _streamed(request: InferenceRequest, events, started: float) -> Completion | BaseException:
+    """Reads the server-sent events vLLM's handler yields: each chunk goes to the request's stream as
+    it comes, and the whole answer is what they add up to (or the error vLLM ended the stream with)."""
+    asks, sink = request.asks(), request.chunk_sink()
+    if sink is not None:
+        sink.restart()
+    got: list[dict] = []
+    first_at = last_at = None
+    async for event in events:
+        for line in event.splitlines():
+            data = line.removeprefix("data: ")
+            if data == line or data == "[DONE]":
+                continue
+            chunk = json.loads(data)
+            if isinstance(chunk.get("error"), dict):
+                return answer(asks.endpoint, chunk)
+            got.append(chunk)
+            if chunk.get("choices"):
+                last_at = time.monotonic()
+                first_at = first_at or last_at
+            elif not asks.include_usage:
+                continue  # the usage chunk abqueue asked for, which the caller did not
+            if sink is not None:
+                sink.put(chunk)
+    done = answer(asks.endpoint, chunks.join(asks.endpoint, got))
+    if isinstance(done, Completion) and first_at is not None:
+        done.ttft_s = first_at - started
+        if done.completion_tokens > asks.n and last_at is not None:
+            done.tpot_s = (last_at - first_at) / (done.completion_tokens / asks.n - 1)
+    return done
 
 
 def _validation_message(e: Exception) -> str:
@@ -178,13 +218,15 @@ def refused(message: str) -> Refused:
 
 def answer(endpoint: str, response: Any) -> Completion | BaseException:
     """A Completion from what a handler returned: a pydantic response, a JSON response (the pooling
-    handlers), an ErrorResponse, or a stream (never asked for)."""
-    if hasattr(response, "body") and hasattr(response, "status_code"):  # a Starlette JSON response
+    handlers), an ErrorResponse, or a body (a stream's chunks joined, or its error)."""
+    if isinstance(response, dict):  # a stream's chunks joined, or the error that ended it
+        body = response
+    elif hasattr(response, "body") and hasattr(response, "status_code"):  # a Starlette JSON response
         body = json.loads(response.body)
     elif hasattr(response, "model_dump"):
         body = response.model_dump(mode="json")
     else:
-        return Completion.failed("vLLM answered with a stream; abqueue asked for a whole answer")
+        return Completion.failed(f"vLLM answered with {type(response).__name__}, which abqueue does not read")
     error = body.get("error") if isinstance(body.get("error"), dict) else None
     if error is not None:
         code = int(error.get("code") or 500)

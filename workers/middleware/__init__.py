@@ -36,6 +36,9 @@ class Middleware:
         """Runs on messages the engine has finished (their `completion` set), before their answers
         are made; a message decided here (rejected) is answered as decided."""
 
+    def before_deliver(self, worker: Worker, ready: list[Message]) -> None:
+        """Runs on answered and dead-lettered messages just before their records go to Kafka."""
+
     def after_batch(self, worker: Worker, batch: list[Message]) -> None:
         """Runs on messages whose responses are safe in Kafka (and whose offsets are committed,
         or held below an unanswered one)."""

@@ -71,8 +71,13 @@ class Validation(Middleware):
                     f"top_logprobs {asks.top_logprobs} exceeds the variant's limit of {variant.max_top_logprobs}",
                     worker,
                 )
-            elif req.body is not None and req.body.get("stream"):
-                m.reject("unsupported", "stream: true is not served through the queue yet; leave it out", worker)
+            elif asks.stream and not m.reply_to:
+                # Chunks go to the caller's own reply topic; the responses topic is every reader's.
+                m.reject(
+                    "invalid_params",
+                    "stream: true needs a reply_to topic to stream to (AbqClient(reply_topic=...), or the gateway)",
+                    worker,
+                )
             elif req.body is not None and req.body.get("chat_template") is not None:
                 # The chat template is the variant's (its treatment); a caller's Jinja never runs on a worker.
                 m.reject("unsupported", "chat_template is the variant's setting; leave it out of the body", worker)

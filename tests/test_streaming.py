@@ -1,0 +1,144 @@
+"""Streamed answers through Kafka on the real broker: a worker publishes OpenAI chunks to the caller's
+reply topic as the engine makes them, coalesced into a few records, and the whole answer to the
+responses topic as for every request; AbqClient.stream yields the chunks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from conftest import new_experiment
+from kafka_helpers import read_all
+
+from abqueue.kafka import ensure_topics
+from abqueue.kafka.acls import reply_prefix
+from producers.client import AbqClient, StreamError
+from schemas import InferenceRequest, decode_response
+from schemas.body import CHAT, COMPLETIONS
+from schemas.chunks import join, text_of
+from schemas.stream import decode_part, is_part
+
+WORDS = " ".join(f"w{i}" for i in range(40))
+
+
+def _reply_topic(exp, name="t"):
+    return f"{reply_prefix(exp, 'tests')}{name}"
+
+
+def _chat(exp, text=WORDS, rid=None, **body):
+    return InferenceRequest.model_validate(
+        {"experiment": exp.name, "routing_key": "u1", "endpoint": CHAT, **({"id": rid} if rid else {}),
+         "body": {"messages": [{"role": "user", "content": text}], **body}}
+    )  # fmt: skip
+
+
+def test_chunks_arrive_as_made_coalesced_and_add_up_to_the_whole_answer(settings, thread_worker):
+    exp = new_experiment(variants=(("a", 100),), ms_per_token=20)
+    ensure_topics(settings, exp)
+    topic = _reply_topic(exp)
+    with thread_worker(exp, "a"), AbqClient(settings, exp, reply_topic=topic) as client:
+        arrivals, chunks = [], []
+        for chunk in client.stream(
+            _chat(exp, rid="s1", stream=True, stream_options={"include_usage": True}), timeout=30
+        ):
+            arrivals.append(time.monotonic())
+            chunks.append(chunk)
+        # 40 words at 20 ms: the first chunk comes at once, the last ~0.8 s later.
+        assert arrivals[-1] - arrivals[0] > 0.5, arrivals
+        assert text_of(CHAT, chunks) == WORDS
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 40
+        whole = join(CHAT, chunks)
+        assert whole["choices"][0]["message"]["content"] == WORDS
+        assert whole["choices"][0]["finish_reason"] == "stop"
+
+        # The responses topic has the whole answer, as for any request; the reply topic has the
+        # stream's parts (a record per ~50 ms, not per chunk) and then the same whole answer.
+        responses = [decode_response(r.value) for r in read_all(settings, exp.response_topic)]
+        (resp,) = [r for r in responses if r.request_id == "s1"]
+        assert resp.body["choices"][0]["message"]["content"] == WORDS and resp.body["usage"]["completion_tokens"] == 40
+        on_reply = read_all(settings, topic)
+        parts = [decode_part(r.value) for r in on_reply if is_part(r.headers)]
+        assert [p.seq for p in parts] == list(range(len(parts))) and parts[-1].last
+        assert sum(len(p.chunks) for p in parts) == len(chunks)
+        assert 3 <= len(parts) <= len(chunks) // 2, f"{len(parts)} records for {len(chunks)} chunks"
+        (partition,) = {r.partition for r in on_reply if is_part(r.headers)}
+        last = [r for r in on_reply if r.partition == partition][-1]
+        assert not is_part(last.headers), "the whole answer follows the stream's end on its partition"
+
+
+def test_n_choices_and_completions_stream_and_a_static_engine_streams_its_whole_answer(settings, thread_worker):
+    exp = new_experiment(variants=(("a", 50), ("b", 50)))
+    exp.variants[1].engine_args["batching"] = "static"
+    ensure_topics(settings, exp)
+    topic = _reply_topic(exp)
+    with thread_worker(exp, "a"), thread_worker(exp, "b"), AbqClient(settings, exp, reply_topic=topic) as client:
+        two = list(client.stream(_chat(exp, "one two three", n=2).model_copy(update={"variant": "a"}), timeout=30))
+        whole = join(CHAT, two)
+        assert [c["message"]["content"] for c in whole["choices"]] == ["one two three"] * 2
+        completion = InferenceRequest(
+            experiment=exp.name, routing_key="u", variant="b", endpoint=COMPLETIONS,
+            body={"prompt": "four five", "max_tokens": 1},
+        )  # fmt: skip
+        chunks = list(client.stream(completion, timeout=30))
+        assert {c["object"] for c in chunks} == {"text_completion"}
+        assert (
+            text_of(COMPLETIONS, chunks) == "four"
+            and join(COMPLETIONS, chunks)["choices"][0]["finish_reason"] == "length"
+        )
+
+
+def test_concurrent_streams_with_the_same_ids_from_two_callers_never_cross(settings, thread_worker):
+    exp = new_experiment(variants=(("a", 100),), ms_per_token=2)
+    ensure_topics(settings, exp)
+    got: dict[tuple[int, int], str] = {}
+    errors: list[BaseException] = []
+    with (
+        thread_worker(exp, "a"),
+        AbqClient(settings, exp, reply_topic=_reply_topic(exp, "x")) as one,
+        AbqClient(settings, exp, reply_topic=_reply_topic(exp, "x")) as two,  # one topic, two callers
+    ):
+
+        def run(c: int, client: AbqClient, i: int) -> None:
+            try:
+                got[(c, i)] = text_of(CHAT, list(client.stream(_chat(exp, _said(c, i), rid=f"r{i}"), timeout=60)))
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(c, cl, i)) for i in range(30) for c, cl in ((1, one), (2, two))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=90)
+    assert not errors, errors[:3]
+    assert got == {(c, i): _said(c, i) for i in range(30) for c in (1, 2)}
+
+
+def _said(caller: int, i: int) -> str:
+    return " ".join([f"caller {caller} request {i}", *["word"] * (i % 7)])
+
+
+def test_a_stream_without_a_reply_topic_is_refused_in_one_line(settings, thread_worker):
+    exp = new_experiment(variants=(("a", 100),))
+    ensure_topics(settings, exp)
+    with AbqClient(settings, exp) as client:
+        with pytest.raises(Exception, match="streaming needs a reply topic"):
+            client.stream(_chat(exp))
+        # Published by other means, the worker refuses it: its chunks would go to every reader's topic.
+        with thread_worker(exp, "a"):
+            reply = client.submit(_chat(exp, stream=True), timeout=30)
+    assert reply.response.error is not None and "needs a reply_to topic" in reply.response.error.message
+
+
+def test_an_error_answer_ends_the_stream_with_its_error(settings, thread_worker):
+    exp = new_experiment(variants=(("a", 100),), error_rate=1.0)
+    ensure_topics(settings, exp)
+    with (
+        thread_worker(exp, "a"),
+        AbqClient(settings, exp, reply_topic=_reply_topic(exp)) as client,
+        pytest.raises(StreamError) as e,
+    ):
+        list(client.stream(_chat(exp), timeout=30))
+    assert e.value.code == "engine_error" and e.value.reply is not None
