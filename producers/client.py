@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,6 +33,9 @@ class StreamError(AbqError):
         super().__init__(message)
         self.code, self.reply = code, reply
 
+
+Chunks = Generator[dict[str, Any], None, None]
+"""A streamed answer's OpenAI chunks; close() it to stop reading before its end."""
 
 # A streamed answer's parts wait here until their reader takes them. A reader that falls this far
 # behind is ended (StreamError "slow_reader"): the thread that reads the reply topic for everyone
@@ -241,7 +244,7 @@ class AbqClient:
                 self._arrived[rid] = item
                 self._news.notify_all()
 
-    def stream(self, request: InferenceRequest, timeout: float = 60.0) -> Iterator[dict[str, Any]]:
+    def stream(self, request: InferenceRequest, timeout: float = 60.0) -> Chunks:
         """Publish a chat or completions request with stream: true and yield OpenAI's chunk objects
         as the worker makes them (it publishes them to this client's reply topic, a few at a time).
         Ends after the last chunk; StreamError where the answer is an error, or where the stream
@@ -257,7 +260,7 @@ class AbqClient:
             raise ConfigError("only chat and completions bodies stream; send the request with call() instead")
         return self._streaming(request.model_copy(update={"body": {**request.body, "stream": True}}), timeout)
 
-    def _streaming(self, request: InferenceRequest, timeout: float) -> Iterator[dict[str, Any]]:
+    def _streaming(self, request: InferenceRequest, timeout: float) -> Chunks:
         with self._news:
             if request.id in self._streams:
                 raise ConfigError(f"request {request.id} is already being streamed by this client; use a new id")
@@ -271,9 +274,7 @@ class AbqClient:
             with self._news:
                 self._streams.pop(request.id, None)
 
-    def stream_chat(
-        self, messages: list[dict[str, Any]], routing_key: str, timeout: float = 60.0, **body
-    ) -> Iterator[dict[str, Any]]:
+    def stream_chat(self, messages: list[dict[str, Any]], routing_key: str, timeout: float = 60.0, **body) -> Chunks:
         """stream() of a chat completion: `body` takes any field of OpenAI's (stream_options, tools, ...)."""
         request = InferenceRequest.model_validate(
             {"experiment": self.experiment.name, "routing_key": routing_key, "endpoint": CHAT,
@@ -281,7 +282,7 @@ class AbqClient:
         )  # fmt: skip
         return self.stream(request, timeout)
 
-    def _stream_of(self, request: InferenceRequest, parts: _Parts, timeout: float) -> Iterator[dict[str, Any]]:
+    def _stream_of(self, request: InferenceRequest, parts: _Parts, timeout: float) -> Chunks:
         rid, asks = request.id, request.asks()
         attempt, seq, yielded = None, 0, False
         deadline = time.monotonic() + timeout

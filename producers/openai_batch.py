@@ -23,9 +23,10 @@ def is_openai_line(obj: dict) -> bool:
     return "custom_id" in obj and "body" in obj
 
 
-def to_request_fields(obj: dict) -> dict[str, Any]:
+def to_request_fields(obj: dict, streams: bool = False) -> dict[str, Any]:
     """Our request fields (without experiment/variant) from one OpenAI batch input line: its body,
-    for its url, as the line wrote it (the variant's engine serves any field it knows)."""
+    for its url, as the line wrote it (the variant's engine serves any field it knows). streams: the
+    caller reads a stream (the gateway's endpoints); a batch line's answer is whole."""
     method, url, body = obj.get("method", "POST"), obj.get("url"), obj.get("body")
     if method != "POST":
         raise UnsupportedLine(f"method {method!r} is not supported; batch lines use POST")
@@ -33,7 +34,7 @@ def to_request_fields(obj: dict) -> dict[str, Any]:
         raise UnsupportedLine(f"url {url!r} is not an endpoint abqueue serves; use one of {', '.join(ENDPOINTS)}")
     if not isinstance(body, dict):
         raise UnsupportedLine("'body' must be an object")
-    if body.get("stream"):
+    if body.get("stream") and not streams:
         raise UnsupportedLine("stream: true is not supported in a batch line; leave it out")
     try:
         body_asks(url, body)
@@ -82,6 +83,13 @@ def _openai_line(custom_id: str, resp: InferenceResponse, url: str) -> dict[str,
         "response": {"status_code": status, "request_id": resp.request_id, "body": body},
         "error": None,
     }
+
+
+def error_answer(resp: InferenceResponse) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and OpenAI error body of a failed response."""
+    assert resp.error is not None
+    status = 504 if resp.error.code == "expired" else STATUS.get(resp.error.code, 500)
+    return status, error_body(resp, status)
 
 
 def error_body(resp: InferenceResponse, status: int) -> dict[str, Any]:

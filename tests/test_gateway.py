@@ -27,9 +27,10 @@ KEYS = {"sk-acme-0123456789abcdef": "acme", "sk-beta-0123456789abcdef": "beta"}
 
 
 @contextmanager
-def serving(settings, exps, keys=KEYS, storage=None, **limits):
+def serving(settings, exps, keys=KEYS, storage=None, instance=None, **limits):
     """A gateway in a thread of the test process, on a free port; yields its base URL."""
-    gateway = Gateway(settings, exps, Tenants(keys), f"test-{os.getpid()}", Limits(**limits), storage=storage)
+    instance = instance or f"test-{os.getpid()}"
+    gateway = Gateway(settings, exps, Tenants(keys), instance, Limits(**limits), storage=storage)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(gateway), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -118,8 +119,8 @@ def test_errors_keep_openai_s_shape_and_status(settings, thread_worker, caplog):
             with pytest.raises(openai.NotFoundError):
                 client.completions.create(model=f"{exp.name}:zzz", prompt="x")
             with pytest.raises(openai.BadRequestError) as e:
-                client.completions.create(model=exp.name, prompt="x", stream=True)
-            assert e.value.param == "stream"
+                client.completions.create(model=exp.name, prompt="x", stream_options={"include_usage": True})
+            assert e.value.param == "stream_options"
             with pytest.raises(openai.BadRequestError) as e:
                 client.completions.create(model=exp.name, prompt="x", temperature=5)
             assert e.value.param == "temperature" and "less than or equal to 2" in e.value.message

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 from conftest import new_experiment
 from kafka_helpers import read_all
+from test_gateway import _client as sdk_client
+from test_gateway import serving
 
 from abqueue.kafka import ensure_topics
 from abqueue.kafka.acls import reply_prefix
@@ -142,3 +146,60 @@ def test_an_error_answer_ends_the_stream_with_its_error(settings, thread_worker)
     ):
         list(client.stream(_chat(exp), timeout=30))
     assert e.value.code == "engine_error" and e.value.reply is not None
+
+
+# -- the gateway: server-sent events to the official openai SDK ---------------------------------------
+
+
+def test_the_sdk_streams_through_the_gateway_as_from_openai(settings, thread_worker):
+    exp = new_experiment(variants=(("a", 100),), ms_per_token=20)
+    ensure_topics(settings, exp)
+    with thread_worker(exp, "a"), serving(settings, [exp]) as url:
+        client = sdk_client(url)
+        whole = client.chat.completions.create(model=exp.name, messages=[{"role": "user", "content": WORDS}])
+        arrivals, chunks = [], []
+        with client.chat.completions.create(
+            model=exp.name, messages=[{"role": "user", "content": WORDS}], stream=True,
+            stream_options={"include_usage": True},
+        ) as stream:  # fmt: skip
+            assert stream.response.headers["content-type"].startswith("text/event-stream")
+            assert stream.response.headers["x-abq-variant"] == "a"
+            for chunk in stream:
+                arrivals.append(time.monotonic())
+                chunks.append(chunk)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == whole.choices[0].message.content == WORDS
+        assert arrivals[-1] - arrivals[0] > 0.5  # the first event came long before the last
+        assert chunks[-1].usage.completion_tokens == 40 and chunks[-2].choices[0].finish_reason == "stop"
+        completion = "".join(
+            c.choices[0].text for c in client.completions.create(model=exp.name, prompt="a b c", stream=True)
+        )
+        assert completion == "a b c"
+        # A request refused before anything streamed is answered with its status, as a whole one is.
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(
+                model=exp.name, messages=[{"role": "user", "content": "x"}], stream=True, max_tokens=10**6
+            )
+        assert "exceeds the variant's limit" in e.value.message
+
+
+def test_200_concurrent_streams_through_two_gateway_replicas_are_each_whole_and_uncrossed(settings, thread_worker):
+    exp = new_experiment(variants=(("a", 100),), ms_per_token=1)
+    ensure_topics(settings, exp)
+    with (
+        thread_worker(exp, "a"),
+        serving(settings, [exp], instance="one") as one,
+        serving(settings, [exp], instance="two") as two,
+    ):
+        clients = [sdk_client(one, max_retries=0), sdk_client(two, max_retries=0)]
+
+        def stream(i: int) -> str:
+            said = f"stream {i} " + " ".join(["w"] * (i % 13))
+            out = clients[i % 2].chat.completions.create(
+                model=exp.name, messages=[{"role": "user", "content": said}], stream=True, user=f"u{i}"
+            )
+            return "".join(c.choices[0].delta.content or "" for c in out if c.choices)
+
+        with ThreadPoolExecutor(200) as pool:
+            got = list(pool.map(stream, range(200)))
+    assert got == [" ".join([f"stream {i}", *["w"] * (i % 13)]) for i in range(200)]

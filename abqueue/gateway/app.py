@@ -41,6 +41,7 @@ from abqueue.gateway.records import (
     FileRecord,
     merge_batch,
 )
+from abqueue.gateway.streaming import StreamMetrics, stream_response
 from abqueue.gateway.tenants import Tenants
 from abqueue.kafka import KafkaSettings, ensure_topic
 from abqueue.kafka.clients import KafkaUnavailable
@@ -104,6 +105,7 @@ class Gateway:
             "abq_gateway_batch_lines", "Batch lines finished by this replica, by result", ["result"],
             registry=self.registry,
         )  # fmt: skip
+        self.stream_metrics = StreamMetrics(self.registry)
         self.batch_status = Gauge(
             "abq_gateway_batches", "Batches by status (every replica sees them all)", ["status"], registry=self.registry
         )
@@ -216,8 +218,7 @@ class Gateway:
         resp = reply.response
         if resp.error is None:
             return 200, openai_batch.completion_body(resp, url)
-        status = 504 if resp.error.code == "expired" else openai_batch.STATUS.get(resp.error.code, 500)
-        return status, openai_batch.error_body(resp, status)
+        return openai_batch.error_answer(resp)
 
 
 def unavailable(e: BaseException) -> ApiError:
@@ -249,6 +250,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def completion(request: Request, url: str) -> Response:
         started, endpoint, variant = time.monotonic(), url.removeprefix("/v1/"), ""
         headers: dict[str, str] = {}
+        response: Response
         try:
             tenant = tenant_of(request)
             size = request.headers.get("content-length")
@@ -265,8 +267,14 @@ def create_app(gateway: Gateway) -> FastAPI:
             variant = req.variant or ""
             headers = {"x-abq-variant": variant, "x-abq-request-id": req.id}
             gateway.shed(req)
-            status, answer = await anyio.to_thread.run_sync(gateway.answer, req, url, limiter=waiting)
-            response: Response = JSONResponse(answer, status_code=status, headers=headers)
+            if req.body is not None and req.body.get("stream") is True:
+                chunks = gateway.clients[req.experiment].stream(req, timeout=gateway.limits.request_timeout_s)
+                status, response = await stream_response(
+                    chunks, headers, waiting, gateway.stream_metrics, started, on_end=lambda how: None
+                )
+            else:
+                status, answer = await anyio.to_thread.run_sync(gateway.answer, req, url, limiter=waiting)
+                response = JSONResponse(answer, status_code=status, headers=headers)
         except ApiError as e:
             status, response = e.status, error(e, headers)
         except (KafkaError, KafkaUnavailable) as e:  # a broker outage: the caller may retry, as for any 503

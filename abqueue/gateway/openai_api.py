@@ -30,12 +30,11 @@ def request_fields(body: Any, url: str, request_id: str) -> dict[str, Any]:
     comes back as a 400 with its message), or ApiError 400 naming the field abqueue could not read."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_body")
-    if body.get("stream"):
-        raise ApiError(400, "stream: true is not supported yet; leave it out and the answer comes whole", "unsupported_parameter", "stream")  # fmt: skip
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise ApiError(400, "model is required: the experiment's name (or experiment:variant to pin one)", "missing_required_parameter", "model")  # fmt: skip
     try:
-        return openai_batch.to_request_fields({"custom_id": request_id, "method": "POST", "url": url, "body": body})
+        line = {"custom_id": request_id, "method": "POST", "url": url, "body": body}
+        return openai_batch.to_request_fields(line, streams=True)
     except openai_batch.UnsupportedLine as e:
         code = "missing_required_parameter" if str(e).endswith("is required") else "invalid_value"
         raise ApiError(400, str(e), code, e.param) from None
