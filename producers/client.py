@@ -18,7 +18,7 @@ from producers.replies import Reply, ResponseListener
 from schemas import ConfigError, ExperimentConfig, InferenceRequest
 from schemas.body import CHAT, EMBEDDINGS, GENERATE
 from schemas.chunks import split
-from schemas.stream import StreamPart
+from schemas.stream import Cancel, StreamPart
 
 
 class ReplyTimeout(AbqError, TimeoutError):
@@ -170,6 +170,16 @@ class AbqClient:
             comment=comment,
         )
         publish_feedback(self.publisher.settings, self.experiment, fb)
+
+    def cancel(self, request_id: str, timeout: float = 10.0, wait: bool = True) -> None:
+        """Cancel one of this client's requests: the worker that has it skips it if it has not run
+        yet, or aborts it in the engine (vLLM frees its slot), within a second, and answers it
+        `cancelled`. Only requests this client sent are touched (a cancel carries its caller tag); a
+        cancel for a request already answered, or unknown, does nothing. wait: for Kafka to take it."""
+        cancel = Cancel(request_id=request_id, caller_tag=self.tag, experiment=self.experiment.name, at=time.time())
+        sent = self.publisher.send_cancel(cancel)
+        if wait:
+            sent.get(timeout=timeout)
 
     def mine(self, reply: Reply) -> bool:
         tag = reply.response.caller_tag

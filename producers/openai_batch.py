@@ -50,7 +50,9 @@ def to_request_fields(obj: dict, streams: bool = False) -> dict[str, Any]:
     }
 
 
-STATUS = {"expired": 408, "invalid_request": 400, "too_large": 413, "engine_error": 500, "internal": 500}
+# cancelled: 499, nginx's "client closed request" (whoever reads it cancelled it, or another of its tag did)
+STATUS = {"expired": 408, "invalid_request": 400, "too_large": 413, "engine_error": 500, "internal": 500,
+          "cancelled": 499}  # fmt: skip
 
 # OpenAI's error types by HTTP status: the one vocabulary of every error body abqueue writes (the
 # gateway's own refusals and the answers workers failed), so a client never meets a second one. The

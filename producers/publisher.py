@@ -18,6 +18,7 @@ from abqueue.kafka import (
 )
 from producers.assignment import assign, shadow_copies
 from schemas import ConfigError, ExperimentConfig, InferenceRequest, encode
+from schemas.stream import Cancel, encode_cancel
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,12 @@ class RequestPublisher:
                 experiment.request_topic(shadow, request.priority), key=key, value=encode(copy), headers=headers
             )
         return request, future
+
+    def send_cancel(self, cancel: Cancel):
+        """Put a cancel on the experiment's cancel topic; returns the send's future."""
+        return self._producer.send(
+            self.experiment.cancel_topic, key=cancel.request_id.encode(), value=encode_cancel(cancel)
+        )
 
     def flush(self, timeout: float | None = None) -> None:
         self._producer.flush(timeout=timeout)

@@ -468,6 +468,11 @@ class ExperimentConfig(BaseModel):
         return f"{TOPIC_PREFIX}.{self.name}.deadletter"
 
     @property
+    def cancel_topic(self) -> str:
+        """Where callers cancel their requests; every worker of the experiment reads all of it."""
+        return f"{TOPIC_PREFIX}.{self.name}.cancels"
+
+    @property
     def reply_topic_patterns(self) -> list[str]:
         return self.reply_topics or [f"{TOPIC_PREFIX}.{self.name}.replies.*"]
 

@@ -13,8 +13,8 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 # Error codes a caller can act on; `message` carries the detail. `too_large`: the response would not
 # fit the responses topic's max.message.bytes (lower n or max_tokens). `invalid_request`: the request was
-# dead-lettered (the message starts with the dead letter's reason).
-ErrorCode = Literal["expired", "engine_error", "invalid_request", "too_large", "internal"]
+# dead-lettered (the message starts with the dead letter's reason). `cancelled`: its caller cancelled it.
+ErrorCode = Literal["expired", "engine_error", "invalid_request", "too_large", "internal", "cancelled"]
 
 
 class ErrorInfo(BaseModel):
@@ -138,6 +138,7 @@ class InferenceResponse(BaseModel):
 
     @property
     def counts_for_variant(self) -> bool:
-        """False for an `invalid_request` answer: the caller's input was refused before any engine
-        saw it, which says nothing about the variant; analysis and rollouts leave these out."""
-        return self.error is None or self.error.code != "invalid_request"
+        """False for an `invalid_request` answer (the caller's input was refused before any engine
+        saw it) and a `cancelled` one (its caller went away): neither says anything about the
+        variant; analysis and rollouts leave these out (reports count cancels apart)."""
+        return self.error is None or self.error.code not in ("invalid_request", "cancelled")

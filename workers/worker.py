@@ -22,12 +22,14 @@ from abqueue.errors import AbqError
 from abqueue.kafka import KafkaSettings, ensure_topics
 from schemas import ExperimentConfig
 from workers.admission import Admission
+from workers.cancels import CancelReader
 from workers.delivery import Delivery, make_delivery
 from workers.engines.base import Engine
 from workers.inflight import InflightLimit
 from workers.membership import STRANDED_AFTER_S, MembershipWatch
 from workers.message import Message
 from workers.middleware import Middleware, default_middleware, emit_after, emit_before, wrap_engine
+from workers.middleware.cancelling import Cancelling
 from workers.middleware.hooks import Hooks
 from workers.middleware.streaming import Streaming
 from workers.runners import Runner, engine_call, make_runner
@@ -81,13 +83,15 @@ class Worker:
         follow=None,
         stranded_after_s: float = STRANDED_AFTER_S,
         streams: StreamPublisher | None = None,
+        cancels=None,
     ):
         """Serves one variant, or a pool of variants on one engine (`variant` names either), through
         `consumer` and `delivery`; does no I/O until run().
         `Worker.from_settings` builds both on Kafka. follow: a ConfigFollower; the variant's limits
         (max_prompt_chars, max_tokens_limit) then come from the live config as it changes. Engine
         settings need a restart (a rolling update). streams: where streamed requests' chunks are
-        published (Worker.from_settings makes one); without it a streamed request is answered whole."""
+        published (Worker.from_settings makes one); without it a streamed request is answered whole.
+        cancels(on_cancel): starts reading the experiment's cancel topic (workers.cancels.CancelReader)."""
         self.experiment = experiment
         served = experiment.serving(variant)
         self.serves = served[0].pool or served[0].name  # a pool's name, or the one variant's
@@ -113,6 +117,9 @@ class Worker:
         if streams is not None and not any(isinstance(m, Streaming) for m in self.middleware):
             # Last: its before_batch sees only what validation and deadlines let through.
             self.middleware = [*self.middleware, Streaming(streams)]
+        if not any(isinstance(m, Cancelling) for m in self.middleware):
+            # Innermost around the engine: it aborts the request the engine was given (a hook's, if any).
+            self.middleware = [*self.middleware, Cancelling(cancels)]
         self.registry = CollectorRegistry()
         self._stop = threading.Event()
         self._heartbeat = time.monotonic()
@@ -181,6 +188,8 @@ class Worker:
         strategy = make_delivery(delivery, producer, *topics)
         if "streams" not in options:
             options["streams"] = StreamPublisher(KafkaProducerTransport(settings, [responses]), worker_id)
+        if "cancels" not in options:
+            options["cancels"] = lambda on_cancel: CancelReader(settings, experiment.cancel_topic, on_cancel)
         return cls(
             experiment,
             variant,

@@ -15,6 +15,7 @@ import yaml
 from abqueue.deploy.dashboard import dashboard
 from abqueue.kafka import acls
 from abqueue.kafka.replication import resolve as resolve_replication
+from abqueue.kafka.topics import CANCEL_RETENTION_MS
 from abqueue.scaling.plan import trigger_metadata
 from schemas import ExperimentConfig
 
@@ -519,6 +520,7 @@ def kafka_topics(exp: ExperimentConfig, t: Target) -> list[dict]:
     ]
     out.append(topic(exp.response_topic, exp.partitions, week))
     out.append(topic(exp.deadletter_topic, 1, 4 * week))
+    out.append(topic(exp.cancel_topic, 1, CANCEL_RETENTION_MS))
     return out
 
 

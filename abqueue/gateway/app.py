@@ -106,6 +106,10 @@ class Gateway:
             registry=self.registry,
         )  # fmt: skip
         self.stream_metrics = StreamMetrics(self.registry)
+        self.cancelled = Counter(
+            "abq_gateway_cancels", "Requests cancelled because their caller went away before the answer",
+            registry=self.registry,
+        )  # fmt: skip
         self.batch_status = Gauge(
             "abq_gateway_batches", "Batches by status (every replica sees them all)", ["status"], registry=self.registry
         )
@@ -221,6 +225,37 @@ class Gateway:
         return openai_batch.error_answer(resp)
 
 
+async def answer_unless_gone(
+    http: Request, gateway: Gateway, req: InferenceRequest, url: str, limiter: anyio.CapacityLimiter
+) -> tuple[int, dict] | None:
+    """gateway.answer, or None as soon as the caller has gone away (its request is then cancelled)."""
+    outcome: list = []
+    async with anyio.create_task_group() as tg:
+
+        async def answer() -> None:
+            try:
+                outcome.append(
+                    await anyio.to_thread.run_sync(gateway.answer, req, url, limiter=limiter, abandon_on_cancel=True)
+                )
+            except BaseException as e:  # raised below, outside the task group (which would wrap it in a group)
+                outcome.append(e)
+            tg.cancel_scope.cancel()
+
+        async def watch() -> None:
+            # The body has been read: the server's next message is the disconnect, whenever it comes.
+            while (await http.receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(answer)
+        tg.start_soon(watch)
+    if not outcome:
+        return None
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
 def unavailable(e: BaseException) -> ApiError:
     log.warning("Kafka did not take a request: %s: %s", type(e).__name__, e)
     return ApiError(503, f"Kafka is unavailable ({type(e).__name__}); retry the request", "kafka_unavailable",
@@ -267,13 +302,25 @@ def create_app(gateway: Gateway) -> FastAPI:
             variant = req.variant or ""
             headers = {"x-abq-variant": variant, "x-abq-request-id": req.id}
             gateway.shed(req)
+            client = gateway.clients[req.experiment]
+
+            def gone(how: str, rid: str = req.id) -> None:
+                if how == "disconnected":  # nobody reads the answer: stop costing GPU time for it
+                    gateway.cancelled.inc()
+                    client.cancel(rid, wait=False)
+
             if req.body is not None and req.body.get("stream") is True:
-                chunks = gateway.clients[req.experiment].stream(req, timeout=gateway.limits.request_timeout_s)
+                chunks = client.stream(req, timeout=gateway.limits.request_timeout_s)
                 status, response = await stream_response(
-                    chunks, headers, waiting, gateway.stream_metrics, started, on_end=lambda how: None
+                    chunks, headers, waiting, gateway.stream_metrics, started, on_end=gone
                 )
             else:
-                status, answer = await anyio.to_thread.run_sync(gateway.answer, req, url, limiter=waiting)
+                answered = await answer_unless_gone(request, gateway, req, url, waiting)
+                if answered is None:
+                    gone("disconnected")
+                    answered = 499, {"error": {"message": "the caller went away", "type": "invalid_request_error",
+                                               "param": None, "code": "cancelled"}}  # fmt: skip
+                status, answer = answered
                 response = JSONResponse(answer, status_code=status, headers=headers)
         except ApiError as e:
             status, response = e.status, error(e, headers)

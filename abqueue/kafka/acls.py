@@ -63,6 +63,7 @@ def producer(exp: ExperimentConfig, client: str) -> list[Grant]:
             for t in exp.request_topics(v.name).values()
         ),
         _topic(exp.feedback_topic, "Write", "Describe", "DescribeConfigs"),
+        _topic(exp.cancel_topic, "Write", "Describe"),  # cancels of its own requests: workers check the tag
         _topic(CONFIG_TOPIC, "Read", "Describe"),
         _topic(reply_prefix(exp, client), "Read", "Describe", "DescribeConfigs", "Create", prefix=True),
     ]
@@ -86,6 +87,7 @@ def worker(exp: ExperimentConfig, variant: str) -> list[Grant]:
         *_reply_grants(exp, "Write", "Describe", "DescribeConfigs"),
         Grant("transactionalId", f"{group}.", "prefix", ("Write", "Describe")),
         _topic(CONFIG_TOPIC, "Read", "Describe"),
+        _topic(exp.cancel_topic, "Read", "Describe"),  # without a group: every worker reads every cancel
     ]
 
 

@@ -19,6 +19,8 @@ from schemas.experiment import ConfigError, ExperimentConfig
 
 log = logging.getLogger(__name__)
 
+CANCEL_RETENTION_MS = 3_600_000  # a cancel matters while its request may still run
+
 # Kafka's broker default for message.max.bytes; used when a topic's setting cannot be read.
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 
@@ -103,10 +105,19 @@ def ensure_topics(settings: KafkaSettings, experiment: ExperimentConfig) -> list
         wanted[experiment.response_topic] = {"num_partitions": experiment.partitions}
         wanted[experiment.deadletter_topic] = {"num_partitions": 1}
         wanted[experiment.feedback_topic] = {"num_partitions": experiment.partitions}
+        # A cancel matters while its request may still run: an hour of them, not the topic's history.
+        wanted[experiment.cancel_topic] = {"num_partitions": 1, "configs": {"retention.ms": str(CANCEL_RETENTION_MS)}}
         if any(v.shadow_of for v in experiment.variants):
             wanted[experiment.shadow_response_topic] = {"num_partitions": experiment.partitions}
         existing, absent = _presence(admin, list(wanted))
-        missing = {t: {**wanted[t], "replication_factor": want.factor, "configs": want.topic_configs()} for t in absent}
+        missing = {
+            t: {
+                **wanted[t],
+                "replication_factor": want.factor,
+                "configs": {**want.topic_configs(), **wanted[t].get("configs", {})},
+            }
+            for t in absent
+        }
         for line in replication.weaker_topics(admin, existing, want):
             log.warning("%s", line)
         if missing:

@@ -60,7 +60,7 @@ class EchoEngine:
         self.error_rate = error_rate
         self._transient_left = transient_failures
         self._lives_left = dies_after
-        self._due: list = []  # heap of (due, seq, request, first_token_at, done)
+        self._due: list = []  # heap of (due, seq, request, what to do then: put a chunk, or answer)
         self._seq = itertools.count()
         self._wake = threading.Condition()
         self._closed = False
@@ -154,7 +154,7 @@ class EchoEngine:
                 self._timer = threading.Thread(target=self._fire, name="abq-echo", daemon=True)
                 self._timer.start()
             for due, fire in events:  # the sequence number keeps a request's events in order at equal times
-                heapq.heappush(self._due, (due, next(self._seq), fire))
+                heapq.heappush(self._due, (due, next(self._seq), request, fire))
             self._wake.notify()
 
     def _fire(self) -> None:
@@ -164,8 +164,14 @@ class EchoEngine:
                     self._wake.wait(timeout=(self._due[0][0] - time.time()) if self._due else None)
                 if self._closed:
                     return
-                _, _, fire = heapq.heappop(self._due)
+                _, _, _, fire = heapq.heappop(self._due)
             fire()
+
+    def abort(self, request: InferenceRequest) -> None:
+        """Drop what is left of the request (its chunks to come, its answer); `done` is not called."""
+        with self._wake:
+            self._due = [e for e in self._due if e[2] is not request]
+            heapq.heapify(self._due)
 
     def stats(self) -> dict[str, float]:
         return {"running": len(self._due)}

@@ -137,7 +137,8 @@ class AsyncVllmEngine(PromptPrep):
         running.add_done_callback(lambda _: self._running.pop(id(request), None))
 
     def abort(self, request: InferenceRequest) -> None:
-        """Cancel the request's generate(): AsyncLLM aborts it and frees its KV cache; `done` is not called."""
+        """Cancel the request's generate() (or its serving handler): AsyncLLM aborts it and frees its
+        KV cache; `done` is not called."""
         running = self._running.get(id(request))
         if running is not None:
             running.cancel()

@@ -6,9 +6,9 @@ lives. A later answer from the engine is ignored (the runner takes one answer pe
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
+from workers.calls import CallAnswers
 from workers.deadlines import Deadlines
 from workers.engines.base import EngineError
 from workers.middleware import Middleware
@@ -21,32 +21,6 @@ class EngineTimedOut(EngineError):
     pass
 
 
-class _Call:
-    """One engine call's requests until each is answered once (by the engine or by the deadline).
-    Once all are, it lets go of them and of the runner's callback, which holds the call's messages:
-    the deadline waiting in the heap holds nothing large."""
-
-    def __init__(self, requests: list, done: Done):
-        self.requests: list | None = requests
-        self.answered = [False] * len(requests)
-        self.left = len(requests)
-        self._done: Done | None = done
-        self._lock = threading.Lock()
-
-    def answer(self, i: int, result) -> bool:
-        with self._lock:
-            if self.answered[i]:
-                return False
-            self.answered[i] = True
-            self.left -= 1
-            done = self._done
-            if not self.left:
-                self.requests, self._done = None, None
-        assert done is not None, "a call with a request unanswered keeps its callback"
-        done(i, result)
-        return True
-
-
 class EngineTimeout(Middleware):
     def __init__(self, seconds: float | None):
         self.seconds = seconds
@@ -57,7 +31,7 @@ class EngineTimeout(Middleware):
             return call
         seconds = self.seconds
 
-        def expire(c: _Call) -> None:
+        def expire(c: CallAnswers) -> None:
             requests = c.requests
             for i, request in enumerate(requests or ()):
                 if c.answered[i]:
@@ -75,7 +49,7 @@ class EngineTimeout(Middleware):
                     log.error("request %s: %s", request.id, error)
 
         def timed(requests, done: Done) -> None:
-            c = _Call(requests, done)
+            c = CallAnswers(requests, done)
             # One deadline per call, not per request: what waits in the heap grows with calls, not requests.
             self._deadlines.at(time.monotonic() + seconds, lambda: expire(c), lambda: bool(c.left))
 

@@ -26,7 +26,7 @@ class Metrics(Middleware):
         per_model = (*labels, "model")
         self.requests = PromCounter(
             "abq_requests",
-            "Requests handled, by outcome (ok, error, expired, dead_letter)",
+            "Requests handled, by outcome (ok, error, expired, cancelled, dead_letter)",
             (*labels, "outcome"),
             registry=reg,
         )
@@ -162,7 +162,13 @@ class Metrics(Middleware):
                 outcomes[(self.dead_letters, var, m.dead_letter.reason)] += 1
                 continue
             resp = m.response
-            outcome = "ok" if resp.error is None else ("expired" if resp.error.code == "expired" else "error")
+            outcome = (
+                "ok"
+                if resp.error is None
+                else resp.error.code
+                if resp.error.code in ("expired", "cancelled")
+                else "error"
+            )
             outcomes[(self.requests, var, outcome)] += 1
             child(self.e2e, var).observe(max(0.0, now - m.enqueued_at))
             if m.started is None:
