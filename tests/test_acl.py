@@ -71,7 +71,7 @@ def test_the_acl_recipe_works_as_written_the_operator_creating_the_topics(broker
     assert user_name(EXP, "worker", "a") in line
     applied = abq_as(broker, "operator", "experiment", "apply", str(broker[1]), "--create-topics")
     assert applied.returncode == 0, applied.stderr
-    assert f"created 6 topics of {EXP.name}" in applied.stdout and "applied" in applied.stdout, applied.stdout
+    assert f"created 7 topics of {EXP.name}" in applied.stdout and "applied" in applied.stdout, applied.stdout
 
 
 def test_no_role_less_client_gets_in(broker):

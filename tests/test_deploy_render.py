@@ -48,7 +48,7 @@ def _doc(files, kind, name_part=""):
 
 def test_every_rendered_resource_validates():
     exp, files = _rendered()
-    assert validate_files(files) == 21
+    assert validate_files(files) == 22  # the cancel topic is the new KafkaTopic
     kinds = sorted(d["kind"] for docs in files.values() for d in docs)
     assert kinds.count("Deployment") == kinds.count("ScaledObject") == kinds.count("PodDisruptionBudget") == 2
     assert kinds.count("KafkaTopic") == 2 * 3 + 2  # a topic per variant and priority, responses, dead letters

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 from conftest import new_experiment
-from kafka_helpers import read_all
+from kafka_helpers import read_all, wait_until
 from test_gateway import _client as sdk_client
 from test_gateway import serving
 
@@ -203,3 +203,85 @@ def test_200_concurrent_streams_through_two_gateway_replicas_are_each_whole_and_
         with ThreadPoolExecutor(200) as pool:
             got = list(pool.map(stream, range(200)))
     assert got == [" ".join([f"stream {i}", *["w"] * (i % 13)]) for i in range(200)]
+
+
+# -- cancellation -------------------------------------------------------------------------------------
+
+
+def _metric(worker, name, **labels):
+    return sum(
+        s.value
+        for fam in worker.registry.collect()
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_a_cancelled_request_queued_behind_a_backlog_never_reaches_the_engine(settings, thread_worker):
+    # One at a time, each answer a second long: the third request waits behind two.
+    exp = new_experiment(variants=(("a", 100),), partitions=1, ms_per_token=100)
+    ensure_topics(settings, exp)
+    with (
+        thread_worker(exp, "a", max_inflight=1) as worker,
+        AbqClient(settings, exp, reply_topic=_reply_topic(exp)) as client,
+        AbqClient(settings, exp, reply_topic=_reply_topic(exp, "other")) as other,
+    ):
+        ids = ["first", "second", "third"]
+        with client.expecting(set(ids)):
+            for rid in ids:
+                client.publish(_chat(exp, " ".join(["w"] * 10), rid=rid))
+            other.cancel("second")  # another caller's cancel, with the same id: it touches nothing
+            client.cancel("third")
+            replies = client.wait(set(ids), timeout=30)
+    assert {rid: r.response.error.code if r.response.error else "ok" for rid, r in replies.items()} == {
+        "first": "ok", "second": "ok", "third": "cancelled",
+    }  # fmt: skip
+    third = replies["third"].response
+    assert third.timings.started is None  # never started in the engine
+    assert _metric(worker, "abq_cancels_total", stage="queued") == 1
+    assert _metric(worker, "abq_requests_total", outcome="cancelled") == 1
+    assert not third.counts_for_variant  # reports and rollouts leave it out
+
+
+def test_a_cancel_aborts_a_running_stream_in_the_engine_within_a_second(settings, thread_worker):
+    exp = new_experiment(variants=(("a", 100),), ms_per_token=50)
+    ensure_topics(settings, exp)
+    with (
+        thread_worker(exp, "a") as worker,
+        AbqClient(settings, exp, reply_topic=_reply_topic(exp)) as client,
+    ):
+        long = " ".join(["w"] * 400)  # 20 s of answer
+        chunks = client.stream(_chat(exp, long, rid="long"), timeout=30)
+        assert next(chunks)["choices"][0]["delta"]["role"] == "assistant"
+        assert worker.engine.stats()["running"] > 0
+        cancelled_at = time.monotonic()
+        client.cancel("long")
+        with pytest.raises(StreamError) as e:
+            for _ in chunks:
+                pass
+        assert e.value.code == "cancelled" and time.monotonic() - cancelled_at < 1.5
+        assert worker.engine.stats()["running"] == 0  # its remaining chunks and answer are dropped
+        assert _metric(worker, "abq_cancels_total", stage="engine") == 1
+        client.cancel("long")  # again, once answered: too late, and harmless
+        wait_until(lambda: _metric(worker, "abq_cancels_total", stage="too_late") == 1, 5, "the late cancel counted")
+
+
+def test_a_caller_that_goes_away_cancels_its_request_streaming_or_not(settings, thread_worker):
+    exp = new_experiment(variants=(("a", 100),), ms_per_token=50)
+    ensure_topics(settings, exp)
+    long = " ".join(["w"] * 400)
+    with thread_worker(exp, "a") as worker, serving(settings, [exp]) as url:
+        with (
+            sdk_client(url, max_retries=0).chat.completions.create(
+                model=exp.name, messages=[{"role": "user", "content": long}], stream=True
+            ) as stream,
+        ):
+            next(iter(stream))
+        # Closing the stream closed the connection: the worker aborts the request in the engine.
+        wait_until(lambda: _metric(worker, "abq_cancels_total", stage="engine") == 1, 5, "the stream cancelled")
+        with pytest.raises(openai.APITimeoutError):
+            sdk_client(url, max_retries=0, timeout=1.0).chat.completions.create(
+                model=exp.name, messages=[{"role": "user", "content": long}]
+            )
+        wait_until(lambda: _metric(worker, "abq_cancels_total", stage="engine") == 2, 5, "the request cancelled")
+        wait_until(lambda: worker.engine.stats()["running"] == 0, 5, "nothing left running")

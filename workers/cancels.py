@@ -1,7 +1,7 @@
 """The experiment's cancel topic, read by every worker of the experiment in a thread of its own.
 
 No consumer group: each worker reads every cancel (the request may be with any of them), from the
-topic's end when it starts (a cancel sent before a worker started is for a request some other worker
+topic's end when it starts reading (a cancel sent before a worker started is for a request some other worker
 had, or one still in Kafka that this worker will meet later, which is why the middleware remembers
 cancels it could not match yet)."""
 
@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from kafka import TopicPartition
+from kafka.errors import UnknownTopicOrPartitionError
 from pydantic import ValidationError
 
 from abqueue.kafka import KafkaSettings, consumer
@@ -19,22 +21,52 @@ from schemas.stream import Cancel, decode_cancel
 
 log = logging.getLogger(__name__)
 
+RETRY_S = 30.0
+
 
 class CancelReader:
     def __init__(self, settings: KafkaSettings, topic: str, on_cancel: Callable[[Cancel], None]):
-        self._consumer = consumer(settings, group_id=None, enable_auto_commit=False)
-        partitions = self._consumer.partitions_for_topic(topic) or {0}
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        self._consumer.assign(tps)
-        self._consumer.seek_to_end(*tps)
-        for tp in tps:
-            self._consumer.position(tp)  # resolved now: a cancel sent after start-up is never skipped
-        self._on_cancel = on_cancel
+        self._settings, self.topic, self._on_cancel = settings, topic, on_cancel
+        self._consumer: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="abq-cancels", daemon=True)
         self._thread.start()
 
+    def _start(self) -> bool:
+        """Reads from the topic's end from now on; False (said in one line) where it cannot yet: a
+        topic not created yet, or a user without Read on it (KafkaUsers rendered before cancels
+        existed). The worker serves either way; it acts on cancels once it can read them."""
+        try:
+            c = consumer(self._settings, group_id=None, enable_auto_commit=False)
+        except Exception as e:
+            log.warning(
+                "cannot read cancels from %s (%s: %s); retrying in %gs", self.topic, type(e).__name__, e, RETRY_S
+            )
+            return False
+        try:
+            partitions = c.partitions_for_topic(self.topic)
+            if not partitions:
+                raise UnknownTopicOrPartitionError(self.topic)
+            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            c.assign(tps)
+            c.seek_to_end(*tps)
+            for tp in tps:
+                c.position(tp)
+        except Exception as e:
+            c.close()
+            log.warning(
+                "cannot read cancels from %s (%s); requests are not cancelled until it can: create the experiment's "
+                "topics (abq experiment apply --create-topics) and give the worker's user Read on it (abq deploy "
+                "render); retrying in %gs", self.topic, type(e).__name__, RETRY_S,
+            )  # fmt: skip
+            return False
+        self._consumer = c
+        return True
+
     def _run(self) -> None:
+        while not self._start():
+            if self._stop.wait(RETRY_S):
+                return
         while not self._stop.is_set():
             try:
                 polled = self._consumer.poll(timeout_ms=200)
@@ -57,4 +89,5 @@ class CancelReader:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self._consumer.close()
+        if self._consumer is not None:
+            self._consumer.close()

@@ -237,7 +237,7 @@ async def answer_unless_gone(
                 outcome.append(
                     await anyio.to_thread.run_sync(gateway.answer, req, url, limiter=limiter, abandon_on_cancel=True)
                 )
-            except BaseException as e:  # raised below, outside the task group (which would wrap it in a group)
+            except Exception as e:  # raised below, outside the task group (which would wrap it in a group)
                 outcome.append(e)
             tg.cancel_scope.cancel()
 

@@ -16,7 +16,8 @@ def _families(registry: CollectorRegistry) -> list[tuple[str, str, str, tuple[st
     collectors: list[Any] = list(registry._collector_to_names)
     for collector in collectors:
         # prometheus_client's metrics keep their label names in _labelnames; our LoopHistogram in labelnames.
-        labels: tuple[str, ...] = tuple(getattr(collector, "_labelnames", None) or collector.labelnames)
+        names = getattr(collector, "_labelnames", None)
+        labels: tuple[str, ...] = tuple(collector.labelnames if names is None else names)
         for family in collector.describe():
             name = family.name + ("_total" if family.type == "counter" else "")
             out.append((name, family.type, family.documentation, labels))
@@ -28,6 +29,7 @@ def worker_registry() -> CollectorRegistry:
     from workers.delivery import make_delivery
     from workers.engines.factory import make_engine
     from workers.middleware import emit_before
+    from workers.streams import StreamPublisher
     from workers.transport.stub import StubBroker
     from workers.worker import Worker
 
@@ -40,7 +42,9 @@ def worker_registry() -> CollectorRegistry:
     strategy = make_delivery(
         "at-least-once", lambda transactional: broker.producer(), exp.response_topic, exp.deadletter_topic
     )
-    worker = Worker(exp, "a", make_engine(exp.variant("a")), broker.consumer("g"), strategy, worker_id="reference")
+    streams = StreamPublisher(broker.producer(), "reference")  # so that the streaming metrics are registered
+    engine = make_engine(exp.variant("a"))
+    worker = Worker(exp, "a", engine, broker.consumer("g"), strategy, worker_id="reference", streams=streams)
     emit_before(worker.middleware, "before_start", worker)
     return worker.registry
 

@@ -118,10 +118,16 @@ class Cancelling(Middleware):
         return cancellable
 
     def after_batch(self, worker, batch) -> None:
+        late = []
         with self._lock:
             for m in batch:
                 if m.request is not None:
-                    self._remember(self._answered, _key(m.request), None)
+                    key = _key(m.request)
+                    self._remember(self._answered, key, None)
+                    if self._asked.pop(key, None) is not None:  # it came while the answer was on its way
+                        late.append(m.variant)
+        for variant in late:
+            self._count(variant, "too_late")
 
     def _remember(self, where: OrderedDict, key: Key, value) -> None:
         where[key] = value
