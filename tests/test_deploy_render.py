@@ -51,7 +51,7 @@ def test_every_rendered_resource_validates():
     assert validate_files(files) == 22  # the cancel topic is the new KafkaTopic
     kinds = sorted(d["kind"] for docs in files.values() for d in docs)
     assert kinds.count("Deployment") == kinds.count("ScaledObject") == kinds.count("PodDisruptionBudget") == 2
-    assert kinds.count("KafkaTopic") == 2 * 3 + 2  # a topic per variant and priority, responses, dead letters
+    assert kinds.count("KafkaTopic") == 2 * 3 + 3  # a topic per variant and priority, responses, dead letters, cancels
 
 
 @pytest.mark.parametrize(
