@@ -177,6 +177,7 @@ async def _streamed(request: InferenceRequest, events, started: float) -> Comple
     if sink is not None:
         sink.restart()
     got: list[dict] = []
+    metrics: dict = {}
     first_at = last_at = None
     async for event in events:
         for line in event.splitlines():
@@ -186,6 +187,7 @@ async def _streamed(request: InferenceRequest, events, started: float) -> Comple
             chunk = json.loads(data)
             if isinstance(chunk.get("error"), dict):
                 return answer(asks.endpoint, chunk)
+            metrics.update(chunk.pop("metrics", None) or {})  # abqueue asked for them, not the caller
             got.append(chunk)
             if chunk.get("choices"):
                 last_at = time.monotonic()
@@ -194,8 +196,9 @@ async def _streamed(request: InferenceRequest, events, started: float) -> Comple
                 continue  # the usage chunk abqueue asked for, which the caller did not
             if sink is not None:
                 sink.put(chunk)
-    done = answer(asks.endpoint, chunks.join(asks.endpoint, got))
-    if isinstance(done, Completion) and first_at is not None:
+    done = answer(asks.endpoint, {**chunks.join(asks.endpoint, got), "metrics": metrics})
+    if isinstance(done, Completion) and done.ttft_s is None and first_at is not None:
+        # vLLM's own figures where it gave them (the usage chunk); else as the chunks came.
         done.ttft_s = first_at - started
         if done.completion_tokens > asks.n and last_at is not None:
             done.tpot_s = (last_at - first_at) / (done.completion_tokens / asks.n - 1)
