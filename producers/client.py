@@ -69,6 +69,7 @@ class AbqClient:
         follow: bool = False,
         tag: str | None = None,
         accept_untagged: bool = False,
+        max_buffered_parts: int = MAX_BUFFERED_PARTS,
     ):
         """reply_topic: where this client reads its answers, and the reply_to of every request it
         publishes (unless the request names its own); one of the experiment's reply topics, created
@@ -76,7 +77,8 @@ class AbqClient:
         experiment's responses topic.
         follow: take weights, overrides and new variants from the live config topic as they are applied.
         tag: this client's caller_tag (a fresh random one by default; a batch job keeps one across reruns).
-        accept_untagged: also take responses without a tag, to requests published by other means."""
+        accept_untagged: also take responses without a tag, to requests published by other means.
+        max_buffered_parts: a stream's records that may wait for its reader; one further behind is ended."""
         self.experiment = experiment
         self.reply_to = reply_topic if reply_topic and reply_topic != experiment.response_topic else None
         if self.reply_to is not None:
@@ -86,6 +88,7 @@ class AbqClient:
                 ensure_topic(settings, self.reply_to, experiment.partitions)
         self.tag = tag or uuid.uuid4().hex
         self.accept_untagged = accept_untagged
+        self.max_buffered_parts = max_buffered_parts
         self.follower = None
         if follow:
             from abqueue.control.live_config import ConfigFollower
@@ -239,7 +242,7 @@ class AbqClient:
                 parts = self._streams.get(item.request_id)
                 if parts is None:
                     return
-                if len(parts.items) >= MAX_BUFFERED_PARTS:
+                if len(parts.items) >= self.max_buffered_parts:
                     parts.overflowed = True
                     parts.items.clear()
                 else:
@@ -302,7 +305,7 @@ class AbqClient:
                 overflowed, reply = parts.overflowed, self._arrived.get(rid)
             if overflowed:
                 raise StreamError(
-                    f"request {rid}: this reader fell more than {MAX_BUFFERED_PARTS} records behind its stream",
+                    f"request {rid}: this reader fell more than {self.max_buffered_parts} records behind its stream",
                     "slow_reader",
                 )
             if part is not None:

@@ -50,6 +50,7 @@ def _bookkeeping(listener, publisher) -> AbqClient:
     client = AbqClient.__new__(AbqClient)  # the reply bookkeeping alone: no Kafka behind it
     client.listener, client.publisher = listener, publisher
     client._bookkeeping()
+    client.max_buffered_parts = 512
     client.tag, client.accept_untagged, client.reply_to = "me", False, None
     return client
 

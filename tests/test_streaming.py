@@ -285,3 +285,60 @@ def test_a_caller_that_goes_away_cancels_its_request_streaming_or_not(settings, 
             )
         wait_until(lambda: _metric(worker, "abq_cancels_total", stage="engine") == 2, 5, "the request cancelled")
         wait_until(lambda: worker.engine.stats()["running"] == 0, 5, "nothing left running")
+
+
+def test_a_worker_killed_mid_stream_ends_a_started_stream_with_an_error_and_streams_an_unstarted_one_anew(
+    settings, spawn_worker
+):
+    """The documented behaviour (README, Guarantees): a request is redone elsewhere after its worker
+    dies; a stream that had sent nothing streams the new attempt, one that had sent chunks ends with
+    an error event (a client never gets two attempts' chunks joined)."""
+    exp = new_experiment(variants=(("a", 100),), partitions=1, ms_per_token=20)
+    ensure_topics(settings, exp)
+    unstarted: list = []
+    with serving(settings, [exp]) as url, AbqClient(settings, exp, reply_topic=_reply_topic(exp)) as client:
+        first = spawn_worker(exp, "a", "--max-inflight", "1")  # the second request waits behind the first
+        started = sdk_client(url, max_retries=0).chat.completions.create(
+            model=exp.name, messages=[{"role": "user", "content": " ".join(["w"] * 300)}], stream=True
+        )
+        head = next(iter(started))
+        assert head.choices[0].delta.role == "assistant"
+
+        def read_unstarted() -> None:
+            try:
+                unstarted.append(text_of(CHAT, list(client.stream(_chat(exp, "one two three", rid="u"), timeout=90))))
+            except BaseException as e:
+                unstarted.append(e)
+
+        reader = threading.Thread(target=read_unstarted)
+        reader.start()
+        time.sleep(1.0)  # published and buffered by the first worker, behind the running one
+        first.kill()
+        spawn_worker(exp, "a")
+        with pytest.raises(openai.APIError) as e:
+            for _ in started:
+                pass
+        assert e.value.code == "stream_interrupted" and "retry the request" in e.value.message
+        reader.join(timeout=90)
+    assert unstarted == ["one two three"]
+
+
+def test_a_slow_reader_is_ended_and_never_delays_another_stream(settings, thread_worker):
+    exp = new_experiment(variants=(("a", 100),), ms_per_token=2)
+    ensure_topics(settings, exp)
+    with (
+        thread_worker(exp, "a"),
+        AbqClient(settings, exp, reply_topic=_reply_topic(exp), max_buffered_parts=4) as client,
+    ):
+        slow = client.stream(_chat(exp, " ".join(["w"] * 1000), rid="slow"), timeout=30)  # 2 s of chunks
+        next(slow)  # ... and then this reader stops reading
+        for i in range(5):  # meanwhile every other stream of the client flows: its first chunk at once
+            asked = time.monotonic()
+            fast = client.stream(_chat(exp, f"fast {i}", rid=f"fast-{i}"), timeout=30)
+            next(fast)
+            assert time.monotonic() - asked < 1.0
+            assert text_of(CHAT, list(fast)) == f" {i}"
+        time.sleep(2.5)
+        with pytest.raises(StreamError) as e:
+            list(slow)
+    assert e.value.code == "slow_reader"

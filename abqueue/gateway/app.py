@@ -46,7 +46,7 @@ from abqueue.gateway.tenants import Tenants
 from abqueue.kafka import KafkaSettings, ensure_topic
 from abqueue.kafka.clients import KafkaUnavailable
 from producers import openai_batch
-from producers.client import AbqClient, ReplyTimeout
+from producers.client import MAX_BUFFERED_PARTS, AbqClient, ReplyTimeout
 from producers.publisher import RequestTooLarge
 from schemas import ConfigError, ExperimentConfig, InferenceRequest
 from schemas.body import CHAT, COMPLETIONS, EMBEDDINGS
@@ -62,6 +62,7 @@ class Limits:
     max_body_bytes: int = 1_000_000
     max_backlog: int | None = None  # per variant; over it, 429 (None: never shed)
     max_waiting: int = 512  # requests waiting for their answers at once; the rest queue in the server
+    max_stream_parts: int = MAX_BUFFERED_PARTS  # a stream's records waiting for a slow reader; more ends it
     max_file_lines: int = 50_000  # OpenAI's limits per batch input file
     max_file_bytes: int = 200_000_000
 
@@ -123,7 +124,9 @@ class Gateway:
                 if refused := exp.reply_to_refusal(topic):
                     raise ConfigError(f"the gateway's reply topic: {refused}")
                 ensure_topic(settings, topic, configs={"retention.ms": str(REPLY_RETENTION_MS)})
-                self.clients[exp.name] = AbqClient(settings, exp, reply_topic=topic, follow=True)
+                self.clients[exp.name] = AbqClient(
+                    settings, exp, reply_topic=topic, follow=True, max_buffered_parts=self.limits.max_stream_parts
+                )
                 if self.limits.max_backlog is not None:
                     self.backlogs[exp.name] = Backlog(settings, exp, self.limits.max_backlog)
             if storage is not None:
