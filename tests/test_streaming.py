@@ -4,13 +4,15 @@ responses topic as for every request; AbqClient.stream yields the chunks."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from conftest import new_experiment
+from conftest import REPO, abq_cmd, new_experiment, write_config
 from kafka_helpers import read_all, wait_until
 from test_gateway import _client as sdk_client
 from test_gateway import serving
@@ -342,3 +344,24 @@ def test_a_slow_reader_is_ended_and_never_delays_another_stream(settings, thread
         with pytest.raises(StreamError) as e:
             list(slow)
     assert e.value.code == "slow_reader"
+
+
+def test_abq_submit_stream_prints_tokens_as_they_come(settings, kafka_bootstrap, thread_worker, tmp_path):
+    exp = new_experiment(variants=(("a", 100),), ms_per_token=100)
+    ensure_topics(settings, exp)
+    said = " ".join(f"t{i}" for i in range(12))  # 1.2 s of answer
+    env = {**os.environ, "ABQ_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    cmd = abq_cmd("submit", "--config", str(write_config(exp, tmp_path)), "--routing-key", "u", "--stream")
+    with thread_worker(exp, "a"):
+        proc = subprocess.Popen(
+            [*cmd, "--prompt", said], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO
+        )
+        first = proc.stdout.read(2)
+        first_at = time.monotonic()
+        rest = proc.stdout.read()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+        assert time.monotonic() - first_at > 0.5  # the first token was printed long before the last
+        assert (first + rest).decode() == said + "\n"
+        refused = subprocess.run([*cmd, "--body", '{"input": "x"}', "--endpoint", "/v1/embeddings"],
+                                 capture_output=True, text=True, env=env, cwd=REPO)  # fmt: skip
+    assert refused.returncode == 2 and refused.stderr.strip().startswith("abq: error: --stream is for chat")

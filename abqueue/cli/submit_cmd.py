@@ -10,7 +10,7 @@ import orjson
 from abqueue.cli import options
 from abqueue.cli.exits import ExitCode
 from abqueue.errors import UsageError
-from schemas.body import CHAT, ENDPOINTS
+from schemas.body import CHAT, COMPLETIONS, ENDPOINTS, GENERATE
 from schemas.request import PRIORITIES
 
 ERROR_ANSWER = ExitCode(
@@ -60,6 +60,12 @@ def register(sub) -> None:
         default=None,
         help='free JSON object kept with the request; segment overrides match on it, e.g. {"tier": "beta"}',
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="print the answer's text as the worker makes it (chat and completions; the chunks come on a reply "
+        "topic: --reply-to, or abq.EXPERIMENT.replies.cli.USER)",
+    )
     p.add_argument("--traceparent", default=None, help="W3C traceparent to continue (default: a new trace)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the response (default 60)")
     options.add_kafka_flags(p)
@@ -104,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(
                 f'--messages is not JSON ({e}); pass a list like \'[{{"role":"user","content":"hi"}}]\''
             ) from None
+    if args.stream:
+        return _stream(args, exp, fields)
     request = options.typed(InferenceRequest, "request", **fields)
     with AbqClient(options.kafka_settings(args), exp, reply_topic=args.reply_to) as client:
         reply = client.submit(request, timeout=args.timeout, traceparent=args.traceparent)
@@ -114,3 +122,41 @@ def run(args: argparse.Namespace) -> int:
     if reply.traceparent:
         print(f"traceparent: {reply.traceparent}", file=sys.stderr)
     return 0 if reply.response.ok else ERROR_ANSWER
+
+
+def _stream(args: argparse.Namespace, exp, fields: dict) -> int:
+    """Publishes the request as an OpenAI body with stream: true and prints its first choice's text
+    as the chunks come."""
+    import getpass
+
+    from abqueue.kafka.acls import reply_prefix
+    from producers import AbqClient
+    from producers.client import StreamError
+    from schemas import InferenceRequest
+    from schemas.chunks import text_of
+
+    if "body" not in fields:  # the flags as the body they mean
+        sampling = {"max_tokens": fields.pop("max_tokens"), "temperature": fields.pop("temperature"),
+                    "top_p": fields.pop("top_p"), "stop": fields.pop("stop") or None, "seed": fields.pop("seed"),
+                    "n": fields.pop("n")}  # fmt: skip
+        if "prompt" in fields:
+            fields.update(endpoint=COMPLETIONS, body={"prompt": fields.pop("prompt"), **sampling})
+        else:
+            fields.update(endpoint=CHAT, body={"messages": fields.pop("messages"), **sampling})
+        fields["body"] = {k: v for k, v in fields["body"].items() if v is not None}
+    if fields["endpoint"] not in GENERATE:
+        raise UsageError(f"--stream is for chat and completions; {fields['endpoint']} answers whole: leave it out")
+    fields["body"] = {**fields["body"], "stream": True}
+    request = options.typed(InferenceRequest, "request", **fields)
+    reply_to = args.reply_to or f"{reply_prefix(exp, 'cli')}{getpass.getuser()}"
+    with AbqClient(options.kafka_settings(args), exp, reply_topic=reply_to) as client:
+        try:
+            for chunk in client.stream(request, timeout=args.timeout):
+                sys.stdout.write(text_of(request.endpoint or CHAT, [chunk]))
+                sys.stdout.flush()
+        except StreamError as e:
+            sys.stdout.write("\n")
+            print(f"abq: the answer is an error ({e.code}): {e}", file=sys.stderr)
+            return ERROR_ANSWER
+    sys.stdout.write("\n")
+    return 0
