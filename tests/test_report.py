@@ -13,7 +13,7 @@ import statsmodels.stats.proportion as sm_prop
 from conftest import REPO, abq_cmd, write_config
 
 from abqueue.analysis import stats
-from schemas import ExperimentConfig, Feedback, InferenceResponse
+from schemas import ErrorInfo, ExperimentConfig, Feedback, InferenceResponse
 from schemas.response import TokenLogprob
 
 
@@ -665,3 +665,23 @@ def test_the_endpoint_is_a_column_and_one_endpoint_is_reported_alone(tmp_path):
     assert alone["variants"]["a"]["latency_s_p95"] < 0.1  # the chats' 2 s are not in it
     assert not any(line.startswith("ENDPOINTS") for line in alone["summary"])
     assert in_process("none")["endpoints"]["b"] == {"none": 10}
+
+
+def test_cancelled_answers_are_counted_apart_and_never_as_the_variants_errors(tmp_path):
+    """A caller that went away says nothing about the variant: its cancelled answer is neither in the
+    error rate nor in the latencies, and the report counts cancels per variant on a row of their own."""
+    from abqueue.analysis.report import Window, load, report, to_json, to_table
+
+    exp = ExperimentConfig.model_validate(
+        {"name": "gone", "control": "a", "variants": [{"name": "a", "weight": 50}, {"name": "b", "weight": 50}]}
+    )
+    rs = _responses(exp, "a", 50, lambda i: 1.0, errors=0) + _responses(exp, "b", 50, lambda i: 1.0, errors=0)
+    gone = _responses(exp, "b", 7, lambda i: 30.0, errors=7, assigned_by="gone")
+    rs += [r.model_copy(update={"error": ErrorInfo(code="cancelled", message="cancelled by its caller")}) for r in gone]
+    path = tmp_path / "responses.jsonl"
+    path.write_text("".join(r.model_dump_json() + "\n" for r in rs))
+    result = json.loads(to_json(report(load(None, exp, path, None, Window()), exp)))
+    b = result["variants"]["b"]
+    assert (b["count"], b["error_rate"], b["cancelled"], result["variants"]["a"]["cancelled"]) == (50, 0.0, 7, 0)
+    assert b["latency_s_p99"] < 2.0  # the cancelled requests' 30 s are not the variant's latency
+    assert any(line.split() == ["cancelled", "0", "7"] for line in to_table(result).splitlines())

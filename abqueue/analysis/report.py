@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,11 +131,15 @@ class Window:
 
 
 def responses(
-    settings: KafkaSettings | None, exp: ExperimentConfig, path: Path | None, window: Window | None = None
+    settings: KafkaSettings | None,
+    exp: ExperimentConfig,
+    path: Path | None,
+    window: Window | None = None,
+    left_out: Callable[[InferenceResponse], None] | None = None,
 ) -> Iterator[InferenceResponse]:
     """The experiment's responses that count for their variant, in `window`, as they are read: from
     the file at `path`, else from the responses topic (and the shadow responses topic where a
-    variant shadows another)."""
+    variant shadows another). left_out(r): each response in the window that does not count."""
     keep = window or Window()
     if path is not None:
         sources: list[Iterable[InferenceResponse]] = [read_jsonl(path, InferenceResponse)]
@@ -144,8 +148,12 @@ def responses(
         sources = [read_topic(settings, t, InferenceResponse.model_validate_json) for t in topics]
     for source in sources:
         for r in source:
-            if r.experiment == exp.name and r.counts_for_variant and keep(r):
+            if r.experiment != exp.name or not keep(r):
+                continue
+            if r.counts_for_variant:
                 yield r
+            elif left_out is not None:
+                left_out(r)
 
 
 def load(
@@ -164,7 +172,7 @@ def load(
     else:
         fb = []
     tally = Tally(marks(f for f in fb if f.experiment == exp.name), _versions(settings, exp))
-    for r in responses(settings, exp, path, window):
+    for r in responses(settings, exp, path, window, left_out=tally.left_out):
         tally.add(r)
     return tally.done()
 
@@ -343,7 +351,9 @@ def report(
         "duplicates": tally.duplicates,
         "srm": srm,
         "srm_mismatch": any(c.get("mismatch") for c in srm),
-        "variants": {name: summarise(tally.all.get(name) or empty()) for name in names},
+        "variants": {
+            name: {**summarise(tally.all.get(name) or empty()), "cancelled": tally.cancelled[name]} for name in names
+        },
         "endpoints": {name: {e: n for (v, e), n in sorted(tally.endpoints.items()) if v == name} for name in names},
         "comparisons": {},
     }
@@ -481,6 +491,7 @@ def to_table(result: dict) -> str:
         "count",
         "error_rate",
         "expired_rate",
+        "cancelled",
         "latency_s_p50",
         "latency_s_p95",
         "latency_s_p99",

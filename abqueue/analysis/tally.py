@@ -273,6 +273,7 @@ class Tally:
     timeline: Counter[tuple[str, int, bool]] = field(default_factory=Counter)  # (variant, minute, failed)
     endpoints: Counter[tuple[str, str]] = field(default_factory=Counter)  # (variant, endpoint_of)
     duplicates: int = 0
+    cancelled: Counter[str] = field(default_factory=Counter)  # per variant: cancelled by their callers, counted apart
     _seen: RecentIds = field(default_factory=RecentIds)
     _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))  # seeded: reports reproduce
 
@@ -287,6 +288,12 @@ class Tally:
         for r in responses:
             t.add(r)
         return t.done()
+
+    def left_out(self, r: InferenceResponse) -> None:
+        """A response that does not count for its variant (refused input, or cancelled by its caller):
+        cancels are counted apart, per variant."""
+        if r.error is not None and r.error.code == "cancelled":
+            self.cancelled[r.variant] += 1
 
     def add(self, r: InferenceResponse) -> None:
         """Counts r, unless it is a second response to the same request from the same variant
