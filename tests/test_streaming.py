@@ -365,3 +365,17 @@ def test_abq_submit_stream_prints_tokens_as_they_come(settings, kafka_bootstrap,
         refused = subprocess.run([*cmd, "--body", '{"input": "x"}', "--endpoint", "/v1/embeddings"],
                                  capture_output=True, text=True, env=env, cwd=REPO)  # fmt: skip
     assert refused.returncode == 2 and refused.stderr.strip().startswith("abq: error: --stream is for chat")
+
+
+def test_a_reply_topic_created_after_the_worker_last_listed_topics_gets_its_answers(settings, thread_worker):
+    """A new client creates its reply topic just before its first request; the worker, which had
+    listed the topics for an earlier caller's reply_to, took the new one for missing for 30 s and
+    sent its answers to the responses topic only (the caller, reading its reply topic, timed out)."""
+    exp = new_experiment(variants=(("a", 100),))
+    ensure_topics(settings, exp)
+    with thread_worker(exp, "a"):
+        with AbqClient(settings, exp, reply_topic=_reply_topic(exp, "early")) as early:
+            assert early.submit(_chat(exp, "first"), timeout=30).response.ok  # the worker lists the topics
+        with AbqClient(settings, exp, reply_topic=_reply_topic(exp, "late")) as late:
+            reply = late.submit(_chat(exp, "second"), timeout=10)
+    assert reply.response.ok and reply.response.reply_error is None

@@ -29,6 +29,7 @@ from workers.transport import Producer
 log = logging.getLogger(__name__)
 
 TOPIC_LIST_TTL_S = 30.0
+MISS_RELIST_S = 1.0
 
 
 class PublishFailed(RuntimeError):
@@ -62,10 +63,20 @@ class ResponseSink:
         self._limits = producer.max_message_bytes([response_topic, deadletter_topic])
         self._topics: set[str] = set()
         self._topics_at = float("-inf")
+        self._missed: dict[str, float] = {}  # when a topic was last listed again for not being there
 
     def _topic_exists(self, topic: str, fresh: bool = False) -> bool:
-        # Listed again every TTL whatever it says, so a reply topic deleted after first use is noticed.
-        if fresh or time.monotonic() - self._topics_at > TOPIC_LIST_TTL_S:
+        # Listed again every TTL whatever it says, so a reply topic deleted after first use is noticed;
+        # and on a miss, at most once a MISS_RELIST_S per topic: a client creates its reply topic just
+        # before its first request, after this worker last listed them (its answers went to the
+        # responses topic alone for up to the TTL, and the caller timed out).
+        now = time.monotonic()
+        missed = topic not in self._topics and now - self._missed.get(topic, float("-inf")) > MISS_RELIST_S
+        if missed:
+            self._missed[topic] = now
+            if len(self._missed) > 10_000:  # bounded: a topic checked long ago is checked again anyway
+                self._missed.clear()
+        if fresh or missed or now - self._topics_at > TOPIC_LIST_TTL_S:
             try:
                 self._topics = self._producer.topic_names()
             except Exception as e:  # a broker outage: publish again later, like an unacknowledged send

@@ -56,6 +56,11 @@ def register(sub) -> None:
     )  # fmt: skip
     p.add_argument("--max-file-lines", type=int, default=50_000, help="requests per batch input file (default 50,000)")
     p.add_argument("--max-file-bytes", type=int, default=200_000_000, help="bytes per uploaded file (default 200 MB)")
+    p.add_argument(
+        "--max-stream-parts", type=int, default=512,
+        help="a stream's Kafka records that may wait for a slow reader; one further behind is ended with a "
+        "slow_reader error event, so that it never holds up other callers (default 512)",
+    )  # fmt: skip
     p.add_argument("--instance", default=None, help="names this gateway's reply topics (default: the host name)")
     options.add_kafka_flags(p)
     p.set_defaults(func=run)
@@ -83,8 +88,15 @@ def run(args: argparse.Namespace) -> int:
             f"refusing to serve {args.host} without --api-keys: anyone who reaches it could use it; "
             "pass --api-keys FILE, or --allow-anonymous if that is what you want"
         )
-    if args.request_timeout <= 0 or args.max_body_bytes <= 0 or (args.max_backlog is not None and args.max_backlog < 0):
-        raise UsageError("--request-timeout and --max-body-bytes must be positive and --max-backlog at least 0")
+    if (
+        args.request_timeout <= 0
+        or args.max_body_bytes <= 0
+        or args.max_stream_parts <= 0
+        or (args.max_backlog is not None and args.max_backlog < 0)
+    ):
+        raise UsageError(
+            "--request-timeout, --max-body-bytes and --max-stream-parts must be positive and --max-backlog at least 0"
+        )
     tenants = Tenants.from_file(args.api_keys) if args.api_keys else Tenants()
     experiments = [load_experiment(c) for c in args.config or [None]]
     names = [e.name for e in experiments]
@@ -95,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--instance batches would share the batches' reply topic; name the instance otherwise")
     limits = Limits(
         args.request_timeout, args.max_body_bytes, args.max_backlog,
-        max_file_lines=args.max_file_lines, max_file_bytes=args.max_file_bytes,
+        max_file_lines=args.max_file_lines, max_file_bytes=args.max_file_bytes, max_stream_parts=args.max_stream_parts,
     )  # fmt: skip
     # The port first: taken, it is one line and nothing is created (it printed a serving banner and
     # exited 3, after creating its reply topic).
