@@ -1,7 +1,7 @@
 """Producers: assign requests to variants and publish them; wait for responses; run bulk jobs."""
 
 from producers.assignment import BUCKETS, assign_variant, bucket_of
-from producers.client import AbqClient, ReplyTimeout
+from producers.client import AbqClient, ReplyTimeout, Stream, StreamError
 from producers.publisher import RequestPublisher, RequestTooLarge
 
 __all__ = [
@@ -10,6 +10,8 @@ __all__ = [
     "ReplyTimeout",
     "RequestPublisher",
     "RequestTooLarge",
+    "Stream",
+    "StreamError",
     "assign_variant",
     "bucket_of",
 ]

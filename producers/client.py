@@ -35,7 +35,24 @@ class StreamError(AbqError):
 
 
 Chunks = Generator[dict[str, Any], None, None]
-"""A streamed answer's OpenAI chunks; close() it to stop reading before its end."""
+
+
+class Stream(Iterator[dict[str, Any]]):
+    """A streamed answer's OpenAI chunks as they come (iterate it); `cancel()` stops the request in
+    the worker, `close()` stops reading it."""
+
+    def __init__(self, client: AbqClient, request_id: str, chunks: Chunks):
+        self.request_id, self._client, self._chunks = request_id, client, chunks
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._chunks)
+
+    def cancel(self) -> None:
+        self._client.cancel(self.request_id)
+
+    def close(self) -> None:
+        self._chunks.close()
+
 
 # A streamed answer's parts wait here until their reader takes them. A reader that falls this far
 # behind is ended (StreamError "slow_reader"): the thread that reads the reply topic for everyone
@@ -257,7 +274,7 @@ class AbqClient:
                 self._arrived[rid] = item
                 self._news.notify_all()
 
-    def stream(self, request: InferenceRequest, timeout: float = 60.0) -> Chunks:
+    def stream(self, request: InferenceRequest, timeout: float = 60.0) -> Stream:
         """Publish a chat or completions request with stream: true and yield OpenAI's chunk objects
         as the worker makes them (it publishes them to this client's reply topic, a few at a time).
         Ends after the last chunk; StreamError where the answer is an error, or where the stream
@@ -271,7 +288,8 @@ class AbqClient:
             )
         if request.body is None or request.endpoint not in GENERATE:
             raise ConfigError("only chat and completions bodies stream; send the request with call() instead")
-        return self._streaming(request.model_copy(update={"body": {**request.body, "stream": True}}), timeout)
+        request = request.model_copy(update={"body": {**request.body, "stream": True}})
+        return Stream(self, request.id, self._streaming(request, timeout))
 
     def _streaming(self, request: InferenceRequest, timeout: float) -> Chunks:
         with self._news:
@@ -287,7 +305,7 @@ class AbqClient:
             with self._news:
                 self._streams.pop(request.id, None)
 
-    def stream_chat(self, messages: list[dict[str, Any]], routing_key: str, timeout: float = 60.0, **body) -> Chunks:
+    def stream_chat(self, messages: list[dict[str, Any]], routing_key: str, timeout: float = 60.0, **body) -> Stream:
         """stream() of a chat completion: `body` takes any field of OpenAI's (stream_options, tools, ...)."""
         request = InferenceRequest.model_validate(
             {"experiment": self.experiment.name, "routing_key": routing_key, "endpoint": CHAT,

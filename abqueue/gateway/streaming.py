@@ -11,7 +11,7 @@ another attempt's), and one whose reader fell too far behind."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from abqueue.gateway.openai_api import ApiError
 from producers import openai_batch
-from producers.client import ReplyTimeout, StreamError
+from producers.client import ReplyTimeout, Stream, StreamError
 from producers.publisher import RequestTooLarge
 
 DONE = b"data: [DONE]\n\n"
@@ -48,7 +48,7 @@ class StreamMetrics:
         self.chunks = Counter("abq_gateway_stream_chunks", "Chunks sent as events", registry=registry)
 
 
-def _next(chunks: Generator[dict[str, Any], None, None]) -> Any:
+def _next(chunks: Stream) -> Any:
     return next(chunks, _END)
 
 
@@ -58,7 +58,7 @@ def _error_event(e: StreamError) -> bytes:
 
 
 async def stream_response(
-    chunks: Generator[dict[str, Any], None, None],
+    chunks: Stream,
     headers: dict[str, str],
     limiter: anyio.CapacityLimiter,
     metrics: StreamMetrics,
