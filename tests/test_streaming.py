@@ -398,3 +398,15 @@ def test_a_streamed_requests_shadow_copy_is_answered_whole(settings, thread_work
         )
     (shadow,) = [decode_response(r.value) for r in read_all(settings, exp.shadow_response_topic)]
     assert shadow.error is None and shadow.body["choices"][0]["message"]["content"] == "seen by both"
+
+
+def test_a_cancel_sent_while_no_worker_runs_keeps_its_request_from_the_engine(settings, thread_worker):
+    exp = new_experiment(variants=(("a", 100),))
+    ensure_topics(settings, exp)
+    with AbqClient(settings, exp, reply_topic=_reply_topic(exp)) as client, client.expecting({"queued"}):
+        client.publish(_chat(exp, "never run", rid="queued"))
+        client.cancel("queued")  # no worker yet: the one that starts reads the last hour of cancels
+        with thread_worker(exp, "a") as worker:
+            reply = client.wait({"queued"}, timeout=30)["queued"]
+            assert reply.response.error.code == "cancelled" and reply.response.timings.started is None
+            assert _metric(worker, "abq_cancels_total", stage="queued") == 1

@@ -1,14 +1,15 @@
 """The experiment's cancel topic, read by every worker of the experiment in a thread of its own.
 
-No consumer group: each worker reads every cancel (the request may be with any of them), from the
-topic's end when it starts reading (a cancel sent before a worker started is for a request some other worker
-had, or one still in Kafka that this worker will meet later, which is why the middleware remembers
-cancels it could not match yet)."""
+No consumer group: each worker reads every cancel (the request may be with any of them), from an
+hour back when it starts reading (a cancel sent before a worker started may be for a request still in
+Kafka that this worker will meet later, which is why the middleware remembers cancels it could not
+match yet, for as long)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 
 from abqueue.kafka import KafkaSettings, consumer
 from schemas.stream import Cancel, decode_cancel
+from workers.middleware.cancelling import REMEMBER_S
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,13 @@ class CancelReader:
                 raise UnknownTopicOrPartitionError(self.topic)
             tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
             c.assign(tps)
+            # From REMEMBER_S ago: a cancel sent while no worker ran (or while this one started) is for
+            # a request that may still wait in Kafka for this worker.
+            since = c.offsets_for_times({tp: int((time.time() - REMEMBER_S) * 1000) for tp in tps})
             c.seek_to_end(*tps)
             for tp in tps:
+                if since.get(tp) is not None:
+                    c.seek(tp, since[tp].offset)
                 c.position(tp)
         except Exception as e:
             c.close()

@@ -70,7 +70,7 @@ class Cancelling(Middleware):
                 if key in self._answered:
                     self._count(None, "too_late")
                 else:
-                    self._remember(self._asked, key, time.time())
+                    self._remember(self._asked, key, c.at)
                 return
         engine_abort = getattr(self._worker.engine, "abort", None)
         for answers, i, request in running:
