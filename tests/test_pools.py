@@ -262,10 +262,11 @@ def test_a_pool_renders_one_deployment_and_one_scaled_object_on_its_total_lag():
     assert "topic" not in triggers["lag-pool"]  # KEDA sums the lag of every topic the group has committed in
     assert {m["consumerGroup"] for m in triggers.values()} == {exp.consumer_group("shared")}
     assert (spec["maxReplicaCount"], triggers["lag-pool"]["lagThreshold"]) == (3, "10")
-    # One worker user for the pool: it reads all three variants' topics in the pool's group, nothing else's.
+    # One worker user for the pool: it reads all three variants' topics in the pool's group, nothing else's
+    # (besides the live config and the experiment's cancels, which every worker reads).
     (worker,) = [p for p in acls.principals(exp, []) if p.role == "worker"]
     read = {g.name for g in worker.grants if g.resource == "topic" and "Read" in g.operations}
-    assert read == topics | {acls.CONFIG_TOPIC}
+    assert read == topics | {acls.CONFIG_TOPIC, exp.cancel_topic}
     assert {g.name for g in worker.grants if g.resource == "group"} == {exp.consumer_group("shared")}
 
 
