@@ -410,3 +410,29 @@ def test_a_cancel_sent_while_no_worker_runs_keeps_its_request_from_the_engine(se
             reply = client.wait({"queued"}, timeout=30)["queued"]
             assert reply.response.error.code == "cancelled" and reply.response.timings.started is None
             assert _metric(worker, "abq_cancels_total", stage="queued") == 1
+
+
+def test_the_first_token_is_never_held_back_behind_a_role_only_chunk(stub_broker):
+    """vLLM opens a chat stream with a chunk holding the role alone: coalescing the first token after
+    it held it back up to the 50 ms interval (on the stub broker: what the worker sends, and when)."""
+    from schemas.chunks import chunk, delta
+    from schemas.stream import decode_part
+    from workers.streams import StreamPublisher
+
+    stub_broker.create_topic("replies")
+    publisher = StreamPublisher(stub_broker.producer(), "w", interval_s=10.0)
+    try:
+        s = publisher.open("replies", b"k", "r1", "tag", "a")
+        sent = lambda: len(stub_broker.records("replies"))  # noqa: E731
+        s.put(chunk(CHAT, "r1", "m", 0, [delta(CHAT, 0, "", first=True)]))  # the role alone, sent at once
+        stub_broker.wait_for(lambda: sent() == 1, what="the role chunk sent")
+        s.put(chunk(CHAT, "r1", "m", 0, [delta(CHAT, 0, "Hello")]))  # the first token, a moment later
+        stub_broker.wait_for(lambda: sent() == 2, what="the first token sent at once")
+        s.put(chunk(CHAT, "r1", "m", 0, [delta(CHAT, 0, " world")]))  # coalesced: waits for the interval
+        time.sleep(0.2)
+        assert sent() == 2
+        s.end()
+        parts = [decode_part(r.value) for r in stub_broker.records("replies")]
+        assert [len(p.chunks) for p in parts] == [1, 1, 1] and parts[-1].last
+    finally:
+        publisher.close()
