@@ -69,20 +69,17 @@ async def stream_response(
     on_end(how) once the stream is over, however it ended."""
     try:
         first = await anyio.to_thread.run_sync(_next, chunks, limiter=limiter)
-    except StreamError as e:
+    except BaseException as e:
         chunks.close()
-        if e.reply is None:
+        if isinstance(e, StreamError) and e.reply is not None:
+            status, body = openai_batch.error_answer(e.reply.response)
+            return status, JSONResponse(body, status_code=status, headers=headers)
+        if isinstance(e, StreamError):
             raise ApiError(502, str(e), e.code) from None
-        status, body = openai_batch.error_answer(e.reply.response)
-        return status, JSONResponse(body, status_code=status, headers=headers)
-    except ReplyTimeout as e:
-        chunks.close()
-        raise ApiError(504, str(e), "timeout") from None
-    except RequestTooLarge as e:
-        chunks.close()
-        raise ApiError(413, str(e), "request_too_large") from None
-    except BaseException:
-        chunks.close()
+        if isinstance(e, ReplyTimeout):
+            raise ApiError(504, str(e), "timeout") from None
+        if isinstance(e, RequestTooLarge):
+            raise ApiError(413, str(e), "request_too_large") from None
         raise
     metrics.first_chunk.observe(time.monotonic() - started)
 
