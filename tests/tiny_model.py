@@ -69,7 +69,7 @@ def make_tiny_model(directory: Path, size: str = "tiny", weights: bool = False) 
     config = LlamaConfig(
         vocab_size=512,
         **SIZES[size],
-        max_position_embeddings=2048,  # room for a long stream to be left midway (test_openai_bodies)
+        max_position_embeddings=2048,  # room for a long stream to abort midway (test_vllm_abort)
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=2,
