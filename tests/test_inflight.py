@@ -46,10 +46,12 @@ def test_the_engine_is_kept_full_with_a_short_queue_inside_it(stub_worker, slots
     # Full: every slot busy through the backlog; it may dip for a step as a wave finishes.
     full = sum(1 for _, running, _, _ in backlog if running == slots)
     assert full >= 0.8 * len(backlog), f"the engine ran all {slots} slots in only {full} of {len(backlog)} samples"
-    # Short: what waits inside the engine stays under one more round of its slots, and half of that
-    # on average, not the 512 the bound allows; the rest waits in the worker, where priorities,
-    # deadlines and drains reach it.
-    waiting = [w for _, _, w, _ in backlog]
+    # Short: what waits inside the full engine stays under one more round of its slots, and half of
+    # that on average, not the 512 the bound allows; the rest waits in the worker, where priorities,
+    # deadlines and drains reach it. Only samples of a full engine count: when a whole wave finishes
+    # in one step, the next wave sits in "waiting" with every slot free until the engine's next step
+    # admits it (vLLM's scheduler does the same), and a loaded machine stretches that moment.
+    waiting = [w for _, running, w, _ in backlog if running == slots]
     assert max(waiting) <= slots and sum(waiting) / len(waiting) <= slots / 2
     assert max(inflight for inflight, *_ in seen) <= 2 * slots
     if slots == 128:
