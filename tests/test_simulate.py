@@ -101,3 +101,22 @@ def test_simulate_command_sweeps_a_setting_and_writes_a_chart(tmp_path):
         cwd=REPO,
     )
     assert bad.returncode == 2 and "is not burst:N@T" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_a_zero_scale_down_window_follows_the_lag_down_at_once():
+    """`--stabilization-window 0` (the HPA's own default for scale-up, and a valid scale-down setting)
+    crashed the simulator: the window emptied before the highest recommendation in it was taken."""
+    s = Settings(
+        lagThreshold=10,
+        maxReplicas=4,
+        partitions=4,
+        per_replica_rps=5,
+        cold_start_s=0,
+        pollingInterval=5,
+        stabilizationWindowSeconds=0,
+        cooldownPeriod=600,
+    )
+    r = simulate(profile("step:20,5@60", 120) + [0] * 60, s)
+    assert r.backlog == 0
+    replicas = [row["replicas"] for row in r.timeline]
+    assert max(replicas[:60]) == 4 and replicas[-1] == 1  # down at the first poll, with no window to wait out

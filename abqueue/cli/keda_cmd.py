@@ -1,4 +1,5 @@
-"""`abq keda plan` and `abq keda simulate`: see what KEDA will do before applying a change."""
+"""`abq keda plan`, `simulate` and `tune`: see what KEDA will do before applying a change, and find the
+settings that meet a wait target at the least cost."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import orjson
 
 from abqueue.cli import options
+from abqueue.cli.exits import OK, ExitCode
 from abqueue.errors import UsageError
 
 
@@ -52,27 +54,8 @@ def register(sub) -> None:
         help="replay arrivals against a modelled fleet under KEDA and the HPA",
         description="Reports backlog, wait percentiles, replicas and GPU-hours; --sweep compares settings.",
     )
-    src = sim.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--trace",
-        type=Path,
-        help="arrival timestamps: CSV (first or 'timestamp' column) or JSONL (timestamp, ts, enqueued, or the "
-        "enqueued time of abqueue responses and OpenAI Batch output, e.g. abq batch results)",
-    )
-    src.add_argument("--profile", help="burst:N@T | step:R1,R2@T | diurnal:PEAK[,PERIOD] (requests/s)")
-    sim.add_argument("--duration", type=int, default=3600, help="seconds of synthetic profile (default 3600)")
-    sim.add_argument(
-        "--time-field", default=None, metavar="PATH", help="JSONL traces: the dotted path of each line's time"
-    )
-    sim.add_argument("--config", default=None, help="experiment config YAML to take --variant's scaling settings from")
-    sim.add_argument("--variant", default=None)
-    sim.add_argument("--per-replica-rps", type=float, default=None, help="requests/s one replica serves")
-    sim.add_argument(
-        "--from-benchmark",
-        type=Path,
-        default=None,
-        help="read per-replica requests/s from bench/throughput.py --json output",
-    )
+    _add_arrivals(sim)
+    _add_fleet(sim)
     for flag, dest, type_, help_ in (
         ("--lag-threshold", "lagThreshold", int, "lagThreshold"),
         ("--activation-lag-threshold", "activationLagThreshold", int, "activationLagThreshold"),
@@ -81,14 +64,6 @@ def register(sub) -> None:
         ("--polling-interval", "pollingInterval", int, "seconds between KEDA polls"),
         ("--cooldown-period", "cooldownPeriod", int, "seconds inactive before scaling to zero"),
         ("--stabilization-window", "stabilizationWindowSeconds", int, "HPA scale-down stabilization (s)"),
-        ("--partitions", "partitions", int, "partitions of the variant's topic"),
-        ("--cold-start", "cold_start_s", int, "seconds from pod creation to serving (default 120)"),
-        (
-            "--request-seconds",
-            "request_seconds",
-            float,
-            "seconds a request spends in a worker, uncommitted (default 0)",
-        ),
     ):
         sim.add_argument(flag, dest=dest, type=type_, default=None, help=help_)
     sim.add_argument(
@@ -102,6 +77,72 @@ def register(sub) -> None:
     sim.add_argument("--png", type=Path, default=None, help="write a chart (needs matplotlib: abqueue[plot])")
     sim.add_argument("--format", choices=["table", "json"], default="table")
     sim.set_defaults(func=run_simulate)
+
+    tune = ksub.add_parser(
+        "tune",
+        help="the cheapest trigger settings that meet a wait target on past arrivals",
+        description="Replays the arrivals through the simulator of `keda simulate` for every combination of "
+        "the trigger's settings in a grid, and prints the one with the fewest replica-hours whose wait "
+        "percentile meets the target, with the config and ScaledObject snippets to paste.",
+    )
+    _add_arrivals(tune)
+    _add_fleet(tune)
+    goal = tune.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--p95-wait", type=options.duration, metavar="DURATION", help="target: p95 wait, e.g. 30s")
+    goal.add_argument("--p99-wait", type=options.duration, metavar="DURATION", help="target: p99 wait, e.g. 2m")
+    tune.add_argument(
+        "--max-replica-hours", type=float, default=None, help="a cost ceiling: at most this many replica-hours"
+    )
+    tune.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2,...",
+        help="the values to try for one setting instead of the default's (repeatable; the defaults are in "
+        "docs/guides/scaling-on-kubernetes.md), e.g. --grid lagThreshold=4,8,16",
+    )
+    tune.add_argument("--drain", type=int, default=1800, help="seconds simulated after the last arrival (default 1800)")
+    tune.add_argument("--format", choices=["table", "json"], default="table")
+    tune.set_defaults(func=run_tune)
+
+
+def _add_arrivals(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--trace",
+        type=Path,
+        help="arrival timestamps: CSV (first or 'timestamp' column) or JSONL (timestamp, ts, enqueued, or the "
+        "enqueued time of abqueue responses and OpenAI Batch output, e.g. abq batch results)",
+    )
+    src.add_argument("--profile", help="burst:N@T | step:R1,R2@T | diurnal:PEAK[,PERIOD] (requests/s)")
+    p.add_argument("--duration", type=int, default=3600, help="seconds of synthetic profile (default 3600)")
+    p.add_argument(
+        "--time-field", default=None, metavar="PATH", help="JSONL traces: the dotted path of each line's time"
+    )
+
+
+def _add_fleet(p: argparse.ArgumentParser) -> None:
+    """What a variant's fleet is, which no trigger setting changes."""
+    p.add_argument("--config", default=None, help="experiment config YAML to take --variant's scaling settings from")
+    p.add_argument("--variant", default=None)
+    p.add_argument("--per-replica-rps", type=float, default=None, help="requests/s one replica serves")
+    p.add_argument(
+        "--from-benchmark",
+        type=Path,
+        default=None,
+        help="read per-replica requests/s from bench/throughput.py --json output",
+    )
+    for flag, dest, type_, help_ in (
+        ("--partitions", "partitions", int, "partitions of the variant's topic"),
+        ("--cold-start", "cold_start_s", int, "seconds from pod creation to serving (default 120)"),
+        (
+            "--request-seconds",
+            "request_seconds",
+            float,
+            "seconds a request spends in a worker, uncommitted (default 0)",
+        ),
+    ):
+        p.add_argument(flag, dest=dest, type=type_, default=None, help=help_)
 
 
 # -- plan --------------------------------------------------------------------------------------
@@ -198,7 +239,7 @@ def _settings(args: argparse.Namespace):
         "cold_start_s",
         "request_seconds",
     ):
-        if getattr(args, name) is not None:
+        if getattr(args, name, None) is not None:
             base[name] = getattr(args, name)
     rps = args.per_replica_rps
     if args.from_benchmark:
@@ -266,3 +307,76 @@ def _print_simulation(results, summaries, every: int) -> None:
         for row in r.timeline:
             if row["t"] % every == 0:
                 print(f"{row['t']:>8}{row['arrived']:>11}{row['backlog']:>9}{row['replicas']:>9}{row['ready']:>7}")
+
+
+# -- tune --------------------------------------------------------------------------------------
+NOT_MET = ExitCode(1, "`tune`: no setting in the grid meets the target; the closest is printed")
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from abqueue.scaling.simulate import profile, read_trace
+    from abqueue.scaling.tune import Target, parse_grid, searched, tune
+    from producers.progress import Progress
+
+    arrivals = read_trace(args.trace, args.time_field) if args.trace else profile(args.profile, args.duration)
+    base = _settings(args)
+    quantile, wait = (95.0, args.p95_wait) if args.p95_wait is not None else (99.0, args.p99_wait)
+    target = Target(wait_s=wait, quantile=quantile, max_replica_hours=args.max_replica_hours)
+    grid = parse_grid(args.grid, base.partitions)
+    bar: list[Progress] = []
+
+    def progress(done: int, total: int) -> None:
+        if not bar:
+            bar.append(Progress(total, "tuning"))
+        bar[0].update(done)
+
+    tuned = tune(arrivals, base, target, grid, args.drain, progress)
+    if bar:
+        bar[0].finish(tuned.combinations, f"{tuned.runs} runs simulated")
+    chosen = tuned.best or tuned.closest
+    summary = None if chosen is None else {"settings": searched(chosen.settings), **chosen.summary()}
+    if args.format == "json":
+        out = {
+            "target": {"quantile": quantile, "wait_s": wait, "max_replica_hours": args.max_replica_hours},
+            "met": tuned.best is not None,
+            "chosen": summary,
+            "combinations": tuned.combinations,
+            "runs": tuned.runs,
+            "feasible": tuned.feasible,
+            "grid": {k: list(v) for k, v in grid.items()},
+        }
+        print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+    else:
+        _print_tuned(tuned, target, arrivals)
+    return OK if tuned.best is not None else NOT_MET
+
+
+def _print_tuned(tuned, target, arrivals: list[int]) -> None:
+    from abqueue.scaling.tune import config_snippet, scaledobject_snippet
+
+    q = f"p{target.quantile:g}"
+    print(
+        f"{sum(arrivals)} requests over {len(arrivals)} s; searched {tuned.combinations} combinations "
+        f"({tuned.runs} simulated, the rest replay a run already made); {tuned.feasible} met {target.describe()}"
+    )
+    if tuned.best is None:
+        print("none meets the target: loosen it, or widen the grid (--grid minReplicas=... maxReplicas=...)")
+        if tuned.closest is None:
+            print("every setting in the grid goes over the replica-hours ceiling")
+            return
+        print("closest:")
+    r = tuned.best or tuned.closest
+    s = r.summary()
+    print(
+        f"{'cheapest' if tuned.best else 'shortest wait'}: {s['gpu_hours']:.2f} replica-hours, "
+        f"{q} wait {r.wait_percentile(target.quantile):g} s (p50 {s['wait_s_p50']:g} s, max backlog "
+        f"{s['max_backlog']}, up to {s['max_replicas']} replicas)"
+    )
+    print("\nexperiment config (abq deploy render writes the ScaledObject from it):")
+    print(_indent(config_snippet(r.settings)))
+    print("or, in a ScaledObject written by hand:")
+    print(_indent(scaledobject_snippet(r.settings)))
+
+
+def _indent(text: str) -> str:
+    return "".join(f"    {line}\n" for line in text.splitlines()).rstrip("\n")

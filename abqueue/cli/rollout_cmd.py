@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import time
 
 from abqueue.cli import options
@@ -17,13 +16,6 @@ NO_ROLLOUT = ExitCode(3, "`status`: no rollout is recorded for the experiment")
 NO_CONTROLLER = ExitCode(
     3, "`pause`, `resume`: recorded, but no controller is running to act on it until `start` resumes the rollout"
 )
-
-
-def duration(text: str) -> float:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 10m or 1h")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 def register(sub) -> None:
@@ -42,7 +34,7 @@ def register(sub) -> None:
         "--stages", default="5,10,25,50,100", help="candidate weight per stage, percent (default 5,10,25,50,100)"
     )
     s.add_argument(
-        "--stage-duration", type=duration, default=600.0, help="minimum time per stage, e.g. 10m (default 10m)"
+        "--stage-duration", type=options.duration, default=600.0, help="minimum time per stage, e.g. 10m (default 10m)"
     )
     s.add_argument("--max-error-rate", type=float, default=0.05, help="candidate error rate, at most (default 0.05)")
     s.add_argument(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -65,6 +66,7 @@ class Result:
     waits: list[tuple[int, int, int]] = field(default_factory=list)  # (served at, wait seconds, requests)
     timeline: list[dict] = field(default_factory=list)
     gpu_seconds: float = 0.0
+    stopped: bool = False
 
     def wait_percentile(self, q: float) -> float:
         return weighted_percentile([(w, n) for _, w, n in self.waits], q)
@@ -83,7 +85,14 @@ class Result:
         }
 
 
-def simulate(arrivals_per_second: list[int], s: Settings, initial_replicas: int | None = None) -> Result:
+def simulate(
+    arrivals_per_second: list[int],
+    s: Settings,
+    initial_replicas: int | None = None,
+    stop: Callable[[Result], bool] | None = None,
+) -> Result:
+    """stop: asked after each second; a run it stops is left unfinished with `stopped` set (a search
+    stops runs that can no longer be chosen)."""
     res = Result(settings=s)
     queue: deque[list[int]] = deque()  # [arrival second, requests]
     pods: list[int] = [0] * (s.minReplicas if initial_replicas is None else initial_replicas)  # ready-at seconds
@@ -129,6 +138,9 @@ def simulate(arrivals_per_second: list[int], s: Settings, initial_replicas: int 
             }
         )
         assert res.arrived == res.served + res.backlog  # conservation, every step
+        if stop is not None and stop(res):
+            res.stopped = True
+            break
     return res
 
 
@@ -151,8 +163,9 @@ def _autoscale(t: int, pods: list[int], lag: int, s: Settings, recommendations: 
         recommendations.append((t, desired))
         while recommendations and recommendations[0][0] <= t - s.stabilizationWindowSeconds:
             recommendations.popleft()
-        if desired < current:  # scale down only as far as the window's highest recommendation
-            desired = min(current, max(d for _, d in recommendations))
+        if desired < current:  # scale down only as far as the window's highest recommendation (this one
+            # included: a window of 0 has nothing else in it)
+            desired = min(current, max([desired, *(d for _, d in recommendations)]))
         desired = min(desired, max(2 * current, current + 4))  # the HPA's default scale-up limit per step
     if desired > current:
         return pods + [t + s.cold_start_s] * (desired - current)
