@@ -17,6 +17,7 @@ from abqueue.cli import (
     experiment_cmd,
     feedback_cmd,
     gateway_cmd,
+    k8s_cmd,
     kafka_cmd,
     keda_cmd,
     report_cmd,
@@ -31,7 +32,7 @@ from abqueue.errors import AbqError
 # In the order `abq --help` lists them.
 COMMANDS = (
     demo_cmd, worker_cmd, submit_cmd, batch_cmd, gateway_cmd, feedback_cmd, experiment_cmd, rollout_cmd,
-    report_cmd, evaluate_cmd, kafka_cmd, keda_cmd, deploy_cmd, schemas_cmd,
+    report_cmd, evaluate_cmd, kafka_cmd, k8s_cmd, keda_cmd, deploy_cmd, schemas_cmd,
 )  # fmt: skip
 
 

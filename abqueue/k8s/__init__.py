@@ -1,0 +1,1 @@
+"""A local Kubernetes control plane with KEDA, for operators and the tests: see controlplane.py."""
