@@ -25,8 +25,6 @@ from abqueue.kafka import ensure_topics
 from producers.publisher import RequestPublisher
 from schemas import ExperimentConfig, InferenceRequest
 
-CRDS = REPO / "abqueue" / "deploy" / "crds"
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
@@ -39,9 +37,6 @@ def cluster(tmp_path_factory):
     cp = ControlPlane(dir=tmp_path_factory.mktemp("k8s"), hpa_sync_s=2)
     cp.start(bin_dir, log=lambda *_: None)
     try:
-        # Strimzi's and prometheus-operator's CRDs, as deploy/crds vendors them (KEDA's come with KEDA).
-        cp.apply("\n---\n".join(p.read_text() for p in sorted(CRDS.glob("*.yaml")) if not p.name.startswith("keda")))
-        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
         yield cp
     finally:
         cp.stop()
@@ -321,6 +316,7 @@ def test_abq_k8s_up_status_and_down(tmp_path):
     try:
         status = abq("status")
         assert status.returncode == 0 and status.stdout.count(" running (pid ") == 6, status.stdout
+        assert abq("kubeconfig").stdout.strip() == str(d / "admin.kubeconfig")
         nodes = subprocess.run(
             ["kubectl", f"--kubeconfig={d / 'admin.kubeconfig'}", "get", "apiservice", "v1beta1.external.metrics.k8s.io",
              "-o", "jsonpath={.status.conditions[0].status}"],

@@ -19,11 +19,12 @@ def register(sub) -> None:
         description="Builds etcd, kube-apiserver, kube-controller-manager and KEDA from the Go modules pinned "
         "under controlplane/ (once, ~25 minutes on 2 cores; cached), then runs them as local processes.",
     )
-    ksub = p.add_subparsers(dest="k8s_cmd", required=True, metavar="{up,down,status}")
+    ksub = p.add_subparsers(dest="k8s_cmd", required=True, metavar="{up,down,status,kubeconfig}")
     for name, help_ in (
         ("up", "build (once) and start the control plane and KEDA, and print how to reach them"),
         ("down", "stop every component; the state directory stays for the next `up`"),
         ("status", "each component and whether it runs (exit 0 if all do, 3 if not)"),
+        ("kubeconfig", "print the path of the cluster admin's kubeconfig: export KUBECONFIG=$(abq k8s kubeconfig)"),
     ):
         sp = ksub.add_parser(name, help=help_, description=help_)
         sp.add_argument(
@@ -52,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
 
     d = args.dir or default_dir()
     cp = ControlPlane.load(d)
+    if args.k8s_cmd == "kubeconfig":
+        print(cp.kubeconfig)
+        return OK
     if args.k8s_cmd == "down":
         stopped = cp.stop()
         print(f"stopped {', '.join(stopped)}" if stopped else f"nothing was running from {d}")

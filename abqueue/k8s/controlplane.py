@@ -29,6 +29,7 @@ from abqueue.localkafka.broker import free_port, port_open
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "controlplane.sh"
+VENDORED_CRDS = Path(__file__).resolve().parents[1] / "deploy" / "crds"
 NO_GO_TOOLCHAIN = "no Go toolchain on PATH: install Go 1.26 or later (https://go.dev/dl/) to build the control plane"
 NAMESPACE = "keda"
 PORTS = ("etcd", "etcd-peer", "apiserver", "controller-manager", "keda-grpc", "keda-metrics", "keda-probe", "adapter",
@@ -139,6 +140,7 @@ class ControlPlane:
             self._start_kubernetes(address, log, started + timeout)
             self._install_keda(log)
             self._start_keda(log, started + timeout)
+            self._install_crds(log)
         except BaseException:
             self.stop()
             raise
@@ -345,6 +347,15 @@ class ControlPlane:
         r = self.kubectl("get", "--raw=/apis/external.metrics.k8s.io/v1beta1", check=False, timeout=10)
         return r.returncode == 0
 
+    def _install_crds(self, log) -> None:
+        """Strimzi's KafkaTopic and KafkaUser and prometheus-operator's ServiceMonitor and PrometheusRule,
+        as abqueue/deploy/crds vendors them (no operator acts on them here), so that everything `abq
+        deploy render` writes applies."""
+        log("installing Strimzi's and prometheus-operator's CRDs")
+        crds = [p for p in sorted(VENDORED_CRDS.glob("*.yaml")) if not p.name.startswith("keda")]
+        self.apply("\n---\n".join(p.read_text() for p in crds))
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+
     # -- use -----------------------------------------------------------------------------------
     def kubectl(self, *args: str, check: bool = True, timeout: float = 60, input: str | None = None):
         r = subprocess.run(
@@ -370,23 +381,24 @@ class ControlPlane:
 
     # -- stop ----------------------------------------------------------------------------------
     def stop(self, grace_s: float = 5.0) -> list[str]:
-        """Stops what runs, in reverse order: SIGTERM, then SIGKILL after grace_s (kube-apiserver stops
-        listening on SIGTERM but does not exit). Returns the names it stopped."""
+        """Stops what runs, KEDA first and etcd last, each group at once: SIGTERM, then SIGKILL after
+        grace_s (kube-apiserver stops listening on SIGTERM but does not exit). Returns the names it
+        stopped."""
         stopped = []
-        for name in reversed(COMPONENTS):
-            pid = self.pids.get(name)
-            if pid is None or not _alive(pid):
-                continue
-            _signal(pid, signal.SIGTERM)
+        for group in (COMPONENTS[3:], COMPONENTS[1:3], COMPONENTS[:1]):
+            pids = {n: p for n in reversed(group) if (p := self.pids.get(n)) is not None and _alive(p)}
+            for pid in pids.values():
+                _signal(pid, signal.SIGTERM)
             end = time.monotonic() + grace_s
-            while _alive(pid) and time.monotonic() < end:
+            while any(_alive(p) for p in pids.values()) and time.monotonic() < end:
                 time.sleep(0.1)
-            if _alive(pid):
-                _signal(pid, signal.SIGKILL)
-                end = time.monotonic() + 5
-                while _alive(pid) and time.monotonic() < end:
-                    time.sleep(0.05)
-            stopped.append(name)
+            for pid in pids.values():
+                if _alive(pid):
+                    _signal(pid, signal.SIGKILL)
+            end = time.monotonic() + 5
+            while any(_alive(p) for p in pids.values()) and time.monotonic() < end:
+                time.sleep(0.05)
+            stopped += pids
         self.pids = {}
         if self.dir.exists():
             self._save()

@@ -21,6 +21,7 @@ OTHER_ENV = {
     "ABQ_CACHE_DIR": "where environments, Kafka jars and the local broker's data live (default `~/.cache/abqueue`)",
     "ABQ_KAFKA_PORT": "`abq kafka`'s client port when `--port` is not given (default 9092)",
     "ABQ_KAFKA_SASL_USERS": "`abq kafka up`'s SASL users, `NAME:PASSWORD[,NAME:PASSWORD...]` (off the command line)",
+    "ABQ_K8S_DIR": "`abq k8s`'s state directory when `--dir` is not given (default `~/.local/state/abqueue/k8s`)",
     "KAFKA_BOOTSTRAP_SERVERS": "the brokers, where `ABQ_BOOTSTRAP_SERVERS` is not set (what CI systems and testcontainers set)",
 }
 

@@ -5,8 +5,9 @@ the one with the fewest replica-hours whose wait percentile meets the target (an
 request) wins; ties go to the shorter wait, then to the later entry in each grid list (the gentler
 setting: a longer poll, a higher threshold). The search is exhaustive over the grid; two cuts make it
 quick without changing the answer, since a run is stopped only once it cannot win:
-- cost: replica-hours only grow as a run goes on, so a run is stopped once it has spent more than the
-  cheapest run that met the target;
+- cost: a run is stopped once what it has spent, and the least it must still spend (its minReplicas
+  to the end, and a serving replica's time for each request not yet served), exceeds the cheapest run
+  that met the target;
 - wait: once more requests have waited beyond the target, or are still queued and already will have,
   than the percentile allows, it cannot meet it.
 and a third skips whole runs: a maxReplicas that a run never reached was no limit, so every higher
@@ -173,10 +174,25 @@ def tune(
     best: Result | None = None
     feasible = stopped = 0
 
+    total = sum(arrivals)
+    # What serving can carry from the current second into the next ones (credit left unspent), so
+    # that the bound below never exceeds what a run could still do.
+    slack = base.partitions * base.per_replica_rps + 1
+
     def stop() -> Callable[[Result], bool]:
         late = _late_counter(target, arrivals)
         cheapest = ceiling if best is None else min(ceiling, best.gpu_seconds)
-        return lambda r: r.gpu_seconds > cheapest or late(r) > allowed
+
+        def hopeless(r: Result) -> bool:
+            if late(r) > allowed:
+                return True
+            # Replica-seconds still to come, at least: minReplicas never go, and every request not yet
+            # served needs 1 / per_replica_rps of a serving replica's second.
+            left = len(trace) - len(r.timeline)
+            still = max(r.settings.minReplicas * left, (total - r.served - slack) / base.per_replica_rps, 0)
+            return r.gpu_seconds + still * base.gpus_per_replica > cheapest
+
+        return hopeless
 
     def consider(r: Result) -> None:
         nonlocal best, feasible, stopped
