@@ -384,7 +384,7 @@ class ControlPlane:
         """Stops what runs, KEDA first and etcd last, each group at once: SIGTERM, then SIGKILL after
         grace_s (kube-apiserver stops listening on SIGTERM but does not exit). Returns the names it
         stopped."""
-        stopped = []
+        stopped: list[str] = []
         for group in (COMPONENTS[3:], COMPONENTS[1:3], COMPONENTS[:1]):
             pids = {n: p for n in reversed(group) if (p := self.pids.get(n)) is not None and _alive(p)}
             for pid in pids.values():
