@@ -120,3 +120,19 @@ def test_a_zero_scale_down_window_follows_the_lag_down_at_once():
     assert r.backlog == 0
     replicas = [row["replicas"] for row in r.timeline]
     assert max(replicas[:60]) == 4 and replicas[-1] == 1  # down at the first poll, with no window to wait out
+
+
+def test_from_one_replica_the_hpa_scales_on_its_own_sync_period_not_kedas_polling_interval():
+    """KEDA's pollingInterval decides 0 -> 1 and 1 -> 0; from 1 to N it is the HPA, which reads KEDA's
+    metric every --horizontal-pod-autoscaler-sync-period (15 s by default). The simulator scaled 1 -> N
+    at every KEDA poll, so it (and `keda tune`) credited a short pollingInterval with faster scale-ups
+    than a cluster gives."""
+    s = Settings(
+        lagThreshold=10, minReplicas=0, maxReplicas=4, partitions=4, per_replica_rps=1, cold_start_s=0,
+        pollingInterval=5, cooldownPeriod=600,
+    )  # fmt: skip
+    assert s.hpaSyncPeriod == 15
+    r = simulate(profile("burst:40@1", 40), s)
+    replicas = [row["replicas"] for row in r.timeline]
+    assert replicas[4] == 0 and replicas[5] == 1  # KEDA's poll at 5 s wakes the variant
+    assert replicas[14] == 1 and replicas[15] > 1  # the HPA's sync at 15 s scales it out, not KEDA's polls at 10

@@ -135,6 +135,7 @@ def _add_fleet(p: argparse.ArgumentParser) -> None:
     for flag, dest, type_, help_ in (
         ("--partitions", "partitions", int, "partitions of the variant's topic"),
         ("--cold-start", "cold_start_s", int, "seconds from pod creation to serving (default 120)"),
+        ("--hpa-sync-period", "hpaSyncPeriod", int, "the HPA controller's sync period in seconds (default 15)"),
         (
             "--request-seconds",
             "request_seconds",
@@ -238,6 +239,7 @@ def _settings(args: argparse.Namespace):
         "partitions",
         "cold_start_s",
         "request_seconds",
+        "hpaSyncPeriod",
     ):
         if getattr(args, name, None) is not None:
             base[name] = getattr(args, name)

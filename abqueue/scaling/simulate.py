@@ -2,12 +2,13 @@
 
 One-second steps. Each second the arrivals join a FIFO backlog and the ready replicas (at most one
 per partition: a consumer beyond the partition count has nothing to read) serve up to
-`per_replica_rps` each. Every `polling_interval` KEDA reads the lag (the backlog, plus the requests workers are still
-on: throughput x `request_seconds`, uncommitted until answered) and decides, with the
-same arithmetic as `keda plan` (scaling/kafka_scaler.py): wake from zero when active, otherwise the
-HPA's ceil(metric / lagThreshold) within its tolerance, scale-up limit (double or +4 pods per
-step, the HPA default) and scale-down stabilization window; back to zero only after
-`cooldown_period` without activity. New pods serve after `cold_start_s`. Requests are conserved:
+`per_replica_rps` each. The lag is the backlog, plus the requests workers are still on (throughput x
+`request_seconds`, uncommitted until answered). As on a cluster, two loops act on it, with the same
+arithmetic as `keda plan` (scaling/kafka_scaler.py): every `pollingInterval` KEDA wakes a variant at
+zero when the lag is above the activation threshold, and takes it back to zero after
+`cooldownPeriod` without activity; every `hpaSyncPeriod` (15 s, kube-controller-manager's default)
+the HPA, while the variant runs, asks for ceil(metric / lagThreshold) within its tolerance,
+scale-up limit (double or +4 pods per step, the HPA default) and scale-down stabilization window. New pods serve after `cold_start_s`. Requests are conserved:
 arrived = served + backlog, at every step.
 """
 
@@ -41,6 +42,7 @@ class Settings:
     cold_start_s: int = 120
     request_seconds: float = 0.0  # time a request spends in a worker; its offset stays uncommitted meanwhile
     gpus_per_replica: int = 1
+    hpaSyncPeriod: int = 15  # kube-controller-manager's --horizontal-pod-autoscaler-sync-period
 
     SWEEPABLE = (
         "lagThreshold",
@@ -54,6 +56,7 @@ class Settings:
         "per_replica_rps",
         "cold_start_s",
         "request_seconds",
+        "hpaSyncPeriod",
     )
 
 
@@ -119,13 +122,17 @@ def simulate(
                 queue.popleft()
         if not queue:
             credit = min(credit, serving * s.per_replica_rps)  # idle capacity is not banked
-        if t % s.pollingInterval == 0:
+        keda_polls, hpa_syncs = t % s.pollingInterval == 0, t % s.hpaSyncPeriod == 0
+        if keda_polls or hpa_syncs:
             # Kafka lag is what is not committed: the backlog, and (Little's law) the requests the
             # workers are still on, which commit only once answered.
             lag = res.backlog + round((res.served - served_before) * s.request_seconds)
-            pods = _autoscale(t, pods, lag, s, recommendations, last_active)
-            if lag > s.activationLagThreshold:
-                last_active = t
+            if keda_polls:
+                pods = _keda_poll(t, pods, lag, s, recommendations, last_active)
+                if lag > s.activationLagThreshold:
+                    last_active = t
+            if hpa_syncs and pods:
+                pods = _hpa_sync(t, pods, lag, s, recommendations)
         res.gpu_seconds += len(pods) * s.gpus_per_replica
         res.timeline.append(
             {
@@ -144,29 +151,34 @@ def simulate(
     return res
 
 
-def _autoscale(t: int, pods: list[int], lag: int, s: Settings, recommendations: deque, last_active: int) -> list[int]:
+def _keda_poll(t: int, pods: list[int], lag: int, s: Settings, recommendations: deque, last_active: int) -> list[int]:
+    """KEDA's own decisions, every pollingInterval: wake a variant at zero when its lag is above the
+    activation threshold, and take it back to zero once it has been below it for cooldownPeriod."""
+    if lag > s.activationLagThreshold:
+        if not pods:
+            return [t + s.cold_start_s] * max(s.minReplicas, 1)  # the HPA takes over from there
+    elif pods and s.minReplicas == 0 and t - last_active >= s.cooldownPeriod:
+        recommendations.clear()
+        return []
+    return pods
+
+
+def _hpa_sync(t: int, pods: list[int], lag: int, s: Settings, recommendations: deque) -> list[int]:
+    """The HPA, every hpaSyncPeriod while the variant runs: ceil(metric / lagThreshold) on KEDA's
+    metric, within its tolerance, its scale-down stabilization window and scale-up limit, and within
+    [max(minReplicas, 1), maxReplicas]."""
     current = len(pods)
-    active = lag > s.activationLagThreshold
     metric = min(lag, s.partitions * s.lagThreshold) if lag // s.lagThreshold > s.partitions else lag
-    if not active:
-        if s.minReplicas == 0 and current and t - last_active >= s.cooldownPeriod:
-            recommendations.clear()
-            return []  # KEDA takes the deployment to zero once the cooldown has passed
-        desired = max(s.minReplicas, 1) if current else s.minReplicas
-    elif current == 0:
-        desired = max(s.minReplicas, 1)  # KEDA wakes the deployment; the HPA takes over from there
-    else:
-        ratio = metric / (s.lagThreshold * current)
-        desired = current if abs(ratio - 1) <= HPA_TOLERANCE else math.ceil(metric / s.lagThreshold)
-        desired = min(s.maxReplicas, max(desired, s.minReplicas, 1))
-    if current:
-        recommendations.append((t, desired))
-        while recommendations and recommendations[0][0] <= t - s.stabilizationWindowSeconds:
-            recommendations.popleft()
-        if desired < current:  # scale down only as far as the window's highest recommendation (this one
-            # included: a window of 0 has nothing else in it)
-            desired = min(current, max([desired, *(d for _, d in recommendations)]))
-        desired = min(desired, max(2 * current, current + 4))  # the HPA's default scale-up limit per step
+    ratio = metric / (s.lagThreshold * current)
+    desired = current if abs(ratio - 1) <= HPA_TOLERANCE else math.ceil(metric / s.lagThreshold)
+    desired = min(s.maxReplicas, max(desired, s.minReplicas, 1))
+    recommendations.append((t, desired))
+    while recommendations and recommendations[0][0] <= t - s.stabilizationWindowSeconds:
+        recommendations.popleft()
+    if desired < current:  # scale down only as far as the window's highest recommendation (this one
+        # included: a window of 0 has nothing else in it)
+        desired = min(current, max([desired, *(d for _, d in recommendations)]))
+    desired = min(desired, max(2 * current, current + 4))  # the HPA's default scale-up limit per step
     if desired > current:
         return pods + [t + s.cold_start_s] * (desired - current)
     if desired < current:
