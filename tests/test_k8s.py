@@ -300,7 +300,8 @@ def test_a_pools_scaled_object_sums_the_lag_of_all_its_variants_topics(
 
 def test_abq_k8s_up_status_and_down(tmp_path):
     """The operator's commands: up prints the kubeconfig to use, status names each component, down stops
-    them all (kube-apiserver needs a SIGKILL after its SIGTERM), and nothing is left running."""
+    them all (kube-apiserver needs a SIGKILL after its SIGTERM), nothing is left running, and the next
+    up finds what the cluster held."""
     try:
         build()
     except UsageError as e:
@@ -310,6 +311,11 @@ def test_abq_k8s_up_status_and_down(tmp_path):
     def abq(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(abq_cmd("k8s", *args, "--dir", str(d)), capture_output=True, text=True, cwd=REPO)
 
+    def kubectl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["kubectl", f"--kubeconfig={d / 'admin.kubeconfig'}", *args], capture_output=True, text=True
+        )
+
     up = abq("up", "--hpa-sync", "5")
     assert up.returncode == 0, up.stderr
     assert f"export KUBECONFIG={d / 'admin.kubeconfig'}" in up.stdout
@@ -317,12 +323,11 @@ def test_abq_k8s_up_status_and_down(tmp_path):
         status = abq("status")
         assert status.returncode == 0 and status.stdout.count(" running (pid ") == 6, status.stdout
         assert abq("kubeconfig").stdout.strip() == str(d / "admin.kubeconfig")
-        nodes = subprocess.run(
-            ["kubectl", f"--kubeconfig={d / 'admin.kubeconfig'}", "get", "apiservice", "v1beta1.external.metrics.k8s.io",
-             "-o", "jsonpath={.status.conditions[0].status}"],
-            capture_output=True, text=True,
-        )  # fmt: skip
+        nodes = kubectl(
+            "get", "apiservice", "v1beta1.external.metrics.k8s.io", "-o", "jsonpath={.status.conditions[0].status}"
+        )
         assert nodes.stdout == "True", nodes.stderr  # KEDA serves external metrics through the aggregator
+        assert kubectl("create", "namespace", "kept").returncode == 0
         again = abq("up")
         assert again.returncode == 2 and "already runs" in again.stderr
         assert oct((d / "pki" / "sa.key").stat().st_mode & 0o777) == "0o600"
@@ -336,3 +341,9 @@ def test_abq_k8s_up_status_and_down(tmp_path):
             os.kill(pid, 0)  # gone, not only forgotten
     after = abq("status")
     assert after.returncode == 3 and "not running" in after.stdout
+    again = abq("up")
+    try:
+        assert again.returncode == 0, again.stderr
+        assert kubectl("get", "namespace", "kept").returncode == 0  # etcd's data, the certificates: kept
+    finally:
+        abq("down")
