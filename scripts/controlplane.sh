@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prints the path of a folder holding a Kubernetes control plane and KEDA built from source: etcd,
-# kube-apiserver, kube-controller-manager, KEDA's operator, metrics apiserver and admission webhooks
-# (bin/), and KEDA's CRDs and RBAC (keda/config/). Built once from the Go modules pinned under
+# kube-apiserver, kube-controller-manager, kubectl, KEDA's operator, metrics apiserver and admission
+# webhooks (bin/), kubectl alone (path/), and KEDA's CRDs and RBAC (keda/config/). Built once from the Go modules pinned under
 # controlplane/ (their go.mod and go.sum), and cached under $ABQ_CACHE_DIR (default ~/.cache/abqueue)
 # by the hash of those files, this script and the Go toolchain's version: ~25 minutes on 2 cores the
 # first time, seconds after. `abq k8s up` runs what it builds.
@@ -36,11 +36,13 @@ kube=v1.36.4
 step "building etcd (about 1 minute)"
 (cd "$root/controlplane/etcd" && go build -ldflags "-s -w" -o "$work/bin/etcd" .)
 
-step "building kube-apiserver and kube-controller-manager $kube (about 10 minutes the first time)"
+step "building kube-apiserver, kube-controller-manager and kubectl $kube (about 10 minutes the first time)"
 kv="-X k8s.io/component-base/version.gitVersion=$kube -X k8s.io/client-go/pkg/version.gitVersion=$kube"
 kv="$kv -X k8s.io/component-base/version.gitTreeState=clean -X k8s.io/client-go/pkg/version.gitTreeState=clean"
 (cd "$root/controlplane/kubernetes" && go build -ldflags "-s -w $kv" -o "$work/bin/" \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager)
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl)
+# kubectl alone in a folder of its own, for a PATH (`abq k8s env`): the client of the server's version.
+mkdir -p "$work/path" && ln -s ../bin/kubectl "$work/path/kubectl"
 
 # KEDA builds with its own go.mod and go.sum (its dependencies' versions differ from Kubernetes'), so
 # its module's source is copied out of the (read-only) module cache and built in place.

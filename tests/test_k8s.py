@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 import uuid
@@ -312,17 +313,19 @@ def test_abq_k8s_up_status_and_down(tmp_path):
         return subprocess.run(abq_cmd("k8s", *args, "--dir", str(d)), capture_output=True, text=True, cwd=REPO)
 
     def kubectl(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["kubectl", f"--kubeconfig={d / 'admin.kubeconfig'}", *args], capture_output=True, text=True
-        )
+        # As a user would after `eval "$(abq k8s env)"`: the exports, then kubectl from the PATH they set.
+        script = f'eval "$({shlex.join(abq_cmd("k8s", "env", "--dir", str(d)))})" && kubectl {shlex.join(args)}'
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=REPO)
 
     up = abq("up", "--hpa-sync", "5")
     assert up.returncode == 0, up.stderr
-    assert f"export KUBECONFIG={d / 'admin.kubeconfig'}" in up.stdout
+    assert 'eval "$(abq k8s env --dir' in up.stdout
     try:
         status = abq("status")
         assert status.returncode == 0 and status.stdout.count(" running (pid ") == 6, status.stdout
-        assert abq("kubeconfig").stdout.strip() == str(d / "admin.kubeconfig")
+        assert f"export KUBECONFIG={d / 'admin.kubeconfig'}" in abq("env").stdout
+        assert "Server Version: v1.36.4" in kubectl("version").stdout
+        assert "Client Version: v1.36.4" in kubectl("version").stdout  # the server's own, not the machine's
         nodes = kubectl(
             "get", "apiservice", "v1beta1.external.metrics.k8s.io", "-o", "jsonpath={.status.conditions[0].status}"
         )

@@ -4,6 +4,7 @@ render` writes and watch KEDA and the HPA scale it on a broker's lag (abqueue/k8
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from abqueue.cli.exits import OK, ExitCode
@@ -19,12 +20,12 @@ def register(sub) -> None:
         description="Builds etcd, kube-apiserver, kube-controller-manager and KEDA from the Go modules pinned "
         "under controlplane/ (once, ~25 minutes on 2 cores; cached), then runs them as local processes.",
     )
-    ksub = p.add_subparsers(dest="k8s_cmd", required=True, metavar="{up,down,status,kubeconfig}")
+    ksub = p.add_subparsers(dest="k8s_cmd", required=True, metavar="{up,down,status,env}")
     for name, help_ in (
         ("up", "build (once) and start the control plane and KEDA, and print how to reach them"),
         ("down", "stop every component; the state directory stays for the next `up`"),
         ("status", "each component and whether it runs (exit 0 if all do, 3 if not)"),
-        ("kubeconfig", "print the path of the cluster admin's kubeconfig: export KUBECONFIG=$(abq k8s kubeconfig)"),
+        ("env", 'print the shell lines that point kubectl at the cluster: eval "$(abq k8s env)"'),
     ):
         sp = ksub.add_parser(name, help=help_, description=help_)
         sp.add_argument(
@@ -53,8 +54,12 @@ def run(args: argparse.Namespace) -> int:
 
     d = args.dir or default_dir()
     cp = ControlPlane.load(d)
-    if args.k8s_cmd == "kubeconfig":
-        print(cp.kubeconfig)
+    if args.k8s_cmd == "env":
+        if cp.bin is None:
+            raise UsageError(f"no control plane was started from {d}: `abq k8s up` first")
+        # The cluster admin's kubeconfig, and kubectl of the server's version first on PATH.
+        print(f"export KUBECONFIG={shlex.quote(str(cp.kubeconfig))}")
+        print(f'export PATH={shlex.quote(str(cp.bin / "path"))}:"$PATH"')
         return OK
     if args.k8s_cmd == "down":
         stopped = cp.stop()
@@ -75,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     bin_dir = build()
     cp = ControlPlane(dir=d, hpa_sync_s=args.hpa_sync)
     cp.start(bin_dir)
-    print(f"kubeconfig: export KUBECONFIG={cp.kubeconfig}")
+    print(
+        f'kubectl: eval "$(abq k8s env{f" --dir {args.dir}" if args.dir else ""})" (the admin\'s kubeconfig {cp.kubeconfig})'
+    )
     print(f"logs: {d / 'logs'}; stop with: abq k8s down" + (f" --dir {args.dir}" if args.dir else ""))
     return OK

@@ -96,6 +96,12 @@ class ControlPlane:
         return self.dir / "admin.kubeconfig"
 
     @property
+    def kubectl_path(self) -> Path:
+        """kubectl of the server's version (kubectl supports one minor version of skew either way)."""
+        assert self.bin is not None, "the control plane has not been started from this directory"
+        return self.bin / "bin" / "kubectl"
+
+    @property
     def server(self) -> str:
         return f"https://127.0.0.1:{self.ports['apiserver']}"
 
@@ -260,7 +266,7 @@ class ControlPlane:
         pointed at the ports they listen on: without kube-proxy no ClusterIP answers."""
         assert self.bin is not None
         r = subprocess.run(
-            ["kubectl", "kustomize", str(self.bin / "keda" / "config" / "default")],
+            [str(self.kubectl_path), "kustomize", str(self.bin / "keda" / "config" / "default")],
             capture_output=True,
             text=True,
             check=True,
@@ -359,7 +365,7 @@ class ControlPlane:
     # -- use -----------------------------------------------------------------------------------
     def kubectl(self, *args: str, check: bool = True, timeout: float = 60, input: str | None = None):
         r = subprocess.run(
-            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            [str(self.kubectl_path), f"--kubeconfig={self.kubeconfig}", *args],
             capture_output=True,
             text=True,
             timeout=timeout,
