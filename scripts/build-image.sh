@@ -50,7 +50,7 @@ fi
 
 log "building abqueue-worker from $root/Dockerfile"
 start=$SECONDS
-buildah build --layers=false "${args[@]}" -t localhost/abqueue-worker:dev "$root" >&2
+buildah build --format docker --layers=false "${args[@]}" -t localhost/abqueue-worker:dev "$root" >&2  # docker: keeps HEALTHCHECK
 log "built localhost/abqueue-worker:dev in $((SECONDS - start)) s"
 
 # The default command (ENTRYPOINT + CMD), with the config it expects at /etc/abqueue/experiment.yaml.
