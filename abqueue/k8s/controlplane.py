@@ -25,7 +25,7 @@ import yaml
 
 from abqueue.errors import AbqError, UsageError
 from abqueue.k8s import pki
-from abqueue.localkafka.broker import free_port, port_open
+from abqueue.localkafka.broker import alive, free_port, port_open, reap, write_private
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "controlplane.sh"
@@ -255,9 +255,7 @@ class ControlPlane:
             "contexts": [{"name": "abq-local", "context": {"cluster": "abq-local", "user": user}}],
             "current-context": "abq-local",
         }
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # a token is a secret
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(config, f)
+        write_private(path, yaml.safe_dump(config))  # KEDA's holds its token
 
     # -- KEDA ----------------------------------------------------------------------------------
     def _keda_manifests(self) -> list[dict]:
@@ -419,16 +417,4 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)  # reaps our own children, so a dead one is not a zombie
-        if waited:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return not reap(pid) and alive(pid)

@@ -528,15 +528,15 @@ def wipe(data_dir: Path) -> bool:
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _reap(pid) or not _alive(pid):
+        if reap(pid) or not alive(pid):
             return True
         time.sleep(0.1)
     return False
 
 
-def _alive(pid: int) -> bool:
-    """A zombie is not alive: a broker that `abq kafka up` started (and then exited) belongs to PID
-    1 once stopped, and a container's PID 1 may never reap it; kill(pid, 0) still finds it."""
+def alive(pid: int) -> bool:
+    """A zombie is not alive: a process that `abq kafka up` or `abq k8s up` started (and then exited)
+    belongs to PID 1 once stopped, and a container's PID 1 may never reap it; kill(pid, 0) still finds it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -548,8 +548,8 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def _reap(pid: int) -> bool:
-    """Collect the broker if it is our child (a zombie would look alive to kill(pid, 0))."""
+def reap(pid: int) -> bool:
+    """Collect the process if it is our child and has exited (a zombie would look alive to kill(pid, 0))."""
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == pid
