@@ -359,7 +359,8 @@ def _print_tuned(tuned, target, arrivals: list[int]) -> None:
     q = f"p{target.quantile:g}"
     print(
         f"{sum(arrivals)} requests over {len(arrivals)} s; searched {tuned.combinations} combinations "
-        f"({tuned.runs} simulated, the rest replay a run already made); {tuned.feasible} met {target.describe()}"
+        f"({tuned.runs} simulated, {tuned.combinations - tuned.runs} replays of a run already made skipped); "
+        f"{tuned.feasible} met {target.describe()}"
     )
     if tuned.best is None:
         print("none meets the target: loosen it, or widen the grid (--grid minReplicas=... maxReplicas=...)")

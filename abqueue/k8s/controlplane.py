@@ -144,8 +144,8 @@ class ControlPlane:
         self.pids = {}
         try:
             self._start_kubernetes(address, log, started + timeout)
-            self._install_keda(log)
-            self._start_keda(log, started + timeout)
+            hooks = self._install_keda(log)
+            self._start_keda(log, started + timeout, hooks)
             self._install_crds(log)
         except BaseException:
             self.stop()
@@ -288,18 +288,20 @@ class ControlPlane:
             out.append(doc)
         return out
 
-    def _install_keda(self, log) -> None:
+    def _install_keda(self, log) -> list[dict]:
+        """Installs all of KEDA's objects but its webhook configuration, which it returns: registered
+        once the webhooks answer, or every write they check would fail until then."""
         log("installing KEDA's CRDs, RBAC and APIService")
         docs = self._keda_manifests()
         hooks = [d for d in docs if d["kind"] == "ValidatingWebhookConfiguration"]
         rest = [d for d in docs if d not in hooks]
         self.apply(rest)
         self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
-        self._hooks = hooks  # registered once the webhooks answer, or every write would fail until then
         token = self.kubectl("-n", NAMESPACE, "create", "token", "keda-operator", "--duration=8760h").stdout.strip()
         self._kubeconfig(self.dir / "keda.kubeconfig", "system:serviceaccount:keda:keda-operator", token=token)
+        return hooks
 
-    def _start_keda(self, log, deadline: float) -> None:
+    def _start_keda(self, log, deadline: float, hooks: list[dict]) -> None:
         p, keda = self.ports, self.pki / "keda"
         kc = str(self.dir / "keda.kubeconfig")
         env = {
@@ -344,7 +346,7 @@ class ControlPlane:
         )  # fmt: skip
         self._wait("keda-operator", lambda: port_open("127.0.0.1", p["keda-grpc"]), deadline)
         self._wait("keda-webhooks", lambda: port_open("127.0.0.1", p["webhooks"]), deadline)
-        self.apply(self._hooks)
+        self.apply(hooks)
         self._wait("keda-adapter", self._metrics_api_ready, deadline)
 
     def _metrics_api_ready(self) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields, replace
 from abqueue.errors import UsageError
 from abqueue.scaling.simulate import Result, Settings, simulate
 
-# The trigger's settings the search varies, and the values it tries by default: 5,184 combinations for
+# The trigger's settings the search varies, and the values it tries by default: 4,896 combinations for
 # 8 partitions (maxReplicas stops at the partitions).
 GRID: dict[str, tuple[int, ...]] = {
     "minReplicas": (0, 1, 2),
@@ -71,8 +71,7 @@ class Tuned:
     closest: Result | None  # when none met it: the run with the shortest wait (within the ceiling)
     runs: int  # combinations simulated
     stopped: int  # runs stopped once they could not win
-    skipped: int  # combinations that would replay a run already made
-    combinations: int
+    combinations: int  # with minReplicas <= maxReplicas; those not run would replay a run already made
     feasible: int
 
 
@@ -133,30 +132,29 @@ def _search(
     stop: Callable[[], Callable[[Result], bool]],
     consider: Callable[[Result], None],
     progress: Callable[[int, int], None] | None,
-) -> tuple[int, int, int]:
-    """Runs every combination of the grid (less those that replay a run already made), each with a
-    fresh stop rule, and hands each run to consider. Returns (runs, skipped, combinations)."""
+) -> tuple[int, int]:
+    """Runs every combination of the grid with minReplicas <= maxReplicas (less those that replay a run
+    already made), each with a fresh stop rule, and hands each run to consider. Returns (runs,
+    combinations)."""
     names = [n for n in GRID if n != "maxReplicas"]
     combos = list(itertools.product(*(grid[n] for n in names)))
     maxes = grid["maxReplicas"]
-    runs = skipped = done = 0
-    combinations = len(combos) * len(maxes)
+    at = names.index("minReplicas")
+    combinations = sum(1 for combo in combos for high in maxes if high >= combo[at])
+    runs = done = 0
     for combo in combos:
         fixed = dict(zip(names, combo, strict=True))
-        for i, high in enumerate(maxes):
-            if high < fixed["minReplicas"]:
-                skipped += 1
-                continue
+        valid = [high for high in maxes if high >= fixed["minReplicas"]]
+        for high in valid:
             r = simulate(trace, replace(base, **fixed, maxReplicas=high), stop=stop())
             runs += 1
             consider(r)
             if not r.stopped and max(row["replicas"] for row in r.timeline) < high:
-                skipped += len(maxes) - i - 1  # never reached: each higher value replays this very run
-                break
-        done += len(maxes)
+                break  # never reached: each higher value replays this very run
+        done += len(valid)
         if progress is not None:
             progress(done, combinations)
-    return runs, skipped, combinations
+    return runs, combinations
 
 
 def tune(
@@ -205,7 +203,7 @@ def tune(
             if best is None or key <= (best.gpu_seconds, best.wait_percentile(target.quantile)):
                 best = r
 
-    runs, skipped, combinations = _search(trace, base, grid, stop, consider, progress)
+    runs, combinations = _search(trace, base, grid, stop, consider, progress)
     closest: Result | None = None
     if best is None:
         # Nothing met the target: a second pass, with only the ceiling cut, for the shortest wait.
@@ -216,9 +214,9 @@ def tune(
                 if closest is None or key < (closest.wait_percentile(target.quantile), closest.gpu_seconds):
                     closest = r
 
-        more, _, _ = _search(trace, base, grid, lambda: lambda r: r.gpu_seconds > ceiling, nearer, progress)
+        more, _ = _search(trace, base, grid, lambda: lambda r: r.gpu_seconds > ceiling, nearer, progress)
         runs += more
-    return Tuned(best, closest, runs, stopped, skipped, combinations, feasible)
+    return Tuned(best, closest, runs, stopped, combinations, feasible)
 
 
 def searched(settings: Settings) -> dict[str, int]:
