@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kafka import TopicPartition
+from kafka.errors import KafkaError
 from pydantic import ValidationError
 
 from abqueue.kafka import FetchPark, KafkaSettings, consumer, topics, tracing
-from abqueue.kafka.clients import riding_out
+from abqueue.kafka.clients import riding_out, transient
 from schemas import ConfigError, InferenceResponse, decode_response
 from schemas.stream import StreamPart, decode_part, is_part
 
@@ -86,7 +87,14 @@ class ResponseListener:
         if time.monotonic() - self._looked_at < self.partitions_every_s:
             return
         self._looked_at = time.monotonic()
-        self._consumer.topics()  # a metadata request: the cached metadata would not show new partitions
+        try:
+            self._consumer.topics()  # a metadata request: the cached metadata would not show new partitions
+        except KafkaError as e:
+            if not transient(e):
+                raise
+            # A broker back from a freeze may list no brokers for a moment: look again next time.
+            log.info("could not look for partitions added to %s (%s); looking again later", self.topic, e)
+            return
         known = {tp.partition for tp in self._tps}
         new = [TopicPartition(self.topic, p) for p in sorted(self._consumer.partitions_for_topic(self.topic) or ())
                if p not in known]  # fmt: skip

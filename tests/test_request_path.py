@@ -260,3 +260,29 @@ def test_fetches_park_briefly_while_records_flow_and_long_while_idle(settings, m
     finally:
         c.close()
         p.close()
+
+
+def test_the_response_listener_rides_out_a_broker_that_answers_metadata_with_no_brokers(settings, experiment):
+    """CI caught it: just after a broker came back from a 12 s freeze, its metadata listed no brokers,
+    and the listener's periodic look for new partitions raised MetadataEmptyBrokerList out of poll(),
+    failing every caller waiting on replies. It is transient: the next look, a little later, succeeds."""
+    from kafka.errors import MetadataEmptyBrokerList
+
+    from producers.replies import ResponseListener
+
+    listener = ResponseListener(settings, experiment.response_topic, partitions_every_s=0.0)
+    real, calls = listener._consumer.topics, []
+
+    def empty_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise MetadataEmptyBrokerList("brokers=[]")
+        return real()
+
+    listener._consumer.topics = empty_once
+    try:
+        assert list(listener.poll(timeout_ms=50)) == []  # no error out of poll
+        list(listener.poll(timeout_ms=50))
+        assert len(calls) == 2  # and the next poll looks again
+    finally:
+        listener.close()
