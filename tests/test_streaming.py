@@ -436,3 +436,32 @@ def test_the_first_token_is_never_held_back_behind_a_role_only_chunk(stub_broker
         assert [len(p.chunks) for p in parts] == [1, 1, 1] and parts[-1].last
     finally:
         publisher.close()
+
+
+def test_the_cancel_reader_says_it_caught_up_only_once_it_handed_on_every_earlier_cancel(settings):
+    """The worker's first batch waits for this (workers/middleware/cancelling.py): set early, a request
+    cancelled before the worker started would reach the engine."""
+    from workers.cancels import CancelReader
+
+    exp = new_experiment(variants=(("a", 100),))
+    ensure_topics(settings, exp)
+    with AbqClient(settings, exp, reply_topic=_reply_topic(exp)) as client:
+        for i in range(50):
+            client.cancel(f"r{i}")
+    seen: list[str] = []
+
+    def slowly(cancel) -> None:
+        time.sleep(0.01)
+        seen.append(cancel.request_id)
+
+    reader = CancelReader(settings, exp.cancel_topic, slowly)
+    try:
+        assert reader.caught_up.wait(30)
+        assert len(seen) == 50
+    finally:
+        reader.close()
+    missing = CancelReader(settings, f"{exp.cancel_topic}.absent", seen.append)
+    try:
+        assert missing.caught_up.wait(30), "a topic it cannot read leaves nothing to wait for"
+    finally:
+        missing.close()

@@ -813,3 +813,37 @@ def test_the_worker_logs_the_partitions_it_holds_after_a_rebalance(stub_worker, 
             w.worker._on_assigned({TopicPartition(exp.request_topic("a", "normal"), 0)})
     lines = [r.getMessage() for r in caplog.records if "partitions" in r.getMessage()]
     assert lines == ["holding 9 partitions (0 newly assigned)", "holding 9 partitions (1 newly assigned)"]
+
+
+class LateCancelReader:
+    """A cancel reader that needs `after_s` to read the cancels sent before it started (a long
+    backlog, or a broker slow to answer), as workers.cancels.CancelReader may."""
+
+    def __init__(self, on_cancel, cancel, after_s: float):
+        self.caught_up = threading.Event()
+
+        def read() -> None:
+            time.sleep(after_s)
+            on_cancel(cancel)
+            self.caught_up.set()
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def close(self) -> None:
+        pass
+
+
+def test_no_request_reaches_the_engine_before_the_cancels_sent_ahead_of_it_are_read(stub_worker):
+    """A worker started after a caller cancelled its queued request ran it anyway when its first
+    poll beat the cancel reader's first read of the topic (CI: answered ok, not cancelled)."""
+    from schemas.stream import Cancel
+
+    exp = new_experiment(variants=(("a", 100),))
+    cancel = Cancel(request_id="queued", caller_tag="tag", experiment=exp.name, at=time.time())
+    w = stub_worker(exp, middleware=fast_middleware(), cancels=lambda on: LateCancelReader(on, cancel, 0.5))
+    w.send(id="queued", caller_tag="tag")
+    w.send(id="other", caller_tag="tag")
+    with w:
+        (first, second) = sorted(w.wait_responses(2), key=lambda r: r.request_id)
+    assert first.request_id == "other" and first.ok
+    assert second.request_id == "queued" and second.error.code == "cancelled" and second.timings.started is None

@@ -30,7 +30,12 @@ class CancelReader:
     def __init__(self, settings: KafkaSettings, topic: str, on_cancel: Callable[[Cancel], None]):
         self._settings, self.topic, self._on_cancel = settings, topic, on_cancel
         self._consumer: Any = None
+        self._ends: dict[TopicPartition, int] = {}  # the topic's end when reading began
         self._stop = threading.Event()
+        # Set once every cancel sent before reading began was handed to on_cancel, or reading
+        # could not begin (no topic, no Read on it: nothing to wait for); the worker's first batch
+        # waits for it.
+        self.caught_up = threading.Event()
         self._thread = threading.Thread(target=self._run, name="abq-cancels", daemon=True)
         self._thread.start()
 
@@ -54,6 +59,7 @@ class CancelReader:
             # From REMEMBER_S ago: a cancel sent while no worker ran (or while this one started) is for
             # a request that may still wait in Kafka for this worker.
             since = c.offsets_for_times({tp: int((time.time() - REMEMBER_S) * 1000) for tp in tps})
+            self._ends = c.end_offsets(tps)
             c.seek_to_end(*tps)
             for tp in tps:
                 if since.get(tp) is not None:
@@ -72,10 +78,16 @@ class CancelReader:
 
     def _run(self) -> None:
         while not self._start():
+            self.caught_up.set()
             if self._stop.wait(RETRY_S):
                 return
         while not self._stop.is_set():
             try:
+                # Before the next poll: what the last one returned has been handed on.
+                if not self.caught_up.is_set() and all(
+                    self._consumer.position(tp) >= e for tp, e in self._ends.items()
+                ):
+                    self.caught_up.set()
                 polled = self._consumer.poll(timeout_ms=200)
             except Exception:  # a broker outage: cancels wait in Kafka until it passes
                 log.warning("could not read the cancel topic; trying again", exc_info=True)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 REMEMBERED = 100_000  # cancels not matched yet, and requests answered lately (each an id and a tag)
 REMEMBER_S = 3600.0  # the cancel topic's retention: a cancel older than that is forgotten
+CATCH_UP_S = 15.0  # the longest the first batch waits for the cancels sent before the worker started
 
 Key = tuple[str, str | None]
 
@@ -41,8 +42,11 @@ def cancelled_completion(stage: str) -> Completion:
 class Cancelling(Middleware):
     def __init__(self, start_reader: Callable[[Callable[[Cancel], None]], Any] | None = None):
         """start_reader(on_cancel): starts reading the cancel topic and returns what to close()
-        (workers.cancels.CancelReader); without it, cancels come only through cancel()."""
+        (workers.cancels.CancelReader); without it, cancels come only through cancel(). Where what it
+        returns has a `caught_up` event, no request reaches the engine before it is set (or
+        CATCH_UP_S passed): a cancel sent while no worker ran must be read before its request is."""
         self._start_reader, self._reader = start_reader, None
+        self._caught_up: threading.Event | None = None
         self._lock = threading.Lock()
         self._asked: OrderedDict[Key, float] = OrderedDict()  # cancels that matched nothing yet
         self._answered: OrderedDict[Key, None] = OrderedDict()  # lately answered: a cancel is too late
@@ -57,6 +61,7 @@ class Cancelling(Middleware):
         )  # fmt: skip
         if self._start_reader is not None:
             self._reader = self._start_reader(self.cancel)
+            self._caught_up = getattr(self._reader, "caught_up", None)
 
     def after_stop(self, worker) -> None:
         if self._reader is not None:
@@ -84,6 +89,14 @@ class Cancelling(Middleware):
                 log.info("request %s cancelled by its caller; aborted in the engine", request.id)
 
     def before_batch(self, worker, batch) -> None:
+        if self._caught_up is not None:
+            # Once, on the first batch: the reader had the engine's warm-up to catch up in.
+            if not self._caught_up.wait(CATCH_UP_S):
+                log.warning(
+                    "the cancel topic was not read up to its end within %gs; serving, and acting on cancels as "
+                    "they are read", CATCH_UP_S,
+                )  # fmt: skip
+            self._caught_up = None
         with self._lock:
             now = time.time()
             while self._asked and next(iter(self._asked.values())) < now - REMEMBER_S:
