@@ -34,24 +34,36 @@ class StreamError(AbqError):
         self.code, self.reply = code, reply
 
 
-Chunks = Generator[dict[str, Any], None, None]
+Batches = Generator[list[dict[str, Any]], None, None]  # a stream's chunks, one record's at a time
 
 
 class Stream(Iterator[dict[str, Any]]):
-    """A streamed answer's OpenAI chunks as they come (iterate it); `cancel()` stops the request in
-    the worker, `close()` stops reading it."""
+    """A streamed answer's OpenAI chunks as they come (iterate it, or take them a record at a time
+    with next_chunks()); `cancel()` stops the request in the worker, `close()` stops reading it."""
 
-    def __init__(self, client: AbqClient, request_id: str, chunks: Chunks):
-        self.request_id, self._client, self._chunks = request_id, client, chunks
+    def __init__(self, client: AbqClient, request_id: str, batches: Batches):
+        self.request_id, self._client, self._batches = request_id, client, batches
+        self._ready: deque[dict[str, Any]] = deque()
 
     def __next__(self) -> dict[str, Any]:
-        return next(self._chunks)
+        while not self._ready:
+            self._ready.extend(next(self._batches))
+        return self._ready.popleft()
+
+    def next_chunks(self) -> list[dict[str, Any]]:
+        """The chunks that came together (one record's, the worker's coalescing), at least one;
+        StopIteration after the last. A server relaying them pays one wait per record, not per chunk."""
+        while not self._ready:
+            self._ready.extend(next(self._batches))
+        out = list(self._ready)
+        self._ready.clear()
+        return out
 
     def cancel(self) -> None:
         self._client.cancel(self.request_id)
 
     def close(self) -> None:
-        self._chunks.close()
+        self._batches.close()
 
 
 # A streamed answer's parts wait here until their reader takes them. A reader that falls this far
@@ -291,7 +303,7 @@ class AbqClient:
         request = request.model_copy(update={"body": {**request.body, "stream": True}})
         return Stream(self, request.id, self._streaming(request, timeout))
 
-    def _streaming(self, request: InferenceRequest, timeout: float) -> Chunks:
+    def _streaming(self, request: InferenceRequest, timeout: float) -> Batches:
         with self._news:
             if request.id in self._streams:
                 raise ConfigError(f"request {request.id} is already being streamed by this client; use a new id")
@@ -313,7 +325,7 @@ class AbqClient:
         )  # fmt: skip
         return self.stream(request, timeout)
 
-    def _stream_of(self, request: InferenceRequest, parts: _Parts, timeout: float) -> Chunks:
+    def _stream_of(self, request: InferenceRequest, parts: _Parts, timeout: float) -> Batches:
         rid, asks = request.id, request.asks()
         attempt, seq, yielded = None, 0, False
         deadline = time.monotonic() + timeout
@@ -339,9 +351,9 @@ class AbqClient:
                     raise StreamError(f"request {rid}: part {seq} of its stream never came", "stream_incomplete")
                 seq += 1
                 deadline = time.monotonic() + timeout
-                for chunk in part.chunks:
+                if part.chunks:
                     yielded = True
-                    yield chunk
+                    yield part.chunks
                 if part.last:
                     return
                 continue
@@ -355,7 +367,7 @@ class AbqClient:
                         "stream_incomplete",
                         reply,
                     )
-                yield from split(asks.endpoint, resp.body, asks.include_usage)  # a worker that did not stream it
+                yield split(asks.endpoint, resp.body, asks.include_usage)  # a worker that did not stream it
                 return
             if time.monotonic() >= deadline:
                 raise ReplyTimeout(

@@ -74,6 +74,15 @@ def test_chunks_arrive_as_made_coalesced_and_add_up_to_the_whole_answer(settings
         last = [r for r in on_reply if r.partition == partition][-1]
         assert not is_part(last.headers), "the whole answer follows the stream's end on its partition"
 
+        # A relay (the gateway) takes the chunks a record at a time: one wait per record.
+        stream, batches = client.stream(_chat(exp, rid="s2"), timeout=30), []
+        with pytest.raises(StopIteration):
+            while True:
+                batches.append(stream.next_chunks())
+        sent = [decode_part(r.value) for r in read_all(settings, topic) if is_part(r.headers)]
+        assert [len(b) for b in batches] == [len(p.chunks) for p in sent if p.request_id == "s2" and p.chunks]
+        assert text_of(CHAT, [c for b in batches for c in b]) == WORDS
+
 
 def test_n_choices_and_completions_stream_and_a_static_engine_streams_its_whole_answer(settings, thread_worker):
     exp = new_experiment(variants=(("a", 50), ("b", 50)))

@@ -49,7 +49,11 @@ class StreamMetrics:
 
 
 def _next(chunks: Stream) -> Any:
-    return next(chunks, _END)
+    """The next record's chunks: one thread hop per record, not per chunk."""
+    try:
+        return chunks.next_chunks()
+    except StopIteration:
+        return _END
 
 
 def _error_event(e: StreamError) -> bytes:
@@ -88,8 +92,8 @@ async def stream_response(
         metrics.open.inc()
         try:
             while item is not _END:
-                metrics.chunks.inc()
-                yield event(item)
+                metrics.chunks.inc(len(item))
+                yield b"".join(event(c) for c in item)
                 item = await anyio.to_thread.run_sync(_next, chunks, limiter=limiter)
             how = "done"
             yield DONE
