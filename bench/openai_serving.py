@@ -16,7 +16,7 @@ prompt path), published at once through one AbqClient.
 CPU (default): the "small" random Llama of tests/tiny_model.py (~30M parameters, so the engine, not
 the queue, dominates as a real model does on a GPU). GPU: --model /path/to/model [--engine-arg k=v].
 
-Run:  python bench/openai_serving.py [--requests 256] [--concurrency 32] [--max-tokens 64] [--nice-engine]
+Run:  python bench/openai_serving.py [--requests 256] [--concurrency 32] [--max-tokens 64] [--nice-engine] [--pin-engine]
 Uses ABQ_BOOTSTRAP_SERVERS / KAFKA_BOOTSTRAP_SERVERS if set, else starts a local broker.
 """
 
@@ -59,18 +59,55 @@ def engine_flags(args) -> dict:
     return flags
 
 
-def nice_engine(args) -> None:
-    """--nice-engine: vLLM's CPU build keeps its engine-core and model-runner processes spinning (each
-    near a whole core, waiting on each other through shared memory); on a machine with few cores
-    whatever else runs (the broker, the gateway, the callers) waits for CPU behind them. Lowering their
-    priority, in both paths alike, lets the rest run when it has work, as it would on machines of its own."""
-    if not args.nice_engine:
+def placement_flags(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--nice-engine",
+        action="store_true",
+        help="run vLLM's engine processes at nice 19 in both paths (a machine with few cores: see place_engine)",
+    )
+    ap.add_argument(
+        "--pin-engine",
+        action="store_true",
+        help="run vLLM's engine processes on the last CPU and everything else on the others, in both paths "
+        "(see place_engine)",
+    )
+
+
+def placement_args(args) -> str:
+    return (" --nice-engine" if args.nice_engine else "") + (" --pin-engine" if args.pin_engine else "")
+
+
+def pin_everything_else(args) -> None:
+    """--pin-engine, before anything starts: this process (and so the broker, the gateway, the worker
+    and `vllm serve`, its children) keeps all CPUs but the last, which vLLM's compute thread is bound
+    to (VLLM_CPU_OMP_THREADS_BIND) and place_engine moves the rest of the engine to."""
+    if not args.pin_engine:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        sys.exit("--pin-engine needs two CPUs or more: one for the engine, the rest for everything else")
+    args.engine_cpu = cpus[-1]
+    os.sched_setaffinity(0, cpus[:-1])
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpus[-1])
+
+
+def place_engine(args) -> None:
+    """vLLM's CPU build keeps its engine-core and model-runner processes spinning (each near a whole
+    core, waiting on each other through shared memory); on a machine with few cores whatever else runs
+    (the broker, the gateway, the callers) waits for CPU behind them, as it would not where the engine
+    runs on a GPU and the broker on machines of its own. In both paths alike, --nice-engine lowers the
+    engine processes' priority, so the rest runs when it has work; --pin-engine gives the engine a CPU
+    of its own and the rest the others, so neither takes the other's CPU."""
+    if not (args.nice_engine or args.pin_engine):
         return
     for pid in os.listdir("/proc"):
         try:
             if pid.isdigit() and Path(f"/proc/{pid}/comm").read_text().startswith("VLLM::"):
                 for task in os.listdir(f"/proc/{pid}/task"):
-                    os.setpriority(os.PRIO_PROCESS, int(task), 19)
+                    if args.nice_engine:
+                        os.setpriority(os.PRIO_PROCESS, int(task), 19)
+                    if args.pin_engine:
+                        os.sched_setaffinity(int(task), {args.engine_cpu})
         except OSError:
             continue
 
@@ -161,7 +198,7 @@ def vllm_server(model: str, args, workdir: Path) -> Iterator[str]:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, 900, log)
-        nice_engine(args)
+        place_engine(args)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()
@@ -206,7 +243,7 @@ def abqueue_stack(addr: str, model: str, args, workdir: Path, prefix: str) -> It
     )  # fmt: skip
     try:
         wait_ready(worker, metrics, 900)
-        nice_engine(args)
+        place_engine(args)
         wait_http(f"http://127.0.0.1:{port}/readyz", gateway, 120, Path("(the gateway's output above)"))
         yield Stack(exp, settings, f"http://127.0.0.1:{port}/v1", metrics, worker)
     finally:
@@ -269,12 +306,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--model", help="a local model directory (default: a small random Llama, vLLM's CPU build)")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument(
-        "--nice-engine",
-        action="store_true",
-        help="run vLLM's engine processes at nice 19 in both paths (a machine with few cores: see nice_engine)",
-    )
+    placement_flags(ap)
     args = ap.parse_args()
+    pin_everything_else(args)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     workdir = Path(tempfile.mkdtemp(prefix="abq-bench-oas-"))
     model = args.model or str(make_tiny_model(workdir / "small", size="small"))
@@ -310,9 +344,7 @@ def main() -> int:
     print(f"  vLLM's serving layer adds {body - plain:+.2f} ms a request ({body / plain:.2f}x the path without a body)")
     print(
         f"\nrerun: python bench/openai_serving.py --requests {args.requests} --concurrency {args.concurrency} "
-        f"--max-tokens {args.max_tokens}"
-        + (f" --model {args.model}" if args.model else "")
-        + (" --nice-engine" if args.nice_engine else "")
+        f"--max-tokens {args.max_tokens}" + (f" --model {args.model}" if args.model else "") + placement_args(args)
     )
     return 0
 

@@ -12,7 +12,7 @@ records per streamed answer (the worker's abq_stream_records_total over abq_stre
 
 CPU (default): the "small" random Llama of tests/tiny_model.py. GPU: --model /path [--engine-arg k=v].
 
-Run:  python bench/streaming.py [--requests 96] [--single 16] [--concurrency 32] [--max-tokens 64] [--nice-engine]
+Run:  python bench/streaming.py [--requests 96] [--single 16] [--concurrency 32] [--max-tokens 64] [--nice-engine] [--pin-engine]
 Uses ABQ_BOOTSTRAP_SERVERS / KAFKA_BOOTSTRAP_SERVERS if set, else starts a local broker.
 """
 
@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import bootstrap, percentile
-from openai_serving import abqueue_stack, vllm_server
+from openai_serving import abqueue_stack, pin_everything_else, placement_args, placement_flags, vllm_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import metric_values
@@ -99,8 +99,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--model", help="a local model directory (default: a small random Llama, vLLM's CPU build)")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--nice-engine", action="store_true", help="vLLM's engine processes at nice 19 in both paths")
+    placement_flags(ap)
     args = ap.parse_args()
+    pin_everything_else(args)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     workdir = Path(tempfile.mkdtemp(prefix="abq-bench-stream-"))
     model = args.model or str(make_tiny_model(workdir / "small", size="small"))
@@ -130,7 +131,7 @@ def main() -> int:
         f"\nrerun: python bench/streaming.py --requests {args.requests} --single {args.single} "
         f"--concurrency {args.concurrency} --max-tokens {args.max_tokens}"
         + (f" --model {args.model}" if args.model else "")
-        + (" --nice-engine" if args.nice_engine else "")
+        + placement_args(args)
     )
     return 0
 

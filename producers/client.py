@@ -214,7 +214,10 @@ class AbqClient:
             sent.get(timeout=timeout)
 
     def mine(self, reply: Reply) -> bool:
-        tag = reply.response.caller_tag
+        return self._takes(reply.response.caller_tag)
+
+    def _takes(self, tag: str | None) -> bool:
+        """Whether an answer or a stream's part with this caller_tag is this client's."""
         return tag == self.tag or (tag is None and self.accept_untagged)
 
     @contextlib.contextmanager
@@ -265,7 +268,7 @@ class AbqClient:
 
     def _hand_out(self, item: Reply | StreamPart) -> None:
         if isinstance(item, StreamPart):
-            if item.caller_tag != self.tag and not (item.caller_tag is None and self.accept_untagged):
+            if not self._takes(item.caller_tag):
                 return
             with self._news:
                 parts = self._streams.get(item.request_id)
