@@ -8,7 +8,12 @@ as the client of both, same prompts, same sampling (`ignore_eos`: every answer i
 At one caller and at --concurrency callers: time to first token (the first chunk with content) p50
 and p95, and output tokens/s (from the usage chunk). The goals: (b)'s TTFT p50 at one caller within
 30 ms of (a)'s; (b)'s output tokens/s at --concurrency callers >= 0.9 of (a)'s. Also the Kafka
-records per streamed answer (the worker's abq_stream_records_total over abq_streams_total).
+records per streamed answer (the worker's abq_stream_records_total over abq_streams_total), and
+where (b)'s time to first token went at one caller (legs()).
+
+On a machine with few cores, place the engine the same way in both paths (--pin-engine: a CPU of
+its own, as a GPU host leaves its CPUs to the rest; --nice-engine: a lower priority): see
+openai_serving.place_engine.
 
 CPU (default): the "small" random Llama of tests/tiny_model.py. GPU: --model /path [--engine-arg k=v].
 
@@ -35,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import metric_values
 from throughput import prompts
 from tiny_model import make_tiny_model
+
+from workers.streams import says_something
 
 
 def streamer(base_url: str, model: str, texts: list[str], args):
@@ -83,12 +90,53 @@ def vllm_serve(model: str, texts: list[str], args, workdir: Path) -> dict:
         return both(streamer(url, "bench", texts, args), args)
 
 
-def through_abqueue(addr: str, model: str, texts: list[str], args, workdir: Path) -> tuple[dict, float]:
+def through_abqueue(addr: str, model: str, texts: list[str], args, workdir: Path) -> tuple[dict, float, dict]:
     with abqueue_stack(addr, model, args, workdir, "sb") as stack:
         out = both(streamer(stack.url, stack.exp.name, texts, args), args)
         with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics}/metrics", timeout=5) as r:
             m = metric_values(r.read().decode())
-        return out, m["abq_stream_records_total"] / m["abq_streams_total"]
+        return out, m["abq_stream_records_total"] / m["abq_streams_total"], legs(stack, args.single)
+
+
+LEGS = (
+    "the request's hop: gateway's send -> worker's poll",
+    "in the worker before the engine",
+    "the engine: start -> first token (vLLM's own figure)",
+    "first token -> its record sent (vLLM's serving layer, the worker)",
+)
+
+
+def legs(stack, single: int) -> dict[str, float]:
+    """Where (b)'s time to first token went at one caller, p50 in ms over the one-at-a-time streams:
+    from each answer's timings and the create time of the first record that carried text (set by
+    the worker's producer as it sends). What is left of the TTFT is the SDK's call reaching the
+    gateway and the chunk's hop back through the broker and the gateway."""
+    from kafka_helpers import read_all
+
+    from abqueue.kafka import admin_client
+    from schemas import decode_response
+    from schemas.stream import decode_part, is_part
+
+    answers = sorted(
+        (decode_response(r.value) for r in read_all(stack.settings, stack.exp.response_topic)),
+        key=lambda a: a.timings.enqueued,
+    )[1 : 1 + single]  # after drive()'s warm-up call: the streams at one caller
+    admin = admin_client(stack.settings)
+    try:
+        replies = [t for t in admin.list_topics() if t.startswith(f"abq.{stack.exp.name}.replies")]
+    finally:
+        admin.close()
+    sent: dict[str, float] = {}
+    for topic in replies:
+        for r in read_all(stack.settings, topic):
+            if is_part(r.headers) and any(says_something(c) for c in decode_part(r.value).chunks):
+                sent.setdefault(decode_part(r.value).request_id, r.timestamp / 1000)
+    rows = [
+        (t.dequeued - t.enqueued, t.started - t.dequeued, t.first_token - t.started, sent[a.request_id] - t.first_token)
+        for a in answers
+        if (t := a.timings).started and t.first_token and a.request_id in sent
+    ]
+    return {name: 1000 * statistics.median(leg) for name, leg in zip(LEGS, zip(*rows, strict=True), strict=True)}
 
 
 def main() -> int:
@@ -111,7 +159,7 @@ def main() -> int:
         print("(a) openai SDK -> vllm serve, streaming", file=sys.stderr)
         a = vllm_serve(model, texts, args, workdir)
         print("(b) openai SDK -> abq gateway -> Kafka -> abq worker, streaming", file=sys.stderr)
-        b, records = through_abqueue(addr, model, texts, args, workdir)
+        b, records, where = through_abqueue(addr, model, texts, args, workdir)
     finally:
         if broker:
             broker.stop()
@@ -127,6 +175,11 @@ def main() -> int:
     ratio = b["many"]["tokens_per_s"] / a["many"]["tokens_per_s"]
     print(f"{f'output tokens/s at {args.concurrency} callers, b/a (goal >= 0.90)':<56}{ratio:>8.2f}")
     print(f"{'Kafka records per streamed answer (worker metrics)':<56}{records:>8.1f}")
+    print("\nwhere (b)'s time to first token went at 1 caller, p50 from the records' timestamps:")
+    for name, ms in where.items():
+        print(f"  {name:<70}{ms:>8.1f} ms")
+    rest = b["one"]["ttft_p50_ms"] - sum(where.values())
+    print(f"  {'the rest: the call reaching the gateway, the chunk back through Kafka':<70}{rest:>8.1f} ms")
     print(
         f"\nrerun: python bench/streaming.py --requests {args.requests} --single {args.single} "
         f"--concurrency {args.concurrency} --max-tokens {args.max_tokens}"
