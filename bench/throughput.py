@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import random
 import statistics
@@ -125,8 +126,9 @@ def direct_sim(texts: list[str], max_tokens: int, sequential: int) -> tuple[dict
 
 
 def direct(
-    model: str, engine_args: dict, texts: list[str], max_tokens: int, sequential: int
+    model: str, engine_args: dict, texts: list[str], max_tokens: int, sequential: int, place=lambda: None
 ) -> tuple[dict, list[float]]:
+    """place(): called once the engine's processes run (--pin-engine moves them to their CPU)."""
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.sampling_params import RequestOutputKind
@@ -136,6 +138,7 @@ def direct(
 
     async def run():
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **engine_args))
+        place()
 
         async def one(text):
             start, final = time.perf_counter(), None
@@ -177,8 +180,9 @@ def through_kafka(
     sequential: int,
     max_inflight: int | None,
     engine: str = "vllm",
+    place=lambda: None,
 ) -> tuple[dict, list[float]]:
-    """max_tokens: one for all, or one per text."""
+    """max_tokens: one for all, or one per text. place(): called once the worker's engine runs."""
     lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(texts)
     settings = KafkaSettings(bootstrap_servers=addr)
     exp = ExperimentConfig(
@@ -202,6 +206,7 @@ def through_kafka(
     worker = start_worker(exp, addr, "v", *flags, "--metrics-port", str(port))
     try:
         wait_ready(worker, port, 1200)
+        place()
         with AbqClient(settings, exp) as client:
 
             def req(i, text):
@@ -337,7 +342,18 @@ def main() -> int:
         "defaults, on outputs of varied length (default 256 requests)",
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument(
+        "--pin-engine",
+        action="store_true",
+        help="vLLM's engine processes on the last CPU and everything else on the others, in both paths "
+        "(openai_serving.place_engine); without it the engine's compute thread is bound to CPU 0",
+    )
     args = ap.parse_args()
+    from openai_serving import pin_everything_else, place_engine  # it imports this module
+
+    args.nice_engine = False
+    pin_everything_else(args)
+    place = functools.partial(place_engine, args)
     if args.compare_batching:
         return compare_batching(args)
     sim = args.engine == "sim"
@@ -354,9 +370,10 @@ def main() -> int:
         model = str(make_tiny_model(Path(tempfile.mkdtemp(prefix="abq-tiny-")), args.size))
         engine_args = {**ENGINE_ARGS, **engine_args}
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        # The engine on core 0 only, in both paths: Kafka and the worker's Python keep the other
-        # core(s), as they keep the host CPUs beside a GPU. Unbound, torch takes every core and the
-        # comparison measures CPU starvation of the broker instead of the queue.
+        # The engine's compute thread on core 0 only, in both paths: Kafka and the worker's Python keep
+        # the other core(s), as they keep the host CPUs beside a GPU. Unbound, torch takes every core
+        # and the comparison measures CPU starvation of the broker instead of the queue. (Its engine-core
+        # process still runs anywhere; --pin-engine moves it too.)
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")
     texts = prompts(args.requests)
     what = "the simulated engine" if sim else "vLLM"
@@ -364,12 +381,12 @@ def main() -> int:
     if sim:
         a, a_seq = direct_sim(texts, args.max_tokens, args.sequential)
     else:
-        a, a_seq = direct(model, engine_args, texts, args.max_tokens, args.sequential)
+        a, a_seq = direct(model, engine_args, texts, args.max_tokens, args.sequential, place)
     addr, broker = bootstrap()
     try:
         print("(b) through Kafka and an abq worker", file=sys.stderr)
         b, b_seq = through_kafka(
-            addr, model, engine_args, texts, args.max_tokens, args.sequential, args.max_inflight, args.engine
+            addr, model, engine_args, texts, args.max_tokens, args.sequential, args.max_inflight, args.engine, place
         )
     finally:
         if broker:
@@ -409,7 +426,7 @@ def main() -> int:
             f" --model {args.model}"
             if args.model
             else f" --size {args.size}" + "".join(f" --engine-arg {e}" for e in args.engine_arg)
-        )
+        ) + (" --pin-engine" if args.pin_engine else "")
     print(f"\nrerun: {rerun}")
     if args.json:
         args.json.write_text(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
