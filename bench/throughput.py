@@ -278,7 +278,7 @@ def varied_lengths(n: int, mean: int, longest: int, seed: int = 11) -> list[int]
     return [max(4, min(longest, round(rnd.expovariate(1 / mean)))) for _ in range(n)]
 
 
-def compare_batching(args) -> int:
+def compare_batching(args, place) -> int:
     """Continuous batching (AsyncLLM: a finished request's slot is refilled at the next step) against
     static batching (LLM.generate: a batch holds its slots until its longest request ends), each
     through Kafka and a worker at its defaults, on the same prompts and output lengths."""
@@ -297,7 +297,7 @@ def compare_batching(args) -> int:
         for engine in ("vllm", "vllm-batch"):
             print(f"{engine}: {n} prompts, output lengths mean {statistics.mean(lengths):.0f}, "
                   f"longest {max(lengths)}", file=sys.stderr)  # fmt: skip
-            results[engine], _ = through_kafka(addr, model, ENGINE_ARGS, texts, lengths, 0, None, engine)
+            results[engine], _ = through_kafka(addr, model, ENGINE_ARGS, texts, lengths, 0, None, engine, place)
     finally:
         if broker:
             broker.stop()
@@ -307,7 +307,10 @@ def compare_batching(args) -> int:
         print(f"{k:<28}{cont[k]:>14.2f}{static[k]:>14.2f}{cont[k] / static[k]:>8.3f}")
     ratio = cont["output_tokens_per_s"] / static["output_tokens_per_s"]
     print(f"continuous / static output tokens/s: {ratio:.3f}")
-    print(f"\nrerun: python bench/throughput.py --compare-batching --requests {n} --max-tokens {mean}")
+    print(
+        f"\nrerun: python bench/throughput.py --compare-batching --requests {n} --max-tokens {mean}"
+        + (" --pin-engine" if args.pin_engine else "")
+    )
     if args.json:
         figures = {"continuous": cont, "static": static, "ratio_output_tokens_per_s": ratio, "lengths_mean": mean}
         args.json.write_text(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
@@ -355,7 +358,7 @@ def main() -> int:
     pin_everything_else(args)
     place = functools.partial(place_engine, args)
     if args.compare_batching:
-        return compare_batching(args)
+        return compare_batching(args, place)
     sim = args.engine == "sim"
     args.requests = args.requests or (2000 if sim else 64)
     args.max_tokens = args.max_tokens or (256 if sim else 32)
