@@ -129,8 +129,11 @@ def legs(stack, single: int) -> dict[str, float]:
     sent: dict[str, float] = {}
     for topic in replies:
         for r in read_all(stack.settings, topic):
-            if is_part(r.headers) and any(says_something(c) for c in decode_part(r.value).chunks):
-                sent.setdefault(decode_part(r.value).request_id, r.timestamp / 1000)
+            if not is_part(r.headers):
+                continue
+            part = decode_part(r.value)
+            if any(says_something(c) for c in part.chunks):
+                sent.setdefault(part.request_id, r.timestamp / 1000)
     rows = [
         (t.dequeued - t.enqueued, t.started - t.dequeued, t.first_token - t.started, sent[a.request_id] - t.first_token)
         for a in answers
