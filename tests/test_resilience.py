@@ -15,6 +15,7 @@ from abqueue.localkafka import LocalBroker
 from abqueue.localkafka.broker import free_port
 from producers import AbqClient
 from schemas import InferenceRequest, encode
+from workers.transport import kafka as kafka_transport
 from workers.transport.kafka import KafkaConsumerTransport
 
 
@@ -84,6 +85,37 @@ def test_a_worker_holding_nothing_rejoins_only_when_a_partition_has_no_owner(set
         wait_until(joined, 30, "every partition after joining again")
     finally:
         left.close()
+
+
+def test_a_consumer_polling_without_a_wait_takes_up_partitions_added_to_its_topic(settings, monkeypatch):
+    """kafka-python 3.0.12 rejoins when the group leader's metadata shows new partitions, but forgets
+    the join if the poll that started it gave up waiting (a busy worker polls with no wait): the join
+    completes unread, nothing asks for another, and the consumer stays `rebalancing` for good, never
+    taking the added partitions up. CI met it as a first join made before the topic's metadata
+    arrived: that consumer held nothing, forever."""
+    monkeypatch.setattr(kafka_transport, "METADATA_MAX_AGE_MS", 500)  # the added partitions seen at once
+    exp = new_experiment(variants=(("a", 100),), partitions=1)
+    ensure_topics(settings, exp)
+    topic = exp.request_topic("a")
+    c = KafkaConsumerTransport(settings, exp.consumer_group("a"), client_id="busy", max_poll_records=1)
+    try:
+        c.subscribe([topic], lambda _: None, lambda _: None)
+        first, both = {TopicPartition(topic, 0)}, {TopicPartition(topic, 0), TopicPartition(topic, 1)}
+        wait_until(lambda: c.poll(timeout_ms=1000, max_records=1) == [] and c.assignment() == first, 30, "partition 0")
+        admin = admin_client(settings)
+        try:
+            admin.create_partitions({topic: NewPartitions(total_count=2)})
+        finally:
+            admin.close()
+
+        def busy_poll():
+            c.poll(timeout_ms=0, max_records=1)
+            time.sleep(0.005)
+            return c.assignment() == both
+
+        wait_until(busy_poll, 20, "both partitions")
+    finally:
+        c.close()
 
 
 def test_a_request_on_a_partition_added_while_the_worker_serves_is_answered_within_seconds(settings):

@@ -4,6 +4,7 @@ from abqueue.kafka.clients import (
     FetchPark,
     admin_client,
     consumer,
+    join_before_polling,
     producer,
     release_parked_records,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "ensure_topic",
     "ensure_topics",
     "producer",
+    "join_before_polling",
     "release_parked_records",
     "FetchPark",
     "topic_max_message_bytes",

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.coordinator.base import MemberState
 from kafka.errors import KafkaError
 
 from abqueue.errors import AbqError
@@ -130,6 +131,33 @@ def release_parked_records(consumer: KafkaConsumer) -> None:
     slot = getattr(fetcher, "_next_partition_records", None)
     if fetcher is not None and slot is not None and not slot:
         fetcher._next_partition_records = None
+
+
+# How long a poll waits for a group join it takes part in (see `join_before_polling`). A join ends once
+# every member has joined again, within one pass of each worker's loop: well under this. Nothing is lost
+# by the wait: at a join's start a worker lets every partition go, with the work it held.
+JOIN_WAIT_MS = 1000
+
+
+def join_before_polling(consumer: KafkaConsumer, wait_ms: int = JOIN_WAIT_MS) -> None:
+    """Work around kafka-python 3.0.12 forgetting group joins; call before every poll.
+
+    A poll that gives up waiting for a join leaves it running, but the next poll reads it only if it
+    is still running then: a finished one is thrown away and sent again, so a member polling without a
+    wait (a busy worker) joins over and over (bench/rebalance.py: a member joining a busy one got its
+    share after 4 s, 12 s, or not within 30 s; with this, 1.6 s each time). Where the join's reason is new partitions in the group leader's
+    metadata, the leader's own assignment clears that reason: the next poll sees nothing to join and
+    never reads the result, and the member stays `rebalancing` for good, heartbeats off, holding
+    nothing new. Here a poll that joins waits for the join, and a join left unread is asked for again.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or not consumer._subscription.partitions_auto_assigned():
+        return
+    if coordinator.state is MemberState.REBALANCING and not coordinator.need_rejoin():
+        log.info("group %s: kafka-python left a join unread; joining again", coordinator.group_id)
+        coordinator.request_rejoin()
+    if coordinator.need_rejoin():
+        coordinator.poll(timeout_ms=wait_ms)
 
 
 # How long a fetch may park at the broker waiting for records. kafka-python leaves a partition out of

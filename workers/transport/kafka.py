@@ -14,6 +14,7 @@ from abqueue.kafka import (
     KafkaSettings,
     admin_client,
     consumer,
+    join_before_polling,
     producer,
     release_parked_records,
     topic_max_message_bytes,
@@ -114,6 +115,7 @@ class KafkaConsumerTransport:
 
     def poll(self, timeout_ms: int, max_records: int) -> list[Record]:
         release_parked_records(self._consumer)
+        join_before_polling(self._consumer)
         polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         records = [r for records in polled.values() for r in records]
         self.park.polled(bool(records))
