@@ -5,8 +5,9 @@ join assigned nothing (no partition metadata yet for its new topics), a broker w
 and it never joined again: 600 requests went unanswered for three minutes. Restarting the pod
 would have fixed it: this does the same for the consumer alone. The likely cause, kafka-python
 forgetting a join whose poll stopped waiting, is now worked around where the transport polls
-(`abqueue.kafka.join_before_polling`); this stays as the net for whatever else strands one. A worker that holds nothing because
-the group has more members than partitions is left alone: every partition has an owner there.
+(`abqueue.kafka.join_before_polling`); this stays as the net for whatever else strands one. A
+worker that holds nothing because the group has more members than partitions is left alone: every
+partition has an owner there.
 """
 
 from __future__ import annotations

@@ -145,10 +145,11 @@ def join_before_polling(consumer: KafkaConsumer, wait_ms: int = JOIN_WAIT_MS) ->
     A poll that gives up waiting for a join leaves it running, but the next poll reads it only if it
     is still running then: a finished one is thrown away and sent again, so a member polling without a
     wait (a busy worker) joins over and over (bench/rebalance.py: a member joining a busy one got its
-    share after 4 s, 12 s, or not within 30 s; with this, 1.6 s each time). Where the join's reason is new partitions in the group leader's
-    metadata, the leader's own assignment clears that reason: the next poll sees nothing to join and
-    never reads the result, and the member stays `rebalancing` for good, heartbeats off, holding
-    nothing new. Here a poll that joins waits for the join, and a join left unread is asked for again.
+    share after 4 s, 12 s, or not within 30 s; with this, 1.6 s each time). Where the join's reason
+    is new partitions in the group leader's metadata, the leader's own assignment clears that reason:
+    the next poll sees nothing to join and never reads the result, and the member stays `rebalancing`
+    for good, heartbeats off, holding nothing new. Here a poll that joins waits for the join, and a
+    join left unread is asked for again.
     """
     coordinator = getattr(consumer, "_coordinator", None)
     if coordinator is None or not consumer._subscription.partitions_auto_assigned():
