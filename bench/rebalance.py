@@ -67,8 +67,8 @@ def settle(busy, settled, give_up_s: float, also=None) -> float:
         while not stop.is_set():
             also.poll(100, 1)
 
-    beside = threading.Thread(target=poll_beside, daemon=True)
-    if also is not None:
+    beside = threading.Thread(target=poll_beside, daemon=True) if also is not None else None
+    if beside is not None:
         beside.start()
     start = time.monotonic()
     try:
@@ -78,7 +78,7 @@ def settle(busy, settled, give_up_s: float, also=None) -> float:
         return time.monotonic() - start
     finally:
         stop.set()
-        if also is not None:
+        if beside is not None:
             beside.join()
 
 

@@ -152,8 +152,9 @@ def join_before_polling(consumer: KafkaConsumer, wait_ms: int = JOIN_WAIT_MS) ->
     join left unread is asked for again.
     """
     coordinator = getattr(consumer, "_coordinator", None)
-    if coordinator is None or not consumer._subscription.partitions_auto_assigned():
+    if coordinator is None:
         return
+    # need_rejoin() is False for a consumer given its partitions by hand, whose state stays unjoined.
     if coordinator.state is MemberState.REBALANCING and not coordinator.need_rejoin():
         log.info("group %s: kafka-python left a join unread; joining again", coordinator.group_id)
         coordinator.request_rejoin()
